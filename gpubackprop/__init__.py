@@ -1,0 +1,44 @@
+"""gpubackprop: dense neural networks trained with backpropagation, every dense layer
+and activation in hand-written CUDA kernels (CuPy), with a NumPy reference backend
+and a CPU emulator that runs the same kernels without a GPU."""
+
+from __future__ import annotations
+
+import logging
+
+from .backends import available_backends, get_backend
+from .callbacks import Callback, EarlyStopping, History, ModelCheckpoint
+from .gradcheck import gradcheck
+from .layers import GELU, Dense, Identity, LeakyReLU, ReLU, Residual, Sigmoid, SiLU, Tanh
+from .losses import BCELoss, BCEWithLogitsLoss, MSELoss, SoftmaxCrossEntropyLoss
+from .model import Sequential
+from .optim import SGD, Adam, AdamW, clip_grad_norm
+from .parameters import Parameter
+from .random import seed
+
+__version__ = "0.1.0"
+
+logging.getLogger("gpubackprop").addHandler(logging.NullHandler())
+
+
+def save(path, model, optimizer=None, metadata=None):
+    """Write ``model`` (and optionally ``optimizer``) to a safetensors checkpoint, atomically."""
+    from .checkpoint import save as _save
+
+    return _save(path, model, optimizer, metadata=metadata)
+
+
+def load(path, backend=None, dtype=None, with_optimizer=False):
+    """Read a checkpoint written by gb.save; see gpubackprop.checkpoint.load."""
+    from .checkpoint import load as _load
+
+    return _load(path, backend=backend, dtype=dtype, with_optimizer=with_optimizer)
+
+
+__all__ = [
+    "GELU", "SGD", "Adam", "AdamW", "BCELoss", "BCEWithLogitsLoss", "Callback", "Dense",
+    "EarlyStopping", "History", "Identity", "LeakyReLU", "MSELoss", "ModelCheckpoint",
+    "Parameter", "ReLU", "Residual", "Sequential", "SiLU", "Sigmoid", "SoftmaxCrossEntropyLoss",
+    "Tanh", "available_backends", "clip_grad_norm", "get_backend", "gradcheck", "load", "save",
+    "seed", "__version__",
+]

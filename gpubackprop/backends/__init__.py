@@ -1,0 +1,86 @@
+"""Backend registry: ``get_backend("auto" | "numpy" | "cupy" | "emu")``.
+
+Backends are built lazily and once.  Building one never raises for a missing CuPy,
+GPU or compiler: the backend reports ``available = False`` and keeps the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from .base import ACTIVATIONS, Backend
+from .numpy_backend import NumpyBackend
+
+__all__ = ["ACTIVATIONS", "BACKEND_NAMES", "Backend", "available_backends", "get_backend"]
+
+BACKEND_NAMES = ("auto", "numpy", "cupy", "emu")
+ENV_VARIABLE = "GPUBACKPROP_BACKEND"
+
+logger = logging.getLogger("gpubackprop")
+_instances: dict[str, Backend] = {}
+_auto_choice_logged = False
+
+
+def _build(name: str) -> Backend:
+    if name == "numpy":
+        return NumpyBackend()
+    if name == "cupy":
+        from .cupy_backend import CupyBackend
+
+        return CupyBackend()
+    if name == "emu":
+        from .emu_backend import EmuBackend
+
+        return EmuBackend()
+    raise AssertionError(name)
+
+
+def _instance(name: str) -> Backend:
+    if name not in _instances:
+        _instances[name] = _build(name)
+    return _instances[name]
+
+
+def get_backend(name: str | Backend | None = None) -> Backend:
+    """Return the backend called ``name``.
+
+    ``None`` reads the GPUBACKPROP_BACKEND environment variable and otherwise means
+    "auto": the CuPy backend when CuPy and a GPU are usable, else NumPy; the choice
+    and its reason are logged once.  Asking for an unavailable backend by name raises
+    RuntimeError with the reason.
+    """
+    global _auto_choice_logged
+    if isinstance(name, Backend):
+        return name
+    source = "argument"
+    if name is None:
+        name, source = os.environ.get(ENV_VARIABLE, "auto"), ENV_VARIABLE
+    key = str(name).strip().lower()
+    if key not in BACKEND_NAMES:
+        where = f"{ENV_VARIABLE}={name!r}" if source == ENV_VARIABLE else f"backend={name!r}"
+        raise ValueError(f"{where} is not a backend; expected one of {BACKEND_NAMES}")
+    if key == "auto":
+        cupy_backend = _instance("cupy")
+        chosen = cupy_backend if cupy_backend.available else _instance("numpy")
+        if not _auto_choice_logged:
+            why = "CuPy and a GPU are usable" if cupy_backend.available else cupy_backend.reason
+            logger.info("backend 'auto' chose %r: %s", chosen.name, why)
+            _auto_choice_logged = True
+        return chosen
+    backend = _instance(key)
+    if not backend.available:
+        raise RuntimeError(f"backend {key!r} is not available: {backend.reason}")
+    return backend
+
+
+def available_backends() -> dict[str, tuple[bool, str]]:
+    """{name: (available, reason)} for every concrete backend, for `gpubackprop info`."""
+    report = {}
+    for name in ("numpy", "cupy", "emu"):
+        try:
+            backend = _instance(name)
+            report[name] = (backend.available, backend.reason)
+        except Exception as error:  # a backend module that fails to import is reported, not fatal
+            report[name] = (False, f"{type(error).__name__}: {error}")
+    return report

@@ -1,0 +1,118 @@
+"""The backend contract: array handling plus one method per primitive op.
+
+Every backend (numpy, cupy, emu) implements exactly these methods with the same
+argument names and semantics.  Arrays are C-contiguous, row-major, of the
+backend's dtype (float32 or float64); ``x`` is (batch, in_features), ``weight``
+is (out_features, in_features) like torch.nn.Linear, ``bias`` is (out_features,).
+
+Activation names (``ACTIVATIONS``): identity, relu, leaky_relu, sigmoid, tanh,
+gelu (erf form), gelu_tanh, silu.  ``alpha`` is LeakyReLU's negative slope and
+is ignored by the others.
+
+What forward keeps for backward (``SAVES_OUTPUT``): relu, sigmoid and tanh
+express f'(z) through y = f(z), so forward keeps y; leaky_relu, gelu,
+gelu_tanh and silu need z, so forward keeps z; identity keeps nothing (None).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu")
+# f'(z) written through y = f(z): relu' = [y > 0], sigmoid' = y(1 - y), tanh' = 1 - y^2.
+SAVES_OUTPUT = frozenset({"relu", "sigmoid", "tanh"})
+# Integer codes shared with kernels/activations.cuh (ACT_* macros); keep in sync.
+ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
+REDUCTIONS = ("mean", "sum")
+
+Array = Any  # numpy.ndarray or cupy.ndarray
+
+
+class Backend:
+    """Interface every backend implements.  See the module docstring for layouts."""
+
+    name: str = "abstract"
+    available: bool = False
+    reason: str = ""  # why it is unavailable, kept for `gpubackprop info`
+    xp: Any = None  # the array module used for glue (numpy or cupy)
+
+    # -- arrays -------------------------------------------------------------------
+    def asarray(self, x: Any, dtype: Any = None) -> Array:
+        """Copy host data (or an array of this backend) to a contiguous array of this backend."""
+        raise NotImplementedError
+
+    def to_numpy(self, a: Array) -> Any:
+        """Return a NumPy copy (or view, on the CPU) of ``a``; synchronises."""
+        raise NotImplementedError
+
+    def empty(self, shape: tuple[int, ...], dtype: Any) -> Array:
+        raise NotImplementedError
+
+    def zeros(self, shape: tuple[int, ...], dtype: Any) -> Array:
+        raise NotImplementedError
+
+    def synchronize(self) -> None:
+        """Block until all queued work has finished (no-op on the CPU)."""
+
+    def device_name(self) -> str:
+        raise NotImplementedError
+
+    # -- dense layer ---------------------------------------------------------------
+    def dense_forward(self, x, weight, bias, activation: str, alpha: float = 0.01):
+        """z = x Wᵀ + b, y = f(z).  Returns (y, saved) where saved is y, z or None (SAVES_OUTPUT)."""
+        raise NotImplementedError
+
+    def dense_backward(
+        self, dout, x, weight, saved, activation: str, alpha: float, dweight, dbias, need_dinp: bool
+    ):
+        """δ = dout ⊙ f'(z); writes dweight[...] = δᵀ x and dbias[...] = Σ_rows δ (dbias may be
+        None); returns dinp = δ W, or None when need_dinp is False."""
+        raise NotImplementedError
+
+    # -- standalone activation -----------------------------------------------------------
+    def activation_forward(self, x, activation: str, alpha: float = 0.01):
+        """y = f(x) elementwise.  Returns (y, saved) as dense_forward does."""
+        raise NotImplementedError
+
+    def activation_backward(self, dout, saved, activation: str, alpha: float = 0.01):
+        """dinp = dout ⊙ f'(z), f' computed from ``saved``."""
+        raise NotImplementedError
+
+    def add(self, a, b):
+        """a + b (residual connections)."""
+        raise NotImplementedError
+
+    # -- losses: each returns (loss as a 0-d array, dL/dinput) ------------------------------
+    def mse_loss(self, pred, target, reduction: str):
+        raise NotImplementedError
+
+    def softmax_cross_entropy(self, logits, target):
+        """Mean over rows.  target: int labels (N,) or probabilities (N, C)."""
+        raise NotImplementedError
+
+    def bce_with_logits(self, logits, target, reduction: str):
+        raise NotImplementedError
+
+    def bce(self, probs, target, reduction: str):
+        raise NotImplementedError
+
+    # -- optimizers: update flat buffers in place, one call for the whole model ------------
+    def sgd_step(
+        self, param, grad, momentum_buf, *, lr, momentum, dampening, nesterov, weight_decay,
+        first_step,
+    ) -> None:
+        raise NotImplementedError
+
+    def adam_step(
+        self, param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay, step,
+        decoupled,
+    ) -> None:
+        raise NotImplementedError
+
+    def sum_of_squares(self, x):
+        """Σ x², a 0-d array (deterministic order)."""
+        raise NotImplementedError
+
+    def scale_(self, x, factor: float) -> None:
+        """x *= factor in place."""
+        raise NotImplementedError

@@ -1,0 +1,251 @@
+"""NumPy backend: the reference formulas, and the CPU fallback.
+
+Each op is written so it can be read beside the derivation.  For a dense layer
+with pre-activation z = x Wᵀ + b and output y = f(z), the chain rule gives
+
+    δ  = ∂L/∂z = ∂L/∂y ⊙ f'(z)          (the seed's δ⁽ˡ⁾ = (W⁽ˡ⁺¹⁾)ᵀ δ⁽ˡ⁺¹⁾ ⊙ f'(z⁽ˡ⁾))
+    ∂L/∂W = δᵀ x,   ∂L/∂b = Σ_rows δ,   ∂L/∂x = δ W
+
+Rows are samples, so the seed's column-vector δ (aˡ⁻¹)ᵀ becomes δᵀ x here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .base import REDUCTIONS, SAVES_OUTPUT, Backend
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_GELU_TANH_C = 0.044715
+_erf = np.frompyfunc(math.erf, 1, 1)
+
+
+def erf(z: np.ndarray) -> np.ndarray:
+    """Gauss error function, correctly rounded per element (math.erf); NumPy has none."""
+    return _erf(z).astype(z.dtype, copy=False)
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    """σ(z) = 1 / (1 + e^(−z)), through e^(−|z|) so that no exp overflows for large |z|."""
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(z.dtype, copy=False)
+
+
+def activation_value(name: str, z: np.ndarray, alpha: float) -> np.ndarray:
+    """y = f(z) for every activation of base.ACTIVATIONS."""
+    if name == "identity":
+        return z
+    if name == "relu":
+        return np.maximum(z, 0)
+    if name == "leaky_relu":
+        return np.where(z > 0, z, z * z.dtype.type(alpha))
+    if name == "sigmoid":
+        return sigmoid(z)
+    if name == "tanh":
+        return np.tanh(z)
+    if name == "gelu":  # z Φ(z), Φ the standard normal CDF
+        return 0.5 * z * (1.0 + erf(z * _INV_SQRT_2))
+    if name == "gelu_tanh":  # ½ z (1 + tanh(√(2/π)(z + 0.044715 z³)))
+        return 0.5 * z * (1.0 + np.tanh(_SQRT_2_OVER_PI * (z + _GELU_TANH_C * z**3)))
+    if name == "silu":  # z σ(z)
+        return z * sigmoid(z)
+    raise _unknown_activation(name)
+
+
+def activation_derivative(name: str, saved: np.ndarray, alpha: float) -> np.ndarray:
+    """f'(z), from y = f(z) for the activations in SAVES_OUTPUT and from z otherwise."""
+    if name == "relu":  # [z > 0] = [y > 0]
+        return (saved > 0).astype(saved.dtype)
+    if name == "sigmoid":  # σ' = σ(1 − σ) = y(1 − y)
+        return saved * (1.0 - saved)
+    if name == "tanh":  # tanh' = 1 − tanh² = 1 − y²
+        return 1.0 - saved * saved
+    z = saved
+    if name == "leaky_relu":
+        return np.where(z > 0, 1.0, alpha).astype(z.dtype)
+    if name == "gelu":  # Φ(z) + z φ(z)
+        cdf = 0.5 * (1.0 + erf(z * _INV_SQRT_2))
+        return cdf + z * _INV_SQRT_2PI * np.exp(-0.5 * z * z)
+    if name == "gelu_tanh":  # ½(1 + t) + ½ z (1 − t²) u', u = √(2/π)(z + c z³)
+        t = np.tanh(_SQRT_2_OVER_PI * (z + _GELU_TANH_C * z**3))
+        du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_C * z * z)
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * du
+    if name == "silu":  # σ(z)(1 + z(1 − σ(z)))
+        s = sigmoid(z)
+        return s * (1.0 + z * (1.0 - s))
+    raise _unknown_activation(name)
+
+
+def _unknown_activation(name: str) -> ValueError:
+    from .base import ACTIVATIONS
+
+    return ValueError(f"activation={name!r} is not supported; expected one of {ACTIVATIONS}")
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} is not supported; expected one of {REDUCTIONS}")
+
+
+class NumpyBackend(Backend):
+    """Reference implementation of the backend contract in NumPy (float32 and float64)."""
+
+    name = "numpy"
+    available = True
+    reason = ""
+    xp = np
+
+    # -- arrays ---------------------------------------------------------------------
+    def asarray(self, x, dtype=None):
+        return np.ascontiguousarray(x, dtype=dtype)
+
+    def to_numpy(self, a):
+        return np.asarray(a)
+
+    def empty(self, shape, dtype):
+        return np.empty(shape, dtype=dtype)
+
+    def zeros(self, shape, dtype):
+        return np.zeros(shape, dtype=dtype)
+
+    def device_name(self) -> str:
+        import platform
+
+        return f"CPU ({platform.machine()}, NumPy {np.__version__})"
+
+    # -- dense layer ------------------------------------------------------------------
+    def dense_forward(self, x, weight, bias, activation, alpha=0.01):
+        z = x @ weight.T  # z = x Wᵀ + b
+        if bias is not None:
+            z += bias
+        return self.activation_forward(z, activation, alpha)
+
+    def dense_backward(self, dout, x, weight, saved, activation, alpha, dweight, dbias, need_dinp):
+        delta = dout if activation == "identity" else dout * activation_derivative(
+            activation, saved, alpha
+        )  # δ = ∂L/∂y ⊙ f'(z)
+        np.matmul(delta.T, x, out=dweight)  # ∂L/∂W = δᵀ x
+        if dbias is not None:
+            np.sum(delta, axis=0, out=dbias)  # ∂L/∂b = Σ_rows δ
+        return delta @ weight if need_dinp else None  # ∂L/∂x = δ W
+
+    # -- standalone activation ----------------------------------------------------------
+    def activation_forward(self, x, activation, alpha=0.01):
+        y = activation_value(activation, x, alpha)
+        if activation == "identity":
+            return y, None
+        return y, (y if activation in SAVES_OUTPUT else x)
+
+    def activation_backward(self, dout, saved, activation, alpha=0.01):
+        if activation == "identity":
+            return dout
+        return dout * activation_derivative(activation, saved, alpha)
+
+    def add(self, a, b):
+        return a + b
+
+    # -- losses ---------------------------------------------------------------------------
+    def mse_loss(self, pred, target, reduction):
+        """L = Σ (ŷ − y)² [/ n];  ∂L/∂ŷ = 2(ŷ − y) [/ n]."""
+        _check_reduction(reduction)
+        diff = pred - target
+        scale = 1.0 / diff.size if reduction == "mean" else 1.0
+        loss = np.asarray(np.sum(diff * diff) * scale, dtype=pred.dtype)
+        return loss, (2.0 * scale) * diff
+
+    def softmax_cross_entropy(self, logits, target):
+        """L = (1/N) Σ_i (lse(z_i)·Σ_j p_ij − Σ_j p_ij z_ij);  ∂L/∂z = (softmax(z)·Σp − p) / N.
+
+        For integer labels p is one-hot.  lse(z) = m + log Σ e^(z − m), m = max z, is
+        the overflow-free log-sum-exp."""
+        n = logits.shape[0]
+        m = logits.max(axis=1, keepdims=True)
+        e = np.exp(logits - m)
+        sum_e = e.sum(axis=1, keepdims=True)
+        lse = m + np.log(sum_e)
+        softmax = e / sum_e
+        if target.ndim == 1:
+            rows = np.arange(n)
+            loss = np.sum(lse[:, 0] - logits[rows, target]) / n
+            grad = softmax
+            grad[rows, target] -= 1.0
+            grad /= n
+        else:
+            mass = target.sum(axis=1, keepdims=True)
+            loss = np.sum(lse * mass - np.sum(target * logits, axis=1, keepdims=True)) / n
+            grad = (softmax * mass - target) / n
+        return np.asarray(loss, dtype=logits.dtype), grad.astype(logits.dtype, copy=False)
+
+    def bce_with_logits(self, logits, target, reduction):
+        """ℓ = max(z, 0) − z y + log(1 + e^(−|z|))  (= −y log σ(z) − (1 − y) log(1 − σ(z)),
+        stable);  ∂ℓ/∂z = σ(z) − y."""
+        _check_reduction(reduction)
+        z = logits
+        elementwise = np.maximum(z, 0) - z * target + np.log1p(np.exp(-np.abs(z)))
+        scale = 1.0 / z.size if reduction == "mean" else 1.0
+        loss = np.asarray(np.sum(elementwise) * scale, dtype=z.dtype)
+        return loss, ((sigmoid(z) - target) * scale).astype(z.dtype, copy=False)
+
+    def bce(self, probs, target, reduction):
+        """ℓ = −(y max(log p, −100) + (1 − y) max(log(1 − p), −100))  (torch's clamp);
+        ∂ℓ/∂p = (p − y) / max(p(1 − p), 1e−12)."""
+        _check_reduction(reduction)
+        p = probs
+        with np.errstate(divide="ignore"):
+            log_p = np.maximum(np.log(p), -100.0)
+            log_1mp = np.maximum(np.log(1.0 - p), -100.0)
+        elementwise = -(target * log_p + (1.0 - target) * log_1mp)
+        scale = 1.0 / p.size if reduction == "mean" else 1.0
+        loss = np.asarray(np.sum(elementwise) * scale, dtype=p.dtype)
+        grad = (p - target) / np.maximum(p * (1.0 - p), 1e-12) * scale
+        return loss, grad.astype(p.dtype, copy=False)
+
+    # -- optimizers --------------------------------------------------------------------------
+    def sgd_step(
+        self, param, grad, momentum_buf, *, lr, momentum, dampening, nesterov, weight_decay,
+        first_step,
+    ):
+        """torch.optim.SGD: g = ∇ + λθ;  b = g (first step) or μb + (1 − τ)g;
+        g = g + μb (Nesterov) or b;  θ −= η g."""
+        g = grad + weight_decay * param if weight_decay != 0 else grad
+        if momentum != 0:
+            if first_step:
+                momentum_buf[...] = g
+            else:
+                momentum_buf *= momentum
+                momentum_buf += (1.0 - dampening) * g
+            g = g + momentum * momentum_buf if nesterov else momentum_buf
+        param -= lr * g
+
+    def adam_step(
+        self, param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay, step,
+        decoupled,
+    ):
+        """torch.optim.Adam / AdamW, step t ≥ 1:
+        AdamW: θ ← θ(1 − ηλ);  Adam: g = ∇ + λθ.
+        m ← β₁m + (1 − β₁)g;  v ← β₂v + (1 − β₂)g²;
+        θ ← θ − (η / (1 − β₁ᵗ)) · m / (√v / √(1 − β₂ᵗ) + ε)."""
+        g = grad
+        if weight_decay != 0:
+            if decoupled:
+                param *= 1.0 - lr * weight_decay
+            else:
+                g = grad + weight_decay * param
+        exp_avg *= beta1
+        exp_avg += (1.0 - beta1) * g
+        exp_avg_sq *= beta2
+        exp_avg_sq += (1.0 - beta2) * g * g
+        bias_correction1 = 1.0 - beta1**step
+        bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
+        denom = np.sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
+        param -= (lr / bias_correction1) * exp_avg / denom
+
+    def sum_of_squares(self, x):
+        return np.asarray(np.dot(x.ravel(), x.ravel()), dtype=x.dtype)
+
+    def scale_(self, x, factor):
+        x *= x.dtype.type(factor)

@@ -1,0 +1,120 @@
+"""Training callbacks: History (always on), EarlyStopping, ModelCheckpoint."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+
+class Callback:
+    """Hooks called by Sequential.fit.  ``logs`` holds the epoch's metrics
+    (loss, accuracy, val_loss, val_accuracy, samples_per_s, ...)."""
+
+    def on_train_begin(self, model, optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
+        pass
+
+    def on_train_end(self, logs: dict[str, float]) -> None:
+        pass
+
+
+class History(Callback):
+    """``history[metric]`` is the list of per-epoch values; ``epoch`` the epoch numbers."""
+
+    def __init__(self):
+        self.history: dict[str, list[float]] = {}
+        self.epoch: list[int] = []
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
+        self.epoch.append(epoch)
+        for key, value in logs.items():
+            self.history.setdefault(key, []).append(value)
+
+    def __getitem__(self, key: str) -> list[float]:
+        return self.history[key]
+
+    def __repr__(self) -> str:
+        return f"History(epochs={len(self.epoch)}, metrics={sorted(self.history)})"
+
+
+def _improved(mode: str, value: float, best: float, min_delta: float) -> bool:
+    if mode == "min":
+        return value < best - min_delta
+    return value > best + min_delta
+
+
+def _mode_for(monitor: str, mode: str) -> str:
+    if mode not in ("auto", "min", "max"):
+        raise ValueError(f"mode={mode!r} is not supported; expected 'auto', 'min' or 'max'")
+    if mode != "auto":
+        return mode
+    return "max" if "accuracy" in monitor else "min"
+
+
+class EarlyStopping(Callback):
+    """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs;
+    optionally restore the weights of the best epoch."""
+
+    def __init__(self, monitor: str = "val_loss", patience: int = 5, min_delta: float = 0.0,
+                 mode: str = "auto", restore_best_weights: bool = False):
+        if patience < 0:
+            raise ValueError(f"patience={patience!r} is not accepted; expected an integer >= 0")
+        self.monitor, self.patience, self.min_delta = monitor, patience, abs(min_delta)
+        self.mode = _mode_for(monitor, mode)
+        self.restore_best_weights = restore_best_weights
+        self.best = math.inf if self.mode == "min" else -math.inf
+        self.best_epoch = -1
+        self.best_state = None
+        self.wait = 0
+        self.stopped_epoch: int | None = None
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
+        if self.monitor not in logs:
+            raise ValueError(f"EarlyStopping monitor={self.monitor!r} is not among the metrics "
+                             f"{sorted(logs)} (val_* metrics need validation_data)")
+        value = logs[self.monitor]
+        if _improved(self.mode, value, self.best, self.min_delta):
+            self.best, self.best_epoch, self.wait = value, epoch, 0
+            if self.restore_best_weights:
+                self.best_state = copy.deepcopy(self.model.state_dict())
+            return
+        self.wait += 1
+        if self.wait > self.patience:
+            self.stopped_epoch = epoch
+            self.model.stop_training = True
+
+    def on_train_end(self, logs: dict[str, float]) -> None:
+        if self.restore_best_weights and self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+
+
+class ModelCheckpoint(Callback):
+    """Save a checkpoint (gb.save, atomic) after each epoch, or only when ``monitor``
+    improves with save_best_only.  ``path`` may contain ``{epoch}``."""
+
+    def __init__(self, path: str | Path, monitor: str = "val_loss", save_best_only: bool = False,
+                 mode: str = "auto", save_optimizer: bool = True):
+        self.path = str(path)
+        self.monitor, self.save_best_only = monitor, save_best_only
+        self.mode = _mode_for(monitor, mode)
+        self.save_optimizer = save_optimizer
+        self.best = math.inf if self.mode == "min" else -math.inf
+        self.saved: list[str] = []
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
+        from .checkpoint import save
+
+        if self.save_best_only:
+            if self.monitor not in logs:
+                raise ValueError(f"ModelCheckpoint monitor={self.monitor!r} is not among the "
+                                 f"metrics {sorted(logs)}")
+            if not _improved(self.mode, logs[self.monitor], self.best, 0.0):
+                return
+            self.best = logs[self.monitor]
+        path = self.path.format(epoch=epoch)
+        save(path, self.model, self.optimizer if self.save_optimizer else None,
+             metadata={"epoch": epoch, **{k: float(v) for k, v in logs.items()}})
+        self.saved.append(path)

@@ -1,0 +1,260 @@
+"""Optimizers with torch.optim's update rules, and gradient clipping.
+
+When the parameters are exactly a model's (they share one FlatStore), an optimizer
+updates the flat buffers in one launch; any other subset is updated per parameter
+with the same op.  State buffers match the buffers they update in shape.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from .parameters import Parameter
+
+
+def _check_hyper(name: str, value: Any, low: float = 0.0, high: float = math.inf,
+                 high_open: bool = False) -> float:
+    ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value) and low <= value and (value < high if high_open else value <= high)
+    if not ok:
+        bracket = ")" if high_open else "]"
+        raise ValueError(f"{name}={value!r} is not accepted; expected a number in [{low}, {high}{bracket}")
+    return float(value)
+
+
+class Optimizer:
+    """Base class.  Subclasses list their state buffers in ``buffer_names``."""
+
+    buffer_names: tuple[str, ...] = ()
+
+    def __init__(self, params, **hyperparams):
+        self.params: list[Parameter] = list(params)
+        if not self.params:
+            raise ValueError("optimizer got an empty parameter list")
+        for i, p in enumerate(self.params):
+            if not isinstance(p, Parameter):
+                raise TypeError(f"params[{i}] is {type(p).__name__}, expected a gpubackprop Parameter")
+        self.hyperparams = hyperparams
+        self.step_count = 0
+        self._store = None
+        self._state: dict[str, list] = {}
+
+    def __getattr__(self, name: str):
+        hyper = self.__dict__.get("hyperparams", {})
+        if name in hyper:
+            return hyper[name]
+        raise AttributeError(name)
+
+    @property
+    def lr(self) -> float:
+        return self.hyperparams["lr"]
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self.hyperparams["lr"] = _check_hyper("lr", value)
+
+    @property
+    def backend(self):
+        return self.params[0].store.backend
+
+    def _flat(self) -> bool:
+        store = self.params[0].store
+        return store.covers(self.params)
+
+    def _segments(self) -> list[tuple[Any, Any]]:
+        """(data, grad) pairs to update: the flat buffers, or each parameter."""
+        for p in self.params:
+            if p.store is None:
+                raise RuntimeError(f"parameter {p.name!r} is not placed on a backend; call "
+                                   "model.to() (or model.parameters()) before building the optimizer")
+        store = self.params[0].store
+        if self._state and store is not self._store:
+            raise RuntimeError(
+                "the parameters moved (model.to() was called) after this optimizer took its "
+                "first step; create the optimizer after model.to()"
+            )
+        self._store = store
+        if self._flat():
+            return [(store.data, store.grad)]
+        return [(p.data, p.grad) for p in self.params]
+
+    def _buffers(self, segments) -> list[dict[str, Any]]:
+        if not self._state:
+            for name in self.buffer_names:
+                self._state[name] = [
+                    self.backend.zeros(tuple(data.shape), data.dtype) for data, _ in segments
+                ]
+        return [{name: self._state[name][i] for name in self.buffer_names}
+                for i in range(len(segments))]
+
+    def step(self) -> None:
+        """Apply one update to every parameter from its current ``grad``."""
+        segments = self._segments()
+        self.step_count += 1
+        for (data, grad), buffers in zip(segments, self._buffers(segments)):
+            self._update(data, grad, buffers)
+
+    def _update(self, data, grad, buffers) -> None:
+        raise NotImplementedError
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """{"type", "hyperparams", "step", "buffers": {"<buffer>.<param name>": np.ndarray}}."""
+        buffers = {}
+        if self._state:
+            segments = self._segments()
+            for name in self.buffer_names:
+                for p, host in zip(self.params, self._per_parameter(name, segments)):
+                    buffers[f"{name}.{p.name}"] = host
+        return {"type": type(self).__name__, "hyperparams": dict(self.hyperparams),
+                "step": self.step_count, "buffers": buffers}
+
+    def _per_parameter(self, name: str, segments) -> list[np.ndarray]:
+        arrays = [self.backend.to_numpy(a) for a in self._state[name]]
+        if self._flat():
+            offsets = self.params[0].store.offsets
+            return [arrays[0][o : o + p.size].reshape(p.shape).copy()
+                    for p, o in zip(self.params, offsets)]
+        return [np.array(a) for a in arrays]
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from state_dict(); validates type, names and shapes before changing anything."""
+        if state.get("type") != type(self).__name__:
+            raise ValueError(f"optimizer state is for {state.get('type')!r}, not {type(self).__name__}")
+        step = state.get("step", 0)
+        if not isinstance(step, int) or step < 0:
+            raise ValueError(f"optimizer state step={step!r} is not a non-negative integer")
+        buffers = state.get("buffers", {})
+        expected = {f"{n}.{p.name}": p for n in self.buffer_names for p in self.params} if step else {}
+        if set(buffers) != set(expected):
+            missing, extra = sorted(set(expected) - set(buffers)), sorted(set(buffers) - set(expected))
+            raise ValueError(f"optimizer state buffers mismatch: missing {missing}, unexpected {extra}")
+        for key, p in expected.items():
+            if tuple(np.shape(buffers[key])) != p.shape:
+                raise ValueError(f"optimizer buffer {key!r} has shape {tuple(np.shape(buffers[key]))}; "
+                                 f"expected {p.shape}")
+        new_hyper = dict(self.hyperparams)
+        new_hyper.update(state.get("hyperparams", {}))
+        segments = self._segments()
+        self._state = {}
+        if step:
+            self._buffers(segments)
+            for name in self.buffer_names:
+                self._fill(name, segments, {p.name: buffers[f"{name}.{p.name}"] for p in self.params})
+        self.hyperparams = new_hyper
+        self.step_count = step
+
+    def _fill(self, name: str, segments, per_param: dict[str, np.ndarray]) -> None:
+        store = self.params[0].store
+        if self._flat():
+            flat = np.zeros(store.size, dtype=store.dtype)
+            for p, o in zip(self.params, store.offsets):
+                flat[o : o + p.size] = np.asarray(per_param[p.name]).ravel()
+            self._state[name][0] = self.backend.asarray(flat, store.dtype)
+        else:
+            for i, p in enumerate(self.params):
+                self._state[name][i] = self.backend.asarray(per_param[p.name], p.data.dtype)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparams.items())
+        return f"{type(self).__name__}({args})"
+
+
+class SGD(Optimizer):
+    """torch.optim.SGD: g = ∇θ + λθ; b ← g (first step) or μb + (1 − τ)g;
+    g ← g + μb (Nesterov) or b; θ ← θ − ηg."""
+
+    buffer_names = ("momentum_buffer",)
+
+    def __init__(self, params, lr: float = 1e-2, momentum: float = 0.0, dampening: float = 0.0,
+                 nesterov: bool = False, weight_decay: float = 0.0):
+        _check_hyper("lr", lr)
+        _check_hyper("momentum", momentum)
+        _check_hyper("dampening", dampening)
+        _check_hyper("weight_decay", weight_decay)
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("nesterov=True needs momentum > 0 and dampening = 0 "
+                             f"(got momentum={momentum}, dampening={dampening})")
+        super().__init__(params, lr=float(lr), momentum=float(momentum),
+                         dampening=float(dampening), nesterov=bool(nesterov),
+                         weight_decay=float(weight_decay))
+        if momentum == 0:
+            self.buffer_names = ()
+
+    def _update(self, data, grad, buffers) -> None:
+        h = self.hyperparams
+        self.backend.sgd_step(data, grad, buffers.get("momentum_buffer"), lr=h["lr"],
+                         momentum=h["momentum"], dampening=h["dampening"], nesterov=h["nesterov"],
+                         weight_decay=h["weight_decay"], first_step=self.step_count == 1)
+
+
+class Adam(Optimizer):
+    """torch.optim.Adam (L2 penalty added to the gradient):
+    m ← β₁m + (1 − β₁)g; v ← β₂v + (1 − β₂)g²; θ ← θ − η/(1 − β₁ᵗ) · m/(√v/√(1 − β₂ᵗ) + ε)."""
+
+    buffer_names = ("exp_avg", "exp_avg_sq")
+    decoupled = False
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0):
+        _check_hyper("lr", lr)
+        _check_hyper("betas[0]", betas[0], 0.0, 1.0, high_open=True)
+        _check_hyper("betas[1]", betas[1], 0.0, 1.0, high_open=True)
+        _check_hyper("eps", eps)
+        _check_hyper("weight_decay", weight_decay)
+        super().__init__(params, lr=float(lr), betas=(float(betas[0]), float(betas[1])),
+                         eps=float(eps), weight_decay=float(weight_decay))
+
+    def _update(self, data, grad, buffers) -> None:
+        h = self.hyperparams
+        self.backend.adam_step(data, grad, buffers["exp_avg"], buffers["exp_avg_sq"], lr=h["lr"],
+                          beta1=h["betas"][0], beta2=h["betas"][1], eps=h["eps"],
+                          weight_decay=h["weight_decay"], step=self.step_count,
+                          decoupled=self.decoupled)
+
+
+class AdamW(Adam):
+    """torch.optim.AdamW: Adam with decoupled weight decay θ ← θ(1 − ηλ) before the step."""
+
+    decoupled = True
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+OPTIMIZER_TYPES = {cls.__name__: cls for cls in (SGD, Adam, AdamW)}
+
+
+def optimizer_from_state_dict(params, state: dict) -> Optimizer:
+    """Build the optimizer that ``state`` (from Optimizer.state_dict()) describes, and load it."""
+    kind = state.get("type")
+    if kind not in OPTIMIZER_TYPES:
+        raise ValueError(f"optimizer type {kind!r} is unknown; expected one of {sorted(OPTIMIZER_TYPES)}")
+    hyper = dict(state.get("hyperparams", {}))
+    if "betas" in hyper:
+        hyper["betas"] = tuple(hyper["betas"])
+    optimizer = OPTIMIZER_TYPES[kind](params, **hyper)
+    optimizer.load_state_dict({**state, "hyperparams": hyper})
+    return optimizer
+
+
+def clip_grad_norm(params, max_norm: float) -> float:
+    """Scale all gradients by min(1, max_norm / (‖g‖₂ + 1e-6)) where ‖g‖₂ is the norm of
+    all gradients together (torch.nn.utils.clip_grad_norm_); returns ‖g‖₂ before clipping."""
+    params = list(params)
+    max_norm = _check_hyper("max_norm", max_norm)
+    if not params:
+        return 0.0
+    store = params[0].store
+    grads = [store.grad] if store is not None and store.covers(params) else [p.grad for p in params]
+    backend = store.backend
+    total = math.sqrt(sum(float(backend.sum_of_squares(g)) for g in grads))
+    coefficient = max_norm / (total + 1e-6)
+    if coefficient < 1.0:
+        for g in grads:
+            backend.scale_(g, coefficient)
+    return total

@@ -1,0 +1,87 @@
+"""Parameters and the flat buffers they live in.
+
+All parameters of a model share one flat data buffer and one flat gradient buffer;
+each Parameter's ``data`` and ``grad`` are views into them.  An optimizer then
+updates the whole model in one launch and the gradient norm is one reduction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+# Each parameter starts on a 64-element boundary (256 bytes in float32), so that every
+# view is aligned for 16-byte vector loads like a fresh allocation would be.  The
+# padding holds zeros in data, grad and optimizer state, so it changes no result.
+ALIGN_ELEMENTS = 64
+
+
+@dataclass(eq=False)
+class Parameter:
+    """A trainable tensor: ``data`` and ``grad`` (same shape) on the model's backend."""
+
+    name: str
+    data: Any
+    grad: Any = None
+    store: FlatStore | None = field(default=None, repr=False)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    def __repr__(self) -> str:
+        return f"Parameter({self.name!r}, shape={self.shape}, dtype={self.data.dtype})"
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+class FlatStore:
+    """One flat data buffer and one flat gradient buffer for a list of parameters.
+
+    Building a store rebinds each Parameter's ``data``, ``grad`` and ``store`` to views
+    of the new buffers (values copied from wherever they were), so Parameter objects
+    keep their identity when a model moves between backends or dtypes."""
+
+    def __init__(self, backend, dtype, parameters: list[Parameter]):
+        self.backend = backend
+        self.dtype = np.dtype(dtype)
+        self.parameters = list(parameters)
+        self.offsets: list[int] = []
+        offset = 0
+        for parameter in self.parameters:
+            self.offsets.append(offset)
+            offset = _round_up(offset + parameter.size, ALIGN_ELEMENTS)
+        self.size = max(offset, ALIGN_ELEMENTS)
+        host = np.zeros(self.size, dtype=self.dtype)
+        for parameter, start in zip(self.parameters, self.offsets):
+            host[start : start + parameter.size] = _to_host(parameter.data).ravel()
+        self.data = backend.asarray(host, self.dtype)
+        self.grad = backend.zeros((self.size,), self.dtype)
+        for i, parameter in enumerate(self.parameters):
+            shape = parameter.shape
+            parameter.data = self.view(self.data, i, shape)
+            parameter.grad = self.view(self.grad, i, shape)
+            parameter.store = self
+
+    def view(self, flat, index: int, shape: tuple[int, ...]):
+        start = self.offsets[index]
+        return flat[start : start + int(np.prod(shape))].reshape(shape)
+
+    def covers(self, parameters: list[Parameter]) -> bool:
+        """True when ``parameters`` are exactly this store's, in order (one flat update)."""
+        return len(parameters) == len(self.parameters) and all(
+            a is b for a, b in zip(parameters, self.parameters)
+        )
+
+
+def _to_host(array) -> np.ndarray:
+    """NumPy copy of a NumPy or CuPy array (CuPy arrays have .get())."""
+    return array.get() if hasattr(array, "get") else np.asarray(array)

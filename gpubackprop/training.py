@@ -1,0 +1,172 @@
+"""The training loop behind Sequential.fit, and evaluation."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+import numpy as np
+
+from .callbacks import Callback, History
+from .losses import BCELoss, BCEWithLogitsLoss, Loss, SoftmaxCrossEntropyLoss
+from .random import generator
+
+
+def _rows(a) -> int:
+    return int(getattr(a, "shape", np.shape(a))[0])
+
+
+def _targets_on(model, loss: Loss, y):
+    """Targets on the model's backend: int64 labels for cross-entropy, else model dtype."""
+    kind = np.dtype(getattr(y, "dtype", np.asarray(y).dtype)).kind
+    if isinstance(loss, SoftmaxCrossEntropyLoss) and kind in "iub":
+        return model.backend.asarray(y, np.int64)
+    return model.backend.asarray(y, model.dtype)
+
+
+def correct_count(xp, loss: Loss, pred, target) -> int | None:
+    """Correct predictions in a batch, or None when accuracy has no meaning (regression)."""
+    if isinstance(loss, SoftmaxCrossEntropyLoss):
+        labels = target if target.ndim == 1 else xp.argmax(target, axis=1)
+        return int((xp.argmax(pred, axis=1) == labels).sum())
+    if isinstance(loss, BCEWithLogitsLoss):
+        return int(((pred > 0) == (target > 0.5)).sum())
+    if isinstance(loss, BCELoss):
+        return int(((pred > 0.5) == (target > 0.5)).sum())
+    return None
+
+
+def _check_finite(value: float, where: str, optimizer) -> None:
+    if not math.isfinite(value):
+        lr = getattr(optimizer, "lr", None)
+        raise FloatingPointError(
+            f"the loss is {value} {where}; the training diverged or the data holds NaN/Inf. "
+            f"Lower the learning rate (lr={lr}), check the inputs, or clip gradients "
+            "(gb.clip_grad_norm)"
+        )
+
+
+def _check_positive(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}={value!r} is not accepted; expected an integer >= 1")
+    return int(value)
+
+
+def evaluate(model, x, y, loss: Loss, batch_size: int = 1024) -> dict[str, float]:
+    """Mean loss over all rows (batches weighted by size) and accuracy where defined."""
+    batch_size = _check_positive("batch_size", batch_size)
+    xd = model._input(x)
+    if _rows(y) != xd.shape[0]:
+        raise ValueError(f"y has {_rows(y)} rows but x has {xd.shape[0]}")
+    yd = _targets_on(model, loss, y)
+    loss.backend = model.backend
+    total_loss, correct, n = 0.0, 0, xd.shape[0]
+    for start in range(0, n, batch_size):
+        h = xd[start : start + batch_size]
+        for step in model.steps:
+            h = step.forward(h)
+        target = yd[start : start + batch_size]
+        value = float(loss.forward(h, target))
+        rows = h.shape[0]
+        # MSE/BCE "mean" average over elements, cross-entropy over rows: both weight by rows.
+        total_loss += value * rows
+        batch_correct = correct_count(model.backend.xp, loss, h, target)
+        correct = None if batch_correct is None else correct + batch_correct
+    metrics = {"loss": total_loss / n}
+    if correct is not None:
+        metrics["accuracy"] = correct / (n * _per_row(loss, yd))
+    return metrics
+
+
+def _progress_bar(verbose: int, total: int, epoch: int, epochs: int):
+    if verbose != 1:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"epoch {epoch}/{epochs}", unit="sample", leave=True,
+                file=sys.stderr, dynamic_ncols=True)
+
+
+def run_fit(model, x, y, *, loss: Loss, optimizer, epochs: int, batch_size: int, shuffle: bool,
+            validation_data, verbose: int, callbacks: list[Callback]) -> History:
+    epochs = _check_positive("epochs", epochs)
+    batch_size = _check_positive("batch_size", batch_size)
+    if verbose not in (0, 1, 2):
+        raise ValueError(f"verbose={verbose!r} is not accepted; expected 0, 1 or 2")
+    if not isinstance(loss, Loss):
+        raise TypeError(f"loss={loss!r} is not a gpubackprop Loss")
+    xd = model._input(x)
+    n = xd.shape[0]
+    if _rows(y) != n:
+        raise ValueError(f"y has {_rows(y)} rows but x has {n}")
+    yd = _targets_on(model, loss, y)
+    if validation_data is not None and len(validation_data) != 2:
+        raise ValueError("validation_data must be a pair (x_val, y_val)")
+    loss.backend = model.backend
+    xp = model.backend.xp
+    history = History()
+    callbacks = [history, *callbacks]
+    model.stop_training = False
+    for callback in callbacks:
+        callback.on_train_begin(model, optimizer)
+    logs: dict[str, float] = {}
+    for epoch in range(1, epochs + 1):
+        order = generator().permutation(n) if shuffle else None
+        order_d = model.backend.asarray(order, np.int64) if shuffle else None
+        bar = _progress_bar(verbose, n, epoch, epochs)
+        total_loss, correct, seen = 0.0, 0, 0
+        start_time = time.perf_counter()
+        for batch_index, start in enumerate(range(0, n, batch_size)):
+            stop = min(start + batch_size, n)
+            if shuffle:
+                rows = order_d[start:stop]
+                xb, yb = xd[rows], yd[rows]
+            else:
+                xb, yb = xd[start:stop], yd[start:stop]
+            pred = model.forward(xb)
+            value = float(loss.forward(pred, yb))
+            _check_finite(value, f"at epoch {epoch}, batch {batch_index}", optimizer)
+            model.backward(loss.backward(), need_input_grad=False)
+            optimizer.step()
+            total_loss += value * (stop - start)
+            seen += stop - start
+            batch_correct = correct_count(xp, loss, pred, yb)
+            correct = None if batch_correct is None or correct is None else correct + batch_correct
+            if bar is not None:
+                postfix = {"loss": f"{total_loss / seen:.4f}"}
+                if correct is not None:
+                    postfix["acc"] = f"{correct / (seen * _per_row(loss, yb)):.4f}"
+                postfix["samples/s"] = f"{seen / (time.perf_counter() - start_time):.0f}"
+                bar.set_postfix(postfix, refresh=False)
+                bar.update(stop - start)
+        model.backend.synchronize()
+        elapsed = max(time.perf_counter() - start_time, 1e-9)
+        logs = {"loss": total_loss / n}
+        if correct is not None:
+            logs["accuracy"] = correct / (n * _per_row(loss, yd))
+        logs["samples_per_s"] = n / elapsed
+        if validation_data is not None:
+            val = evaluate(model, validation_data[0], validation_data[1], loss)
+            logs.update({f"val_{k}": v for k, v in val.items()})
+            _check_finite(val["loss"], f"on the validation data after epoch {epoch}", optimizer)
+        if bar is not None:
+            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
+            bar.close()
+        if verbose == 2:
+            parts = " - ".join(f"{k}: {v:.4g}" for k, v in logs.items())
+            print(f"epoch {epoch}/{epochs} - {parts}", file=sys.stderr)
+        for callback in callbacks:
+            callback.on_epoch_end(epoch, logs)
+        if model.stop_training:
+            break
+    for callback in callbacks:
+        callback.on_train_end(logs)
+    return history
+
+
+def _per_row(loss: Loss, target) -> int:
+    """Predictions per row that accuracy counts: 1 for cross-entropy, every output for BCE."""
+    if isinstance(loss, SoftmaxCrossEntropyLoss) or target.ndim == 1:
+        return 1
+    return int(np.prod(target.shape[1:]))
