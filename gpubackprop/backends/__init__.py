@@ -36,9 +36,19 @@ def _build(name: str) -> Backend:
     raise AssertionError(name)
 
 
+class UnavailableBackend(Backend):
+    """Stands in for a backend whose module failed to import; keeps the reason."""
+
+    def __init__(self, name: str, reason: str):
+        self.name, self.available, self.reason = name, False, reason
+
+
 def _instance(name: str) -> Backend:
     if name not in _instances:
-        _instances[name] = _build(name)
+        try:
+            _instances[name] = _build(name)
+        except Exception as error:  # e.g. a broken optional install: report, never crash
+            _instances[name] = UnavailableBackend(name, f"{type(error).__name__}: {error}")
     return _instances[name]
 
 
@@ -76,11 +86,5 @@ def get_backend(name: str | Backend | None = None) -> Backend:
 
 def available_backends() -> dict[str, tuple[bool, str]]:
     """{name: (available, reason)} for every concrete backend, for `gpubackprop info`."""
-    report = {}
-    for name in ("numpy", "cupy", "emu"):
-        try:
-            backend = _instance(name)
-            report[name] = (backend.available, backend.reason)
-        except Exception as error:  # a backend module that fails to import is reported, not fatal
-            report[name] = (False, f"{type(error).__name__}: {error}")
-    return report
+    return {name: (_instance(name).available, _instance(name).reason)
+            for name in ("numpy", "cupy", "emu")}
