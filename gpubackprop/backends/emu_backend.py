@@ -1,0 +1,58 @@
+"""Emu backend: the launchers of kernel_backend.py on the CPU emulator (gpubackprop/emulator/).
+
+The kernels of kernels/ are compiled with g++ against an emulation header and run with one
+fiber per CUDA thread, blocks one after another, with checks a GPU does not give: argument
+types, out-of-bounds writes, unwritten outputs, divergent barriers.  Slow (a 129³ tiled SGEMM
+takes ~16 ms) but it runs every kernel on every CI machine.
+
+The constructor never raises: without a C++ compiler the backend is ``available = False``
+with the reason.
+"""
+
+from __future__ import annotations
+
+import platform
+
+from ..emulator import EmuSeam, find_compiler
+from ..emulator.compiler import compile_flags, compiler_identity
+from .kernel_backend import KernelBackend
+
+__all__ = ["EmuBackend", "EmuSeam"]
+
+
+class EmuBackend(KernelBackend):
+    """The kernels of kernels/ on the CPU emulator."""
+
+    name = "emu"
+
+    def __init__(self, gemm_version: str = "tiled", shuffle_seed: int | None = None) -> None:
+        super().__init__(EmuSeam(shuffle_seed), gemm_version=gemm_version)
+        self.available = False
+        self.reason = ""
+        self._compiler = find_compiler()
+        if self._compiler is None:
+            self.reason = (
+                "no C++ compiler for the CPU emulator: install g++ or set CXX / "
+                "GPUBACKPROP_EMU_CXX"
+            )
+            return
+        try:
+            from ..kernels import kernel_dir
+
+            kernel_dir()
+        except FileNotFoundError as error:
+            self.reason = str(error)
+            return
+        self.available = True
+
+    def device_name(self) -> str:
+        if not self.available:
+            return f"unavailable ({self.reason})"
+        try:
+            compiler = compiler_identity(self._compiler)
+        except Exception as error:  # a compiler that cannot report its version still names it
+            compiler = f"{self._compiler} ({type(error).__name__})"
+        switch = "ucontext" if "-DGBEMU_USE_UCONTEXT" in compile_flags() else (
+            "x86-64 context switch" if platform.machine() in ("x86_64", "AMD64") else "ucontext"
+        )
+        return f"CPU emulator ({compiler}; fibers: {switch})"

@@ -1,0 +1,29 @@
+"""CPU emulator for the CUDA kernels in kernels/: g++-compiled, one fiber per CUDA thread.
+
+See cuda_emu.h for the execution model and launch.py for the checks it adds (out-of-bounds
+writes, unwritten outputs, divergent barriers, argument types).  Environment variables:
+
+- GPUBACKPROP_EMU_SHUFFLE=<seed>  run the threads of a block in a shuffled order between
+  barriers, to expose races (0 or unset: thread order).
+- GPUBACKPROP_EMU_DEBUG=1         build with -O0 -g, for gdb.
+- GPUBACKPROP_EMU_UCONTEXT=1      use the portable ucontext fiber switch instead of the
+  x86-64 assembly one.
+- GPUBACKPROP_EMU_CXX / CXX       the compiler (default g++).
+- GPUBACKPROP_CACHE_DIR / XDG_CACHE_HOME  where compiled libraries are cached (…/emu).
+"""
+
+from __future__ import annotations
+
+from .compiler import EmuCompileError, EmuUnsupportedError, cache_dir, find_compiler
+from .device import EmuSeam
+from .launch import EmuLaunchError, EmuModule
+
+__all__ = [
+    "EmuCompileError",
+    "EmuLaunchError",
+    "EmuModule",
+    "EmuSeam",
+    "EmuUnsupportedError",
+    "cache_dir",
+    "find_compiler",
+]

@@ -1,0 +1,156 @@
+"""EmuSeam: the device seam (backends/seam.py) over the CPU emulator.
+
+Arrays are NumPy arrays; ``compile`` builds a kernels/ source with g++ (cached on disk),
+``launch`` runs a kernel with the checks of launch.py, ``empty`` poisons its memory, and an
+ElementwiseSpec becomes the same body in a one-thread grid-stride kernel over the same device
+functions (kernels.elementwise_as_kernel_source), run by the same launcher and checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+
+from . import compiler
+from .launch import EmuModule, launch, poison_fill
+
+__all__ = ["EmuSeam"]
+
+
+class EmuSeam:
+    """DeviceSeam for the emulator (name "emu", xp = numpy)."""
+
+    name = "emu"
+    xp = np
+
+    def __init__(self, shuffle_seed: int | None = None) -> None:
+        # None: read GPUBACKPROP_EMU_SHUFFLE at each launch.
+        self.shuffle_seed = shuffle_seed
+        self._modules: dict[str, EmuModule] = {}
+        self._elementwise: dict[tuple[str, str], Any] = {}
+
+    # -- compile ----------------------------------------------------------------------------
+    def compile(self, source_file: str, defines: dict[str, str]) -> EmuModule:
+        """Compile kernels/<source_file> with ``defines`` (cached in memory and on disk)."""
+        from ..kernels import load_source, note_compiled
+
+        source = load_source(source_file, defines)
+        module = self.compile_text(source.text, source.file)
+        note_compiled(source)
+        return module
+
+    def compile_text(self, text: str, label: str) -> EmuModule:
+        """Compile a source text; ``label`` names it in messages.  For tests and tools."""
+        key = hashlib.sha256(text.encode()).hexdigest() + compiler.compile_flags().__repr__()
+        if key not in self._modules:
+            path, decls = compiler.build(text, label)
+            self._modules[key] = EmuModule(path, label, decls)
+        return self._modules[key]
+
+    # -- launch -------------------------------------------------------------------------------
+    def launch(
+        self,
+        module: EmuModule,
+        kernel: str,
+        grid: tuple[int, int, int],
+        block: tuple[int, int, int],
+        args: tuple[Any, ...],
+        shared_mem: int = 0,
+    ) -> None:
+        launch(module, kernel, grid, block, tuple(args), shared_mem, self.shuffle_seed)
+
+    def empty(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        """np.empty filled with the poison pattern (a signalling NaN with payload 0xA5...)."""
+        array = np.empty(shape, dtype=dtype)
+        poison_fill(array)
+        return array
+
+    # -- elementwise ----------------------------------------------------------------------------
+    def elementwise(self, spec: Any, dtype: Any):
+        """A callable ``f(*inputs[, *outputs])`` running ``spec`` over same-size arrays of
+        ``dtype``; outputs left out are allocated (poisoned); returns the output(s)."""
+        dtype = np.dtype(dtype)
+        key = (spec.name, dtype.str, spec.in_params, spec.out_params, spec.operation)
+        if key not in self._elementwise:
+            from ..kernels import elementwise_as_kernel_source
+
+            text = elementwise_as_kernel_source(spec, dtype)
+            module = self.compile_text(text, f"elementwise {spec.name}")
+            self._elementwise[key] = _Elementwise(self, spec, dtype, module)
+        return self._elementwise[key]
+
+
+class _Elementwise:
+    def __init__(self, seam: EmuSeam, spec: Any, dtype: np.dtype, module: EmuModule) -> None:
+        self.seam = seam
+        self.spec = spec
+        self.dtype = dtype
+        self.module = module
+        self.kernel = module.kernels[spec.name]
+        self.params = self.kernel.params[:-1]  # the last is `long long n`
+        self.n_outputs = len([p for p in spec.out_params.split(",") if p.strip()])
+
+    def __call__(self, *args: Any) -> Any:
+        name = self.spec.name
+        n_inputs = len(self.params) - self.n_outputs
+        if len(args) not in (n_inputs, len(self.params)):
+            raise TypeError(
+                f"elementwise {name!r} takes {n_inputs} inputs ({self.spec.in_params}) and "
+                f"optionally {self.n_outputs} outputs ({self.spec.out_params}); got {len(args)} "
+                "arguments"
+            )
+        arrays = [a for a, p in zip(args, self.params, strict=False) if p.pointer]
+        if not arrays and len(args) == n_inputs:
+            raise TypeError(f"elementwise {name!r}: no array argument gives the output shape")
+        size = None
+        for value, param in zip(args, self.params, strict=False):  # outputs may be absent
+            if not param.pointer:
+                continue
+            if not isinstance(value, np.ndarray) or value.dtype != self.dtype:
+                got = value.dtype if isinstance(value, np.ndarray) else type(value).__name__
+                raise TypeError(
+                    f"elementwise {name!r}: argument {param.name.removesuffix('_array')!r} must "
+                    f"be a {self.dtype} array, got {got}"
+                )
+            if size is None:
+                size, shape = value.size, value.shape
+            elif value.size != size:
+                raise ValueError(
+                    f"elementwise {name!r}: argument {param.name.removesuffix('_array')!r} has "
+                    f"{value.size} elements, the others {size}; all arrays must have one size"
+                )
+        full = list(args)
+        if len(args) == n_inputs:
+            full += [self.seam.empty(shape, self.dtype) for _ in range(self.n_outputs)]
+        call = []
+        for index, (value, param) in enumerate(zip(full, self.params, strict=True)):
+            if param.pointer:
+                # a strided input is copied; a strided output is refused by the launcher
+                contiguous = value.flags.c_contiguous or index >= n_inputs
+                call.append(value if contiguous else np.ascontiguousarray(value))
+            else:
+                call.append(_scalar(name, param, value))
+        call.append(np.int64(size or 0))
+        self.seam.launch(self.module, name, (1, 1, 1), (1, 1, 1), tuple(call))
+        outputs = full[n_inputs:]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+_KINDS = {"f4": np.float32, "f8": np.float64, "i4": np.int32, "i8": np.int64, "b1": np.bool_,
+          "u4": np.uint32, "u8": np.uint64}
+
+
+def _scalar(name: str, param: Any, value: Any) -> Any:
+    """Python scalars are converted (as CuPy does); NumPy scalars must have the exact type."""
+    expected = _KINDS.get(param.code)
+    if expected is None:
+        return value  # the launcher reports the unsupported type
+    if isinstance(value, np.generic):
+        return value  # checked exactly by the launcher
+    if isinstance(value, (bool, int, float)):
+        return expected(value)
+    raise TypeError(
+        f"elementwise {name!r}: scalar {param.name!r} ({param.c_type}) got {type(value).__name__}"
+    )

@@ -1,0 +1,350 @@
+"""Launching emulated kernels from Python, with the checks a GPU does not give.
+
+Per launch:
+
+1. Arguments are checked against the parameter types the compiler resolved: an array for a
+   pointer (C-contiguous, element type equal to the pointee), a NumPy scalar of exactly the
+   parameter's type for a scalar.  CuPy passes whatever it is given; a float64 where the
+   kernel reads an int is a silent wrong answer on a GPU, a TypeError here.
+2. Every array is copied into a larger buffer with guard zones of 0xFF bytes (NaN for any
+   float, so out-of-bounds reads show up as NaN) before and after it, at the same address
+   modulo 256 as the original, so alignment-dependent paths (float4 loads) are the ones a GPU
+   would take.  The same array passed twice shares one copy; partly overlapping arrays are
+   refused.  After the launch the guards are checked (out-of-bounds writes) and the data
+   copied back.
+3. Arrays made by ``empty`` hold a poison bit pattern (a signalling NaN no arithmetic
+   produces); an argument that still holds it after the launch is an element the kernel never
+   wrote (or, for a read-only argument, one it read before anyone wrote it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+GUARD_BYTES = 64 * 1024
+GUARD_BYTE = 0xFF
+ALIGNMENT_KEPT = 256
+ERROR_BUFFER = 4096
+MAX_THREADS_PER_BLOCK = 1024
+MAX_BLOCK = (1024, 1024, 64)
+MAX_GRID = (2**31 - 1, 65535, 65535)
+MAX_DYNAMIC_SHARED = 48 * 1024  # above this CUDA needs cudaFuncAttributeMaxDynamicSharedMemorySize
+
+# Signalling NaNs with a distinctive payload: arithmetic never yields them (it quiets NaNs).
+POISON32 = np.uint32(0x7FA5A5A5)
+POISON64 = np.uint64(0x7FF5A5A5A5A5A5A5)
+
+_launch_lock = threading.Lock()  # the scheduler's state is global per library
+
+_SCALAR_CODES = {
+    "f4": np.float32, "f8": np.float64, "i1": np.int8, "u1": np.uint8, "i2": np.int16,
+    "u2": np.uint16, "i4": np.int32, "u4": np.uint32, "i8": np.int64, "u8": np.uint64,
+    "b1": np.bool_,
+}
+_C_NAMES = {
+    "f4": "float", "f8": "double", "i1": "signed char", "u1": "unsigned char", "i2": "short",
+    "u2": "unsigned short", "i4": "int", "u4": "unsigned int", "i8": "long long",
+    "u8": "unsigned long long", "b1": "bool", "v0": "void",
+}
+
+
+class EmuLaunchError(RuntimeError):
+    """A kernel misbehaved in a way the emulator detects (out-of-bounds write, unwritten
+    output, divergent barrier, trap/assert).  The message names kernel, grid, block and
+    buffer."""
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    pointer: bool
+    const: bool
+    code: str  # f4, i8, ..., v0 (void), x<size> (struct)
+
+    @property
+    def c_type(self) -> str:
+        base = _C_NAMES.get(self.code, f"struct of {self.code[1:]} bytes")
+        if self.pointer:
+            return ("const " if self.const else "") + base + "*"
+        return base
+
+
+@dataclass
+class Kernel:
+    name: str
+    params: tuple[Param, ...]
+    entry: Any  # ctypes function
+
+
+class EmuModule:
+    """A compiled kernels/ source: its kernels by name, loaded from a shared library."""
+
+    def __init__(self, path: Path, label: str, decls: list[Any]) -> None:
+        self.path = path
+        self.label = label
+        self.library = ctypes.CDLL(str(path))  # CDLL releases the GIL during calls
+        self.kernels: dict[str, Kernel] = {}
+        for decl in decls:
+            signature_fn = getattr(self.library, f"gbemu_signature_{decl.name}")
+            signature_fn.restype = ctypes.c_char_p
+            codes = signature_fn().decode().split()
+            names = list(decl.param_names)
+            names += [f"arg{i}" for i in range(len(names), len(codes))]
+            params = tuple(
+                Param(names[i], code[0] == "p", code[1] == "c", code[2:])
+                for i, code in enumerate(codes)
+            )
+            entry = getattr(self.library, f"gbemu_launch_{decl.name}")
+            entry.restype = ctypes.c_int
+            entry.argtypes = [
+                ctypes.POINTER(ctypes.c_longlong), ctypes.c_longlong,
+                ctypes.POINTER(ctypes.c_void_p), ctypes.c_ulonglong, ctypes.c_char_p, ctypes.c_int,
+            ]
+            self.kernels[decl.name] = Kernel(decl.name, params, entry)
+
+    def __repr__(self) -> str:
+        return f"EmuModule({self.label!r}, kernels={sorted(self.kernels)})"
+
+
+def poison_fill(array: np.ndarray) -> None:
+    """Fill ``array`` with the poison pattern of its element size (0xA5 bytes if not 4 or 8)."""
+    flat = array.reshape(-1).view(np.uint8)
+    if array.dtype.itemsize == 4:
+        flat.view(np.uint32)[:] = POISON32
+    elif array.dtype.itemsize == 8:
+        flat.view(np.uint64)[:] = POISON64
+    else:
+        flat[:] = 0xA5
+
+
+def poison_count(data: np.ndarray, itemsize: int) -> tuple[int, int]:
+    """(number of poisoned elements, index of the first) in raw bytes ``data``."""
+    if itemsize == 4:
+        hits = data.view(np.uint32) == POISON32
+    elif itemsize == 8:
+        hits = data.view(np.uint64) == POISON64
+    else:
+        return 0, -1  # 1- and 2-byte values: the pattern is an ordinary value
+    count = int(np.count_nonzero(hits))
+    return count, (int(np.argmax(hits)) if count else -1)
+
+
+def shuffle_seed_from_env() -> int:
+    """GPUBACKPROP_EMU_SHUFFLE=<seed>: run the threads of a block in a shuffled order between
+    barriers (a different order per block and per pass), to expose races."""
+    value = os.environ.get("GPUBACKPROP_EMU_SHUFFLE", "").strip()
+    if not value or value == "0":
+        return 0
+    try:
+        return int(value) or 1
+    except ValueError:
+        raise ValueError(
+            f"GPUBACKPROP_EMU_SHUFFLE={value!r} is not an integer seed (0 or unset: no shuffling)"
+        ) from None
+
+
+def _dims(value: Any, what: str, limits: tuple[int, int, int], where: str) -> tuple[int, int, int]:
+    if isinstance(value, (int, np.integer)):
+        value = (int(value), 1, 1)
+    dims = tuple(int(v) for v in value) + (1,) * (3 - len(tuple(value)))
+    too_big = any(d > m for d, m in zip(dims, limits, strict=False))
+    if len(dims) != 3 or any(d < 1 for d in dims) or too_big:
+        raise ValueError(
+            f"{where}: {what}={tuple(value)} is not a launch size; expected 1 to 3 positive "
+            f"integers at most {limits}"
+        )
+    return dims  # type: ignore[return-value]
+
+
+class _Group:
+    """One guarded copy shared by every argument that is the same array."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+        self.nbytes = array.nbytes
+        self.itemsize = array.dtype.itemsize
+        address = array.ctypes.data
+        self.buffer = np.empty(self.nbytes + 2 * GUARD_BYTES + ALIGNMENT_KEPT, np.uint8)
+        base = self.buffer.ctypes.data + GUARD_BYTES
+        self.offset = GUARD_BYTES + (address - base) % ALIGNMENT_KEPT
+        self.buffer[: self.offset] = GUARD_BYTE
+        self.buffer[self.offset + self.nbytes :] = GUARD_BYTE
+        self.data = self.buffer[self.offset : self.offset + self.nbytes]
+        if self.nbytes:
+            self.data[:] = array.reshape(-1).view(np.uint8)
+        self.pointer = self.buffer.ctypes.data + self.offset
+        self.params: list[Param] = []
+
+
+def launch(
+    module: EmuModule,
+    kernel: str,
+    grid: Any,
+    block: Any,
+    args: tuple[Any, ...],
+    shared_mem: int = 0,
+    shuffle_seed: int | None = None,
+) -> None:
+    """Run ``kernel`` of ``module`` on the emulator; see the module docstring for the checks."""
+    if kernel not in module.kernels:
+        raise ValueError(
+            f"kernel={kernel!r} is not an extern \"C\" __global__ function of {module.label}; "
+            f"it has {sorted(module.kernels)}"
+        )
+    info = module.kernels[kernel]
+    where = f"kernel {kernel!r} ({module.label})"
+    grid3 = _dims(grid, "grid", MAX_GRID, where)
+    block3 = _dims(block, "block", MAX_BLOCK, where)
+    threads = block3[0] * block3[1] * block3[2]
+    if threads > MAX_THREADS_PER_BLOCK:
+        raise ValueError(f"{where}: block={block3} has {threads} threads; at most 1024 are allowed")
+    shared_mem = int(shared_mem)
+    if not 0 <= shared_mem <= MAX_DYNAMIC_SHARED:
+        raise ValueError(
+            f"{where}: shared_mem={shared_mem} bytes; expected 0 to {MAX_DYNAMIC_SHARED} "
+            "(more needs an opt-in function attribute on the GPU)"
+        )
+    where = f"kernel {kernel!r} (grid={grid3}, block={block3})"
+    if len(args) != len(info.params):
+        raise TypeError(
+            f"{where} takes {len(info.params)} arguments "
+            f"({', '.join(p.c_type + ' ' + p.name for p in info.params)}), got {len(args)}"
+        )
+
+    groups: dict[tuple[int, int], _Group] = {}
+    holders: list[np.ndarray] = []
+    pointers = (ctypes.c_void_p * max(1, len(args)))()
+    for index, (param, value) in enumerate(zip(info.params, args, strict=True)):
+        if param.pointer:
+            array = _check_pointer(where, param, value)
+            key = (array.ctypes.data, array.nbytes)
+            group = groups.get(key)
+            if group is None:
+                _check_overlap(where, param, array, groups)
+                group = groups[key] = _Group(array)
+            group.params.append(param)
+            holder = np.array([group.pointer], dtype=np.uintp)
+        else:
+            holder = _check_scalar(where, param, value)
+        holders.append(holder)
+        pointers[index] = holder.ctypes.data
+
+    dims = (ctypes.c_longlong * 6)(*grid3, *block3)
+    error = ctypes.create_string_buffer(ERROR_BUFFER)
+    seed = shuffle_seed_from_env() if shuffle_seed is None else int(shuffle_seed)
+    with _launch_lock:
+        status = info.entry(dims, shared_mem, pointers, seed, error, ERROR_BUFFER)
+    if status != 0:
+        raise EmuLaunchError(f"{where}: {error.value.decode(errors='replace')}")
+
+    problems = []
+    for group in groups.values():
+        problems += _check_group(group)
+    if problems:
+        raise EmuLaunchError(f"{where}: " + "; ".join(problems))
+
+
+def _check_pointer(where: str, param: Param, value: Any) -> np.ndarray:
+    if not isinstance(value, np.ndarray):
+        raise TypeError(
+            f"{where}: parameter {param.name!r} is {param.c_type}, got {type(value).__name__} "
+            "(pass a NumPy array)"
+        )
+    if not value.flags.c_contiguous:
+        raise TypeError(
+            f"{where}: parameter {param.name!r} ({param.c_type}) got a non-contiguous array of "
+            f"shape {value.shape} and strides {value.strides}; pass np.ascontiguousarray(...)"
+        )
+    code = f"{value.dtype.kind}{value.dtype.itemsize}"
+    if value.dtype.kind not in "fiub":
+        code = f"x{value.dtype.itemsize}"
+    if param.code not in ("v0", code) and not param.code.startswith("x"):
+        raise TypeError(
+            f"{where}: parameter {param.name!r} is {param.c_type}, got an array of dtype "
+            f"{value.dtype} ({_C_NAMES.get(code, code)} elements)"
+        )
+    if not value.flags.writeable and not param.const:
+        raise TypeError(
+            f"{where}: parameter {param.name!r} ({param.c_type}) may be written, got a "
+            "read-only array"
+        )
+    return value
+
+
+def _check_scalar(where: str, param: Param, value: Any) -> np.ndarray:
+    expected = _SCALAR_CODES.get(param.code)
+    if expected is None:
+        raise TypeError(f"{where}: parameter {param.name!r} has type {param.c_type}, which "
+                        "the emulator cannot pass from Python")
+    if not isinstance(value, np.generic) or value.dtype != np.dtype(expected):
+        got = (
+            f"np.{value.dtype.name}" if isinstance(value, np.generic)
+            else f"{type(value).__name__} {value!r}" if not isinstance(value, np.ndarray)
+            else f"an array of shape {value.shape}"
+        )
+        raise TypeError(
+            f"{where}: parameter {param.name!r} is {param.c_type}, got {got}; pass "
+            f"np.{np.dtype(expected).name}(...)"
+        )
+    return np.array([value], dtype=expected)
+
+
+def _check_overlap(where: str, param: Param, array: np.ndarray, groups: dict) -> None:
+    start, end = array.ctypes.data, array.ctypes.data + array.nbytes
+    for group in groups.values():
+        other_start = group.array.ctypes.data
+        other_end = other_start + group.nbytes
+        if start < other_end and other_start < end:
+            raise ValueError(
+                f"{where}: parameter {param.name!r} overlaps parameter {group.params[0].name!r} "
+                "without being the same array; pass the same array or disjoint arrays"
+            )
+
+
+def _describe(group: _Group) -> str:
+    names = "/".join(dict.fromkeys(p.name for p in group.params))
+    return f"argument {names!r} ({group.array.dtype}{list(group.array.shape)})"
+
+
+def _check_group(group: _Group) -> list[str]:
+    problems = []
+    before = group.buffer[: group.offset]
+    after = group.buffer[group.offset + group.nbytes :]
+    bad_before = np.flatnonzero(before != GUARD_BYTE)
+    bad_after = np.flatnonzero(after != GUARD_BYTE)
+    if bad_before.size or bad_after.size:
+        parts = []
+        if bad_before.size:
+            first = (int(bad_before[0]) - group.offset) // group.itemsize
+            parts.append(f"{bad_before.size} bytes before its start (lowest at element {first})")
+        if bad_after.size:
+            first = (group.nbytes + int(bad_after[0])) // group.itemsize
+            parts.append(f"{bad_after.size} bytes after its end (first at element {first}, "
+                         f"size {group.array.size})")
+        problems.append(f"wrote out of bounds of {_describe(group)}: " + " and ".join(parts))
+    writable = any(not p.const for p in group.params)
+    count, first = poison_count(group.data, group.itemsize) if group.nbytes else (0, -1)
+    if count:
+        if writable:
+            problems.append(
+                f"left {count} elements of {_describe(group)} unwritten (first at index {first})"
+            )
+        else:
+            problems.append(
+                f"read-only {_describe(group)} holds {count} elements nobody wrote (first at "
+                f"index {first}): it was made by empty() and never filled"
+            )
+    if group.nbytes:
+        original = group.array.reshape(-1).view(np.uint8)
+        if writable:
+            original[:] = group.data
+        elif not np.array_equal(original, group.data):
+            problems.append(f"wrote to read-only (const) {_describe(group)}")
+    return problems
