@@ -1,0 +1,145 @@
+"""CuPy backend: the launchers of kernel_backend.py on a CUDA GPU.
+
+CupySeam implements the device seam with CuPy: a kernels/ source becomes a cupy.RawModule
+(compiled by NVRTC, cached per source text and device, and on disk by CuPy), an ElementwiseSpec
+becomes a cupy.ElementwiseKernel whose preamble defines REAL_T as the dtype and inlines the
+shared device functions.
+
+CuPy is imported lazily, in CupyBackend's constructor, which never raises: without CuPy, a GPU
+or a driver the backend reports ``available = False`` and keeps the reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..kernels import (
+    KernelCompileError,
+    elementwise_preamble,
+    format_compile_error,
+    load_source,
+    note_compiled,
+)
+from .kernel_backend import KernelBackend
+from .seam import ElementwiseSpec
+
+__all__ = ["CupyBackend", "CupySeam"]
+
+_OPTIONS = ("--std=c++17",)
+
+
+class _Module:
+    """A compiled RawModule and its functions, looked up once."""
+
+    def __init__(self, raw: Any, file: str) -> None:
+        self.raw = raw
+        self.file = file
+        self.functions: dict[str, Any] = {}
+
+    def function(self, kernel: str) -> Any:
+        if kernel not in self.functions:
+            try:
+                self.functions[kernel] = self.raw.get_function(kernel)
+            except Exception as error:
+                raise ValueError(f"kernel {kernel!r} is not an entry point of kernels/"
+                                 f"{self.file}: {error}") from error
+        return self.functions[kernel]
+
+
+class CupySeam:
+    """DeviceSeam over CuPy (see seam.py)."""
+
+    name = "cupy"
+
+    def __init__(self, cupy: Any) -> None:
+        self.cupy = cupy
+        self.xp = cupy
+        self._modules: dict[tuple[str, int], _Module] = {}
+        self._elementwise: dict[tuple[str, str, int], Any] = {}
+
+    def _device(self) -> int:
+        return int(self.cupy.cuda.Device().id)
+
+    def compile(self, source_file: str, defines: dict[str, str]) -> _Module:
+        source = load_source(source_file, defines)
+        key = (source.key, self._device())
+        if key not in self._modules:
+            from cupy.cuda.compiler import CompileException
+
+            raw = self.cupy.RawModule(code=source.text, options=_OPTIONS)
+            try:
+                raw.compile()
+            except CompileException as error:
+                log = error.get_message()
+                raise KernelCompileError(
+                    format_compile_error(source.file, source.text, log), source.file, log
+                ) from None
+            self._modules[key] = _Module(raw, source.file)
+            note_compiled(source)
+        return self._modules[key]
+
+    def launch(self, module: _Module, kernel: str, grid: tuple[int, int, int],
+               block: tuple[int, int, int], args: tuple[Any, ...], shared_mem: int = 0) -> None:
+        module.function(kernel)(grid, block, args, shared_mem=shared_mem)
+
+    def empty(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        return self.cupy.empty(shape, dtype=dtype)
+
+    def elementwise(self, spec: ElementwiseSpec, dtype: Any):
+        key = (spec.name, np.dtype(dtype).str, self._device())
+        if key not in self._elementwise:
+            self._elementwise[key] = self.cupy.ElementwiseKernel(
+                spec.in_params, spec.out_params, spec.operation, spec.name,
+                preamble=elementwise_preamble(spec, dtype),
+            )
+        return self._elementwise[key]
+
+
+class CupyBackend(KernelBackend):
+    """The kernels of kernels/ on the current CUDA device."""
+
+    name = "cupy"
+
+    def __init__(self, gemm_version: str = "tiled") -> None:
+        self.available = False
+        self.reason = ""
+        self.seam = None
+        self.xp = None
+        try:
+            import cupy
+        except Exception as error:  # ImportError, or a broken CUDA installation
+            self.reason = (f"CuPy is not importable ({type(error).__name__}: {error}); "
+                           "install gpubackprop[cuda12] or gpubackprop[cuda13]")
+            return
+        try:
+            count = cupy.cuda.runtime.getDeviceCount()
+            if count < 1:
+                self.reason = "CuPy found no CUDA device"
+                return
+            props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+        except cupy.cuda.runtime.CUDARuntimeError as error:
+            self.reason = f"no usable CUDA GPU or driver: {error}"
+            return
+        except Exception as error:
+            self.reason = f"CUDA initialisation failed: {type(error).__name__}: {error}"
+            return
+        name = props.get("name", b"")
+        self._device_name = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+        super().__init__(CupySeam(cupy), gemm_version=gemm_version)
+        self.available = True
+
+    def synchronize(self) -> None:
+        if self.xp is not None:
+            self.xp.cuda.get_current_stream().synchronize()
+
+    def device_name(self) -> str:
+        if not self.available:
+            return f"unavailable ({self.reason})"
+        return self._device_name
+
+    def to_numpy(self, a):
+        if self.xp is not None and isinstance(a, self.xp.ndarray):
+            return self.xp.asnumpy(a)
+        return np.asarray(a)

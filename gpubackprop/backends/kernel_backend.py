@@ -1,0 +1,577 @@
+"""Kernel launchers, written once against the device seam (seam.py).
+
+Every op of base.Backend is a few launches of the kernels in kernels/ (or of the elementwise
+kernels in ELEMENTWISE_SPECS): the cupy backend runs them on a GPU, the emu backend on the CPU
+emulator, with the same grid, block and arguments.  The formulas are those of
+numpy_backend.py; the comments give the kernel that computes each one.
+
+Launchers check what a kernel cannot: dtypes (float32/float64, all operands alike), shapes and
+contiguity.  A non-contiguous input is copied; an output the caller provides (dweight, dbias,
+optimizer buffers) must be contiguous.  Scalars are passed as NumPy scalars of exactly the C
+parameter type.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from .base import ACTIVATION_CODES, ACTIVATIONS, REDUCTIONS, SAVES_OUTPUT, Backend
+from .seam import ElementwiseSpec
+
+__all__ = ["ELEMENTWISE_SPECS", "GEMM_VERSIONS", "KernelBackend"]
+
+_PREAMBLE = ("common.cuh", "activations.cuh")
+
+# y = f(x), from kernels/activations.cuh.
+ACTIVATION_FORWARD = ElementwiseSpec(
+    name="gb_activation_forward",
+    in_params="T x, int32 code, float64 alpha",
+    out_params="T y",
+    operation="y = act_forward(code, x, (real_t)alpha);",
+    preamble_files=_PREAMBLE,
+)
+
+# dinp = dout ⊙ f'(saved): the standalone activation's backward and the dense layer's
+# δ = ∂L/∂y ⊙ f'(z) alike.
+ACTIVATION_BACKWARD = ElementwiseSpec(
+    name="gb_activation_backward",
+    in_params="T dout, T saved, int32 code, float64 alpha",
+    out_params="T dinp",
+    operation="dinp = dout * act_derivative(code, saved, (real_t)alpha);",
+    preamble_files=_PREAMBLE,
+)
+
+ADD = ElementwiseSpec(
+    name="gb_add", in_params="T a, T b", out_params="T c", operation="c = a + b;",
+)
+
+# x *= factor (gradient clipping); factor is rounded to T first, as NumPy's x *= T(factor).
+SCALE = ElementwiseSpec(
+    name="gb_scale", in_params="float64 factor", out_params="T x", operation="x = x * (T)factor;",
+)
+
+# torch.optim.SGD without momentum: g = ∇ + λθ; θ −= η g.
+SGD_PLAIN = ElementwiseSpec(
+    name="gb_sgd_plain",
+    in_params="T grad, float64 lr, float64 weight_decay",
+    out_params="T param",
+    operation=(
+        "T g = grad;"
+        " if (weight_decay != 0.0) g = grad + (T)weight_decay * param;"
+        " param = param - (T)lr * g;"
+    ),
+)
+
+# torch.optim.SGD with momentum μ, dampening τ: b = g (first step) or μb + (1 − τ)g;
+# g = g + μb (Nesterov) or b; θ −= η g.
+SGD_MOMENTUM = ElementwiseSpec(
+    name="gb_sgd_momentum",
+    in_params=(
+        "T grad, float64 lr, float64 momentum, float64 dampening, int32 nesterov, "
+        "float64 weight_decay, int32 first_step"
+    ),
+    out_params="T param, T momentum_buf",
+    operation=(
+        "T g = grad;"
+        " if (weight_decay != 0.0) g = grad + (T)weight_decay * param;"
+        " T b = first_step ? g : (T)momentum * momentum_buf + (T)(1.0 - dampening) * g;"
+        " momentum_buf = b;"
+        " if (nesterov) g = g + (T)momentum * b; else g = b;"
+        " param = param - (T)lr * g;"
+    ),
+)
+
+# torch.optim.Adam / AdamW (decoupled): θ ← θ(1 − ηλ) or g = ∇ + λθ;
+# m ← β₁m + (1 − β₁)g; v ← β₂v + (1 − β₂)g²;
+# θ ← θ − (η / bc₁) · m / (√v / √bc₂ + ε), bc = 1 − βᵗ (passed precomputed in float64).
+ADAM = ElementwiseSpec(
+    name="gb_adam",
+    in_params=(
+        "T grad, float64 lr, float64 beta1, float64 beta2, float64 eps, float64 weight_decay, "
+        "int32 decoupled, float64 bias_correction1, float64 bias_correction2_sqrt"
+    ),
+    out_params="T param, T exp_avg, T exp_avg_sq",
+    operation=(
+        "T p = param; T g = grad;"
+        " if (weight_decay != 0.0) {"
+        " if (decoupled) p = p * (T)(1.0 - lr * weight_decay);"
+        " else g = g + (T)weight_decay * p; }"
+        " T m = exp_avg * (T)beta1 + (T)(1.0 - beta1) * g;"
+        " T v = exp_avg_sq * (T)beta2 + (T)(1.0 - beta2) * g * g;"
+        " exp_avg = m; exp_avg_sq = v;"
+        " T denom = sqrt(v) / (T)bias_correction2_sqrt + (T)eps;"
+        " param = p - (T)(lr / bias_correction1) * m / denom;"
+    ),
+)
+
+ELEMENTWISE_SPECS: list[ElementwiseSpec] = [
+    ACTIVATION_FORWARD, ACTIVATION_BACKWARD, ADD, SCALE, SGD_PLAIN, SGD_MOMENTUM, ADAM,
+]
+
+# "tiled" is the library's GEMM; "naive" the reference kernels kept to validate it.
+GEMM_VERSIONS = ("tiled", "naive")
+
+# Must match the defaults in kernels/gemm.cu (GEMM_THREADS = (TILE_M/MICRO_M)·(TILE_N/MICRO_N)).
+_GEMM_TILES = {
+    "float": {"TILE_M": 128, "TILE_N": 128, "TILE_K": 8, "MICRO_M": 8, "MICRO_N": 8},
+    "double": {"TILE_M": 128, "TILE_N": 128, "TILE_K": 8, "MICRO_M": 8, "MICRO_N": 8},
+}
+_NAIVE_BLOCK = 16
+_REDUCE_THREADS = 256  # REDUCE_THREADS and LOSS_THREADS
+_MAX_REDUCE_BLOCKS = 1024  # partial sums per reduction: fixed by n alone, so results are too
+_COLUMN_SUM = (32, 8)  # COLUMN_SUM_COLS, COLUMN_SUM_ROWS
+_COLUMN_SUM_MAX_CHUNKS = 256
+_ELEMENTWISE_THREADS = 256
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_INT32_MAX = 2**31 - 1
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _check_int32(shape_name: str, shape: tuple[int, ...]) -> None:
+    """The GEMM and loss kernels take each dimension as a C int (products are 64-bit)."""
+    if any(d > _INT32_MAX for d in shape):
+        raise ValueError(f"{shape_name}={tuple(shape)} is not accepted; each dimension must be "
+                         f"at most {_INT32_MAX}")
+
+
+class KernelBackend(Backend):
+    """Backend whose ops launch the kernels of kernels/ through a DeviceSeam."""
+
+    name = "kernel"
+
+    def __init__(self, seam: Any, gemm_version: str = "tiled") -> None:
+        if gemm_version not in GEMM_VERSIONS:
+            raise ValueError(f"gemm_version={gemm_version!r}; expected one of {GEMM_VERSIONS}")
+        self.seam = seam
+        self.xp = seam.xp
+        self.available = True  # subclasses that probe their device set it again
+        self.reason = ""
+        self.gemm_version = gemm_version
+        self._modules: dict[tuple, Any] = {}
+        self._elementwise: dict[tuple, Any] = {}
+
+    # -- arrays -------------------------------------------------------------------------
+    def asarray(self, x, dtype=None):
+        return self.xp.ascontiguousarray(self.xp.asarray(x, dtype=dtype))
+
+    def to_numpy(self, a):
+        get = getattr(a, "get", None)
+        return get() if callable(get) and not isinstance(a, np.ndarray) else np.asarray(a)
+
+    def empty(self, shape, dtype):
+        return self.seam.empty(tuple(shape), np.dtype(dtype))
+
+    def zeros(self, shape, dtype):
+        return self.xp.zeros(tuple(shape), dtype=np.dtype(dtype))
+
+    # -- compiled code ------------------------------------------------------------------------
+    def _module(self, file: str, dtype: np.dtype, extra: dict[str, Any] | None = None):
+        ctype = "float" if dtype == np.float32 else "double"
+        defines = {"REAL_T": ctype, **{k: str(v) for k, v in (extra or {}).items()}}
+        key = (file, tuple(sorted(defines.items())))
+        if key not in self._modules:
+            self._modules[key] = self.seam.compile(file, defines)
+        return self._modules[key]
+
+    def _gemm_module(self, dtype: np.dtype):
+        tiles = _GEMM_TILES["float" if dtype == np.float32 else "double"]
+        return self._module("gemm.cu", dtype, tiles), tiles
+
+    def _ew(self, spec: ElementwiseSpec, dtype: np.dtype):
+        key = (spec.name, dtype.str)
+        if key not in self._elementwise:
+            self._elementwise[key] = self.seam.elementwise(spec, dtype)
+        return self._elementwise[key]
+
+    def _launch(self, module, kernel, grid, block, args, shared_mem=0):
+        self.seam.launch(module, kernel, tuple(int(g) for g in grid),
+                         tuple(int(b) for b in block), tuple(args), shared_mem)
+
+    # -- argument checks --------------------------------------------------------------------
+    def _float(self, name: str, a, dtype: np.dtype | None = None, ndim: int | None = None):
+        """Check a floating operand; return it C-contiguous (copied if it was not)."""
+        if not isinstance(a, self.xp.ndarray):
+            raise TypeError(
+                f"{name} is a {type(a).__name__}; expected a {self.xp.__name__}.ndarray "
+                f"(move it with backend.asarray)"
+            )
+        if a.dtype not in _FLOATS:
+            raise ValueError(f"{name}.dtype={a.dtype} is not supported; expected float32 or "
+                             "float64")
+        if dtype is not None and a.dtype != dtype:
+            raise ValueError(f"{name}.dtype={a.dtype} differs from the other operands' {dtype}; "
+                             "all operands must share one dtype")
+        if ndim is not None and a.ndim != ndim:
+            raise ValueError(f"{name}.shape={tuple(a.shape)} is not accepted; expected {ndim} "
+                             "dimensions")
+        return a if a.flags.c_contiguous else self.xp.ascontiguousarray(a)
+
+    def _output(self, name: str, a, dtype: np.dtype, shape: tuple[int, ...]):
+        """Check a caller-provided output (written in place, so never copied)."""
+        if not isinstance(a, self.xp.ndarray):
+            raise TypeError(f"{name} is a {type(a).__name__}; expected a "
+                            f"{self.xp.__name__}.ndarray")
+        if a.dtype != dtype:
+            raise ValueError(f"{name}.dtype={a.dtype} is not accepted; expected {dtype}")
+        if tuple(a.shape) != tuple(shape):
+            raise ValueError(f"{name}.shape={tuple(a.shape)} is not accepted; expected {shape}")
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{name} is not C-contiguous (strides {a.strides}); kernels write "
+                             "outputs in place, so pass a contiguous array")
+        return a
+
+    @staticmethod
+    def _same_shape(name: str, a, shape: tuple[int, ...]) -> None:
+        if tuple(a.shape) != tuple(shape):
+            raise ValueError(f"{name}.shape={tuple(a.shape)} is not accepted; expected {shape}")
+
+    @staticmethod
+    def _activation(activation: str) -> int:
+        if activation not in ACTIVATION_CODES:
+            raise ValueError(f"activation={activation!r} is not supported; expected one of "
+                             f"{ACTIVATIONS}")
+        return ACTIVATION_CODES[activation]
+
+    @staticmethod
+    def _reduction(reduction: str) -> None:
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction={reduction!r} is not supported; expected one of "
+                             f"{REDUCTIONS}")
+
+    @staticmethod
+    def _vec_ok(a, leading: int) -> np.int32:
+        """1 when 16-byte loads of 4 consecutive elements are aligned: base address a multiple
+        of 16 and a leading dimension that is a multiple of 4."""
+        return np.int32(leading % 4 == 0 and _data_address(a) % 16 == 0)
+
+    # -- dense layer ----------------------------------------------------------------------
+    def dense_forward(self, x, weight, bias, activation, alpha=0.01):
+        """z = x Wᵀ + b, y = f(z) in one GEMM launch (gemm.cu: dense_forward)."""
+        code = self._activation(activation)
+        x = self._float("x", x, ndim=2)
+        dtype = x.dtype
+        weight = self._float("weight", weight, dtype, ndim=2)
+        m, k = x.shape
+        n = weight.shape[0]
+        self._same_shape("weight", weight, (n, k))
+        _check_int32("x.shape", x.shape)
+        _check_int32("weight.shape", weight.shape)
+        if bias is not None:
+            bias = self._float("bias", bias, dtype)
+            self._same_shape("bias", bias, (n,))
+        needs_z = activation != "identity" and activation not in SAVES_OUTPUT
+        y = self.empty((m, n), dtype)
+        z = self.empty((m, n), dtype) if needs_z else None
+        if m and n:
+            real = dtype.type
+            common = (x, weight, bias if bias is not None else x, y, z if needs_z else y,
+                      np.int32(m), np.int32(n), np.int32(k), np.int32(bias is not None),
+                      np.int32(needs_z), np.int32(code), real(alpha))
+            if self.gemm_version == "naive":
+                module = self._module("gemm.cu", dtype)
+                grid = (_ceil_div(n, _NAIVE_BLOCK), _ceil_div(m, _NAIVE_BLOCK), 1)
+                self._launch(module, "dense_forward_naive", grid, (_NAIVE_BLOCK, _NAIVE_BLOCK, 1),
+                             common)
+            else:
+                module, t = self._gemm_module(dtype)
+                grid = (_ceil_div(m, t["TILE_M"]), _ceil_div(n, t["TILE_N"]), 1)
+                self._launch(module, "dense_forward", grid, (_gemm_threads(t), 1, 1),
+                             (*common, self._vec_ok(x, k), self._vec_ok(weight, k)))
+        if activation == "identity":
+            return y, None
+        return y, (y if activation in SAVES_OUTPUT else z)
+
+    def dense_backward(self, dout, x, weight, saved, activation, alpha, dweight, dbias, need_dinp):
+        """δ = dout ⊙ f'(saved) (elementwise), dW = δᵀx and dX = δW (gemm.cu), db = Σ_rows δ
+        (reduce.cu: column_sum)."""
+        self._activation(activation)
+        dout = self._float("dout", dout, ndim=2)
+        dtype = dout.dtype
+        x = self._float("x", x, dtype, ndim=2)
+        weight = self._float("weight", weight, dtype, ndim=2)
+        m, n = dout.shape
+        k = x.shape[1]
+        self._same_shape("x", x, (m, k))
+        self._same_shape("weight", weight, (n, k))
+        _check_int32("dout.shape", dout.shape)
+        _check_int32("x.shape", x.shape)
+        self._output("dweight", dweight, dtype, (n, k))
+        if dbias is not None:
+            self._output("dbias", dbias, dtype, (n,))
+        if activation == "identity":
+            delta = dout
+        else:
+            if saved is None:
+                raise ValueError(f"saved=None is not accepted for activation={activation!r}; "
+                                 "pass what dense_forward returned")
+            saved = self._float("saved", saved, dtype)
+            self._same_shape("saved", saved, (m, n))
+            delta = self.activation_backward(dout, saved, activation, alpha)
+        self._gemm_backward_weight(delta, x, dweight, m, n, k)
+        if dbias is not None:
+            self._column_sum(delta, dbias)
+        if not need_dinp:
+            return None
+        dinp = self.empty((m, k), dtype)
+        self._gemm_backward_data(delta, weight, dinp, m, n, k)
+        return dinp
+
+    def _gemm_backward_weight(self, delta, x, dweight, m, n, k) -> None:
+        if not (n and k):
+            return
+        dtype = delta.dtype
+        dims = (np.int32(m), np.int32(n), np.int32(k))
+        if self.gemm_version == "naive":
+            grid = (_ceil_div(k, _NAIVE_BLOCK), _ceil_div(n, _NAIVE_BLOCK), 1)
+            self._launch(self._module("gemm.cu", dtype), "dense_backward_weight_naive", grid,
+                         (_NAIVE_BLOCK, _NAIVE_BLOCK, 1), (delta, x, dweight, *dims))
+            return
+        module, t = self._gemm_module(dtype)
+        grid = (_ceil_div(n, t["TILE_M"]), _ceil_div(k, t["TILE_N"]), 1)
+        self._launch(module, "dense_backward_weight", grid, (_gemm_threads(t), 1, 1),
+                     (delta, x, dweight, *dims, self._vec_ok(delta, n), self._vec_ok(x, k)))
+
+    def _gemm_backward_data(self, delta, weight, dinp, m, n, k) -> None:
+        if not (m and k):
+            return
+        dtype = delta.dtype
+        dims = (np.int32(m), np.int32(n), np.int32(k))
+        if self.gemm_version == "naive":
+            grid = (_ceil_div(k, _NAIVE_BLOCK), _ceil_div(m, _NAIVE_BLOCK), 1)
+            self._launch(self._module("gemm.cu", dtype), "dense_backward_data_naive", grid,
+                         (_NAIVE_BLOCK, _NAIVE_BLOCK, 1), (delta, weight, dinp, *dims))
+            return
+        module, t = self._gemm_module(dtype)
+        grid = (_ceil_div(m, t["TILE_M"]), _ceil_div(k, t["TILE_N"]), 1)
+        self._launch(module, "dense_backward_data", grid, (_gemm_threads(t), 1, 1),
+                     (delta, weight, dinp, *dims, self._vec_ok(delta, n), self._vec_ok(weight, k)))
+
+    def _column_sum(self, a, out) -> None:
+        """out[j] = Σ_i a[i, j], deterministic: rows are cut into chunks (by the shape alone),
+        each chunk summed by one block, then the chunk sums by one more pass."""
+        rows, cols = a.shape
+        if cols == 0:
+            return
+        module = self._module("reduce.cu", a.dtype)
+        block = (_COLUMN_SUM[0], _COLUMN_SUM[1], 1)
+        col_blocks = _ceil_div(cols, _COLUMN_SUM[0])
+        # One chunk per ~256 rows, so that tall δ still fills the device.
+        chunks = min(_COLUMN_SUM_MAX_CHUNKS, max(1, _ceil_div(rows, 256)))
+        if chunks == 1:
+            self._launch(module, "column_sum", (col_blocks, 1, 1), block,
+                         (a, np.int32(rows), np.int32(cols), np.int32(max(rows, 1)), out))
+            return
+        per_chunk = _ceil_div(rows, chunks)
+        chunks = _ceil_div(rows, per_chunk)
+        partial = self.empty((chunks, cols), a.dtype)
+        self._launch(module, "column_sum", (col_blocks, chunks, 1), block,
+                     (a, np.int32(rows), np.int32(cols), np.int32(per_chunk), partial))
+        self._launch(module, "column_sum", (col_blocks, 1, 1), block,
+                     (partial, np.int32(chunks), np.int32(cols), np.int32(chunks), out))
+
+    # -- standalone activation ------------------------------------------------------------------
+    def activation_forward(self, x, activation, alpha=0.01):
+        code = self._activation(activation)
+        x = self._float("x", x)
+        if activation == "identity":
+            return x, None
+        y = self.empty(x.shape, x.dtype)
+        if x.size:
+            self._ew(ACTIVATION_FORWARD, x.dtype)(x, np.int32(code), np.float64(alpha), y)
+        return y, (y if activation in SAVES_OUTPUT else x)
+
+    def activation_backward(self, dout, saved, activation, alpha=0.01):
+        code = self._activation(activation)
+        dout = self._float("dout", dout)
+        if activation == "identity":
+            return dout
+        if saved is None:
+            raise ValueError(f"saved=None is not accepted for activation={activation!r}; pass "
+                             "what the forward returned")
+        saved = self._float("saved", saved, dout.dtype)
+        self._same_shape("saved", saved, tuple(dout.shape))
+        dinp = self.empty(dout.shape, dout.dtype)
+        if dout.size:
+            self._ew(ACTIVATION_BACKWARD, dout.dtype)(dout, saved, np.int32(code),
+                                                      np.float64(alpha), dinp)
+        return dinp
+
+    def add(self, a, b):
+        a = self._float("a", a)
+        b = self._float("b", b, a.dtype)
+        self._same_shape("b", b, tuple(a.shape))
+        out = self.empty(a.shape, a.dtype)
+        if a.size:
+            self._ew(ADD, a.dtype)(a, b, out)
+        return out
+
+    # -- reductions -----------------------------------------------------------------------------
+    def _sum(self, kernel_file: str, kernel: str, inputs: tuple, n: int, scalars: tuple,
+             grad, dtype: np.dtype, scale: float):
+        """Launch a pass-1 kernel writing one partial per block, then sum_finalize:
+        out = scale · Σ partials.  Returns the 0-d result."""
+        blocks = max(1, min(_MAX_REDUCE_BLOCKS, _ceil_div(n, _REDUCE_THREADS * 4)))
+        partials = self.empty((blocks,), dtype)
+        out = self.empty((1,), dtype)
+        args = inputs + (np.int64(n),) + scalars + ((grad,) if grad is not None else ())
+        self._launch(self._module(kernel_file, dtype), kernel, (blocks, 1, 1),
+                     (_REDUCE_THREADS, 1, 1), (*args, partials))
+        self._launch(self._module("reduce.cu", dtype), "sum_finalize", (1, 1, 1),
+                     (_REDUCE_THREADS, 1, 1), (partials, np.int32(blocks), np.float64(scale), out))
+        return out.reshape(())
+
+    def sum_of_squares(self, x):
+        """Σ x² (reduce.cu: sum_squares_partial + sum_finalize), fixed order."""
+        x = self._float("x", x)
+        return self._sum("reduce.cu", "sum_squares_partial", (x.reshape(-1),), x.size, (), None,
+                         x.dtype, 1.0)
+
+    # -- losses -----------------------------------------------------------------------------------
+    def _pair(self, first: str, a, second: str, b):
+        a = self._float(first, a)
+        b = self._float(second, b, a.dtype)
+        self._same_shape(second, b, tuple(a.shape))
+        return a, b
+
+    def mse_loss(self, pred, target, reduction):
+        """L = Σ (ŷ − y)² [/ n];  ∂L/∂ŷ = 2(ŷ − y) [/ n]  (loss.cu: mse_forward_backward)."""
+        self._reduction(reduction)
+        pred, target = self._pair("pred", pred, "target", target)
+        scale = 1.0 / pred.size if reduction == "mean" and pred.size else 1.0
+        grad = self.empty(pred.shape, pred.dtype)
+        loss = self._sum("loss.cu", "mse_forward_backward", (pred, target), pred.size,
+                         (pred.dtype.type(2.0 * scale),), grad, pred.dtype, scale)
+        return loss, grad
+
+    def bce_with_logits(self, logits, target, reduction):
+        """ℓ = max(z,0) − zy + log1p(e^(−|z|));  ∂ℓ/∂z = σ(z) − y
+        (loss.cu: bce_with_logits_forward_backward)."""
+        self._reduction(reduction)
+        logits, target = self._pair("logits", logits, "target", target)
+        scale = 1.0 / logits.size if reduction == "mean" and logits.size else 1.0
+        grad = self.empty(logits.shape, logits.dtype)
+        loss = self._sum("loss.cu", "bce_with_logits_forward_backward", (logits, target),
+                         logits.size, (logits.dtype.type(scale),), grad, logits.dtype, scale)
+        return loss, grad
+
+    def bce(self, probs, target, reduction):
+        """ℓ = −(y max(log p, −100) + (1 − y) max(log(1 − p), −100));
+        ∂ℓ/∂p = (p − y) / max(p(1 − p), 1e−12)  (loss.cu: bce_forward_backward)."""
+        self._reduction(reduction)
+        probs, target = self._pair("probs", probs, "target", target)
+        scale = 1.0 / probs.size if reduction == "mean" and probs.size else 1.0
+        grad = self.empty(probs.shape, probs.dtype)
+        loss = self._sum("loss.cu", "bce_forward_backward", (probs, target), probs.size,
+                         (probs.dtype.type(scale),), grad, probs.dtype, scale)
+        return loss, grad
+
+    def softmax_cross_entropy(self, logits, target):
+        """Per row: lse(z)·Σp − Σ p z, gradient (softmax(z)·Σp − p)/N, one block per row
+        (loss.cu); then the mean over rows (reduce.cu).  A label outside [0, C) gives NaN."""
+        logits = self._float("logits", logits, ndim=2)
+        n, c = logits.shape
+        _check_int32("logits.shape", logits.shape)
+        if c < 1:
+            raise ValueError(f"logits.shape={tuple(logits.shape)} is not accepted; expected at "
+                             "least one class")
+        dtype = logits.dtype
+        if not isinstance(target, self.xp.ndarray):
+            raise TypeError(f"target is a {type(target).__name__}; expected a "
+                            f"{self.xp.__name__}.ndarray")
+        if target.ndim == 1:
+            if target.dtype.kind not in "iu":
+                raise ValueError(f"target.dtype={target.dtype} is not accepted for 1-D targets; "
+                                 "expected integer class labels")
+            self._same_shape("target", target, (n,))
+            target = self.xp.ascontiguousarray(target, dtype=np.int64)
+            kernel = "softmax_xent_labels_forward_backward"
+        else:
+            target = self._float("target", target, dtype, ndim=2)
+            self._same_shape("target", target, (n, c))
+            kernel = "softmax_xent_probs_forward_backward"
+        grad = self.empty((n, c), dtype)
+        row_loss = self.empty((max(n, 1),), dtype)
+        if n:
+            threads = min(256, max(32, 1 << (c - 1).bit_length()))
+            self._launch(self._module("loss.cu", dtype), kernel, (n, 1, 1), (threads, 1, 1),
+                         (logits, target, np.int32(n), np.int32(c), grad, row_loss))
+        else:
+            row_loss.fill(0)
+        loss = self._sum("reduce.cu", "sum_partial", (row_loss,), n, (), None, dtype,
+                         1.0 / n if n else 1.0)
+        return loss, grad
+
+    # -- optimizers -------------------------------------------------------------------------------
+    def _inplace(self, name: str, a, dtype: np.dtype | None, shape: tuple[int, ...] | None):
+        if not isinstance(a, self.xp.ndarray):
+            raise TypeError(f"{name} is a {type(a).__name__}; expected a "
+                            f"{self.xp.__name__}.ndarray")
+        dtype = a.dtype if dtype is None else dtype
+        if a.dtype not in _FLOATS:
+            raise ValueError(f"{name}.dtype={a.dtype} is not supported; expected float32 or "
+                             "float64")
+        return self._output(name, a, dtype, tuple(a.shape) if shape is None else shape)
+
+    def sgd_step(self, param, grad, momentum_buf, *, lr, momentum, dampening, nesterov,
+                 weight_decay, first_step):
+        """torch.optim.SGD, one elementwise launch over the flat buffers."""
+        param = self._inplace("param", param, None, None)
+        grad = self._float("grad", grad, param.dtype)
+        self._same_shape("grad", grad, tuple(param.shape))
+        if param.size == 0:
+            return
+        if momentum != 0:
+            if momentum_buf is None:
+                raise ValueError(f"momentum_buf=None is not accepted with momentum={momentum}")
+            self._inplace("momentum_buf", momentum_buf, param.dtype, tuple(param.shape))
+            self._ew(SGD_MOMENTUM, param.dtype)(
+                grad, np.float64(lr), np.float64(momentum), np.float64(dampening),
+                np.int32(bool(nesterov)), np.float64(weight_decay), np.int32(bool(first_step)),
+                param, momentum_buf)
+        else:
+            self._ew(SGD_PLAIN, param.dtype)(grad, np.float64(lr), np.float64(weight_decay),
+                                             param)
+
+    def adam_step(self, param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps,
+                  weight_decay, step, decoupled):
+        """torch.optim.Adam / AdamW, one elementwise launch over the flat buffers."""
+        if step < 1:
+            raise ValueError(f"step={step} is not accepted; expected an integer >= 1")
+        param = self._inplace("param", param, None, None)
+        shape = tuple(param.shape)
+        grad = self._float("grad", grad, param.dtype)
+        self._same_shape("grad", grad, shape)
+        self._inplace("exp_avg", exp_avg, param.dtype, shape)
+        self._inplace("exp_avg_sq", exp_avg_sq, param.dtype, shape)
+        if param.size == 0:
+            return
+        bias_correction1 = 1.0 - beta1**step
+        bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
+        self._ew(ADAM, param.dtype)(
+            grad, np.float64(lr), np.float64(beta1), np.float64(beta2), np.float64(eps),
+            np.float64(weight_decay), np.int32(bool(decoupled)), np.float64(bias_correction1),
+            np.float64(bias_correction2_sqrt), param, exp_avg, exp_avg_sq)
+
+    def scale_(self, x, factor):
+        x = self._inplace("x", x, None, None)
+        if x.size:
+            self._ew(SCALE, x.dtype)(np.float64(factor), x)
+
+
+def _gemm_threads(tiles: dict[str, int]) -> int:
+    return (tiles["TILE_M"] // tiles["MICRO_M"]) * (tiles["TILE_N"] // tiles["MICRO_N"])
+
+
+def _data_address(a) -> int:
+    """Device (or host) address of a's first element."""
+    data = getattr(a, "data", None)
+    ptr = getattr(data, "ptr", None)
+    if ptr is not None:
+        return int(ptr)
+    return int(a.__array_interface__["data"][0])

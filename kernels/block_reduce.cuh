@@ -1,0 +1,52 @@
+// block_reduce.cuh: deterministic warp and block reductions (fixed shuffle tree, no atomics).
+// Used by reduce.cu and loss.cu.  No kernels here.
+//
+// Every function must be called by all threads of the block (they contain __syncthreads), with
+// blockDim.x a multiple of 32 and blockDim.y == blockDim.z == 1.  `scratch` is a __shared__
+// array of at least 32 elements owned by the caller.  The result is valid in every thread.
+#ifndef GB_BLOCK_REDUCE_CUH
+#define GB_BLOCK_REDUCE_CUH
+
+#include "common.cuh"
+
+__device__ __forceinline__ double gb_warp_sum(double v) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        v += __shfl_xor_sync(GB_FULL_WARP_MASK, v, offset);
+    }
+    return v;
+}
+
+__device__ __forceinline__ real_t gb_warp_max(real_t v) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        const real_t other = __shfl_xor_sync(GB_FULL_WARP_MASK, v, offset);
+        v = other > v ? other : v;
+    }
+    return v;
+}
+
+// Σ v over the block, accumulated in double whatever real_t is.
+__device__ __forceinline__ double gb_block_sum(double v, double* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int warps = blockDim.x >> 5;
+    v = gb_warp_sum(v);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < warps ? scratch[lane] : 0.0;
+    v = gb_warp_sum(v);
+    __syncthreads();  // scratch may be reused by the next call
+    return v;
+}
+
+__device__ __forceinline__ real_t gb_block_max(real_t v, real_t* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int warps = blockDim.x >> 5;
+    v = gb_warp_max(v);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < warps ? scratch[lane] : scratch[0];
+    v = gb_warp_max(v);
+    __syncthreads();
+    return v;
+}
+
+#endif  // GB_BLOCK_REDUCE_CUH

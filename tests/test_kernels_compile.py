@@ -1,0 +1,287 @@
+"""Every CUDA source compiles with NVRTC, on the CPU, for every target architecture.
+
+NVRTC needs no GPU: these tests run in every CI job.  They also check the conventions the
+emulator relies on (entry points listed in each file's header, dynamic shared memory only through
+GB_DYNAMIC_SHARED, no system includes) and that the library's kernels do not spill registers.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from gpubackprop import kernels
+from gpubackprop.backends.kernel_backend import ELEMENTWISE_SPECS
+from gpubackprop.kernels import (
+    KernelCompileError,
+    elementwise_as_kernel_source,
+    kernel_files,
+    load_source,
+    nvrtc_compile,
+    ptxas_report,
+)
+
+try:
+    from cupy_backends.cuda.libs import nvrtc
+
+    nvrtc.getVersion()
+    NVRTC_REASON = ""
+except Exception as error:  # no CuPy or no NVRTC library: nothing can compile here
+    NVRTC_REASON = f"NVRTC cannot load: {type(error).__name__}: {error}"
+
+needs_nvrtc = pytest.mark.skipif(bool(NVRTC_REASON), reason=NVRTC_REASON or "ok")
+
+ARCHS = ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90")
+REAL_TYPES = ("float", "double")
+SOURCES = kernel_files()
+
+# Kernels the library launches (the naive GEMMs are validation-only and may spill freely).
+LIBRARY_KERNELS = {
+    "gemm.cu": {"dense_forward", "dense_backward_data", "dense_backward_weight"},
+    "reduce.cu": {"sum_squares_partial", "sum_partial", "sum_finalize", "column_sum"},
+    "loss.cu": {
+        "softmax_xent_labels_forward_backward", "softmax_xent_probs_forward_backward",
+        "mse_forward_backward", "bce_with_logits_forward_backward", "bce_forward_backward",
+    },
+}
+
+_compiled_cache: dict[tuple[str, str, str], tuple[bytes, str]] = {}
+
+
+def compile_cached(file: str, real: str, arch: str) -> tuple[bytes, str]:
+    key = (file, real, arch)
+    if key not in _compiled_cache:
+        source = load_source(file, {"REAL_T": real})
+        _compiled_cache[key] = nvrtc_compile(source, arch, verbose=True)
+    return _compiled_cache[key]
+
+
+def test_sources_found():
+    assert {"gemm.cu", "reduce.cu", "loss.cu"} <= set(SOURCES)
+    assert (kernels.kernel_dir() / "activations.cuh").is_file()
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("real", REAL_TYPES)
+@pytest.mark.parametrize("file", SOURCES)
+def test_source_compiles(file, real, arch):
+    cubin, log = compile_cached(file, real, arch)
+    assert len(cubin) > 0
+    report = ptxas_report(log)
+    source_kernels = set(kernels.entry_points(load_source(file).text))
+    assert source_kernels, f"{file} has no extern \"C\" __global__ entry points"
+    assert source_kernels <= set(report), f"ptxas did not report {source_kernels - set(report)}"
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("arch", ("sm_80", "sm_90"))
+@pytest.mark.parametrize("real", REAL_TYPES)
+@pytest.mark.parametrize("file", sorted(LIBRARY_KERNELS))
+def test_library_kernels_do_not_spill(file, real, arch):
+    _, log = compile_cached(file, real, arch)
+    report = ptxas_report(log)
+    for kernel in LIBRARY_KERNELS[file]:
+        stats = report[kernel]
+        assert stats["spill_stores"] == 0 and stats["spill_loads"] == 0, (kernel, stats)
+        assert 0 < stats["registers"] <= 255, (kernel, stats)
+
+
+@pytest.mark.parametrize("file", SOURCES)
+def test_header_lists_every_entry_point(file):
+    text = (kernels.kernel_dir() / file).read_text()
+    header = "\n".join(line for line in text.splitlines() if line.startswith("//"))
+    for kernel in kernels.entry_points(text):
+        base = kernel.removesuffix("_naive")
+        assert base in header, f"{file}: entry point {kernel} is not described in the header"
+
+
+def test_conventions_the_emulator_relies_on():
+    for path in sorted(kernels.kernel_dir().iterdir()):
+        if path.suffix not in (".cu", ".cuh"):
+            continue
+        text = path.read_text()
+        assert not re.search(r"#\s*include\s*<", text), f"{path.name}: system include"
+        assert not re.search(r"template\s*<[^>]*>\s*(extern|__global__)", text), path.name
+        for line in text.splitlines():
+            if "extern __shared__" in line and not line.lstrip().startswith("//"):
+                assert "#define GB_DYNAMIC_SHARED" in line, f"{path.name}: {line.strip()}"
+    common = (kernels.kernel_dir() / "common.cuh").read_text()
+    assert "#ifndef REAL_T" in common and "typedef REAL_T real_t;" in common
+    assert "#ifndef GB_DYNAMIC_SHARED" in common
+
+
+def test_activation_codes_match_base():
+    from gpubackprop.backends.base import ACTIVATION_CODES
+
+    text = (kernels.kernel_dir() / "activations.cuh").read_text()
+    for name, code in ACTIVATION_CODES.items():
+        assert re.search(rf"#define ACT_{name.upper()} {code}\b", text), name
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("dtype", (np.float32, np.float64))
+@pytest.mark.parametrize("spec", ELEMENTWISE_SPECS, ids=lambda spec: spec.name)
+def test_elementwise_spec_compiles(spec, dtype):
+    text = elementwise_as_kernel_source(spec, dtype)
+    ctype = "float" if dtype == np.float32 else "double"
+    assert f"#define REAL_T {ctype}" in text
+    assert f'extern "C" __global__ void {spec.name}(' in text
+    cubin, log = nvrtc_compile(text, "sm_80", verbose=True)
+    assert cubin
+    assert spec.name in ptxas_report(log)
+
+
+def test_elementwise_wrapper_signature():
+    spec = next(s for s in ELEMENTWISE_SPECS if s.name == "gb_activation_backward")
+    text = elementwise_as_kernel_source(spec, np.float64)
+    assert ("gb_activation_backward(const double* __restrict__ dout_array, "
+            "const double* __restrict__ saved_array, int code, double alpha, "
+            "double* __restrict__ dinp_array, long long n)") in text
+    assert "double& dinp = dinp_array[i];" in text
+
+
+def test_load_source_defines_and_key():
+    plain = load_source("reduce.cu", {"REAL_T": "float"})
+    other = load_source("reduce.cu", {"REAL_T": "double"})
+    assert plain.text.startswith("#define REAL_T float\n")
+    assert plain.key != other.key and len(plain.key) == 64
+    # Headers are inlined once, with #line directives back to the original files.
+    assert plain.text.count("#define GB_COMMON_CUH") == 1
+    assert '#line 1 "block_reduce.cuh"' in plain.text
+    assert "#include" not in plain.text
+
+
+def test_missing_file_and_include_are_clear(tmp_path, monkeypatch):
+    monkeypatch.setattr(kernels, "kernel_dir", lambda: tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"nope\.cu"):
+        load_source("nope.cu")
+    (tmp_path / "bad_include.cu").write_text('// x\n#include "absent.cuh"\n')
+    with pytest.raises(FileNotFoundError, match=r'bad_include.cu:2 includes "absent.cuh"'):
+        load_source("bad_include.cu")
+    (tmp_path / "system.cu").write_text("#include <cmath>\n")
+    with pytest.raises(ValueError, match="system headers"):
+        load_source("system.cu")
+
+
+@needs_nvrtc
+def test_compile_error_names_file_kernel_and_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(kernels, "kernel_dir", lambda: tmp_path)
+    (tmp_path / "helper.cuh").write_text("// helper\n#define HELPER 1\n")
+    (tmp_path / "broken.cu").write_text(
+        '#include "helper.cuh"\n'
+        "// a comment line\n"
+        'extern "C" __global__ void broken_forward(float* out) {\n'
+        "    out[0] = undefined_name;\n"
+        "}\n"
+    )
+    source = load_source("broken.cu", {"REAL_T": "float"})
+    with pytest.raises(KernelCompileError) as info:
+        nvrtc_compile(source, "sm_80")
+    message = str(info.value)
+    assert "broken.cu" in message and "broken_forward" in message
+    assert "undefined_name" in message
+    # The offending line is shown with its number in the original file (line 4).
+    assert re.search(r">\s+4 \|\s+out\[0\] = undefined_name;", message), message
+    assert info.value.file == "broken.cu"
+
+
+def test_ptxas_report_parses_log():
+    log = (
+        "ptxas info    : Compiling entry function 'k1' for 'sm_90'\n"
+        "ptxas info    : Function properties for k1\n"
+        "ptxas         .     8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n"
+        "ptxas info    : Used 40 registers, used 1 barriers\n"
+        "ptxas info    : Compiling entry function 'k2' for 'sm_90'\n"
+        "ptxas info    : Function properties for k2\n"
+        "ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+        "ptxas info    : Used 7 registers\n"
+    )
+    assert ptxas_report(log) == {
+        "k1": {"registers": 40, "spill_stores": 4, "spill_loads": 12, "stack": 8},
+        "k2": {"registers": 7, "spill_stores": 0, "spill_loads": 0, "stack": 0},
+    }
+
+
+def test_inventory_lists_kernels():
+    inventory = kernels.kernel_inventory()
+    assert "dense_forward" in inventory["files"]["gemm.cu"]["kernels"]
+    assert "column_sum" in inventory["files"]["reduce.cu"]["kernels"]
+
+
+def test_cupy_backend_never_raises():
+    from gpubackprop.backends.cupy_backend import CupyBackend
+
+    backend = CupyBackend()
+    assert backend.name == "cupy"
+    if not backend.available:
+        assert backend.reason
+        assert backend.reason in backend.device_name()
+
+
+# -- launcher paths the op-parity suite does not reach, on the CPU emulator -------------------
+
+
+@pytest.fixture(scope="module")
+def emu_backends():
+    from gpubackprop.backends.emu_backend import EmuBackend
+
+    tiled, naive = EmuBackend(), EmuBackend(gemm_version="naive")
+    if not tiled.available:
+        pytest.skip(f"emulator unavailable: {tiled.reason}")
+    return tiled, naive
+
+
+@pytest.mark.parametrize("dtype", (np.float32, np.float64))
+@pytest.mark.parametrize("offset", (0, 1, 2))  # 1, 2: views that defeat the 16-byte loads
+@pytest.mark.parametrize("shape", ((130, 36, 136), (3, 260, 5), (1, 4, 1)))
+def test_gemm_versions_and_alignments_agree(emu_backends, dtype, offset, shape):
+    m, k, n = shape
+    rng = np.random.default_rng(7)
+    flat = rng.standard_normal(m * k + offset).astype(dtype)
+    x = flat[offset:].reshape(m, k)
+    w = rng.standard_normal((n, k)).astype(dtype)
+    b = rng.standard_normal(n).astype(dtype)
+    dout = rng.standard_normal((m, n)).astype(dtype)
+    x64, w64, d64 = x.astype(np.float64), w.astype(np.float64), dout.astype(np.float64)
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == np.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    for backend in emu_backends:
+        _, z = backend.dense_forward(x, w, b, "gelu")
+        np.testing.assert_allclose(z, x64 @ w64.T + b, **tol)
+        dweight, dbias = np.empty((n, k), dtype), np.empty(n, dtype)
+        dinp = backend.dense_backward(dout, x, w, None, "identity", 0.0, dweight, dbias, True)
+        np.testing.assert_allclose(dinp, d64 @ w64, **tol)
+        np.testing.assert_allclose(dweight, d64.T @ x64, **tol)
+        np.testing.assert_allclose(dbias, d64.sum(axis=0), **tol)
+
+
+def test_launcher_argument_errors(emu_backends):
+    backend = emu_backends[0]
+    x = np.ones((4, 3), np.float32)
+    w = np.ones((5, 3), np.float32)
+    with pytest.raises(ValueError, match=r"weight\.dtype=float64 differs"):
+        backend.dense_forward(x, w.astype(np.float64), None, "relu")
+    with pytest.raises(ValueError, match=r"weight\.shape=\(5, 2\)"):
+        backend.dense_forward(x, w[:, :2], None, "relu")
+    with pytest.raises(ValueError, match=r"x\.dtype=int64 is not supported"):
+        backend.dense_forward(x.astype(np.int64), w, None, "relu")
+    with pytest.raises(ValueError, match=r"activation='swish'"):
+        backend.dense_forward(x, w, None, "swish")
+    dweight = np.empty((3, 5), np.float32).T  # right shape, not contiguous: must not be written
+    with pytest.raises(ValueError, match=r"dweight is not C-contiguous"):
+        backend.dense_backward(np.ones((4, 5), np.float32), x, w, None, "identity", 0.0,
+                               dweight, None, False)
+    with pytest.raises(ValueError, match=r"reduction='avg'"):
+        backend.mse_loss(x, x, "avg")
+
+
+def test_strided_input_is_copied_and_bad_label_gives_nan(emu_backends):
+    backend = emu_backends[0]
+    x = np.arange(12, dtype=np.float64).reshape(3, 4)[:, ::2]  # (3, 2), strided
+    w = np.eye(2)
+    y, _ = backend.dense_forward(x, w, None, "identity")
+    np.testing.assert_array_equal(y, x)
+    loss, grad = backend.softmax_cross_entropy(np.zeros((2, 3)), np.array([0, 3]))
+    assert np.isnan(float(loss)) and np.isnan(grad[1]).all() and np.isfinite(grad[0]).all()
