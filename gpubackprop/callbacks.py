@@ -58,8 +58,14 @@ class EarlyStopping(Callback):
     """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs;
     optionally restore the weights of the best epoch."""
 
-    def __init__(self, monitor: str = "val_loss", patience: int = 5, min_delta: float = 0.0,
-                 mode: str = "auto", restore_best_weights: bool = False):
+    def __init__(
+        self,
+        monitor: str = "val_loss",
+        patience: int = 5,
+        min_delta: float = 0.0,
+        mode: str = "auto",
+        restore_best_weights: bool = False,
+    ):
         if patience < 0:
             raise ValueError(f"patience={patience!r} is not accepted; expected an integer >= 0")
         self.monitor, self.patience, self.min_delta = monitor, patience, abs(min_delta)
@@ -73,8 +79,10 @@ class EarlyStopping(Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
         if self.monitor not in logs:
-            raise ValueError(f"EarlyStopping monitor={self.monitor!r} is not among the metrics "
-                             f"{sorted(logs)} (val_* metrics need validation_data)")
+            raise ValueError(
+                f"EarlyStopping monitor={self.monitor!r} is not among the metrics "
+                f"{sorted(logs)} (val_* metrics need validation_data)"
+            )
         value = logs[self.monitor]
         if _improved(self.mode, value, self.best, self.min_delta):
             self.best, self.best_epoch, self.wait = value, epoch, 0
@@ -95,8 +103,14 @@ class ModelCheckpoint(Callback):
     """Save a checkpoint (gb.save, atomic) after each epoch, or only when ``monitor``
     improves with save_best_only.  ``path`` may contain ``{epoch}``."""
 
-    def __init__(self, path: str | Path, monitor: str = "val_loss", save_best_only: bool = False,
-                 mode: str = "auto", save_optimizer: bool = True):
+    def __init__(
+        self,
+        path: str | Path,
+        monitor: str = "val_loss",
+        save_best_only: bool = False,
+        mode: str = "auto",
+        save_optimizer: bool = True,
+    ):
         self.path = str(path)
         self.monitor, self.save_best_only = monitor, save_best_only
         self.mode = _mode_for(monitor, mode)
@@ -109,12 +123,18 @@ class ModelCheckpoint(Callback):
 
         if self.save_best_only:
             if self.monitor not in logs:
-                raise ValueError(f"ModelCheckpoint monitor={self.monitor!r} is not among the "
-                                 f"metrics {sorted(logs)}")
+                raise ValueError(
+                    f"ModelCheckpoint monitor={self.monitor!r} is not among the "
+                    f"metrics {sorted(logs)}"
+                )
             if not _improved(self.mode, logs[self.monitor], self.best, 0.0):
                 return
             self.best = logs[self.monitor]
         path = self.path.format(epoch=epoch)
-        save(path, self.model, self.optimizer if self.save_optimizer else None,
-             metadata={"epoch": epoch, **{k: float(v) for k, v in logs.items()}})
+        save(
+            path,
+            self.model,
+            self.optimizer if self.save_optimizer else None,
+            metadata={"epoch": epoch, **{k: float(v) for k, v in logs.items()}},
+        )
         self.saved.append(path)

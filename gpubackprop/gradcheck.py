@@ -33,14 +33,26 @@ class GradcheckResult:
     def __str__(self) -> str:
         lines = [f"{'tensor':<24} {'checked':>8} {'max abs err':>12} {'max rel err':>12}  result"]
         for t in self.tensors:
-            lines.append(f"{t.name:<24} {t.checked:>8} {t.max_abs_error:>12.3e} "
-                         f"{t.max_rel_error:>12.3e}  {'ok' if t.passed else 'FAIL'}")
+            lines.append(
+                f"{t.name:<24} {t.checked:>8} {t.max_abs_error:>12.3e} "
+                f"{t.max_rel_error:>12.3e}  {'ok' if t.passed else 'FAIL'}"
+            )
         return "\n".join(lines)
 
 
-def gradcheck(model, x, y, loss: Loss | None = None, *, backend="numpy", eps: float = 1e-6,
-              atol: float = 1e-6, rtol: float = 1e-4, max_elements: int | None = 64,
-              seed: int = 0) -> GradcheckResult:
+def gradcheck(
+    model,
+    x,
+    y,
+    loss: Loss | None = None,
+    *,
+    backend="numpy",
+    eps: float = 1e-6,
+    atol: float = 1e-6,
+    rtol: float = 1e-4,
+    max_elements: int | None = 64,
+    seed: int = 0,
+) -> GradcheckResult:
     """Check every parameter's gradient and ∂L/∂x of ``model`` against central differences.
 
     A float64 copy of the model on ``backend`` is checked (the model itself is not
@@ -76,16 +88,22 @@ def gradcheck(model, x, y, loss: Loss | None = None, *, backend="numpy", eps: fl
             p.data[...] = back.asarray(host, np.float64)
             return value
 
-        results.append(_compare(p.name, analytic, perturbed_loss, host.size, eps, atol, rtol,
-                                max_elements, rng))
+        results.append(
+            _compare(
+                p.name, analytic, perturbed_loss, host.size, eps, atol, rtol, max_elements, rng
+            )
+        )
 
     def perturbed_input_loss(index: int, delta: float) -> float:
         changed = x64.copy().ravel()
         changed[index] += delta
         return float(loss.forward(checked_model.forward(changed.reshape(x64.shape)), target))
 
-    results.append(_compare("input", dx.ravel(), perturbed_input_loss, x64.size, eps, atol, rtol,
-                            max_elements, rng))
+    results.append(
+        _compare(
+            "input", dx.ravel(), perturbed_input_loss, x64.size, eps, atol, rtol, max_elements, rng
+        )
+    )
     return GradcheckResult(results)
 
 
@@ -94,10 +112,12 @@ def _compare(name, analytic, perturbed_loss, size, eps, atol, rtol, max_elements
         indices = np.arange(size)
     else:
         indices = rng.choice(size, max_elements, replace=False)
-    numeric = np.array([(perturbed_loss(i, eps) - perturbed_loss(i, -eps)) / (2 * eps)
-                        for i in indices])
+    numeric = np.array(
+        [(perturbed_loss(i, eps) - perturbed_loss(i, -eps)) / (2 * eps) for i in indices]
+    )
     error = np.abs(numeric - analytic[indices])
     relative = error / np.maximum(np.abs(numeric), 1e-12)
     passed = bool(np.all(error <= atol + rtol * np.abs(numeric)))
-    return TensorError(name, len(indices), float(error.max(initial=0.0)),
-                       float(relative.max(initial=0.0)), passed)
+    return TensorError(
+        name, len(indices), float(error.max(initial=0.0)), float(relative.max(initial=0.0)), passed
+    )

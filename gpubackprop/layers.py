@@ -71,8 +71,9 @@ class Dense(Layer):
     zero; ``init`` picks the weight distribution (INITS), drawn from the generator
     that gb.seed() seeds."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 init: str = "he_uniform"):
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, init: str = "he_uniform"
+    ):
         self.in_features = _check_positive_int("in_features", in_features)
         self.out_features = _check_positive_int("out_features", out_features)
         self.init = init
@@ -89,9 +90,13 @@ class Dense(Layer):
         return [self.weight] + ([self.bias] if self.bias is not None else [])
 
     def config(self) -> dict:
-        return {"type": "Dense", "in_features": self.in_features,
-                "out_features": self.out_features, "bias": self.bias is not None,
-                "init": self.init}
+        return {
+            "type": "Dense",
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+            "init": self.init,
+        }
 
     def forward(self, x):
         """z = x Wᵀ + b and, when fused, y = f(z); keeps x (for ∂L/∂W) and y or z (for f')."""
@@ -108,8 +113,15 @@ class Dense(Layer):
             raise RuntimeError("Dense.backward called before forward")
         dbias = self.bias.grad if self.bias is not None else None
         return self.backend.dense_backward(
-            dout, self._x, self.weight.data, self._saved, self.activation, self.alpha,
-            self.weight.grad, dbias, need_dinp,
+            dout,
+            self._x,
+            self.weight.data,
+            self._saved,
+            self.activation,
+            self.alpha,
+            self.weight.grad,
+            dbias,
+            need_dinp,
         )
 
 
@@ -237,7 +249,9 @@ ACTIVATION_LAYERS: dict[str, type[Activation]] = {
 }
 LAYER_TYPES: dict[str, type[Layer]] = {"Dense": Dense, "Residual": Residual, **ACTIVATION_LAYERS}
 assert {cls.kind for cls in ACTIVATION_LAYERS.values() if cls is not GELU} | {
-    "gelu", "gelu_tanh"} == set(ACTIVATIONS)
+    "gelu",
+    "gelu_tanh",
+} == set(ACTIVATIONS)
 
 
 def layer_from_config(config: dict) -> Layer:

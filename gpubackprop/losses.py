@@ -34,7 +34,9 @@ class Loss:
 
     def __init__(self, reduction: str = "mean"):
         if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction={reduction!r} is not supported; expected one of {REDUCTIONS}")
+            raise ValueError(
+                f"reduction={reduction!r} is not supported; expected one of {REDUCTIONS}"
+            )
         self.reduction = reduction
         self.backend = None  # set by Sequential.fit, or with .to(); else inferred from pred
         self._grad = None
@@ -151,5 +153,6 @@ class BCELoss(Loss):
         return backend.bce(pred, target, self.reduction)
 
 
-LOSS_TYPES = {cls.__name__: cls for cls in (MSELoss, SoftmaxCrossEntropyLoss, BCEWithLogitsLoss,
-                                             BCELoss)}
+LOSS_TYPES = {
+    cls.__name__: cls for cls in (MSELoss, SoftmaxCrossEntropyLoss, BCEWithLogitsLoss, BCELoss)
+}

@@ -63,7 +63,9 @@ class Sequential(Layer):
     def from_config(cls, config: dict) -> Sequential:
         """Rebuild a model (fresh weights) from ``config()`` output."""
         if not isinstance(config, dict) or config.get("type") != "Sequential":
-            raise ValueError(f"model config must be a dict with type 'Sequential', got {config!r:.200}")
+            raise ValueError(
+                f"model config must be a dict with type 'Sequential', got {config!r:.200}"
+            )
         return cls(*(layer_from_config(c) for c in config.get("layers", [])))
 
     def __repr__(self) -> str:
@@ -116,8 +118,9 @@ class Sequential(Layer):
             raise ValueError(f"{name} has shape {shape}; expected (batch, features)")
         expected = self.in_features
         if expected is not None and shape[1] != expected:
-            raise ValueError(f"{name} has {shape[1]} features per row; the first Dense layer "
-                             f"expects {expected}")
+            raise ValueError(
+                f"{name} has {shape[1]} features per row; the first Dense layer expects {expected}"
+            )
         if shape[0] == 0:
             raise ValueError(f"{name} has no rows")
         kind = np.dtype(getattr(x, "dtype", np.asarray(x).dtype)).kind
@@ -161,9 +164,13 @@ class Sequential(Layer):
             raise ValueError(f"state_dict mismatch: missing {missing}, unexpected {unexpected}")
         host = {}
         for name, p in params.items():
-            value = np.asarray(state[name] if not hasattr(state[name], "get") else state[name].get())
+            value = np.asarray(
+                state[name] if not hasattr(state[name], "get") else state[name].get()
+            )
             if value.shape != p.shape:
-                raise ValueError(f"state_dict[{name!r}] has shape {value.shape}; expected {p.shape}")
+                raise ValueError(
+                    f"state_dict[{name!r}] has shape {value.shape}; expected {p.shape}"
+                )
             if value.dtype.kind != "f":
                 raise ValueError(f"state_dict[{name!r}] has dtype {value.dtype}; expected floats")
             host[name] = value
@@ -173,9 +180,20 @@ class Sequential(Layer):
         self.store.data[...] = self.backend.asarray(flat, self.dtype)
 
     # -- training loop -------------------------------------------------------------------------
-    def fit(self, x, y, *, loss: Loss, optimizer, epochs: int = 1, batch_size: int = 32,
-            shuffle: bool = True, validation_data: tuple | None = None, verbose: int = 1,
-            callbacks: list[Callback] | None = None) -> History:
+    def fit(
+        self,
+        x,
+        y,
+        *,
+        loss: Loss,
+        optimizer,
+        epochs: int = 1,
+        batch_size: int = 32,
+        shuffle: bool = True,
+        validation_data: tuple | None = None,
+        verbose: int = 1,
+        callbacks: list[Callback] | None = None,
+    ) -> History:
         """Mini-batch training: for each batch, forward, loss, backward, optimizer step.
 
         Data is copied to the backend once; batches are drawn in a fresh order every
@@ -183,9 +201,19 @@ class Sequential(Layer):
         (loss, accuracy, samples/s), 2 one line per epoch.  Returns a History."""
         from .training import run_fit
 
-        return run_fit(self, x, y, loss=loss, optimizer=optimizer, epochs=epochs,
-                       batch_size=batch_size, shuffle=shuffle, validation_data=validation_data,
-                       verbose=verbose, callbacks=callbacks or [])
+        return run_fit(
+            self,
+            x,
+            y,
+            loss=loss,
+            optimizer=optimizer,
+            epochs=epochs,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            validation_data=validation_data,
+            verbose=verbose,
+            callbacks=callbacks or [],
+        )
 
     def predict(self, x, batch_size: int = 1024) -> np.ndarray:
         """Model outputs for ``x`` as a NumPy array, computed batch by batch."""
@@ -203,4 +231,3 @@ class Sequential(Layer):
         from .training import evaluate
 
         return evaluate(self, x, y, loss or SoftmaxCrossEntropyLoss(), batch_size)
-

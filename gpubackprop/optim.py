@@ -15,13 +15,21 @@ import numpy as np
 from .parameters import Parameter
 
 
-def _check_hyper(name: str, value: Any, low: float = 0.0, high: float = math.inf,
-                 high_open: bool = False) -> float:
+def _check_hyper(
+    name: str, value: Any, low: float = 0.0, high: float = math.inf, high_open: bool = False
+) -> float:
     ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
-    ok = ok and math.isfinite(value) and low <= value and (value < high if high_open else value <= high)
+    ok = (
+        ok
+        and math.isfinite(value)
+        and low <= value
+        and (value < high if high_open else value <= high)
+    )
     if not ok:
         bracket = ")" if high_open else "]"
-        raise ValueError(f"{name}={value!r} is not accepted; expected a number in [{low}, {high}{bracket}")
+        raise ValueError(
+            f"{name}={value!r} is not accepted; expected a number in [{low}, {high}{bracket}"
+        )
     return float(value)
 
 
@@ -36,7 +44,9 @@ class Optimizer:
             raise ValueError("optimizer got an empty parameter list")
         for i, p in enumerate(self.params):
             if not isinstance(p, Parameter):
-                raise TypeError(f"params[{i}] is {type(p).__name__}, expected a gpubackprop Parameter")
+                raise TypeError(
+                    f"params[{i}] is {type(p).__name__}, expected a gpubackprop Parameter"
+                )
         self.hyperparams = hyperparams
         self.step_count = 0
         self._store = None
@@ -68,8 +78,10 @@ class Optimizer:
         """(data, grad) pairs to update: the flat buffers, or each parameter."""
         for p in self.params:
             if p.store is None:
-                raise RuntimeError(f"parameter {p.name!r} is not placed on a backend; call "
-                                   "model.to() (or model.parameters()) before building the optimizer")
+                raise RuntimeError(
+                    f"parameter {p.name!r} is not placed on a backend; call "
+                    "model.to() (or model.parameters()) before building the optimizer"
+                )
         store = self.params[0].store
         if self._state and store is not self._store:
             raise RuntimeError(
@@ -87,8 +99,9 @@ class Optimizer:
                 self._state[name] = [
                     self.backend.zeros(tuple(data.shape), data.dtype) for data, _ in segments
                 ]
-        return [{name: self._state[name][i] for name in self.buffer_names}
-                for i in range(len(segments))]
+        return [
+            {name: self._state[name][i] for name in self.buffer_names} for i in range(len(segments))
+        ]
 
     def step(self) -> None:
         """Apply one update to every parameter from its current ``grad``."""
@@ -109,33 +122,50 @@ class Optimizer:
             for name in self.buffer_names:
                 for p, host in zip(self.params, self._per_parameter(name, segments)):
                     buffers[f"{name}.{p.name}"] = host
-        return {"type": type(self).__name__, "hyperparams": dict(self.hyperparams),
-                "step": self.step_count, "buffers": buffers}
+        return {
+            "type": type(self).__name__,
+            "hyperparams": dict(self.hyperparams),
+            "step": self.step_count,
+            "buffers": buffers,
+        }
 
     def _per_parameter(self, name: str, segments) -> list[np.ndarray]:
         arrays = [self.backend.to_numpy(a) for a in self._state[name]]
         if self._flat():
             offsets = self.params[0].store.offsets
-            return [arrays[0][o : o + p.size].reshape(p.shape).copy()
-                    for p, o in zip(self.params, offsets)]
+            return [
+                arrays[0][o : o + p.size].reshape(p.shape).copy()
+                for p, o in zip(self.params, offsets)
+            ]
         return [np.array(a) for a in arrays]
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from state_dict(); validates type, names and shapes before changing anything."""
         if state.get("type") != type(self).__name__:
-            raise ValueError(f"optimizer state is for {state.get('type')!r}, not {type(self).__name__}")
+            raise ValueError(
+                f"optimizer state is for {state.get('type')!r}, not {type(self).__name__}"
+            )
         step = state.get("step", 0)
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"optimizer state step={step!r} is not a non-negative integer")
         buffers = state.get("buffers", {})
-        expected = {f"{n}.{p.name}": p for n in self.buffer_names for p in self.params} if step else {}
+        expected = (
+            {f"{n}.{p.name}": p for n in self.buffer_names for p in self.params} if step else {}
+        )
         if set(buffers) != set(expected):
-            missing, extra = sorted(set(expected) - set(buffers)), sorted(set(buffers) - set(expected))
-            raise ValueError(f"optimizer state buffers mismatch: missing {missing}, unexpected {extra}")
+            missing, extra = (
+                sorted(set(expected) - set(buffers)),
+                sorted(set(buffers) - set(expected)),
+            )
+            raise ValueError(
+                f"optimizer state buffers mismatch: missing {missing}, unexpected {extra}"
+            )
         for key, p in expected.items():
             if tuple(np.shape(buffers[key])) != p.shape:
-                raise ValueError(f"optimizer buffer {key!r} has shape {tuple(np.shape(buffers[key]))}; "
-                                 f"expected {p.shape}")
+                raise ValueError(
+                    f"optimizer buffer {key!r} has shape {tuple(np.shape(buffers[key]))}; "
+                    f"expected {p.shape}"
+                )
         new_hyper = dict(self.hyperparams)
         new_hyper.update(state.get("hyperparams", {}))
         segments = self._segments()
@@ -143,7 +173,9 @@ class Optimizer:
         if step:
             self._buffers(segments)
             for name in self.buffer_names:
-                self._fill(name, segments, {p.name: buffers[f"{name}.{p.name}"] for p in self.params})
+                self._fill(
+                    name, segments, {p.name: buffers[f"{name}.{p.name}"] for p in self.params}
+                )
         self.hyperparams = new_hyper
         self.step_count = step
 
@@ -169,26 +201,48 @@ class SGD(Optimizer):
 
     buffer_names = ("momentum_buffer",)
 
-    def __init__(self, params, lr: float = 1e-2, momentum: float = 0.0, dampening: float = 0.0,
-                 nesterov: bool = False, weight_decay: float = 0.0):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-2,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+    ):
         _check_hyper("lr", lr)
         _check_hyper("momentum", momentum)
         _check_hyper("dampening", dampening)
         _check_hyper("weight_decay", weight_decay)
         if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("nesterov=True needs momentum > 0 and dampening = 0 "
-                             f"(got momentum={momentum}, dampening={dampening})")
-        super().__init__(params, lr=float(lr), momentum=float(momentum),
-                         dampening=float(dampening), nesterov=bool(nesterov),
-                         weight_decay=float(weight_decay))
+            raise ValueError(
+                "nesterov=True needs momentum > 0 and dampening = 0 "
+                f"(got momentum={momentum}, dampening={dampening})"
+            )
+        super().__init__(
+            params,
+            lr=float(lr),
+            momentum=float(momentum),
+            dampening=float(dampening),
+            nesterov=bool(nesterov),
+            weight_decay=float(weight_decay),
+        )
         if momentum == 0:
             self.buffer_names = ()
 
     def _update(self, data, grad, buffers) -> None:
         h = self.hyperparams
-        self.backend.sgd_step(data, grad, buffers.get("momentum_buffer"), lr=h["lr"],
-                         momentum=h["momentum"], dampening=h["dampening"], nesterov=h["nesterov"],
-                         weight_decay=h["weight_decay"], first_step=self.step_count == 1)
+        self.backend.sgd_step(
+            data,
+            grad,
+            buffers.get("momentum_buffer"),
+            lr=h["lr"],
+            momentum=h["momentum"],
+            dampening=h["dampening"],
+            nesterov=h["nesterov"],
+            weight_decay=h["weight_decay"],
+            first_step=self.step_count == 1,
+        )
 
 
 class Adam(Optimizer):
@@ -198,22 +252,42 @@ class Adam(Optimizer):
     buffer_names = ("exp_avg", "exp_avg_sq")
     decoupled = False
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
         _check_hyper("lr", lr)
         _check_hyper("betas[0]", betas[0], 0.0, 1.0, high_open=True)
         _check_hyper("betas[1]", betas[1], 0.0, 1.0, high_open=True)
         _check_hyper("eps", eps)
         _check_hyper("weight_decay", weight_decay)
-        super().__init__(params, lr=float(lr), betas=(float(betas[0]), float(betas[1])),
-                         eps=float(eps), weight_decay=float(weight_decay))
+        super().__init__(
+            params,
+            lr=float(lr),
+            betas=(float(betas[0]), float(betas[1])),
+            eps=float(eps),
+            weight_decay=float(weight_decay),
+        )
 
     def _update(self, data, grad, buffers) -> None:
         h = self.hyperparams
-        self.backend.adam_step(data, grad, buffers["exp_avg"], buffers["exp_avg_sq"], lr=h["lr"],
-                          beta1=h["betas"][0], beta2=h["betas"][1], eps=h["eps"],
-                          weight_decay=h["weight_decay"], step=self.step_count,
-                          decoupled=self.decoupled)
+        self.backend.adam_step(
+            data,
+            grad,
+            buffers["exp_avg"],
+            buffers["exp_avg_sq"],
+            lr=h["lr"],
+            beta1=h["betas"][0],
+            beta2=h["betas"][1],
+            eps=h["eps"],
+            weight_decay=h["weight_decay"],
+            step=self.step_count,
+            decoupled=self.decoupled,
+        )
 
 
 class AdamW(Adam):
@@ -221,8 +295,14 @@ class AdamW(Adam):
 
     decoupled = True
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
@@ -233,7 +313,9 @@ def optimizer_from_state_dict(params, state: dict) -> Optimizer:
     """Build the optimizer that ``state`` (from Optimizer.state_dict()) describes, and load it."""
     kind = state.get("type")
     if kind not in OPTIMIZER_TYPES:
-        raise ValueError(f"optimizer type {kind!r} is unknown; expected one of {sorted(OPTIMIZER_TYPES)}")
+        raise ValueError(
+            f"optimizer type {kind!r} is unknown; expected one of {sorted(OPTIMIZER_TYPES)}"
+        )
     hyper = dict(state.get("hyperparams", {}))
     if "betas" in hyper:
         hyper["betas"] = tuple(hyper["betas"])

@@ -57,13 +57,17 @@ class ParityReport:
         return all(row.passed for row in self.rows)
 
     def format(self) -> str:
-        header = (f"{'op':<28} {'shape':<18} {'backend':<7} {'dtype':<8} {'tensor':<12} "
-                  f"{'max abs err':>11} {'max rel err':>11}  result")
+        header = (
+            f"{'op':<28} {'shape':<18} {'backend':<7} {'dtype':<8} {'tensor':<12} "
+            f"{'max abs err':>11} {'max rel err':>11}  result"
+        )
         lines = [header, "-" * len(header)]
         for r in self.rows:
-            lines.append(f"{r.op:<28} {r.shape:<18} {r.backend:<7} {r.dtype:<8} {r.tensor:<12} "
-                         f"{r.max_abs_error:>11.2e} {r.max_rel_error:>11.2e}  "
-                         f"{'pass' if r.passed else 'FAIL'}{'  ' + r.note if r.note else ''}")
+            lines.append(
+                f"{r.op:<28} {r.shape:<18} {r.backend:<7} {r.dtype:<8} {r.tensor:<12} "
+                f"{r.max_abs_error:>11.2e} {r.max_rel_error:>11.2e}  "
+                f"{'pass' if r.passed else 'FAIL'}{'  ' + r.note if r.note else ''}"
+            )
         failed = sum(not r.passed for r in self.rows)
         lines.append(f"{len(self.rows) - failed} passed, {failed} failed")
         return "\n".join(lines)
@@ -103,8 +107,14 @@ def _dense_forward_case(rng, m, k, n, activation, bias=True):
         y, _ = backend.dense_forward(x, weight, bias, activation, 0.1)
         return {"y": y}
 
-    return OpCase(f"dense_forward[{activation}]" + ("" if bias else "[no bias]"),
-                  f"{m}x{k}x{n}", inputs, run, rtol_scale=math.sqrt(k), noncontiguous=("x",))
+    return OpCase(
+        f"dense_forward[{activation}]" + ("" if bias else "[no bias]"),
+        f"{m}x{k}x{n}",
+        inputs,
+        run,
+        rtol_scale=math.sqrt(k),
+        noncontiguous=("x",),
+    )
 
 
 def _dense_backward_case(rng, m, k, n, activation, need_dinp=True, bias=True):
@@ -120,8 +130,9 @@ def _dense_backward_case(rng, m, k, n, activation, need_dinp=True, bias=True):
         dtype = x.dtype
         dweight = backend.xp.full((n, k), np.nan, dtype=dtype)  # poisoned: all must be written
         dbias = backend.xp.full((n,), np.nan, dtype=dtype) if bias else None
-        dinp = backend.dense_backward(dout, x, weight, saved, activation, 0.1, dweight, dbias,
-                                      need_dinp)
+        dinp = backend.dense_backward(
+            dout, x, weight, saved, activation, 0.1, dweight, dbias, need_dinp
+        )
         outputs = {"dweight": dweight}
         if bias:
             outputs["dbias"] = dbias
@@ -129,10 +140,19 @@ def _dense_backward_case(rng, m, k, n, activation, need_dinp=True, bias=True):
             outputs["dinp"] = dinp
         return outputs
 
-    name = f"dense_backward[{activation}]" + ("" if need_dinp else "[no dinp]") + (
-        "" if bias else "[no bias]")
-    return OpCase(name, f"{m}x{k}x{n}", inputs, run, rtol_scale=math.sqrt(max(m, k, n)),
-                  noncontiguous=("dout",))
+    name = (
+        f"dense_backward[{activation}]"
+        + ("" if need_dinp else "[no dinp]")
+        + ("" if bias else "[no bias]")
+    )
+    return OpCase(
+        name,
+        f"{m}x{k}x{n}",
+        inputs,
+        run,
+        rtol_scale=math.sqrt(max(m, k, n)),
+        noncontiguous=("dout",),
+    )
 
 
 def _activation_cases(rng, shape, activation):
@@ -143,14 +163,28 @@ def _activation_cases(rng, shape, activation):
         return {"y": y}
 
     _, saved = NumpyBackend().activation_forward(x, activation, 0.1)
-    cases = [OpCase(f"activation_forward[{activation}]", "x".join(map(str, shape)), {"x": x},
-                    forward, noncontiguous=("x",))]
+    cases = [
+        OpCase(
+            f"activation_forward[{activation}]",
+            "x".join(map(str, shape)),
+            {"x": x},
+            forward,
+            noncontiguous=("x",),
+        )
+    ]
     if saved is not None:
+
         def backward(backend, dout, saved):
             return {"dinp": backend.activation_backward(dout, saved, activation, 0.1)}
 
-        cases.append(OpCase(f"activation_backward[{activation}]", "x".join(map(str, shape)),
-                            {"dout": rng.normal(size=shape), "saved": saved}, backward))
+        cases.append(
+            OpCase(
+                f"activation_backward[{activation}]",
+                "x".join(map(str, shape)),
+                {"dout": rng.normal(size=shape), "saved": saved},
+                backward,
+            )
+        )
     return cases
 
 
@@ -163,26 +197,46 @@ def _loss_cases(rng, n, c):
         return {"loss": loss, "grad": grad}
 
     cases = [
-        OpCase("softmax_cross_entropy[labels]", shape,
-               {"logits": logits, "target": rng.integers(0, c, size=n)},
-               lambda b, logits, target: pair(*b.softmax_cross_entropy(logits, target)),
-               rtol_scale=math.sqrt(c), labels=("target",), noncontiguous=("logits",)),
-        OpCase("softmax_cross_entropy[probs]", shape, {"logits": logits, "target": probs},
-               lambda b, logits, target: pair(*b.softmax_cross_entropy(logits, target)),
-               rtol_scale=math.sqrt(c)),
+        OpCase(
+            "softmax_cross_entropy[labels]",
+            shape,
+            {"logits": logits, "target": rng.integers(0, c, size=n)},
+            lambda b, logits, target: pair(*b.softmax_cross_entropy(logits, target)),
+            rtol_scale=math.sqrt(c),
+            labels=("target",),
+            noncontiguous=("logits",),
+        ),
+        OpCase(
+            "softmax_cross_entropy[probs]",
+            shape,
+            {"logits": logits, "target": probs},
+            lambda b, logits, target: pair(*b.softmax_cross_entropy(logits, target)),
+            rtol_scale=math.sqrt(c),
+        ),
     ]
     for reduction in ("mean", "sum"):
         cases += [
-            OpCase(f"mse_loss[{reduction}]", shape, {"pred": logits, "target": probs},
-                   lambda b, pred, target, r=reduction: pair(*b.mse_loss(pred, target, r)),
-                   rtol_scale=math.sqrt(n * c)),
-            OpCase(f"bce_with_logits[{reduction}]", shape, {"logits": logits, "target": probs},
-                   lambda b, logits, target, r=reduction: pair(*b.bce_with_logits(logits, target, r)),
-                   rtol_scale=math.sqrt(n * c)),
-            OpCase(f"bce[{reduction}]", shape,
-                   {"probs": rng.uniform(0.02, 0.98, size=(n, c)), "target": probs},
-                   lambda b, probs, target, r=reduction: pair(*b.bce(probs, target, r)),
-                   rtol_scale=math.sqrt(n * c)),
+            OpCase(
+                f"mse_loss[{reduction}]",
+                shape,
+                {"pred": logits, "target": probs},
+                lambda b, pred, target, r=reduction: pair(*b.mse_loss(pred, target, r)),
+                rtol_scale=math.sqrt(n * c),
+            ),
+            OpCase(
+                f"bce_with_logits[{reduction}]",
+                shape,
+                {"logits": logits, "target": probs},
+                lambda b, logits, target, r=reduction: pair(*b.bce_with_logits(logits, target, r)),
+                rtol_scale=math.sqrt(n * c),
+            ),
+            OpCase(
+                f"bce[{reduction}]",
+                shape,
+                {"probs": rng.uniform(0.02, 0.98, size=(n, c)), "target": probs},
+                lambda b, probs, target, r=reduction: pair(*b.bce(probs, target, r)),
+                rtol_scale=math.sqrt(n * c),
+            ),
         ]
     return cases
 
@@ -198,27 +252,67 @@ def _optimizer_cases(rng, size):
     cases = []
     for i, hyper in enumerate(SGD_VARIANTS):
         for first_step in (True, False):
+
             def run(backend, param, grad, buf, hyper=hyper, first_step=first_step):
                 param, buf = param.copy(), buf.copy()
-                backend.sgd_step(param, grad, buf if hyper["momentum"] else None,
-                                 first_step=first_step, **hyper)
+                backend.sgd_step(
+                    param, grad, buf if hyper["momentum"] else None, first_step=first_step, **hyper
+                )
                 return {"param": param, "momentum_buf": buf}
 
-            cases.append(OpCase(f"sgd_step[{i}{'+first' if first_step else ''}]", str(size),
-                                {"param": rng.normal(size=size), "grad": rng.normal(size=size),
-                                 "buf": rng.normal(size=size)}, run))
+            cases.append(
+                OpCase(
+                    f"sgd_step[{i}{'+first' if first_step else ''}]",
+                    str(size),
+                    {
+                        "param": rng.normal(size=size),
+                        "grad": rng.normal(size=size),
+                        "buf": rng.normal(size=size),
+                    },
+                    run,
+                )
+            )
     for decoupled in (False, True):
+
         def run(backend, param, grad, m, v, decoupled=decoupled):
             param, m, v = param.copy(), m.copy(), v.copy()
-            backend.adam_step(param, grad, m, v, lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8,
-                              weight_decay=0.1, step=3, decoupled=decoupled)
+            backend.adam_step(
+                param,
+                grad,
+                m,
+                v,
+                lr=0.01,
+                beta1=0.9,
+                beta2=0.99,
+                eps=1e-8,
+                weight_decay=0.1,
+                step=3,
+                decoupled=decoupled,
+            )
             return {"param": param, "exp_avg": m, "exp_avg_sq": v}
 
-        cases.append(OpCase("adamw_step" if decoupled else "adam_step", str(size),
-                            {"param": rng.normal(size=size), "grad": rng.normal(size=size),
-                             "m": rng.normal(size=size), "v": rng.uniform(size=size)}, run))
-    cases.append(OpCase("sum_of_squares", str(size), {"x": rng.normal(size=size)},
-                        lambda b, x: {"sum": b.sum_of_squares(x)}, rtol_scale=math.sqrt(size)))
+        cases.append(
+            OpCase(
+                "adamw_step" if decoupled else "adam_step",
+                str(size),
+                {
+                    "param": rng.normal(size=size),
+                    "grad": rng.normal(size=size),
+                    "m": rng.normal(size=size),
+                    "v": rng.uniform(size=size),
+                },
+                run,
+            )
+        )
+    cases.append(
+        OpCase(
+            "sum_of_squares",
+            str(size),
+            {"x": rng.normal(size=size)},
+            lambda b, x: {"sum": b.sum_of_squares(x)},
+            rtol_scale=math.sqrt(size),
+        )
+    )
 
     def scale(backend, x):
         x = x.copy()
@@ -226,8 +320,14 @@ def _optimizer_cases(rng, size):
         return {"x": x}
 
     cases.append(OpCase("scale_", str(size), {"x": rng.normal(size=size)}, scale))
-    cases.append(OpCase("add", str(size), {"a": rng.normal(size=size), "b": rng.normal(size=size)},
-                        lambda backend, a, b: {"sum": backend.add(a, b)}))
+    cases.append(
+        OpCase(
+            "add",
+            str(size),
+            {"a": rng.normal(size=size), "b": rng.normal(size=size)},
+            lambda backend, a, b: {"sum": backend.add(a, b)},
+        )
+    )
     return cases
 
 
@@ -269,8 +369,9 @@ def _to_backend(backend, name: str, value: np.ndarray, dtype, case: OpCase):
 
 def run_case(case: OpCase, backend, dtype: str) -> list[ParityRow]:
     reference = NumpyBackend()
-    ref_inputs = {k: (v if k in case.labels else np.asarray(v, np.float64))
-                  for k, v in case.inputs.items()}
+    ref_inputs = {
+        k: (v if k in case.labels else np.asarray(v, np.float64)) for k, v in case.inputs.items()
+    }
     expected = case.run(reference, **ref_inputs)
     on_backend = {k: _to_backend(backend, k, v, dtype, case) for k, v in case.inputs.items()}
     rows = []
@@ -278,15 +379,37 @@ def run_case(case: OpCase, backend, dtype: str) -> list[ParityRow]:
         outputs = case.run(backend, **on_backend)
         backend.synchronize()
     except Exception as error:  # reported per row; the suite decides what to do with it
-        return [ParityRow(case.op, case.shape, backend.name, dtype, "-", math.inf, math.inf,
-                          False, f"{type(error).__name__}: {error}")]
+        return [
+            ParityRow(
+                case.op,
+                case.shape,
+                backend.name,
+                dtype,
+                "-",
+                math.inf,
+                math.inf,
+                False,
+                f"{type(error).__name__}: {error}",
+            )
+        ]
     rtol = RTOL[dtype] * case.rtol_scale
     for tensor, ref in expected.items():
         out = np.asarray(backend.to_numpy(outputs[tensor]))
         dtype_ok = out.dtype == np.dtype(dtype)
         max_abs, max_rel, passed = compare(out, np.asarray(ref), rtol)
-        rows.append(ParityRow(case.op, case.shape, backend.name, dtype, tensor, max_abs, max_rel,
-                              passed and dtype_ok, "" if dtype_ok else f"dtype {out.dtype}"))
+        rows.append(
+            ParityRow(
+                case.op,
+                case.shape,
+                backend.name,
+                dtype,
+                tensor,
+                max_abs,
+                max_rel,
+                passed and dtype_ok,
+                "" if dtype_ok else f"dtype {out.dtype}",
+            )
+        )
     return rows
 
 
@@ -295,21 +418,33 @@ def run_case(case: OpCase, backend, dtype: str) -> list[ParityRow]:
 MODEL_LOSSES = ("softmax_cross_entropy", "mse", "bce_with_logits")
 
 
-def training_run(backend, dtype: str, activation: str, loss_name: str, steps: int = 20,
-                 seed: int = 0) -> dict[str, np.ndarray]:
+def training_run(
+    backend, dtype: str, activation: str, loss_name: str, steps: int = 20, seed: int = 0
+) -> dict[str, np.ndarray]:
     """Train a small residual MLP for ``steps`` SGD-momentum steps; return the final
     parameters and the loss curve (as arrays)."""
     import gpubackprop as gb
 
     from .layers import ACTIVATION_LAYERS, GELU, LeakyReLU
 
-    act = {"gelu": lambda: GELU("none"), "gelu_tanh": lambda: GELU("tanh"),
-           "leaky_relu": lambda: LeakyReLU(0.1)}.get(activation)
+    act = {
+        "gelu": lambda: GELU("none"),
+        "gelu_tanh": lambda: GELU("tanh"),
+        "leaky_relu": lambda: LeakyReLU(0.1),
+    }.get(activation)
     if act is None:
-        act = next(cls for cls in ACTIVATION_LAYERS.values() if getattr(cls, "kind", "") == activation)
+        act = next(
+            cls for cls in ACTIVATION_LAYERS.values() if getattr(cls, "kind", "") == activation
+        )
     gb.seed(seed)
-    model = gb.Sequential(gb.Dense(13, 33), act(), gb.Residual(gb.Dense(33, 33), act()),
-                          gb.Dense(33, 7), act(), gb.Dense(7, 5)).to(backend, dtype)
+    model = gb.Sequential(
+        gb.Dense(13, 33),
+        act(),
+        gb.Residual(gb.Dense(33, 33), act()),
+        gb.Dense(33, 7),
+        act(),
+        gb.Dense(7, 5),
+    ).to(backend, dtype)
     rng = np.random.default_rng(seed + 1)
     x = rng.normal(size=(37, 13))
     if loss_name == "softmax_cross_entropy":
@@ -339,13 +474,24 @@ def model_rows(backend, dtype: str, activation: str, loss_name: str) -> list[Par
     rows = []
     for tensor, ref in expected.items():
         max_abs, max_rel, passed = compare(got[tensor], ref, rtol)
-        rows.append(ParityRow(f"train20[{activation},{loss_name}]", "13-33-33-7-5", backend.name,
-                              dtype, tensor.replace("param:", ""), max_abs, max_rel, passed))
+        rows.append(
+            ParityRow(
+                f"train20[{activation},{loss_name}]",
+                "13-33-33-7-5",
+                backend.name,
+                dtype,
+                tensor.replace("param:", ""),
+                max_abs,
+                max_rel,
+                passed,
+            )
+        )
     return rows
 
 
-def parity_report(backends: list[str], dtypes=("float32",), quick: bool = True,
-                  seed: int = 0) -> ParityReport:
+def parity_report(
+    backends: list[str], dtypes=("float32",), quick: bool = True, seed: int = 0
+) -> ParityReport:
     """Every op case and every whole-model run on each named backend."""
     report = ParityReport()
     for name in backends:
@@ -353,7 +499,7 @@ def parity_report(backends: list[str], dtypes=("float32",), quick: bool = True,
         for dtype in dtypes:
             for case in op_cases(seed, quick):
                 report.rows += run_case(case, backend, dtype)
-            for activation in (("relu", "gelu") if quick else ACTIVATIONS):
+            for activation in ("relu", "gelu") if quick else ACTIVATIONS:
                 for loss_name in MODEL_LOSSES:
                     report.rows += model_rows(backend, dtype, activation, loss_name)
     return report

@@ -84,12 +84,30 @@ def _progress_bar(verbose: int, total: int, epoch: int, epochs: int):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=f"epoch {epoch}/{epochs}", unit="sample", leave=True,
-                file=sys.stderr, dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        desc=f"epoch {epoch}/{epochs}",
+        unit="sample",
+        leave=True,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
 
 
-def run_fit(model, x, y, *, loss: Loss, optimizer, epochs: int, batch_size: int, shuffle: bool,
-            validation_data, verbose: int, callbacks: list[Callback]) -> History:
+def run_fit(
+    model,
+    x,
+    y,
+    *,
+    loss: Loss,
+    optimizer,
+    epochs: int,
+    batch_size: int,
+    shuffle: bool,
+    validation_data,
+    verbose: int,
+    callbacks: list[Callback],
+) -> History:
     epochs = _check_positive("epochs", epochs)
     batch_size = _check_positive("batch_size", batch_size)
     if verbose not in (0, 1, 2):

@@ -1,5 +1,7 @@
 """Layer 2 of the test plan: the NumPy reference against PyTorch autograd and torch.optim."""
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -21,7 +23,7 @@ TORCH_ACTIVATIONS = {
 def _twin_models(activation: str, sizes=(13, 33, 7, 5)):
     ours_act, torch_act = TORCH_ACTIVATIONS[activation]
     layers, torch_layers = [], []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         layers.append(gb.Dense(a, b))
         torch_layers.append(torch.nn.Linear(a, b, dtype=torch.float64))
         if i < len(sizes) - 2:
@@ -44,16 +46,28 @@ def test_model_gradients_match_torch_autograd(activation, loss_name):
     x = rng.normal(size=(9, 13))
     if loss_name == "ce_labels":
         y = rng.integers(0, 5, size=9)
-        loss, torch_loss, ty = gb.SoftmaxCrossEntropyLoss(), torch.nn.CrossEntropyLoss(), torch.from_numpy(y)
+        loss, torch_loss, ty = (
+            gb.SoftmaxCrossEntropyLoss(),
+            torch.nn.CrossEntropyLoss(),
+            torch.from_numpy(y),
+        )
     elif loss_name == "ce_probs":
         y = rng.dirichlet(np.ones(5), size=9)
-        loss, torch_loss, ty = gb.SoftmaxCrossEntropyLoss(), torch.nn.CrossEntropyLoss(), torch.from_numpy(y)
+        loss, torch_loss, ty = (
+            gb.SoftmaxCrossEntropyLoss(),
+            torch.nn.CrossEntropyLoss(),
+            torch.from_numpy(y),
+        )
     elif loss_name == "mse":
         y = rng.normal(size=(9, 5))
         loss, torch_loss, ty = gb.MSELoss(), torch.nn.MSELoss(), torch.from_numpy(y)
     else:
         y = rng.integers(0, 2, size=(9, 5)).astype(np.float64)
-        loss, torch_loss, ty = gb.BCEWithLogitsLoss(), torch.nn.BCEWithLogitsLoss(), torch.from_numpy(y)
+        loss, torch_loss, ty = (
+            gb.BCEWithLogitsLoss(),
+            torch.nn.BCEWithLogitsLoss(),
+            torch.from_numpy(y),
+        )
 
     value = loss.forward(ours.forward(x), y)
     dx = ours.backward(loss.backward())
@@ -64,8 +78,9 @@ def test_model_gradients_match_torch_autograd(activation, loss_name):
     np.testing.assert_allclose(float(value), expected.item(), rtol=1e-12)
     np.testing.assert_allclose(dx, tx.grad.numpy(), rtol=1e-9, atol=1e-12)
     for name, p in theirs.named_parameters():
-        np.testing.assert_allclose(ours.named_parameters()[name].grad, p.grad.numpy(),
-                                   rtol=1e-9, atol=1e-12, err_msg=name)
+        np.testing.assert_allclose(
+            ours.named_parameters()[name].grad, p.grad.numpy(), rtol=1e-9, atol=1e-12, err_msg=name
+        )
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -120,8 +135,13 @@ def test_optimizer_steps_match_torch_optim(name, hyper, dtype):
         torch_opt.step()
     tol = 1e-12 if dtype == "float64" else 2e-6
     for tname, p in theirs.named_parameters():
-        np.testing.assert_allclose(named[tname].data, p.detach().numpy(), rtol=tol, atol=tol,
-                                   err_msg=f"{name} {hyper} {tname}")
+        np.testing.assert_allclose(
+            named[tname].data,
+            p.detach().numpy(),
+            rtol=tol,
+            atol=tol,
+            err_msg=f"{name} {hyper} {tname}",
+        )
 
 
 @pytest.mark.parametrize("max_norm", [0.5, 1e6])
@@ -145,6 +165,7 @@ def test_weights_move_both_ways_with_torch_linear_layout():
     gb.seed(2)
     ours, theirs = _twin_models("ReLU")
     x = np.random.default_rng(0).normal(size=(4, 13))
-    np.testing.assert_allclose(ours.predict(x), theirs(torch.from_numpy(x)).detach().numpy(),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        ours.predict(x), theirs(torch.from_numpy(x)).detach().numpy(), rtol=1e-12
+    )
     assert set(ours.state_dict()) == set(dict(theirs.named_parameters()))

@@ -10,8 +10,10 @@ from gpubackprop.backends import available_backends, get_backend
 from gpubackprop.backends.base import ACTIVATIONS
 from gpubackprop.parity import MODEL_LOSSES, model_rows, op_cases, run_case
 
-KERNEL_BACKENDS = [pytest.param("emu", id="emu"),
-                   pytest.param("cupy", id="cupy", marks=pytest.mark.gpu)]
+KERNEL_BACKENDS = [
+    pytest.param("emu", id="emu"),
+    pytest.param("cupy", id="cupy", marks=pytest.mark.gpu),
+]
 CASES = op_cases(seed=2024)
 
 
@@ -40,7 +42,9 @@ def _assert_rows(rows):
     failures = [r for r in rows if not r.passed]
     assert not failures, "\n".join(
         f"{r.op} {r.shape} {r.dtype} {r.tensor}: max abs {r.max_abs_error:.3e}, "
-        f"max rel {r.max_rel_error:.3e} {r.note}" for r in failures)
+        f"max rel {r.max_rel_error:.3e} {r.note}"
+        for r in failures
+    )
 
 
 @pytest.mark.parametrize("kernel_backend", KERNEL_BACKENDS, indirect=True)
@@ -60,10 +64,22 @@ def test_twenty_training_steps_match_reference(kernel_backend, dtype, activation
 
 def test_parity_covers_every_op_of_the_contract():
     covered = {case.op.split("[")[0] for case in CASES}
-    assert covered >= {"dense_forward", "dense_backward", "activation_forward",
-                       "activation_backward", "softmax_cross_entropy", "mse_loss",
-                       "bce_with_logits", "bce", "sgd_step", "adam_step", "adamw_step",
-                       "sum_of_squares", "scale_", "add"}
+    assert covered >= {
+        "dense_forward",
+        "dense_backward",
+        "activation_forward",
+        "activation_backward",
+        "softmax_cross_entropy",
+        "mse_loss",
+        "bce_with_logits",
+        "bce",
+        "sgd_step",
+        "adam_step",
+        "adamw_step",
+        "sum_of_squares",
+        "scale_",
+        "add",
+    }
     shapes = {case.shape for case in CASES if case.op.startswith("dense_forward")}
     assert {"1x1x1", "1000x33x7", "33x7x129"} <= shapes
 

@@ -57,7 +57,7 @@ def test_dense_backward_matches_finite_difference(activation, batch, n_in, n_out
     def objective(x_, w_, b_):  # L = Σ dout ⊙ y, so ∂L/∂y = dout
         return np.sum(dout * backend.dense_forward(x_, w_, b_, activation, 0.05)[0])
 
-    y, saved = backend.dense_forward(x, w, b, activation, 0.05)
+    _, saved = backend.dense_forward(x, w, b, activation, 0.05)
     dweight, dbias = np.full_like(w, np.nan), np.full_like(b, np.nan)
     dx = backend.dense_backward(dout, x, w, saved, activation, 0.05, dweight, dbias, True)
     eps = 1e-6
@@ -118,21 +118,36 @@ def test_cross_entropy_is_stable_for_huge_logits():
     np.testing.assert_allclose(value, 1600.0)
 
 
-@pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu",
-                                        "leaky_relu"])
+@pytest.mark.parametrize(
+    "activation", ["relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu", "leaky_relu"]
+)
 def test_whole_model_gradcheck(activation):
-    layer = {"relu": gb.ReLU, "sigmoid": gb.Sigmoid, "tanh": gb.Tanh, "gelu": gb.GELU,
-             "silu": gb.SiLU, "leaky_relu": lambda: gb.LeakyReLU(0.2),
-             "gelu_tanh": lambda: gb.GELU("tanh")}[activation]
+    layer = {
+        "relu": gb.ReLU,
+        "sigmoid": gb.Sigmoid,
+        "tanh": gb.Tanh,
+        "gelu": gb.GELU,
+        "silu": gb.SiLU,
+        "leaky_relu": lambda: gb.LeakyReLU(0.2),
+        "gelu_tanh": lambda: gb.GELU("tanh"),
+    }[activation]
     gb.seed(3)
-    model = gb.Sequential(gb.Dense(5, 9), layer(), gb.Residual(gb.Dense(9, 9), layer()),
-                          gb.Dense(9, 4))
+    model = gb.Sequential(
+        gb.Dense(5, 9), layer(), gb.Residual(gb.Dense(9, 9), layer()), gb.Dense(9, 4)
+    )
     rng = np.random.default_rng(1)
     x = rng.normal(size=(6, 5))
-    result = gb.gradcheck(model, x, rng.integers(0, 4, size=6), gb.SoftmaxCrossEntropyLoss(),
-                          max_elements=None)
+    result = gb.gradcheck(
+        model, x, rng.integers(0, 4, size=6), gb.SoftmaxCrossEntropyLoss(), max_elements=None
+    )
     assert result.passed, str(result)
-    assert {t.name for t in result.tensors} >= {"0.weight", "0.bias", "2.0.weight", "3.bias", "input"}
+    assert {t.name for t in result.tensors} >= {
+        "0.weight",
+        "0.bias",
+        "2.0.weight",
+        "3.bias",
+        "input",
+    }
 
 
 def test_gradcheck_detects_a_wrong_gradient(monkeypatch):

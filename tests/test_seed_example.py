@@ -15,13 +15,20 @@ import gpubackprop as gb
 
 def _scalar_network(w1, b1, w2, b2):
     model = gb.Sequential(gb.Dense(1, 1), gb.Sigmoid(), gb.Dense(1, 1)).to("numpy", "float64")
-    model.load_state_dict({"0.weight": np.array([[w1]]), "0.bias": np.array([b1]),
-                           "2.weight": np.array([[w2]]), "2.bias": np.array([b2])})
+    model.load_state_dict(
+        {
+            "0.weight": np.array([[w1]]),
+            "0.bias": np.array([b1]),
+            "2.weight": np.array([[w2]]),
+            "2.bias": np.array([b2]),
+        }
+    )
     return model
 
 
-@pytest.mark.parametrize("x,y,w1,b1,w2,b2", [(0.5, 1.0, 0.3, -0.1, 0.8, 0.2),
-                                             (-1.7, -0.4, -1.2, 0.6, 2.1, -0.3)])
+@pytest.mark.parametrize(
+    "x,y,w1,b1,w2,b2", [(0.5, 1.0, 0.3, -0.1, 0.8, 0.2), (-1.7, -0.4, -1.2, 0.6, 2.1, -0.3)]
+)
 def test_boxed_gradients_and_one_descent_step(x, y, w1, b1, w2, b2):
     eta = 0.1
     z_h = w1 * x + b1
@@ -49,7 +56,9 @@ def test_boxed_gradients_and_one_descent_step(x, y, w1, b1, w2, b2):
     before = {p.name: float(p.data.item()) for p in model.parameters()}
     gb.SGD(model.parameters(), lr=eta).step()
     for p in model.parameters():
-        assert float(p.data.item()) == pytest.approx(before[p.name] - eta * boxed[p.name], rel=1e-12)
+        assert float(p.data.item()) == pytest.approx(
+            before[p.name] - eta * boxed[p.name], rel=1e-12
+        )
 
 
 def test_pseudocode_backprop_matches_library_on_a_batch():
@@ -71,8 +80,14 @@ def test_pseudocode_backprop_matches_library_on_a_batch():
     expected.update({"0.weight": (X.T @ dL_dz1).T, "0.bias": dL_dz1.sum(axis=0)})
 
     model = gb.Sequential(gb.Dense(3, 5), gb.Sigmoid(), gb.Dense(5, 2)).to("numpy", "float64")
-    model.load_state_dict({"0.weight": weights["w1"].T, "0.bias": biases["b1"],
-                           "2.weight": weights["w2"].T, "2.bias": biases["b2"]})
+    model.load_state_dict(
+        {
+            "0.weight": weights["w1"].T,
+            "0.bias": biases["b1"],
+            "2.weight": weights["w2"].T,
+            "2.bias": biases["b2"],
+        }
+    )
     mse = gb.MSELoss(reduction="sum")
     mse.forward(model.forward(X), y)
     model.backward(0.5 * mse.backward())

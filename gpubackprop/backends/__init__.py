@@ -86,5 +86,7 @@ def get_backend(name: str | Backend | None = None) -> Backend:
 
 def available_backends() -> dict[str, tuple[bool, str]]:
     """{name: (available, reason)} for every concrete backend, for `gpubackprop info`."""
-    return {name: (_instance(name).available, _instance(name).reason)
-            for name in ("numpy", "cupy", "emu")}
+    return {
+        name: (_instance(name).available, _instance(name).reason)
+        for name in ("numpy", "cupy", "emu")
+    }

@@ -59,7 +59,7 @@ class Backend:
 
     # -- dense layer ---------------------------------------------------------------
     def dense_forward(self, x, weight, bias, activation: str, alpha: float = 0.01):
-        """z = x Wᵀ + b, y = f(z).  Returns (y, saved) where saved is y, z or None (SAVES_OUTPUT)."""
+        """z = x Wᵀ + b, y = f(z).  Returns (y, saved), saved y, z or None (SAVES_OUTPUT)."""
         raise NotImplementedError
 
     def dense_backward(
@@ -98,13 +98,33 @@ class Backend:
 
     # -- optimizers: update flat buffers in place, one call for the whole model ------------
     def sgd_step(
-        self, param, grad, momentum_buf, *, lr, momentum, dampening, nesterov, weight_decay,
+        self,
+        param,
+        grad,
+        momentum_buf,
+        *,
+        lr,
+        momentum,
+        dampening,
+        nesterov,
+        weight_decay,
         first_step,
     ) -> None:
         raise NotImplementedError
 
     def adam_step(
-        self, param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay, step,
+        self,
+        param,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        *,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        step,
         decoupled,
     ) -> None:
         raise NotImplementedError

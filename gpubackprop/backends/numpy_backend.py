@@ -125,8 +125,10 @@ class NumpyBackend(Backend):
         return self.activation_forward(z, activation, alpha)
 
     def dense_backward(self, dout, x, weight, saved, activation, alpha, dweight, dbias, need_dinp):
-        delta = dout if activation == "identity" else dout * activation_derivative(
-            activation, saved, alpha
+        delta = (
+            dout
+            if activation == "identity"
+            else dout * activation_derivative(activation, saved, alpha)
         )  # δ = ∂L/∂y ⊙ f'(z)
         np.matmul(delta.T, x, out=dweight)  # ∂L/∂W = δᵀ x
         if dbias is not None:
@@ -206,7 +208,16 @@ class NumpyBackend(Backend):
 
     # -- optimizers --------------------------------------------------------------------------
     def sgd_step(
-        self, param, grad, momentum_buf, *, lr, momentum, dampening, nesterov, weight_decay,
+        self,
+        param,
+        grad,
+        momentum_buf,
+        *,
+        lr,
+        momentum,
+        dampening,
+        nesterov,
+        weight_decay,
         first_step,
     ):
         """torch.optim.SGD: g = ∇ + λθ;  b = g (first step) or μb + (1 − τ)g;
@@ -222,7 +233,18 @@ class NumpyBackend(Backend):
         param -= lr * g
 
     def adam_step(
-        self, param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay, step,
+        self,
+        param,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        *,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        step,
         decoupled,
     ):
         """torch.optim.Adam / AdamW, step t ≥ 1:

@@ -1,0 +1,29 @@
+"""Run every kernel once on odd shapes (float32 and float64) through the "cupy" backend.
+
+compute-sanitizer wraps this script in bench/device_check.sh; it exits non-zero when an op
+disagrees with the NumPy reference, so a sanitizer run also checks results."""
+
+from __future__ import annotations
+
+import sys
+
+from gpubackprop.parity import op_cases, run_case
+
+
+def main() -> int:
+    from gpubackprop.backends import get_backend
+
+    backend = get_backend(sys.argv[1] if len(sys.argv) > 1 else "cupy")
+    failed = 0
+    for dtype in ("float32", "float64"):
+        for case in op_cases(seed=7, quick=True):
+            for row in run_case(case, backend, dtype):
+                if not row.passed:
+                    failed += 1
+                    print(f"FAIL {row.op} {row.shape} {dtype} {row.tensor} {row.note}")
+    print(f"run_all_kernels: {failed} failing tensors")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
