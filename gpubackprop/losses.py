@@ -29,6 +29,17 @@ def _host_min_max(backend, array) -> tuple[float, float]:
     return float(backend.xp.min(array)), float(backend.xp.max(array))
 
 
+def check_label_range(backend, labels, classes: int) -> None:
+    """Raise ValueError unless every label is in [0, classes)."""
+    low, high = _host_min_max(backend, labels)
+    if low < 0 or high >= classes:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"target holds label {int(bad)}; expected labels in [0, {classes - 1}] "
+            f"for pred with {classes} classes"
+        )
+
+
 class Loss:
     """Base class: subclasses implement ``_compute(backend, pred, target) -> (loss, grad)``."""
 
@@ -95,6 +106,8 @@ class SoftmaxCrossEntropyLoss(Loss):
 
     def __init__(self):
         super().__init__("mean")
+        # The range check costs a device-to-host sync; fit checks all labels once instead.
+        self.check_labels = True
 
     def config(self) -> dict:
         return {"type": "SoftmaxCrossEntropyLoss"}
@@ -110,13 +123,8 @@ class SoftmaxCrossEntropyLoss(Loss):
             if target_shape[0] != n:
                 raise ValueError(f"target has {target_shape[0]} labels but pred has {n} rows")
             labels = backend.asarray(target, np.int64)
-            low, high = _host_min_max(backend, labels)
-            if low < 0 or high >= classes:
-                bad = low if low < 0 else high
-                raise ValueError(
-                    f"target holds label {int(bad)}; expected labels in [0, {classes - 1}] "
-                    f"for pred with {classes} classes"
-                )
+            if self.check_labels:
+                check_label_range(backend, labels, classes)
             return labels
         if target_shape == (n, classes) and kind == "f":
             return backend.asarray(target, pred.dtype)

@@ -9,7 +9,13 @@ import time
 import numpy as np
 
 from .callbacks import Callback, History
-from .losses import BCELoss, BCEWithLogitsLoss, Loss, SoftmaxCrossEntropyLoss
+from .losses import (
+    BCELoss,
+    BCEWithLogitsLoss,
+    Loss,
+    SoftmaxCrossEntropyLoss,
+    check_label_range,
+)
 from .random import generator
 
 
@@ -66,6 +72,8 @@ def evaluate(model, x, y, loss: Loss, batch_size: int = 1024) -> dict[str, float
         h = xd[start : start + batch_size]
         for step in model.steps:
             h = step.forward(h)
+        if start == 0 and isinstance(loss, SoftmaxCrossEntropyLoss) and yd.ndim == 1:
+            check_label_range(model.backend, yd, h.shape[1])
         target = yd[start : start + batch_size]
         value = float(loss.forward(h, target))
         rows = h.shape[0]
@@ -122,12 +130,61 @@ def run_fit(
     if validation_data is not None and len(validation_data) != 2:
         raise ValueError("validation_data must be a pair (x_val, y_val)")
     loss.backend = model.backend
-    xp = model.backend.xp
     history = History()
     callbacks = [history, *callbacks]
     model.stop_training = False
     for callback in callbacks:
         callback.on_train_begin(model, optimizer)
+    # Integer labels are range-checked once for the whole set, not per batch (a sync each).
+    labels_unchecked = isinstance(loss, SoftmaxCrossEntropyLoss) and yd.ndim == 1
+    saved_check = getattr(loss, "check_labels", None)
+    try:
+        logs = _epochs(
+            model,
+            xd,
+            yd,
+            n,
+            loss,
+            optimizer,
+            epochs,
+            batch_size,
+            shuffle,
+            validation_data,
+            verbose,
+            callbacks,
+            labels_unchecked,
+        )
+    finally:
+        if saved_check is not None:
+            loss.check_labels = saved_check
+    for callback in callbacks:
+        callback.on_train_end(logs)
+    return history
+
+
+def _per_row(loss: Loss, target) -> int:
+    """Predictions per row that accuracy counts: 1 for cross-entropy, every output for BCE."""
+    if isinstance(loss, SoftmaxCrossEntropyLoss) or target.ndim == 1:
+        return 1
+    return int(np.prod(target.shape[1:]))
+
+
+def _epochs(
+    model,
+    xd,
+    yd,
+    n,
+    loss,
+    optimizer,
+    epochs,
+    batch_size,
+    shuffle,
+    validation_data,
+    verbose,
+    callbacks,
+    labels_unchecked,
+) -> dict[str, float]:
+    xp = model.backend.xp
     logs: dict[str, float] = {}
     for epoch in range(1, epochs + 1):
         order = generator().permutation(n) if shuffle else None
@@ -143,6 +200,9 @@ def run_fit(
             else:
                 xb, yb = xd[start:stop], yd[start:stop]
             pred = model.forward(xb)
+            if labels_unchecked:
+                check_label_range(model.backend, yd, pred.shape[1])
+                loss.check_labels = labels_unchecked = False
             value = float(loss.forward(pred, yb))
             _check_finite(value, f"at epoch {epoch}, batch {batch_index}", optimizer)
             model.backward(loss.backward(), need_input_grad=False)
@@ -178,13 +238,4 @@ def run_fit(
             callback.on_epoch_end(epoch, logs)
         if model.stop_training:
             break
-    for callback in callbacks:
-        callback.on_train_end(logs)
-    return history
-
-
-def _per_row(loss: Loss, target) -> int:
-    """Predictions per row that accuracy counts: 1 for cross-entropy, every output for BCE."""
-    if isinstance(loss, SoftmaxCrossEntropyLoss) or target.ndim == 1:
-        return 1
-    return int(np.prod(target.shape[1:]))
+    return logs

@@ -345,3 +345,28 @@ def test_import_does_not_import_cupy():
 
     code = "import sys, gpubackprop; assert 'cupy' not in sys.modules, 'cupy imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_fit_checks_every_label_once_including_validation_labels():
+    model = _mlp().to("numpy")
+    x, y = _data(64)
+    y[50] = 7  # in a late batch: checked up front, not when that batch comes
+    loss = gb.SoftmaxCrossEntropyLoss()
+    opt = gb.SGD(model.parameters(), lr=0.1)
+    before = model.state_dict()
+    with pytest.raises(ValueError, match=r"label 7; expected labels in \[0, 2\]"):
+        model.fit(x, y, loss=loss, optimizer=opt, epochs=1, batch_size=8, shuffle=False, verbose=0)
+    np.testing.assert_array_equal(model.state_dict()["0.weight"], before["0.weight"])
+    assert loss.check_labels  # restored after fit
+    y[50] = 0
+    with pytest.raises(ValueError, match="label -1"):
+        model.fit(
+            x,
+            y,
+            loss=loss,
+            optimizer=opt,
+            epochs=1,
+            batch_size=8,
+            verbose=0,
+            validation_data=(x, y - 1),
+        )
