@@ -163,3 +163,16 @@ def test_gradcheck_detects_a_wrong_gradient(monkeypatch):
     result = gb.gradcheck(model, x, np.zeros((5, 2)), gb.MSELoss())
     assert not result.passed
     assert "FAIL" in str(result)
+
+
+def test_erf_matches_math_erf_with_and_without_scipy(monkeypatch):
+    import math
+
+    from gpubackprop.backends import numpy_backend
+
+    z = np.concatenate([np.linspace(-6, 6, 241), [0.0, 1e-300, -1e-8, 30.0]])
+    expected = np.array([math.erf(v) for v in z])
+    np.testing.assert_allclose(numpy_backend.erf(z), expected, rtol=1e-15, atol=1e-300)
+    monkeypatch.setattr(numpy_backend, "_vectorised_erf", None)
+    np.testing.assert_array_equal(numpy_backend.erf(z), expected)
+    assert numpy_backend.erf(z.astype(np.float32)).dtype == np.float32

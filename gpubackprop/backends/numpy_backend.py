@@ -21,12 +21,18 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _GELU_TANH_C = 0.044715
-_erf = np.frompyfunc(math.erf, 1, 1)
+try:  # SciPy's vectorised erf when it is installed: ~100x faster than one call per element
+    from scipy.special import erf as _vectorised_erf
+except ImportError:  # not a dependency: fall back to math.erf, element by element
+    _vectorised_erf = None
+_erf_per_element = np.frompyfunc(math.erf, 1, 1)
 
 
 def erf(z: np.ndarray) -> np.ndarray:
-    """Gauss error function, correctly rounded per element (math.erf); NumPy has none."""
-    return _erf(z).astype(z.dtype, copy=False)
+    """Gauss error function erf(z) = (2/√π) ∫₀^z e^(−t²) dt, elementwise (NumPy has none)."""
+    if _vectorised_erf is not None:
+        return _vectorised_erf(z).astype(z.dtype, copy=False)
+    return _erf_per_element(z).astype(z.dtype, copy=False)
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
@@ -50,7 +56,7 @@ def activation_value(name: str, z: np.ndarray, alpha: float) -> np.ndarray:
     if name == "gelu":  # z Φ(z), Φ the standard normal CDF
         return 0.5 * z * (1.0 + erf(z * _INV_SQRT_2))
     if name == "gelu_tanh":  # ½ z (1 + tanh(√(2/π)(z + 0.044715 z³)))
-        return 0.5 * z * (1.0 + np.tanh(_SQRT_2_OVER_PI * (z + _GELU_TANH_C * z**3)))
+        return 0.5 * z * (1.0 + np.tanh(_SQRT_2_OVER_PI * (z + _GELU_TANH_C * z * z * z)))
     if name == "silu":  # z σ(z)
         return z * sigmoid(z)
     raise _unknown_activation(name)
@@ -71,7 +77,7 @@ def activation_derivative(name: str, saved: np.ndarray, alpha: float) -> np.ndar
         cdf = 0.5 * (1.0 + erf(z * _INV_SQRT_2))
         return cdf + z * _INV_SQRT_2PI * np.exp(-0.5 * z * z)
     if name == "gelu_tanh":  # ½(1 + t) + ½ z (1 − t²) u', u = √(2/π)(z + c z³)
-        t = np.tanh(_SQRT_2_OVER_PI * (z + _GELU_TANH_C * z**3))
+        t = np.tanh(_SQRT_2_OVER_PI * (z + _GELU_TANH_C * z * z * z))
         du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_C * z * z)
         return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * du
     if name == "silu":  # σ(z)(1 + z(1 − σ(z)))
