@@ -1,0 +1,189 @@
+"""The benchmark harness: schema, correctness gate, ratios, CLI outputs.  No speed assertions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import numpy as np
+import pytest
+
+from gpubackprop import benchmarks as bench
+from gpubackprop.backends import get_backend
+
+ROW_KEYS = {"name", "backend", "shape", "dtype", "median_s", "tflops", "gbps", "floor_s",
+            "max_rel_error", "vs", "status"}
+
+
+def tiny_config(**overrides) -> bench.BenchConfig:
+    settings = dict(backends=["numpy"], preset="tiny", torch_compile="off", verbose=False)
+    settings.update(overrides)
+    return bench.BenchConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def tiny_record():
+    return bench.run_benchmarks(tiny_config())
+
+
+def test_record_has_the_specified_schema(tiny_record):
+    record = tiny_record
+    for key in ("timestamp", "git_commit", "versions", "devices", "ceilings", "results",
+                "threads", "env", "skipped"):
+        assert key in record, key
+    assert record["versions"]["numpy"] == np.__version__
+    assert record["devices"]["numpy"]["class"] == "cpu"
+    ceilings = record["ceilings"]["numpy"]
+    assert ceilings["gemm_tflops"] > 0 and ceilings["copy_gbps"] > 0
+    rows = record["results"]
+    assert rows, "no rows"
+    names = {r["name"] for r in rows}
+    assert {"gemm.forward", "gemm.dW", "gemm.dX+dW", "relu.forward", "relu.backward",
+            "softmax_cross_entropy", "sgd_momentum.step", "adam.step"} <= names
+    assert any("train_step" in name for name in names)
+    for row in rows:
+        assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
+        assert row["backend"] == "numpy" and row["dtype"] == "float32"
+        assert row["status"] == "ok", (row["name"], row["reason"])
+        assert row["median_s"] > 0 and row["floor_s"] > 0
+        assert row["max_rel_error"] <= bench.RTOL["float32"]
+        assert row["gbps"] > 0
+        if row["name"].startswith("gemm") or "train_step" in row["name"]:
+            assert row["tflops"] > 0
+        else:
+            assert row["tflops"] is None
+    # The record is plain JSON.
+    json.loads(json.dumps(bench._clean(record), default=bench._json_default))
+
+
+def test_ratios_are_baseline_time_over_our_time(tiny_record):
+    pytest.importorskip("torch")
+    checked = 0
+    for row in tiny_record["results"]:
+        for name, ratio in row["vs"].items():
+            expected = row["baselines"][name]["median_s"] / row["median_s"]
+            assert ratio == pytest.approx(expected)
+            checked += 1
+        assert "torch" in row["vs"], row["name"]
+    assert checked >= len(tiny_record["results"])
+
+
+def test_speed_ratio_above_one_means_we_are_faster():
+    assert bench.speed_ratio(baseline_s=3.0, ours_s=1.5) == 2.0
+    assert bench.speed_ratio(baseline_s=1.0, ours_s=4.0) == 0.25
+    assert bench.speed_ratio(None, 1.0) is None
+    assert bench.speed_ratio(1.0, 0.0) is None
+
+
+def test_max_rel_error_is_normwise_and_catches_nan_and_shape():
+    ref = np.array([[1.0, -4.0], [0.0, 2.0]])
+    out = ref + np.array([[0.0, 0.0], [0.04, 0.0]])
+    assert bench.max_rel_error([out], [ref]) == pytest.approx(0.01)
+    assert bench.max_rel_error([ref.astype(np.float32)], [ref]) == 0.0
+    assert bench.max_rel_error([np.full((2, 2), np.nan)], [ref]) == math.inf
+    assert bench.max_rel_error([ref[:1]], [ref]) == math.inf
+    # The worst of several tensors counts.
+    assert bench.max_rel_error([ref, out], [ref, ref]) == pytest.approx(0.01)
+
+
+def test_a_wrong_op_fails_its_row_and_is_not_timed(monkeypatch):
+    backend = get_backend("numpy")
+    original = backend.dense_forward
+    calls = {"n": 0}
+
+    def wrong_forward(x, weight, bias, activation, alpha=0.01):
+        calls["n"] += 1
+        y, saved = original(x, weight, bias, activation, alpha)
+        return y * np.float32(1.01), saved  # 1% off: far outside float32 tolerance
+
+    monkeypatch.setattr(backend, "dense_forward", wrong_forward)
+    record = bench.run_benchmarks(tiny_config(only=("gemm.forward",), torch=False))
+    (row,) = record["results"]
+    assert row["status"] == "failed"
+    assert row["max_rel_error"] == pytest.approx(0.01, rel=1e-3)
+    assert row["median_s"] is None and row["vs"] == {} and row["baselines"] == {}
+    assert "not timed" in row["reason"]
+    assert calls["n"] == 1  # the check ran it once; timing never did
+
+
+def test_a_wrong_training_step_fails_and_cli_exits_nonzero(monkeypatch, tmp_path):
+    backend = get_backend("numpy")
+    original = backend.sgd_step
+
+    def wrong_sgd(param, grad, momentum_buf, **kwargs):
+        kwargs["lr"] *= 3.0
+        original(param, grad, momentum_buf, **kwargs)
+
+    monkeypatch.setattr(backend, "sgd_step", wrong_sgd)
+    path = tmp_path / "record.json"
+    status = bench.main(["--preset", "tiny", "--backend", "numpy", "--only", "train_step",
+                         "--no-torch", "--quiet", "--json", str(path)])
+    assert status == 1
+    (row,) = json.loads(path.read_text())["results"]
+    assert "train_step" in row["name"] and row["status"] == "failed"
+
+
+def test_cli_writes_json_results_file_and_plot(tmp_path, capsys):
+    json_path, results_dir, plot = tmp_path / "r.json", tmp_path / "results", tmp_path / "p.png"
+    status = bench.main(["--preset", "tiny", "--backend", "numpy", "--only", "relu",
+                         "--only", "adam", "--no-torch", "--quiet", "--json", str(json_path),
+                         "--append-results", "--results-dir", str(results_dir),
+                         "--plot", str(plot)])
+    assert status == 0
+    record = json.loads(json_path.read_text())
+    assert {r["name"] for r in record["results"]} == {"relu.forward", "relu.backward",
+                                                      "adam.step"}
+    (written,) = list(results_dir.glob("*.json"))
+    assert written.name.startswith(record["timestamp"][:10])
+    assert json.loads(written.read_text())["results"] == record["results"]
+    # A second run on the same day and commit does not overwrite the first.
+    bench.main(["--preset", "tiny", "--backend", "numpy", "--only", "relu.forward",
+                "--no-torch", "--quiet", "--append-results", "--results-dir", str(results_dir)])
+    assert len(list(results_dir.glob("*.json"))) == 2
+    out = capsys.readouterr().out
+    assert "relu.forward" in out and "ceilings [numpy]" in out
+    pytest.importorskip("matplotlib")
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gpu_backend_without_a_gpu_is_skipped_with_a_reason(tmp_path):
+    cupy_backend = get_backend("auto")
+    if cupy_backend.name == "cupy":
+        pytest.skip("a GPU is present: the cupy rows run instead")
+    path = tmp_path / "r.json"
+    status = bench.main(["--preset", "tiny", "--backend", "cupy", "--no-torch", "--quiet",
+                         "--json", str(path)])
+    assert status == 0
+    record = json.loads(path.read_text())
+    assert record["results"] == []
+    (skipped,) = record["skipped"]
+    assert skipped["backend"] == "cupy" and "not available" in skipped["reason"]
+
+
+def test_add_arguments_and_backend_lists():
+    parser = bench.add_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--quick", "--backend", "numpy,emu", "--backend", "cupy"])
+    assert args.quick and bench._split_backends(args.backend) == ["numpy", "emu", "cupy"]
+    assert bench._split_backends(None) is None
+
+
+def test_memory_bound_inputs_are_rotated_past_the_cache():
+    small = bench.activation_case("relu", 64, 64, "forward", 4)
+    big = bench.activation_case("relu", 4096, 4096, "forward", 4)
+    gemm = bench.gemm_case(64, 64, 64, "forward", 4)
+    cache = 1 << 20
+    copies = bench._copies_for(small, cache)
+    assert copies * small.working_set >= 3 * cache
+    assert bench._copies_for(big, cache) == 1
+    assert bench._copies_for(gemm, cache) == 1
+    take = bench._cycle(["a", "b", "c"])
+    assert [take() for _ in range(5)] == ["a", "b", "c", "a", "b"]
+
+
+def test_training_step_flop_count():
+    sizes, batch = (784, 1024, 1024, 10), 256
+    parts = bench._train_parts(sizes, batch, 4)
+    macs = 784 * 1024 + 1024 * 1024 + 1024 * 10
+    # forward + dW for every layer, dX for all but the first (no input gradient).
+    assert sum(p.flops for p in parts) == 6 * batch * macs - 2 * batch * 784 * 1024
