@@ -2,23 +2,26 @@
 # One call on a GPU machine: device facts, the parity suite on "cupy", compute-sanitizer
 # memcheck and racecheck over every kernel, and the quick benchmarks.  Logs and a JSON
 # summary go to the folder given as $1, or $OUT.  Designed to finish in under 8 minutes.
-#   device tool:  bash bench/device_check.sh        (PYTHONPATH=. is set here)
+#   device tool:  GPUBACKPROP_COMMIT=<sha> bash bench/device_check.sh   (PYTHONPATH=. is set here)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-bench/device_check_out}}"
 mkdir -p "$out"
+# The device tool returns at most 8 files: step logs go to a scratch folder and come back as one
+# archive, beside summary.json, bench.json and bench.png.
+logs="$(mktemp -d)"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 start=$(date +%s)
 step() {  # step NAME TIMEOUT_S COMMAND...: run with a time limit, log, record the exit code
     local name=$1 limit=$2; shift 2
     echo "== $name (limit ${limit}s)"
-    timeout "$limit" "$@" >"$out/$name.log" 2>&1
+    timeout "$limit" "$@" >"$logs/$name.log" 2>&1
     local rc=$?
-    echo "$name $rc $(( $(date +%s) - start ))" >>"$out/steps.txt"
-    tail -n 5 "$out/$name.log"
+    echo "$name $rc $(( $(date +%s) - start ))" >>"$logs/steps.txt"
+    tail -n 5 "$logs/$name.log"
 }
-: >"$out/steps.txt"
-nvidia-smi >"$out/nvidia-smi.log" 2>&1
+: >"$logs/steps.txt"
+nvidia-smi >"$logs/nvidia-smi.log" 2>&1
 step info 60 python3 -m gpubackprop.cli info
 step parity 200 python3 -m pytest -q -m gpu tests/test_parity.py -x -p no:cacheprovider
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n1)
@@ -26,14 +29,14 @@ if [ -n "$sanitizer" ]; then
     step memcheck 90 "$sanitizer" --tool memcheck --error-exitcode 3 python3 bench/run_all_kernels.py
     step racecheck 120 "$sanitizer" --tool racecheck --error-exitcode 3 python3 bench/run_all_kernels.py
 else
-    echo "memcheck 127 0" >>"$out/steps.txt"; echo "compute-sanitizer not found" >"$out/memcheck.log"
+    echo "memcheck 127 0" >>"$logs/steps.txt"; echo "compute-sanitizer not found" >"$logs/memcheck.log"
 fi
-step bench 240 python3 -m gpubackprop.cli bench --quick --backend cupy --json "$out/bench.json"
-python3 - "$out" <<'PY'
-import json, pathlib, subprocess, sys
-out = pathlib.Path(sys.argv[1])
+step bench 240 python3 -m gpubackprop.cli bench --quick --json "$out/bench.json" --plot "$out/bench.png"
+python3 - "$out" "$logs" <<'PY'
+import json, os, pathlib, subprocess, sys
+out, logs = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 steps = {}
-for line in (out / "steps.txt").read_text().splitlines():
+for line in (logs / "steps.txt").read_text().splitlines():
     name, rc, elapsed = line.split()
     steps[name] = {"exit_code": int(rc), "elapsed_s": int(elapsed), "passed": rc == "0"}
 def run(cmd):
@@ -43,10 +46,12 @@ def run(cmd):
         return f"unavailable: {error}"
 summary = {
     "kind": "device_check",
-    "commit": run(["git", "rev-parse", "HEAD"]),
+    # The device copy of the tree may have no .git: the caller can pass the commit in.
+    "commit": os.environ.get("GPUBACKPROP_COMMIT") or run(["git", "rev-parse", "HEAD"]),
     "gpu": run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]),
     "steps": steps,
-    "parity_tail": (out / "parity.log").read_text().splitlines()[-3:] if (out / "parity.log").exists() else [],
+    "parity_tail": (logs / "parity.log").read_text().splitlines()[-3:]
+    if (logs / "parity.log").exists() else [],
 }
 bench = out / "bench.json"
 if bench.exists():
@@ -54,3 +59,4 @@ if bench.exists():
 (out / "summary.json").write_text(json.dumps(summary, indent=2))
 print(json.dumps({k: v for k, v in summary.items() if k != "bench"}, indent=2))
 PY
+tar -czf "$out/logs.tar.gz" -C "$logs" .

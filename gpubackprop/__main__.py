@@ -1,0 +1,7 @@
+"""``python -m gpubackprop`` runs the command line."""
+
+import sys
+
+from gpubackprop.cli import main
+
+sys.exit(main())
