@@ -65,9 +65,19 @@ SCHEMA = "gpubackprop-bench/1"
 RTOL = {"float32": 1e-4, "float64": 1e-10}
 ACTIVATION_NAMES = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu")
 LEAKY_ALPHA = 0.01
-ENV_KEYS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS",
-            "OPENBLAS_THREAD_TIMEOUT", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS",
-            "CUPY_TF32", "NVIDIA_TF32_OVERRIDE", "CUDA_VISIBLE_DEVICES", "GPUBACKPROP_BACKEND")
+ENV_KEYS = (
+    "OPENBLAS_CORETYPE",
+    "OPENBLAS_L2_SIZE",
+    "OPENBLAS_NUM_THREADS",
+    "OPENBLAS_THREAD_TIMEOUT",
+    "OMP_NUM_THREADS",
+    "OMP_WAIT_POLICY",
+    "MKL_NUM_THREADS",
+    "CUPY_TF32",
+    "NVIDIA_TF32_OVERRIDE",
+    "CUDA_VISIBLE_DEVICES",
+    "GPUBACKPROP_BACKEND",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,9 +105,18 @@ _MLP_PARAMS = sum(a * b + b for a, b in itertools.pairwise(MLP_784))  # 1 863 69
 
 SIZES: dict[str, Sizes] = {
     "gpu": Sizes(
-        gemm=((256, 256, 256), (512, 512, 512), (1024, 1024, 1024), (2048, 2048, 2048),
-              (4096, 4096, 4096), (256, 1024, 784), (4096, 1024, 784), (4096, 1024, 1024),
-              (4096, 10, 1024), (65536, 64, 64)),
+        gemm=(
+            (256, 256, 256),
+            (512, 512, 512),
+            (1024, 1024, 1024),
+            (2048, 2048, 2048),
+            (4096, 4096, 4096),
+            (256, 1024, 784),
+            (4096, 1024, 784),
+            (4096, 1024, 1024),
+            (4096, 10, 1024),
+            (65536, 64, 64),
+        ),
         activation=((4096, 1024), (65536, 1024)),
         activation_names=ACTIVATION_NAMES,
         loss=((4096, 10), (65536, 10), (4096, 1000), (65536, 1000)),
@@ -113,8 +132,16 @@ SIZES: dict[str, Sizes] = {
         train=((MLP_784, 256), (MLP_784, 4096), (MLP_NARROW, 65536)),
     ),
     "cpu": Sizes(
-        gemm=((128, 128, 128), (256, 256, 256), (512, 512, 512), (1024, 1024, 1024),
-              (256, 1024, 784), (256, 1024, 1024), (256, 10, 1024), (4096, 64, 64)),
+        gemm=(
+            (128, 128, 128),
+            (256, 256, 256),
+            (512, 512, 512),
+            (1024, 1024, 1024),
+            (256, 1024, 784),
+            (256, 1024, 1024),
+            (256, 10, 1024),
+            (4096, 64, 64),
+        ),
         activation=((256, 1024), (4096, 1024)),
         activation_names=ACTIVATION_NAMES,
         loss=((256, 10), (4096, 10), (4096, 1000)),
@@ -166,24 +193,31 @@ class TimingSettings:
 
 
 TIMING: dict[str, TimingSettings] = {
-    "gpu": TimingSettings(warmup_calls=5, warmup_s=0.1, batch_s=0.002, min_rounds=15,
-                          max_rounds=400, budget_s=0.6),
-    "gpu_quick": TimingSettings(warmup_calls=5, warmup_s=0.05, batch_s=0.002, min_rounds=11,
-                                max_rounds=200, budget_s=0.2),
-    "cpu": TimingSettings(warmup_calls=2, warmup_s=0.05, batch_s=0.005, min_rounds=9,
-                          max_rounds=200, budget_s=1.0),
-    "cpu_quick": TimingSettings(warmup_calls=2, warmup_s=0.02, batch_s=0.005, min_rounds=5,
-                                max_rounds=100, budget_s=0.3),
-    "emu": TimingSettings(warmup_calls=1, warmup_s=0.0, batch_s=0.0, min_rounds=3,
-                          max_rounds=5, budget_s=0.05),
-    "tiny": TimingSettings(warmup_calls=1, warmup_s=0.0, batch_s=0.0002, min_rounds=3,
-                           max_rounds=5, budget_s=0.005),
+    "gpu": TimingSettings(
+        warmup_calls=5, warmup_s=0.1, batch_s=0.002, min_rounds=15, max_rounds=400, budget_s=0.6
+    ),
+    "gpu_quick": TimingSettings(
+        warmup_calls=5, warmup_s=0.05, batch_s=0.002, min_rounds=11, max_rounds=200, budget_s=0.2
+    ),
+    "cpu": TimingSettings(
+        warmup_calls=2, warmup_s=0.05, batch_s=0.005, min_rounds=9, max_rounds=200, budget_s=1.0
+    ),
+    "cpu_quick": TimingSettings(
+        warmup_calls=2, warmup_s=0.02, batch_s=0.005, min_rounds=5, max_rounds=100, budget_s=0.3
+    ),
+    "emu": TimingSettings(
+        warmup_calls=1, warmup_s=0.0, batch_s=0.0, min_rounds=3, max_rounds=5, budget_s=0.05
+    ),
+    "tiny": TimingSettings(
+        warmup_calls=1, warmup_s=0.0, batch_s=0.0002, min_rounds=3, max_rounds=5, budget_s=0.005
+    ),
 }
 
 
 # ---------------------------------------------------------------------------------------------
 # Small helpers
 # ---------------------------------------------------------------------------------------------
+
 
 def speed_ratio(baseline_s: float | None, ours_s: float | None) -> float | None:
     """baseline_time / our_time: above 1 means gpubackprop is faster."""
@@ -235,8 +269,9 @@ def _slug(text: str) -> str:
 
 def _run_quiet(command: list[str], cwd: Path | None = None) -> str | None:
     try:
-        result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=10,
-                                check=False)
+        result = subprocess.run(
+            command, cwd=cwd, capture_output=True, text=True, timeout=10, check=False
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return result.stdout.strip() if result.returncode == 0 else None
@@ -294,8 +329,11 @@ def numpy_threads() -> int:
     try:
         import threadpoolctl
 
-        counts = [info["num_threads"] for info in threadpoolctl.threadpool_info()
-                  if info.get("user_api") == "blas"]
+        counts = [
+            info["num_threads"]
+            for info in threadpoolctl.threadpool_info()
+            if info.get("user_api") == "blas"
+        ]
         if counts:
             return int(max(counts))
     except Exception:  # threadpoolctl missing or unable to inspect: fall back
@@ -313,8 +351,16 @@ def _blas_info() -> dict[str, Any]:
 
         for info in threadpoolctl.threadpool_info():
             if info.get("user_api") == "blas":
-                return {k: info.get(k) for k in ("internal_api", "version", "architecture",
-                                                  "num_threads", "threading_layer")}
+                return {
+                    k: info.get(k)
+                    for k in (
+                        "internal_api",
+                        "version",
+                        "architecture",
+                        "num_threads",
+                        "threading_layer",
+                    )
+                }
     except Exception:
         pass
     return {}
@@ -323,6 +369,7 @@ def _blas_info() -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # Timers
 # ---------------------------------------------------------------------------------------------
+
 
 class CpuTimer:
     """Wall time with time.perf_counter; ``sync`` runs before the clock stops (a no-op for
@@ -405,8 +452,9 @@ class Stats:
     calls: int
 
 
-def measure(impls: dict[str, Impl], settings: TimingSettings,
-            failures: dict[str, str] | None = None) -> dict[str, Stats]:
+def measure(
+    impls: dict[str, Impl], settings: TimingSettings, failures: dict[str, str] | None = None
+) -> dict[str, Stats]:
     """Warm up each implementation, then time them in alternating rounds (the order reversed
     every other round so that none always runs after the same neighbour).  An implementation
     that raises is dropped, its error kept in ``failures``; "ours" raising propagates."""
@@ -458,6 +506,7 @@ def measure(impls: dict[str, Impl], settings: TimingSettings,
 # ---------------------------------------------------------------------------------------------
 # Cases
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Part:
@@ -522,8 +571,9 @@ class Context:
         self.torch, self.torch_device, self.torch_reason = self._torch()
         self.torch_timer = None
         if self.torch is not None:
-            self.torch_timer = (TorchCudaTimer(self.torch) if self.torch_device == "cuda"
-                                else CpuTimer())
+            self.torch_timer = (
+                TorchCudaTimer(self.torch) if self.torch_device == "cuda" else CpuTimer()
+            )
         self.cupy = getattr(backend, "xp", None) if backend.name == "cupy" else None
 
     def _our_timer(self):
@@ -599,8 +649,9 @@ def _gemm_parts(m: int, n: int, k: int, itemsize: int, layout: str) -> list[Part
     return {"forward": [forward], "dW": [weight], "dX+dW": [weight, data]}[layout]
 
 
-def gemm_case(m: int, n: int, k: int, layout: str, itemsize: int,
-              gemm_version: str | None = None) -> Case:
+def gemm_case(
+    m: int, n: int, k: int, layout: str, itemsize: int, gemm_version: str | None = None
+) -> Case:
     """One dense-layer GEMM layout at batch m, out_features n, in_features k."""
     parts = _gemm_parts(m, n, k, itemsize, layout)
     working = sum(p.bytes for p in parts)
@@ -619,6 +670,7 @@ def gemm_case(m: int, n: int, k: int, layout: str, itemsize: int,
         take = _cycle(sets)
 
         if layout == "forward":
+
             def run():
                 x, w, _, _ = take()
                 return backend.dense_forward(x, w, None, "identity")[0]
@@ -627,8 +679,7 @@ def gemm_case(m: int, n: int, k: int, layout: str, itemsize: int,
 
             def run():
                 x, w, dz, dw = take()
-                return backend.dense_backward(dz, x, w, None, "identity", 0.0, dw, None,
-                                              need_dinp)
+                return backend.dense_backward(dz, x, w, None, "identity", 0.0, dw, None, need_dinp)
 
         def check():
             x, w, dz = ctx.ours(x_h), ctx.ours(w_h), ctx.ours(dz_h)
@@ -636,8 +687,9 @@ def gemm_case(m: int, n: int, k: int, layout: str, itemsize: int,
                 out = backend.dense_forward(x, w, None, "identity")[0]
                 return [backend.to_numpy(out)], [x_h @ w_h.T]
             dw = backend.empty((n, k), ctx.dtype)
-            dx = backend.dense_backward(dz, x, w, None, "identity", 0.0, dw, None,
-                                        layout == "dX+dW")
+            dx = backend.dense_backward(
+                dz, x, w, None, "identity", 0.0, dw, None, layout == "dX+dW"
+            )
             outs, refs = [backend.to_numpy(dw)], [dz_h.T @ x_h]
             if layout == "dX+dW":
                 outs.append(backend.to_numpy(dx))
@@ -651,22 +703,28 @@ def gemm_case(m: int, n: int, k: int, layout: str, itemsize: int,
             prepared.baselines["cublas"] = Impl(lambda: cublas(cp, take), ctx.timer)
         if ctx.torch is not None:
             torch = ctx.torch
-            tsets = [(ctx.torch_tensor(x_h), ctx.torch_tensor(w_h), ctx.torch_tensor(dz_h))
-                     for _ in range(copies)]
+            tsets = [
+                (ctx.torch_tensor(x_h), ctx.torch_tensor(w_h), ctx.torch_tensor(dz_h))
+                for _ in range(copies)
+            ]
             ttake = _cycle(tsets)
             linear = torch.nn.functional.linear
             if layout == "forward":
+
                 def torch_run():
                     x, w, _ = ttake()
                     return linear(x, w)  # x Wᵀ, as nn.Linear without bias
             elif layout == "dW":
+
                 def torch_run():
                     x, _, dz = ttake()
                     return torch.matmul(dz.t(), x)
             else:
+
                 def torch_run():
                     x, w, dz = ttake()
                     return torch.matmul(dz.t(), x), torch.matmul(dz, w)
+
             prepared.baselines["torch"] = ctx.torch_impl(torch_run)
         else:
             prepared.skipped["torch"] = ctx.torch_reason
@@ -697,13 +755,17 @@ def _torch_activation(torch: Any, name: str, alpha: float):
     aten = torch.ops.aten
     table = {
         "relu": (torch.relu, lambda d, s: aten.threshold_backward(d, s, 0)),
-        "leaky_relu": (lambda x: F.leaky_relu(x, alpha),
-                       lambda d, s: aten.leaky_relu_backward(d, s, alpha, False)),
+        "leaky_relu": (
+            lambda x: F.leaky_relu(x, alpha),
+            lambda d, s: aten.leaky_relu_backward(d, s, alpha, False),
+        ),
         "sigmoid": (torch.sigmoid, aten.sigmoid_backward),
         "tanh": (torch.tanh, aten.tanh_backward),
         "gelu": (F.gelu, lambda d, s: aten.gelu_backward(d, s, approximate="none")),
-        "gelu_tanh": (lambda x: F.gelu(x, approximate="tanh"),
-                      lambda d, s: aten.gelu_backward(d, s, approximate="tanh")),
+        "gelu_tanh": (
+            lambda x: F.gelu(x, approximate="tanh"),
+            lambda d, s: aten.gelu_backward(d, s, approximate="tanh"),
+        ),
         "silu": (F.silu, aten.silu_backward),
     }
     return table[name]
@@ -725,9 +787,11 @@ def activation_case(name: str, rows: int, cols: int, direction: str, itemsize: i
             sets.append((x, dout, backend.activation_forward(x, name, alpha)[1]))
         take = _cycle(sets)
         if direction == "forward":
+
             def run():
                 return backend.activation_forward(take()[0], name, alpha)[0]
         else:
+
             def run():
                 _, dout, saved = take()
                 return backend.activation_backward(dout, saved, name, alpha)
@@ -738,8 +802,7 @@ def activation_case(name: str, rows: int, cols: int, direction: str, itemsize: i
             if direction == "forward":
                 return [backend.to_numpy(y)], [ref.activation_forward(x_h, name, alpha)[0]]
             dinp = backend.activation_backward(ctx.ours(d_h), saved, name, alpha)
-            return [backend.to_numpy(dinp)], [ref.activation_backward(d_h, saved_h, name,
-                                                                      alpha)]
+            return [backend.to_numpy(dinp)], [ref.activation_backward(d_h, saved_h, name, alpha)]
 
         prepared = Prepared(run, check, copies=copies)
         if ctx.torch is None:
@@ -759,6 +822,7 @@ def activation_case(name: str, rows: int, cols: int, direction: str, itemsize: i
             def run_torch():
                 x, dout, saved = ttake()
                 return f(x) if direction == "forward" else f(dout, saved)
+
             return run_torch
 
         prepared.baselines["torch"] = ctx.torch_impl(call(fn))
@@ -789,8 +853,9 @@ def loss_case(rows: int, classes: int, itemsize: int) -> Case:
             return backend.softmax_cross_entropy(z, labels)
 
         def check():
-            loss, grad = backend.softmax_cross_entropy(ctx.ours(z_h),
-                                                       backend.asarray(labels_h, np.int64))
+            loss, grad = backend.softmax_cross_entropy(
+                ctx.ours(z_h), backend.asarray(labels_h, np.int64)
+            )
             ref_loss, ref_grad = ref.softmax_cross_entropy(z_h, labels_h)
             return ([backend.to_numpy(loss), backend.to_numpy(grad)], [ref_loss, ref_grad])
 
@@ -800,8 +865,10 @@ def loss_case(rows: int, classes: int, itemsize: int) -> Case:
             return prepared
         torch = ctx.torch
         F = torch.nn.functional
-        tsets = [(ctx.torch_tensor(z_h), ctx.torch_tensor(labels_h.astype(np.int64), np.int64))
-                 for _ in range(copies)]
+        tsets = [
+            (ctx.torch_tensor(z_h), ctx.torch_tensor(labels_h.astype(np.int64), np.int64))
+            for _ in range(copies)
+        ]
         ttake = _cycle(tsets)
 
         def torch_eager():
@@ -813,6 +880,7 @@ def loss_case(rows: int, classes: int, itemsize: int) -> Case:
 
         prepared.baselines["torch"] = ctx.torch_impl(torch_eager)
         if ctx.torch_compile_enabled("elementwise"):
+
             def value_and_grad(z, labels):
                 # L = mean(lse(z) − z_y);  ∂L/∂z = (softmax(z) − onehot(y)) / N
                 lse = torch.logsumexp(z, dim=1)
@@ -827,12 +895,17 @@ def loss_case(rows: int, classes: int, itemsize: int) -> Case:
                 prepared.skipped["torch_compile"] = f"{type(error).__name__}: {error}"[:300]
         return prepared
 
-    return Case("softmax_cross_entropy", {"rows": rows, "classes": classes},
-                [Part(0.0, moved)], moved, True, build)
+    return Case(
+        "softmax_cross_entropy",
+        {"rows": rows, "classes": classes},
+        [Part(0.0, moved)],
+        moved,
+        True,
+        build,
+    )
 
 
-SGD_HYPER = {"lr": 1e-3, "momentum": 0.9, "dampening": 0.0, "nesterov": False,
-             "weight_decay": 0.0}
+SGD_HYPER = {"lr": 1e-3, "momentum": 0.9, "dampening": 0.0, "nesterov": False, "weight_decay": 0.0}
 ADAM_HYPER = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0}
 ADAM_STEP = 10  # a step past the first, so that the bias corrections are not trivial
 
@@ -885,12 +958,17 @@ def optimizer_case(kind: str, n: int, itemsize: int) -> Case:
                 param = torch.nn.Parameter(ctx.torch_tensor(p_h))
                 param.grad = ctx.torch_tensor(g_h)
                 if kind == "sgd_momentum":
-                    opt = torch.optim.SGD([param], lr=SGD_HYPER["lr"],
-                                          momentum=SGD_HYPER["momentum"], **extra)
+                    opt = torch.optim.SGD(
+                        [param], lr=SGD_HYPER["lr"], momentum=SGD_HYPER["momentum"], **extra
+                    )
                 else:
-                    opt = torch.optim.Adam([param], lr=ADAM_HYPER["lr"],
-                                           betas=(ADAM_HYPER["beta1"], ADAM_HYPER["beta2"]),
-                                           eps=ADAM_HYPER["eps"], **extra)
+                    opt = torch.optim.Adam(
+                        [param],
+                        lr=ADAM_HYPER["lr"],
+                        betas=(ADAM_HYPER["beta1"], ADAM_HYPER["beta2"]),
+                        eps=ADAM_HYPER["eps"],
+                        **extra,
+                    )
                 opt.step()  # creates the state buffers outside the timed region
                 opts.append(opt)
             return _cycle(opts)
@@ -983,8 +1061,11 @@ def train_case(sizes: Sequence[int], batch: int, itemsize: int) -> Case:
             reference[0].load_state_dict(fresh[0].state_dict())
             value = one_step(*fresh, x, labels)
             ref_value = one_step(*reference, x_h, labels_h)
-            outs = [ctx.backend.to_numpy(value), ctx.backend.to_numpy(fresh[0].store.grad),
-                    ctx.backend.to_numpy(fresh[0].store.data)]
+            outs = [
+                ctx.backend.to_numpy(value),
+                ctx.backend.to_numpy(fresh[0].store.grad),
+                ctx.backend.to_numpy(fresh[0].store.data),
+            ]
             refs = [np.asarray(ref_value), reference[0].store.grad, reference[0].store.data]
             return outs, refs
 
@@ -993,8 +1074,9 @@ def train_case(sizes: Sequence[int], batch: int, itemsize: int) -> Case:
             prepared.skipped["torch"] = ctx.torch_reason
             return prepared
         torch = ctx.torch
-        state = {k: torch.from_numpy(np.array(v, dtype=ctx.dtype))
-                 for k, v in model.state_dict().items()}
+        state = {
+            k: torch.from_numpy(np.array(v, dtype=ctx.dtype)) for k, v in model.state_dict().items()
+        }
         tx = ctx.torch_tensor(x_h)
         tlabels = ctx.torch_tensor(labels_h.astype(np.int64), np.int64)
 
@@ -1016,6 +1098,7 @@ def train_case(sizes: Sequence[int], batch: int, itemsize: int) -> Case:
                 value.backward()
                 opt.step()
                 return value
+
             return step
 
         prepared.baselines["torch"] = ctx.torch_impl(torch_step(*torch_model()))
@@ -1023,19 +1106,22 @@ def train_case(sizes: Sequence[int], batch: int, itemsize: int) -> Case:
             try:
                 net, topt = torch_model()
                 prepared.baselines["torch_compile"] = ctx.torch_impl(
-                    torch_step(torch.compile(net), topt))
+                    torch_step(torch.compile(net), topt)
+                )
             except Exception as error:
                 prepared.skipped["torch_compile"] = f"{type(error).__name__}: {error}"[:300]
         elif "torch_compile" not in prepared.skipped:
             prepared.skipped["torch_compile"] = "not compiled in this mode (--torch-compile on)"
         return prepared
 
-    return Case(f"train_step.mlp_{label}", {"layers": list(sizes), "batch": batch}, parts,
-                0.0, False, build)
+    return Case(
+        f"train_step.mlp_{label}", {"layers": list(sizes), "batch": batch}, parts, 0.0, False, build
+    )
 
 
-def cases_for(sizes: Sizes, itemsize: int, only: Sequence[str] = (),
-              gemm_versions: Sequence[str] = ()) -> list[Case]:
+def cases_for(
+    sizes: Sizes, itemsize: int, only: Sequence[str] = (), gemm_versions: Sequence[str] = ()
+) -> list[Case]:
     cases: list[Case] = []
     for m, n, k in sizes.gemm:
         for layout in ("forward", "dW", "dX+dW"):
@@ -1061,6 +1147,7 @@ def cases_for(sizes: Sizes, itemsize: int, only: Sequence[str] = (),
 # ---------------------------------------------------------------------------------------------
 # Ceilings
 # ---------------------------------------------------------------------------------------------
+
 
 def measure_ceilings(ctx: Context, settings: TimingSettings) -> dict[str, Any]:
     """Copy bandwidth and GEMM throughput of the device, measured now.
@@ -1096,13 +1183,20 @@ def measure_ceilings(ctx: Context, settings: TimingSettings) -> dict[str, Any]:
         b = rng.standard_normal((size, size)).astype(dtype)
         c = np.empty((size, size), dtype=dtype)
         timer = CpuTimer()
-        impls = {"copy": Impl(lambda: np.copyto(dst, src), timer),
-                 "gemm": Impl(lambda: np.matmul(a, b, out=c), timer)}
+        impls = {
+            "copy": Impl(lambda: np.copyto(dst, src), timer),
+            "gemm": Impl(lambda: np.matmul(a, b, out=c), timer),
+        }
         cache = _cpu_cache_bytes()
         compute_type = None
-    ceiling_settings = TimingSettings(settings.warmup_calls, settings.warmup_s, settings.batch_s,
-                                      max(settings.min_rounds, 5), settings.max_rounds,
-                                      settings.budget_s)
+    ceiling_settings = TimingSettings(
+        settings.warmup_calls,
+        settings.warmup_s,
+        settings.batch_s,
+        max(settings.min_rounds, 5),
+        settings.max_rounds,
+        settings.budget_s,
+    )
     stats = measure(impls, ceiling_settings)
     copy_bytes = 2.0 * src.nbytes  # read + write
     result = {
@@ -1112,8 +1206,11 @@ def measure_ceilings(ctx: Context, settings: TimingSettings) -> dict[str, Any]:
         "gemm_size": size,
         "cache_bytes": int(cache),
         "dtype": dtype.name,
-        "method": ("cudaMemcpyAsync D2D; cupy.matmul" if ctx.device_class == "gpu"
-                   else "numpy.copyto; numpy.matmul"),
+        "method": (
+            "cudaMemcpyAsync D2D; cupy.matmul"
+            if ctx.device_class == "gpu"
+            else "numpy.copyto; numpy.matmul"
+        ),
     }
     if compute_type is not None:
         result["cublas_compute_type"] = compute_type
@@ -1152,6 +1249,7 @@ def _cupy_compute_type(cp: Any, dtype: np.dtype) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # Running
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass
 class BenchConfig:
@@ -1218,17 +1316,34 @@ def _log(config: BenchConfig, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def run_case(case: Case, ctx: Context, settings: TimingSettings,
-             ceilings: dict[str, Any]) -> dict[str, Any]:
+def run_case(
+    case: Case, ctx: Context, settings: TimingSettings, ceilings: dict[str, Any]
+) -> dict[str, Any]:
     """Build, check, then time one row.  Returns the row dict (see bench/README.md)."""
     row: dict[str, Any] = {
-        "name": case.name, "backend": ctx.backend.name, "shape": case.shape,
-        "dtype": ctx.dtype.name, "status": "ok", "median_s": None, "q1_s": None, "q3_s": None,
-        "calls": 0, "tflops": None, "gbps": None, "flops": case.flops, "bytes": case.bytes,
+        "name": case.name,
+        "backend": ctx.backend.name,
+        "shape": case.shape,
+        "dtype": ctx.dtype.name,
+        "status": "ok",
+        "median_s": None,
+        "q1_s": None,
+        "q3_s": None,
+        "calls": 0,
+        "tflops": None,
+        "gbps": None,
+        "flops": case.flops,
+        "bytes": case.bytes,
         "bound": "memory" if case.memory_bound else "compute",
-        "floor_s": _floor_seconds(case, ceilings), "floor_fraction": None,
-        "max_rel_error": None, "rtol": RTOL[ctx.dtype.name], "input_copies": 1,
-        "vs": {}, "baselines": {}, "baselines_skipped": {}, "reason": "",
+        "floor_s": _floor_seconds(case, ceilings),
+        "floor_fraction": None,
+        "max_rel_error": None,
+        "rtol": RTOL[ctx.dtype.name],
+        "input_copies": 1,
+        "vs": {},
+        "baselines": {},
+        "baselines_skipped": {},
+        "reason": "",
     }
     if row["floor_s"] is not None and case.parts:
         # What limits the row at the ceilings: compute or memory (summed over parts).
@@ -1245,8 +1360,10 @@ def run_case(case: Case, ctx: Context, settings: TimingSettings,
         row["max_rel_error"] = error
         if not error <= row["rtol"]:
             row["status"] = "failed"
-            row["reason"] = (f"max relative error {error:.3g} exceeds {row['rtol']:g} against "
-                             "the float64 NumPy reference; not timed")
+            row["reason"] = (
+                f"max relative error {error:.3g} exceeds {row['rtol']:g} against "
+                "the float64 NumPy reference; not timed"
+            )
             return row
         impls = {"ours": Impl(prepared.run, ctx.timer), **prepared.baselines}
         failures: dict[str, str] = {}
@@ -1264,8 +1381,12 @@ def run_case(case: Case, ctx: Context, settings: TimingSettings,
     for name, stat in stats.items():
         if name == "ours":
             continue
-        row["baselines"][name] = {"median_s": stat.median_s, "q1_s": stat.q1_s,
-                                  "q3_s": stat.q3_s, "calls": stat.calls}
+        row["baselines"][name] = {
+            "median_s": stat.median_s,
+            "q1_s": stat.q1_s,
+            "q3_s": stat.q3_s,
+            "calls": stat.calls,
+        }
         row["vs"][name] = speed_ratio(stat.median_s, ours.median_s)
     row["baselines_skipped"] = {**prepared.skipped, **failures}
     return row
@@ -1300,8 +1421,7 @@ def run_benchmarks(config: BenchConfig) -> dict[str, Any]:
     """Run the benchmark and return the JSON record (see bench/README.md)."""
     dtype = np.dtype(config.dtype)
     if dtype.name not in RTOL:
-        raise ValueError(f"dtype={config.dtype!r} is not supported; expected one of "
-                         f"{tuple(RTOL)}")
+        raise ValueError(f"dtype={config.dtype!r} is not supported; expected one of {tuple(RTOL)}")
     if config.torch_compile not in ("auto", "on", "off"):
         raise ValueError(f"torch_compile={config.torch_compile!r}; expected auto, on or off")
     os.environ.setdefault("CUPY_TF32", "0")  # before CuPy's first matmul reads it
@@ -1314,12 +1434,22 @@ def run_benchmarks(config: BenchConfig) -> dict[str, Any]:
     record: dict[str, Any] = {
         "schema": SCHEMA,
         "timestamp": _datetime.datetime.now(_datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": commit, "git_dirty": dirty,
-        "settings": {"quick": config.quick, "dtype": dtype.name, "only": list(config.only),
-                     "torch_compile": config.torch_compile, "preset": config.preset,
-                     "seed": config.seed},
-        "host": {"cpu": _cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
-                 "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "settings": {
+            "quick": config.quick,
+            "dtype": dtype.name,
+            "only": list(config.only),
+            "torch_compile": config.torch_compile,
+            "preset": config.preset,
+            "seed": config.seed,
+        },
+        "host": {
+            "cpu": _cpu_model(),
+            "cores": os.cpu_count(),
+            "platform": platform.platform(),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        },
         "env": {key: os.environ.get(key) for key in ENV_KEYS},
         "versions": _versions(),
         "threads": {},
@@ -1348,8 +1478,9 @@ def run_benchmarks(config: BenchConfig) -> dict[str, Any]:
             ceilings = {"error": f"{type(error).__name__}: {error}"}
         record["ceilings"][name] = ceilings
         if ctx.torch is None:
-            record["skipped"].append({"backend": name, "name": "torch baselines",
-                                      "reason": ctx.torch_reason})
+            record["skipped"].append(
+                {"backend": name, "name": "torch baselines", "reason": ctx.torch_reason}
+            )
         versions = ()
         if config.gemm_versions and not config.quick and hasattr(backend, "gemm_version"):
             from .backends.kernel_backend import GEMM_VERSIONS
@@ -1359,12 +1490,14 @@ def run_benchmarks(config: BenchConfig) -> dict[str, Any]:
         for i, case in enumerate(cases):
             row = run_case(case, ctx, settings, ceilings)
             record["results"].append(row)
-            _log(config, f"[{name}] {i + 1}/{len(cases)} {case.name} {_shape_text(case.shape)}: "
-                         f"{row['status']} {_format_time(row['median_s'])}")
+            _log(
+                config,
+                f"[{name}] {i + 1}/{len(cases)} {case.name} {_shape_text(case.shape)}: "
+                f"{row['status']} {_format_time(row['median_s'])}",
+            )
         if device_class == "gpu":
             ctx.cupy.get_default_memory_pool().free_all_blocks()
-    record["threads"] = {"numpy": numpy_threads(), "torch": torch_threads,
-                         "blas": _blas_info()}
+    record["threads"] = {"numpy": numpy_threads(), "torch": torch_threads, "blas": _blas_info()}
     return record
 
 
@@ -1384,8 +1517,11 @@ def _set_torch_threads(config: BenchConfig, record: dict[str, Any]) -> int | Non
 def _versions() -> dict[str, Any]:
     from . import __version__
 
-    versions: dict[str, Any] = {"gpubackprop": __version__, "python": platform.python_version(),
-                                "numpy": np.__version__}
+    versions: dict[str, Any] = {
+        "gpubackprop": __version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+    }
     for module in ("cupy", "torch", "matplotlib"):
         try:
             versions[module] = __import__(module).__version__
@@ -1397,6 +1533,7 @@ def _versions() -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------------
+
 
 def _shape_text(shape: dict[str, Any]) -> str:
     if "layers" in shape:
@@ -1413,16 +1550,24 @@ def format_table(record: dict[str, Any]) -> str:
     """The rows as a text table; ratios are baseline_time / our_time (>1: we are faster)."""
     rows = record["results"]
     names = [b for b in BASELINE_ORDER if any(b in r["vs"] for r in rows)]
-    header = ["op", "backend", "shape", "median", "TFLOP/s", "GB/s", "floor", "of floor",
-              "max rel err"] + [f"vs {b}" for b in names] + ["status"]
+    header = (
+        ["op", "backend", "shape", "median", "TFLOP/s", "GB/s", "floor", "of floor", "max rel err"]
+        + [f"vs {b}" for b in names]
+        + ["status"]
+    )
     lines = [header]
     for r in rows:
-        line = [r["name"], r["backend"], _shape_text(r["shape"]), _format_time(r["median_s"]),
-                f"{r['tflops']:.3f}" if r["tflops"] else "-",
-                f"{r['gbps']:.1f}" if r["gbps"] else "-",
-                _format_time(r["floor_s"]),
-                f"{100 * r['floor_fraction']:.0f}%" if r["floor_fraction"] else "-",
-                f"{r['max_rel_error']:.1e}" if r["max_rel_error"] is not None else "-"]
+        line = [
+            r["name"],
+            r["backend"],
+            _shape_text(r["shape"]),
+            _format_time(r["median_s"]),
+            f"{r['tflops']:.3f}" if r["tflops"] else "-",
+            f"{r['gbps']:.1f}" if r["gbps"] else "-",
+            _format_time(r["floor_s"]),
+            f"{100 * r['floor_fraction']:.0f}%" if r["floor_fraction"] else "-",
+            f"{r['max_rel_error']:.1e}" if r["max_rel_error"] is not None else "-",
+        ]
         line += [f"{r['vs'][b]:.2f}x" if r["vs"].get(b) else "-" for b in names]
         line.append(r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason'][:60]}")
         lines.append(line)
@@ -1432,8 +1577,10 @@ def format_table(record: dict[str, Any]) -> str:
     notes = []
     for backend, ceiling in record["ceilings"].items():
         if "gemm_tflops" in ceiling:
-            notes.append(f"ceilings [{backend}]: GEMM {ceiling['gemm_tflops']:.2f} TFLOP/s "
-                         f"({ceiling['gemm_size']}^3), copy {ceiling['copy_gbps']:.1f} GB/s")
+            notes.append(
+                f"ceilings [{backend}]: GEMM {ceiling['gemm_tflops']:.2f} TFLOP/s "
+                f"({ceiling['gemm_size']}^3), copy {ceiling['copy_gbps']:.1f} GB/s"
+            )
     threads = record.get("threads", {})
     if threads:
         notes.append(f"threads: numpy {threads.get('numpy')}, torch {threads.get('torch')}")
@@ -1450,13 +1597,22 @@ def format_markdown(record: dict[str, Any]) -> str:
     head += [f"vs {b}" for b in names]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        rate = (f"{r['tflops']:.3f} TFLOP/s" if r["bound"] == "compute" and r["tflops"]
-                else f"{r['gbps']:.1f} GB/s" if r["gbps"] else "-")
-        cells = [f"`{r['name']}`", r["backend"], _shape_text(r["shape"]),
-                 _format_time(r["median_s"]) if r["status"] == "ok" else r["status"],
-                 rate if r["status"] == "ok" else "-",
-                 f"{100 * r['floor_fraction']:.0f}%" if r["floor_fraction"] else "-",
-                 f"{r['max_rel_error']:.1e}" if r["max_rel_error"] is not None else "-"]
+        rate = (
+            f"{r['tflops']:.3f} TFLOP/s"
+            if r["bound"] == "compute" and r["tflops"]
+            else f"{r['gbps']:.1f} GB/s"
+            if r["gbps"]
+            else "-"
+        )
+        cells = [
+            f"`{r['name']}`",
+            r["backend"],
+            _shape_text(r["shape"]),
+            _format_time(r["median_s"]) if r["status"] == "ok" else r["status"],
+            rate if r["status"] == "ok" else "-",
+            f"{100 * r['floor_fraction']:.0f}%" if r["floor_fraction"] else "-",
+            f"{r['max_rel_error']:.1e}" if r["max_rel_error"] is not None else "-",
+        ]
         cells += [f"{r['vs'][b]:.2f}x" if r["vs"].get(b) else "-" for b in names]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -1525,13 +1681,18 @@ def write_plot(record: dict[str, Any], path: str | os.PathLike) -> Path | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except Exception as error:
-        print(f"--plot skipped: matplotlib is not usable ({type(error).__name__}: {error}); "
-              "install gpubackprop[plot]", file=sys.stderr)
+        print(
+            f"--plot skipped: matplotlib is not usable ({type(error).__name__}: {error}); "
+            "install gpubackprop[plot]",
+            file=sys.stderr,
+        )
         return None
     rows = [r for r in record["results"] if r["status"] == "ok" and r["median_s"]]
     fig, axes = plt.subplots(1, 2, figsize=(16, 10))
-    panels = (("compute", "flops", 1e12, "TFLOP/s", "FLOPs per call"),
-              ("memory", "bytes", 1e9, "GB/s", "bytes moved per call"))
+    panels = (
+        ("compute", "flops", 1e12, "TFLOP/s", "FLOPs per call"),
+        ("memory", "bytes", 1e9, "GB/s", "bytes moved per call"),
+    )
     for ax, (bound, work_key, unit, ylabel, xlabel) in zip(axes, panels):
         series: dict[str, list[tuple[float, float]]] = {}
         for r in rows:
@@ -1544,18 +1705,31 @@ def write_plot(record: dict[str, Any], path: str | os.PathLike) -> Path | None:
             for base, stat in r["baselines"].items():
                 bkey = f"{family} [{base} on {device}]"
                 series.setdefault(bkey, []).append(
-                    (r[work_key], r[work_key] / stat["median_s"] / unit))
+                    (r[work_key], r[work_key] / stat["median_s"] / unit)
+                )
         for key, points in sorted(series.items()):
             points.sort()
             style = "--" if " on " in key else "-"
-            ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o",
-                    markersize=3, label=key, linewidth=1)
+            ax.plot(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                style,
+                marker="o",
+                markersize=3,
+                label=key,
+                linewidth=1,
+            )
         for backend, ceiling in record["ceilings"].items():
             value = ceiling.get("gemm_tflops" if bound == "compute" else "copy_gbps")
             if value:
                 ax.axhline(value, color="gray", linestyle=":", linewidth=1)
-                ax.annotate(f"{backend} ceiling {value:.3g} {ylabel}", (0.01, value),
-                            xycoords=("axes fraction", "data"), fontsize=7, color="gray")
+                ax.annotate(
+                    f"{backend} ceiling {value:.3g} {ylabel}",
+                    (0.01, value),
+                    xycoords=("axes fraction", "data"),
+                    fontsize=7,
+                    color="gray",
+                )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel(xlabel)
@@ -1578,31 +1752,56 @@ def write_plot(record: dict[str, Any], path: str | os.PathLike) -> Path | None:
 # Command line
 # ---------------------------------------------------------------------------------------------
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of ``gpubackprop bench``."""
-    parser.add_argument("--quick", action="store_true",
-                        help="a representative subset (< 5 min on one H100, ~2 min on 2 CPU "
-                             "cores); what bench/device_check.sh runs")
-    parser.add_argument("--backend", action="append", default=None, metavar="NAME",
-                        help="numpy, cupy or emu; repeat or comma-separate for several "
-                             "(default: cupy and numpy, those available; emu only when named)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a representative subset (< 5 min on one H100, ~2 min on 2 CPU "
+        "cores); what bench/device_check.sh runs",
+    )
+    parser.add_argument(
+        "--backend",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="numpy, cupy or emu; repeat or comma-separate for several "
+        "(default: cupy and numpy, those available; emu only when named)",
+    )
     parser.add_argument("--json", metavar="PATH", help="write the JSON record to PATH")
-    parser.add_argument("--append-results", action="store_true",
-                        help="also write the record to bench/results/<date>_<device>_<commit>"
-                             ".json")
-    parser.add_argument("--results-dir", metavar="DIR", default=None,
-                        help="where --append-results writes (default: bench/results of the "
-                             "source checkout, else ./bench/results)")
+    parser.add_argument(
+        "--append-results",
+        action="store_true",
+        help="also write the record to bench/results/<date>_<device>_<commit>.json",
+    )
+    parser.add_argument(
+        "--results-dir",
+        metavar="DIR",
+        default=None,
+        help="where --append-results writes (default: bench/results of the "
+        "source checkout, else ./bench/results)",
+    )
     parser.add_argument("--plot", metavar="PATH", help="draw throughput against size to a PNG")
     parser.add_argument("--dtype", default="float32", choices=tuple(RTOL))
-    parser.add_argument("--only", action="append", default=[], metavar="TEXT",
-                        help="run only rows whose name contains TEXT (repeatable)")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="run only rows whose name contains TEXT (repeatable)",
+    )
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch baselines")
-    parser.add_argument("--torch-compile", default="auto", choices=("auto", "on", "off"),
-                        help="torch.compile baselines (auto: training steps, and elementwise "
-                             "ops on a GPU without --quick; never on the CPU with --quick)")
-    parser.add_argument("--markdown", action="store_true",
-                        help="print the table as markdown (for the README)")
+    parser.add_argument(
+        "--torch-compile",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="torch.compile baselines (auto: training steps, and elementwise "
+        "ops on a GPU without --quick; never on the CPU with --quick)",
+    )
+    parser.add_argument(
+        "--markdown", action="store_true", help="print the table as markdown (for the README)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return parser
 
@@ -1616,10 +1815,16 @@ def _split_backends(values: Sequence[str] | None) -> list[str] | None:
 def run_from_args(args: argparse.Namespace) -> int:
     """Run ``gpubackprop bench`` with parsed arguments.  Returns the exit status: 0 when every
     row that ran passed its correctness check, 1 otherwise."""
-    config = BenchConfig(backends=_split_backends(args.backend), quick=args.quick,
-                         dtype=args.dtype, only=tuple(args.only), torch=not args.no_torch,
-                         torch_compile=args.torch_compile, verbose=not args.quiet,
-                         preset=getattr(args, "preset", None))
+    config = BenchConfig(
+        backends=_split_backends(args.backend),
+        quick=args.quick,
+        dtype=args.dtype,
+        only=tuple(args.only),
+        torch=not args.no_torch,
+        torch_compile=args.torch_compile,
+        verbose=not args.quiet,
+        preset=getattr(args, "preset", None),
+    )
     try:
         record = run_benchmarks(config)
     except ValueError as error:
@@ -1637,8 +1842,10 @@ def run_from_args(args: argparse.Namespace) -> int:
             print(f"wrote {written}")
     bad = [r for r in record["results"] if r["status"] != "ok"]
     if not record["results"]:
-        print("gpubackprop bench: no row ran (no backend available, or --only matched nothing)",
-              file=sys.stderr)
+        print(
+            "gpubackprop bench: no row ran (no backend available, or --only matched nothing)",
+            file=sys.stderr,
+        )
     return 1 if bad else 0
 
 

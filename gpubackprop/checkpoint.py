@@ -190,9 +190,7 @@ def _parse_header(path: Path, metadata: dict[str, str] | None) -> dict[str, Any]
             f"'format' entry (found keys {sorted(metadata or {})})"
         )
     if metadata["format"] != FORMAT:
-        raise ValueError(
-            f"{where} has format {metadata['format']!r}; expected {FORMAT!r}"
-        )
+        raise ValueError(f"{where} has format {metadata['format']!r}; expected {FORMAT!r}")
     raw_version = metadata.get("format_version")
     try:
         version = int(raw_version)
@@ -250,9 +248,19 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 # safetensors dtype codes → NumPy names, for the dtype check before any tensor is read.
 _SAFETENSORS_DTYPES = {
-    "BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16",
-    "U32": "uint32", "I32": "int32", "U64": "uint64", "I64": "int64",
-    "F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "U16": "uint16",
+    "I16": "int16",
+    "U32": "uint32",
+    "I32": "int32",
+    "U64": "uint64",
+    "I64": "int64",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F32": "float32",
+    "F64": "float64",
 }
 
 

@@ -62,8 +62,9 @@ class UsageError(ValueError):
 # -- option types: each names the value and what is accepted -------------------------------------
 
 
-def _number(kind: type, low: float, high: float = math.inf, low_open: bool = False,
-            high_open: bool = False) -> Callable[[str], Any]:
+def _number(
+    kind: type, low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False
+) -> Callable[[str], Any]:
     left = "(" if low_open else "["
     right = ")" if high_open or math.isinf(high) else "]"
     what = f"{'an integer' if kind is int else 'a number'} in {left}{low:g}, {high:g}{right}"
@@ -92,7 +93,7 @@ val_fraction_value = _number(float, 0.0, 1.0, high_open=True)
 
 
 def hidden_sizes(text: str) -> tuple[int, ...]:
-    """"512,256" → (512, 256); "" or "none" → () (a linear model)."""
+    """ "512,256" → (512, 256); "" or "none" → () (a linear model)."""
     cleaned = str(text).strip().lower()
     if cleaned in ("", "none", "[]"):
         return ()
@@ -112,15 +113,28 @@ def _activation_layer(name: str):
     import gpubackprop as gb
 
     factories = {
-        "relu": gb.ReLU, "leaky_relu": gb.LeakyReLU, "sigmoid": gb.Sigmoid, "tanh": gb.Tanh,
-        "gelu": gb.GELU, "gelu_tanh": lambda: gb.GELU(approximate="tanh"), "silu": gb.SiLU,
+        "relu": gb.ReLU,
+        "leaky_relu": gb.LeakyReLU,
+        "sigmoid": gb.Sigmoid,
+        "tanh": gb.Tanh,
+        "gelu": gb.GELU,
+        "gelu_tanh": lambda: gb.GELU(approximate="tanh"),
+        "silu": gb.SiLU,
         "identity": gb.Identity,
     }
     return factories[name]()
 
 
-ACTIVATION_NAMES = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu",
-                    "identity")
+ACTIVATION_NAMES = (
+    "relu",
+    "leaky_relu",
+    "sigmoid",
+    "tanh",
+    "gelu",
+    "gelu_tanh",
+    "silu",
+    "identity",
+)
 OPTIMIZER_NAMES = ("sgd", "adam", "adamw")
 BACKEND_CHOICES = ("auto", "numpy", "cupy", "emu")
 DTYPE_CHOICES = ("float32", "float64")
@@ -166,60 +180,122 @@ OPTIMIZER_DEFAULTS = {
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
     d = TRAIN_DEFAULTS
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default=d["dataset"], metavar="NAME",
-                      help="digits (embedded, default), spirals, regression, npz:PATH or "
-                           "mnist:DIR")
-    data.add_argument("--val-fraction", type=val_fraction_value, default=d["val_fraction"],
-                      help="share of the training data held out for validation "
-                           f"(default {d['val_fraction']}; 0 for none)")
-    data.add_argument("--augment", action=argparse.BooleanOptionalAction, default=d["augment"],
-                      help="add one-pixel shifts of the training images (digits only; "
-                           "default on for digits)")
-    data.add_argument("--data-seed", type=non_negative_int, default=d["data_seed"],
-                      help="seed of the train/validation/test split (default 0)")
+    data.add_argument(
+        "--dataset",
+        default=d["dataset"],
+        metavar="NAME",
+        help="digits (embedded, default), spirals, regression, npz:PATH or mnist:DIR",
+    )
+    data.add_argument(
+        "--val-fraction",
+        type=val_fraction_value,
+        default=d["val_fraction"],
+        help="share of the training data held out for validation "
+        f"(default {d['val_fraction']}; 0 for none)",
+    )
+    data.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=d["augment"],
+        help="add one-pixel shifts of the training images (digits only; default on for digits)",
+    )
+    data.add_argument(
+        "--data-seed",
+        type=non_negative_int,
+        default=d["data_seed"],
+        help="seed of the train/validation/test split (default 0)",
+    )
     model = parser.add_argument_group("model")
-    model.add_argument("--hidden", type=hidden_sizes, default=hidden_sizes(d["hidden"]),
-                       metavar="W1,W2,...",
-                       help=f"hidden layer widths (default {d['hidden']}; 'none' for none)")
-    model.add_argument("--activation", choices=ACTIVATION_NAMES, default=d["activation"],
-                       help=f"hidden activation (default {d['activation']})")
+    model.add_argument(
+        "--hidden",
+        type=hidden_sizes,
+        default=hidden_sizes(d["hidden"]),
+        metavar="W1,W2,...",
+        help=f"hidden layer widths (default {d['hidden']}; 'none' for none)",
+    )
+    model.add_argument(
+        "--activation",
+        choices=ACTIVATION_NAMES,
+        default=d["activation"],
+        help=f"hidden activation (default {d['activation']})",
+    )
     optimization = parser.add_argument_group("optimization")
-    optimization.add_argument("--optimizer", choices=OPTIMIZER_NAMES, default=d["optimizer"],
-                              help=f"(default {d['optimizer']})")
-    optimization.add_argument("--lr", type=positive_float, default=d["lr"],
-                              help="learning rate (default: sgd 0.05, adam and adamw 1e-3)")
-    optimization.add_argument("--momentum", type=momentum_value, default=d["momentum"],
-                              help="SGD momentum (default 0.9; sgd only)")
-    optimization.add_argument("--weight-decay", type=non_negative_float,
-                              default=d["weight_decay"],
-                              help="L2 penalty (sgd, adam) or decoupled decay (adamw; default "
-                                   "1e-2); default 0")
-    optimization.add_argument("--epochs", type=positive_int, default=d["epochs"],
-                              help=f"(default {d['epochs']})")
-    optimization.add_argument("--batch-size", type=positive_int, default=d["batch_size"],
-                              help=f"(default {d['batch_size']})")
-    optimization.add_argument("--schedule", choices=SCHEDULES, default=d["schedule"],
-                              help="learning-rate schedule over the epochs: constant, or "
-                                   "cosine decay to 0 (default cosine)")
-    optimization.add_argument("--seed", type=non_negative_int, default=d["seed"],
-                              help="seed of the weight initialisation and shuffling "
-                                   "(default 0)")
+    optimization.add_argument(
+        "--optimizer",
+        choices=OPTIMIZER_NAMES,
+        default=d["optimizer"],
+        help=f"(default {d['optimizer']})",
+    )
+    optimization.add_argument(
+        "--lr",
+        type=positive_float,
+        default=d["lr"],
+        help="learning rate (default: sgd 0.05, adam and adamw 1e-3)",
+    )
+    optimization.add_argument(
+        "--momentum",
+        type=momentum_value,
+        default=d["momentum"],
+        help="SGD momentum (default 0.9; sgd only)",
+    )
+    optimization.add_argument(
+        "--weight-decay",
+        type=non_negative_float,
+        default=d["weight_decay"],
+        help="L2 penalty (sgd, adam) or decoupled decay (adamw; default 1e-2); default 0",
+    )
+    optimization.add_argument(
+        "--epochs", type=positive_int, default=d["epochs"], help=f"(default {d['epochs']})"
+    )
+    optimization.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=d["batch_size"],
+        help=f"(default {d['batch_size']})",
+    )
+    optimization.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default=d["schedule"],
+        help="learning-rate schedule over the epochs: constant, or "
+        "cosine decay to 0 (default cosine)",
+    )
+    optimization.add_argument(
+        "--seed",
+        type=non_negative_int,
+        default=d["seed"],
+        help="seed of the weight initialisation and shuffling (default 0)",
+    )
     run = parser.add_argument_group("run")
-    run.add_argument("--backend", choices=BACKEND_CHOICES, default=d["backend"],
-                     help="default: the GPUBACKPROP_BACKEND variable, else auto (cupy when a "
-                          "GPU is usable, else numpy)")
-    run.add_argument("--dtype", choices=DTYPE_CHOICES, default=d["dtype"],
-                     help=f"(default {d['dtype']})")
-    run.add_argument("--config", metavar="JSON",
-                     help="a JSON file whose keys are any of these options (e.g. "
-                          '{"epochs": 5, "hidden": [64, 32]}); flags on the command line '
-                          "override it")
+    run.add_argument(
+        "--backend",
+        choices=BACKEND_CHOICES,
+        default=d["backend"],
+        help="default: the GPUBACKPROP_BACKEND variable, else auto (cupy when a "
+        "GPU is usable, else numpy)",
+    )
+    run.add_argument(
+        "--dtype", choices=DTYPE_CHOICES, default=d["dtype"], help=f"(default {d['dtype']})"
+    )
+    run.add_argument(
+        "--config",
+        metavar="JSON",
+        help="a JSON file whose keys are any of these options (e.g. "
+        '{"epochs": 5, "hidden": [64, 32]}); flags on the command line '
+        "override it",
+    )
     run.add_argument("--save", metavar="PATH", help="write a checkpoint (model and optimizer)")
     run.add_argument("--metrics-json", metavar="PATH", help="write the final metrics as JSON")
-    run.add_argument("--plot", metavar="PATH",
-                     help="draw loss and accuracy curves to a PNG (needs matplotlib)")
-    run.add_argument("--verbose", type=int, choices=(0, 1, 2), default=d["verbose"],
-                     help="0 the summary only, 1 a progress bar (default), 2 a line per epoch")
+    run.add_argument(
+        "--plot", metavar="PATH", help="draw loss and accuracy curves to a PNG (needs matplotlib)"
+    )
+    run.add_argument(
+        "--verbose",
+        type=int,
+        choices=(0, 1, 2),
+        default=d["verbose"],
+        help="0 the summary only, 1 a progress bar (default), 2 a line per epoch",
+    )
 
 
 def _config_to_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
@@ -340,8 +416,11 @@ def train(args: argparse.Namespace) -> int:
     from gpubackprop.data import load_dataset
 
     started = time.perf_counter()
-    for option, path in (("--save", args.save), ("--metrics-json", args.metrics_json),
-                         ("--plot", args.plot)):
+    for option, path in (
+        ("--save", args.save),
+        ("--metrics-json", args.metrics_json),
+        ("--plot", args.plot),
+    ):
         _check_output_path(option, path)
     if args.plot:
         from gpubackprop.plotting import require_matplotlib
@@ -353,8 +432,13 @@ def train(args: argparse.Namespace) -> int:
         raise UsageError(f"--augment is only available for --dataset digits, not {args.dataset!r}")
     augment = is_digits if args.augment is None else args.augment
 
-    dataset = load_dataset(args.dataset, seed=args.data_seed, dtype=args.dtype,
-                           val_fraction=args.val_fraction, augment=augment)
+    dataset = load_dataset(
+        args.dataset,
+        seed=args.data_seed,
+        dtype=args.dtype,
+        val_fraction=args.val_fraction,
+        augment=augment,
+    )
     regression = dataset.task == "regression"
     loss = gb.MSELoss() if regression else gb.SoftmaxCrossEntropyLoss()
 
@@ -376,9 +460,17 @@ def train(args: argparse.Namespace) -> int:
         )
 
     train_started = time.perf_counter()
-    history = model.fit(dataset.x_train, dataset.y_train, loss=loss, optimizer=optimizer,
-                        epochs=args.epochs, batch_size=args.batch_size,
-                        validation_data=validation, verbose=args.verbose, callbacks=callbacks)
+    history = model.fit(
+        dataset.x_train,
+        dataset.y_train,
+        loss=loss,
+        optimizer=optimizer,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        validation_data=validation,
+        verbose=args.verbose,
+        callbacks=callbacks,
+    )
     train_time = time.perf_counter() - train_started
     test = model.evaluate(dataset.x_test, dataset.y_test, loss)
 
@@ -388,37 +480,44 @@ def train(args: argparse.Namespace) -> int:
         metrics["test_mse"] = test["loss"]
     else:
         metrics["test_accuracy"] = test["accuracy"]
-    metrics.update({
-        "test_loss": test["loss"],
-        "final_train_loss": _final(curves, "loss"),
-        "final_val_loss": _final(curves, "val_loss"),
-    })
+    metrics.update(
+        {
+            "test_loss": test["loss"],
+            "final_train_loss": _final(curves, "loss"),
+            "final_val_loss": _final(curves, "val_loss"),
+        }
+    )
     if not regression:
         metrics["final_train_accuracy"] = _final(curves, "accuracy")
         metrics["final_val_accuracy"] = _final(curves, "val_accuracy")
     throughput = curves.get("samples_per_s", [])
-    metrics.update({
-        # the median epoch: the first one also pays for kernel compilation and warm-up
-        "samples_per_s": float(statistics.median(throughput)) if throughput else None,
-        "epochs": len(history.epoch),
-        "backend": model.backend.name,
-        "device": model.backend.device_name(),
-        "dtype": args.dtype,
-        "seed": args.seed,
-        "data_seed": args.data_seed,
-        "train_time_s": train_time,
-        "n_train": len(dataset.x_train),
-        "n_val": 0 if dataset.x_val is None else len(dataset.x_val),
-        "n_test": len(dataset.x_test),
-        "parameters": model.num_parameters(),
-        "model": model.config(),
-        "optimizer": {"type": type(optimizer).__name__, **optimizer_options,
-                      "schedule": args.schedule},
-        "batch_size": args.batch_size,
-        "augment": augment,
-        "history": {key: [float(v) for v in values] for key, values in curves.items()},
-        "gpubackprop_version": gb.__version__,
-    })
+    metrics.update(
+        {
+            # the median epoch: the first one also pays for kernel compilation and warm-up
+            "samples_per_s": float(statistics.median(throughput)) if throughput else None,
+            "epochs": len(history.epoch),
+            "backend": model.backend.name,
+            "device": model.backend.device_name(),
+            "dtype": args.dtype,
+            "seed": args.seed,
+            "data_seed": args.data_seed,
+            "train_time_s": train_time,
+            "n_train": len(dataset.x_train),
+            "n_val": 0 if dataset.x_val is None else len(dataset.x_val),
+            "n_test": len(dataset.x_test),
+            "parameters": model.num_parameters(),
+            "model": model.config(),
+            "optimizer": {
+                "type": type(optimizer).__name__,
+                **optimizer_options,
+                "schedule": args.schedule,
+            },
+            "batch_size": args.batch_size,
+            "augment": augment,
+            "history": {key: [float(v) for v in values] for key, values in curves.items()},
+            "gpubackprop_version": gb.__version__,
+        }
+    )
 
     if args.save:
         summary = {k: metrics[k] for k in ("dataset", "test_loss", "epochs", "seed")}
@@ -426,26 +525,36 @@ def train(args: argparse.Namespace) -> int:
     if args.plot:
         from gpubackprop.plotting import plot_history
 
-        plot_history(curves, args.plot, title=f"{dataset.name}: {model.num_parameters()} "
-                     f"parameters, {args.optimizer}, {model.backend.name}",
-                     loss_label="MSE" if regression else "cross-entropy loss")
+        plot_history(
+            curves,
+            args.plot,
+            title=f"{dataset.name}: {model.num_parameters()} "
+            f"parameters, {args.optimizer}, {model.backend.name}",
+            loss_label="MSE" if regression else "cross-entropy loss",
+        )
     metrics["wall_time_s"] = time.perf_counter() - started
     if args.metrics_json:
-        Path(args.metrics_json).write_text(json.dumps(metrics, indent=2) + "\n",
-                                           encoding="utf-8")
+        Path(args.metrics_json).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
 
     if regression:
         headline = f"test MSE {metrics['test_mse']:.5g}"
     else:
         correct = round(metrics["test_accuracy"] * len(dataset.x_test))
-        headline = (f"test accuracy {metrics['test_accuracy']:.4f} "
-                    f"({correct}/{len(dataset.x_test)}), test loss {test['loss']:.4g}")
+        headline = (
+            f"test accuracy {metrics['test_accuracy']:.4f} "
+            f"({correct}/{len(dataset.x_test)}), test loss {test['loss']:.4g}"
+        )
     rate = metrics["samples_per_s"]
-    print(f"{headline}; {metrics['epochs']} epochs in {train_time:.1f} s"
-          + (f" ({rate:,.0f} samples/s)" if rate else "")
-          + f" on {model.backend.name}, {args.dtype}")
-    for label, path in (("checkpoint", args.save), ("metrics", args.metrics_json),
-                        ("plot", args.plot)):
+    print(
+        f"{headline}; {metrics['epochs']} epochs in {train_time:.1f} s"
+        + (f" ({rate:,.0f} samples/s)" if rate else "")
+        + f" on {model.backend.name}, {args.dtype}"
+    )
+    for label, path in (
+        ("checkpoint", args.save),
+        ("metrics", args.metrics_json),
+        ("plot", args.plot),
+    ):
         if path:
             print(f"wrote {label} {path}")
     return 0
@@ -509,9 +618,13 @@ def info_report() -> dict[str, Any]:
 
 
 def _format_info(report: dict[str, Any]) -> str:
-    lines = [f"gpubackprop {report['gpubackprop']}",
-             f"python {report['python']}, numpy {report['numpy']}, cupy {report['cupy']}",
-             f"platform {report['platform']}", "", "backends:"]
+    lines = [
+        f"gpubackprop {report['gpubackprop']}",
+        f"python {report['python']}, numpy {report['numpy']}, cupy {report['cupy']}",
+        f"platform {report['platform']}",
+        "",
+        "backends:",
+    ]
     backends = report["backends"]
     if "error" in backends:
         lines.append(f"  {backends['error']}")
@@ -537,8 +650,9 @@ def _format_info(report: dict[str, Any]) -> str:
         lines.append(f"  {file}: {entry_points}{state}")
     cache = kernels.get("cupy_cache")
     if cache:
-        lines.append(f"CuPy kernel cache: {cache.get('directory')} "
-                     f"({cache.get('entries', 0)} entries)")
+        lines.append(
+            f"CuPy kernel cache: {cache.get('directory')} ({cache.get('entries', 0)} entries)"
+        )
     return "\n".join(lines)
 
 
@@ -553,20 +667,37 @@ def info(args: argparse.Namespace) -> int:
 
 
 def _gradcheck_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", choices=("numpy", "cupy", "emu"), default="numpy",
-                        help="backend whose float64 gradients are checked (default numpy)")
-    parser.add_argument("--activation", choices=(*ACTIVATION_NAMES, "all"), default="all",
-                        help="activation of the hidden blocks (default all: one block each)")
-    parser.add_argument("--loss", choices=("cross_entropy", "mse", "bce_with_logits"),
-                        default="cross_entropy", help="(default cross_entropy)")
-    parser.add_argument("--width", type=positive_int, default=7,
-                        help="hidden width (default 7, an odd size on purpose)")
+    parser.add_argument(
+        "--backend",
+        choices=("numpy", "cupy", "emu"),
+        default="numpy",
+        help="backend whose float64 gradients are checked (default numpy)",
+    )
+    parser.add_argument(
+        "--activation",
+        choices=(*ACTIVATION_NAMES, "all"),
+        default="all",
+        help="activation of the hidden blocks (default all: one block each)",
+    )
+    parser.add_argument(
+        "--loss",
+        choices=("cross_entropy", "mse", "bce_with_logits"),
+        default="cross_entropy",
+        help="(default cross_entropy)",
+    )
+    parser.add_argument(
+        "--width",
+        type=positive_int,
+        default=7,
+        help="hidden width (default 7, an odd size on purpose)",
+    )
     parser.add_argument("--batch", type=positive_int, default=5, help="rows (default 5)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="(default 0)")
 
 
-@subcommand("gradcheck", "finite-difference check of backprop on a small model",
-            _gradcheck_arguments)
+@subcommand(
+    "gradcheck", "finite-difference check of backprop on a small model", _gradcheck_arguments
+)
 def gradcheck(args: argparse.Namespace) -> int:
     import gpubackprop as gb
 
@@ -588,10 +719,13 @@ def gradcheck(args: argparse.Namespace) -> int:
         loss, y = gb.MSELoss(), rng.standard_normal((args.batch, n_out))
     else:
         loss, y = gb.BCEWithLogitsLoss(), rng.integers(0, 2, (args.batch, n_out)).astype(float)
-    result = gb.gradcheck(model, x, y, loss, backend=args.backend, max_elements=None,
-                          seed=args.seed)
-    print(f"gradcheck on {args.backend}, float64: {model.num_parameters()} parameters, "
-          f"activations {', '.join(activations)}, loss {args.loss}")
+    result = gb.gradcheck(
+        model, x, y, loss, backend=args.backend, max_elements=None, seed=args.seed
+    )
+    print(
+        f"gradcheck on {args.backend}, float64: {model.num_parameters()} parameters, "
+        f"activations {', '.join(activations)}, loss {args.loss}"
+    )
     print(result)
     print("PASSED" if result.passed else "FAILED")
     return 0 if result.passed else 1
@@ -618,23 +752,33 @@ def bench(args: argparse.Namespace) -> int:
 
 def _parity_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--backend", action="append", choices=("numpy", "emu", "cupy"), default=None,
+        "--backend",
+        action="append",
+        choices=("numpy", "emu", "cupy"),
+        default=None,
         help="backend to check (repeatable; default: every available one but numpy, "
-             "or numpy alone when no kernel backend is usable)",
+        "or numpy alone when no kernel backend is usable)",
     )
     parser.add_argument(
-        "--dtype", action="append", choices=("float32", "float64"), default=None,
+        "--dtype",
+        action="append",
+        choices=("float32", "float64"),
+        default=None,
         help="dtype to check (repeatable; default float32)",
     )
-    parser.add_argument("--full", action="store_true",
-                        help="every shape and every activation × loss training run "
-                             "(default: a representative subset)")
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="every shape and every activation × loss training run "
+        "(default: a representative subset)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     parser.add_argument("--failures-only", action="store_true", help="print failing rows only")
 
 
-@subcommand("parity", "every op and a whole model on each backend vs NumPy float64",
-            _parity_arguments)
+@subcommand(
+    "parity", "every op and a whole model on each backend vs NumPy float64", _parity_arguments
+)
 def parity(args: argparse.Namespace) -> int:
     from gpubackprop.backends import available_backends
     from gpubackprop.parity import parity_report
@@ -645,8 +789,9 @@ def parity(args: argparse.Namespace) -> int:
         if name not in usable:
             reason = available_backends()[name][1]
             raise RuntimeError(f"backend {name!r} is not available: {reason}")
-    report = parity_report(backends, dtypes=tuple(args.dtype or ["float32"]),
-                           quick=not args.full, seed=args.seed)
+    report = parity_report(
+        backends, dtypes=tuple(args.dtype or ["float32"]), quick=not args.full, seed=args.seed
+    )
     if args.failures_only:
         report.rows = [row for row in report.rows if not row.passed]
     print(report.format())
@@ -666,7 +811,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Dense neural networks trained with backpropagation in hand-written CUDA "
-                    "kernels (NumPy and CPU-emulator backends without a GPU).",
+        "kernels (NumPy and CPU-emulator backends without a GPU).",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -695,8 +840,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             # config first, then the user's flags: argparse keeps the last value given.
             args = parser.parse_args([args.command, *tokens, *argv[argv.index(args.command) + 1 :]])
         return args.run(args)
-    except (UsageError, ValueError, TypeError, FileNotFoundError, IsADirectoryError,
-            ImportError) as error:
+    except (
+        UsageError,
+        ValueError,
+        TypeError,
+        FileNotFoundError,
+        IsADirectoryError,
+        ImportError,
+    ) as error:
         if os.environ.get("GPUBACKPROP_DEBUG"):
             raise
         print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)

@@ -126,9 +126,7 @@ def train_test_split(
     return train, test
 
 
-def standardization(
-    x_train: np.ndarray, per_feature: bool = True
-) -> tuple[np.ndarray, np.ndarray]:
+def standardization(x_train: np.ndarray, per_feature: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(μ, σ) of ``x_train`` in float64, per feature or one scalar pair; σ = 0 becomes 1 so
     that a constant feature maps to 0 instead of NaN."""
     train = np.asarray(x_train, dtype=np.float64)
@@ -174,7 +172,14 @@ def _finish(
     stratify = y if task == "classification" else None
     train, test = train_test_split(len(x), test_fraction, seed, labels=stratify)
     return _assemble(
-        x[train], y[train], x[test], y[test], name=name, task=task, dtype=dtype, seed=seed,
+        x[train],
+        y[train],
+        x[test],
+        y[test],
+        name=name,
+        task=task,
+        dtype=dtype,
+        seed=seed,
         **options,
     )
 
@@ -229,9 +234,15 @@ def _assemble(
     if task == "classification" and n_classes is None:
         n_classes = max(int(np.max(y, initial=-1)) for y in labels) + 1
     return Dataset(
-        features(x_train), targets(y_train, len(x_train)), features(x_test),
-        targets(y_test, len(x_test)), int(n_classes or 0), name, task,
-        features(x_val), targets(y_val, 0 if x_val is None else len(x_val)),
+        features(x_train),
+        targets(y_train, len(x_train)),
+        features(x_test),
+        targets(y_test, len(x_test)),
+        int(n_classes or 0),
+        name,
+        task,
+        features(x_val),
+        targets(y_val, 0 if x_val is None else len(x_val)),
     )
 
 
@@ -275,9 +286,15 @@ def load_digits(
         images = archive["images"]
         labels = archive["labels"]
     return _finish(
-        images.reshape(len(images), -1).astype(np.float64), labels.astype(np.int64),
-        name="digits", task="classification", test_fraction=test_fraction, seed=seed,
-        dtype=dtype, n_classes=10, val_fraction=val_fraction,
+        images.reshape(len(images), -1).astype(np.float64),
+        labels.astype(np.int64),
+        name="digits",
+        task="classification",
+        test_fraction=test_fraction,
+        seed=seed,
+        dtype=dtype,
+        n_classes=10,
+        val_fraction=val_fraction,
         augment=shift_digits if augment else None,
     )
 
@@ -317,8 +334,14 @@ def make_spirals(
         points.append(np.stack([t * np.sin(theta), t * np.cos(theta)], axis=1))
         labels.append(np.full(count, k, dtype=np.int64))
     return _finish(
-        np.concatenate(points), np.concatenate(labels), name="spirals", task="classification",
-        test_fraction=test_fraction, seed=seed, dtype=dtype, n_classes=n_classes,
+        np.concatenate(points),
+        np.concatenate(labels),
+        name="spirals",
+        task="classification",
+        test_fraction=test_fraction,
+        seed=seed,
+        dtype=dtype,
+        n_classes=n_classes,
         val_fraction=val_fraction,
     )
 
@@ -357,8 +380,15 @@ def make_regression(
     # x is already zero-mean, unit-variance by construction; standardising again would
     # change the function the targets were drawn from, so it is skipped.
     return _finish(
-        x, y, name="regression", task="regression", test_fraction=test_fraction, seed=seed,
-        dtype=dtype, standardize_features=False, val_fraction=val_fraction,
+        x,
+        y,
+        name="regression",
+        task="regression",
+        test_fraction=test_fraction,
+        seed=seed,
+        dtype=dtype,
+        standardize_features=False,
+        val_fraction=val_fraction,
     )
 
 
@@ -465,8 +495,15 @@ def load_npz(
         if task == "classification":
             y = _check_labels(y, f"{source}: {y_key}")
         return _finish(
-            x, y, name=name, task=task, test_fraction=test_fraction, seed=seed, dtype=dtype,
-            standardize_features=standardize_features, val_fraction=val_fraction,
+            x,
+            y,
+            name=name,
+            task=task,
+            test_fraction=test_fraction,
+            seed=seed,
+            dtype=dtype,
+            standardize_features=standardize_features,
+            val_fraction=val_fraction,
         )
     x_train = _as_2d_features(arrays["x_train"], "x_train")
     x_test = _as_2d_features(arrays["x_test"], "x_test")
@@ -482,8 +519,16 @@ def load_npz(
         y_train = _check_labels(y_train, f"{source}: y_train")
         y_test = _check_labels(y_test, f"{source}: y_test")
     return _assemble(
-        x_train, y_train, x_test, y_test, name=name, task=task, dtype=dtype, seed=seed,
-        standardize_features=standardize_features, val_fraction=val_fraction,
+        x_train,
+        y_train,
+        x_test,
+        y_test,
+        name=name,
+        task=task,
+        dtype=dtype,
+        seed=seed,
+        standardize_features=standardize_features,
+        val_fraction=val_fraction,
     )
 
 
@@ -623,9 +668,10 @@ def load_mnist_idx(
             )
         arrays[part] = (path, array)
     for split in ("train", "test"):
-        (image_path, images), (label_path, labels) = arrays[f"{split}_images"], arrays[
-            f"{split}_labels"
-        ]
+        (image_path, images), (label_path, labels) = (
+            arrays[f"{split}_images"],
+            arrays[f"{split}_labels"],
+        )
         if len(images) != len(labels):
             raise ValueError(
                 f"MNIST {split} files disagree: {str(image_path)!r} has {len(images)} images but "
@@ -638,9 +684,18 @@ def load_mnist_idx(
     if not standardize_features:
         x_train, x_test = x_train / 255.0, x_test / 255.0
     return _assemble(
-        x_train, y_train, x_test, y_test, name=f"mnist:{directory.name}", task="classification",
-        dtype=dtype, standardize_features=standardize_features, per_feature=False,
-        n_classes=10, val_fraction=val_fraction, seed=seed,
+        x_train,
+        y_train,
+        x_test,
+        y_test,
+        name=f"mnist:{directory.name}",
+        task="classification",
+        dtype=dtype,
+        standardize_features=standardize_features,
+        per_feature=False,
+        n_classes=10,
+        val_fraction=val_fraction,
+        seed=seed,
     )
 
 

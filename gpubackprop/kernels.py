@@ -36,8 +36,10 @@ __all__ = [
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s*"([^"]+)"\s*$')
 _SYSTEM_INCLUDE = re.compile(r"^\s*#\s*include\s*<([^>]+)>")
-_ENTRY_POINT = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s*)?'
-                          r"(\w+)\s*\(")
+_ENTRY_POINT = re.compile(
+    r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s*)?'
+    r"(\w+)\s*\("
+)
 _LOG_LOCATION = re.compile(r"^(?P<file>[^\s()]+)\((?P<line>\d+)\): (?P<kind>error|warning)")
 _DEFINE_NAME = re.compile(r"^[A-Za-z_]\w*$")
 
@@ -215,7 +217,8 @@ def nvrtc_compile(
 _PTXAS_FUNCTION = re.compile(r"Function properties for (\w+)")
 _PTXAS_ENTRY = re.compile(r"Compiling entry function '(\w+)'")
 _PTXAS_FRAME = re.compile(
-    r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+    r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads"
+)
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 
 
@@ -227,8 +230,9 @@ def ptxas_report(log: str) -> dict[str, dict[str, int]]:
         entry = _PTXAS_ENTRY.search(line) or _PTXAS_FUNCTION.search(line)
         if entry:
             current = entry.group(1)
-            report.setdefault(current, {"registers": 0, "spill_stores": 0, "spill_loads": 0,
-                                        "stack": 0})
+            report.setdefault(
+                current, {"registers": 0, "spill_stores": 0, "spill_loads": 0, "stack": 0}
+            )
             continue
         if current is None:
             continue
@@ -263,19 +267,29 @@ def kernel_inventory() -> dict[str, Any]:
     files = {}
     for name in kernel_files():
         text = (directory / name).read_text(encoding="utf-8")
-        files[name] = {"kernels": entry_points(text),
-                       "compiled_variants": compiled_files.count(name)}
+        files[name] = {
+            "kernels": entry_points(text),
+            "compiled_variants": compiled_files.count(name),
+        }
     cache_dir = Path(os.environ.get("CUPY_CACHE_DIR", Path.home() / ".cupy" / "kernel_cache"))
     cached = sum(1 for _ in cache_dir.glob("*")) if cache_dir.is_dir() else 0
-    return {"directory": str(directory), "files": files,
-            "cupy_cache": {"directory": str(cache_dir), "entries": cached}}
+    return {
+        "directory": str(directory),
+        "files": files,
+        "cupy_cache": {"directory": str(cache_dir), "entries": cached},
+    }
 
 
 # -- elementwise kernels ------------------------------------------------------------------------
 
 _SCALAR_TYPES = {
-    "float32": "float", "float64": "double", "int32": "int", "int64": "long long",
-    "float": "float", "double": "double", "int": "int",
+    "float32": "float",
+    "float64": "double",
+    "int32": "int",
+    "int64": "long long",
+    "float": "float",
+    "double": "double",
+    "int": "int",
 }
 
 
@@ -333,7 +347,8 @@ def elementwise_as_kernel_source(spec: Any, dtype: Any) -> str:
         + "    const long long stride = (long long)gridDim.x * blockDim.x;\n"
         + "    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;"
         + " i += stride) {\n"
-        + "\n".join(bindings) + "\n"
+        + "\n".join(bindings)
+        + "\n"
         + f"        {spec.operation}\n"
         + "    }\n}\n"
     )

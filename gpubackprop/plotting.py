@@ -50,8 +50,9 @@ def plot_history(
         for key, name, style in ((metric, "train", "-"), (f"val_{metric}", "validation", "--")):
             values = history.get(key)
             if values:
-                axis.plot(epochs[: len(values)], values, style, marker="o", markersize=3,
-                          label=name)
+                axis.plot(
+                    epochs[: len(values)], values, style, marker="o", markersize=3, label=name
+                )
         axis.set_xlabel("epoch")
         axis.set_ylabel(label)
         axis.grid(True, alpha=0.3)

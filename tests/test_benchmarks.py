@@ -12,8 +12,19 @@ import pytest
 from gpubackprop import benchmarks as bench
 from gpubackprop.backends import get_backend
 
-ROW_KEYS = {"name", "backend", "shape", "dtype", "median_s", "tflops", "gbps", "floor_s",
-            "max_rel_error", "vs", "status"}
+ROW_KEYS = {
+    "name",
+    "backend",
+    "shape",
+    "dtype",
+    "median_s",
+    "tflops",
+    "gbps",
+    "floor_s",
+    "max_rel_error",
+    "vs",
+    "status",
+}
 
 
 def tiny_config(**overrides) -> bench.BenchConfig:
@@ -29,8 +40,17 @@ def tiny_record():
 
 def test_record_has_the_specified_schema(tiny_record):
     record = tiny_record
-    for key in ("timestamp", "git_commit", "versions", "devices", "ceilings", "results",
-                "threads", "env", "skipped"):
+    for key in (
+        "timestamp",
+        "git_commit",
+        "versions",
+        "devices",
+        "ceilings",
+        "results",
+        "threads",
+        "env",
+        "skipped",
+    ):
         assert key in record, key
     assert record["versions"]["numpy"] == np.__version__
     assert record["devices"]["numpy"]["class"] == "cpu"
@@ -39,8 +59,16 @@ def test_record_has_the_specified_schema(tiny_record):
     rows = record["results"]
     assert rows, "no rows"
     names = {r["name"] for r in rows}
-    assert {"gemm.forward", "gemm.dW", "gemm.dX+dW", "relu.forward", "relu.backward",
-            "softmax_cross_entropy", "sgd_momentum.step", "adam.step"} <= names
+    assert {
+        "gemm.forward",
+        "gemm.dW",
+        "gemm.dX+dW",
+        "relu.forward",
+        "relu.backward",
+        "softmax_cross_entropy",
+        "sgd_momentum.step",
+        "adam.step",
+    } <= names
     assert any("train_step" in name for name in names)
     for row in rows:
         assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
@@ -117,8 +145,20 @@ def test_a_wrong_training_step_fails_and_cli_exits_nonzero(monkeypatch, tmp_path
 
     monkeypatch.setattr(backend, "sgd_step", wrong_sgd)
     path = tmp_path / "record.json"
-    status = bench.main(["--preset", "tiny", "--backend", "numpy", "--only", "train_step",
-                         "--no-torch", "--quiet", "--json", str(path)])
+    status = bench.main(
+        [
+            "--preset",
+            "tiny",
+            "--backend",
+            "numpy",
+            "--only",
+            "train_step",
+            "--no-torch",
+            "--quiet",
+            "--json",
+            str(path),
+        ]
+    )
     assert status == 1
     (row,) = json.loads(path.read_text())["results"]
     assert "train_step" in row["name"] and row["status"] == "failed"
@@ -126,20 +166,49 @@ def test_a_wrong_training_step_fails_and_cli_exits_nonzero(monkeypatch, tmp_path
 
 def test_cli_writes_json_results_file_and_plot(tmp_path, capsys):
     json_path, results_dir, plot = tmp_path / "r.json", tmp_path / "results", tmp_path / "p.png"
-    status = bench.main(["--preset", "tiny", "--backend", "numpy", "--only", "relu",
-                         "--only", "adam", "--no-torch", "--quiet", "--json", str(json_path),
-                         "--append-results", "--results-dir", str(results_dir),
-                         "--plot", str(plot)])
+    status = bench.main(
+        [
+            "--preset",
+            "tiny",
+            "--backend",
+            "numpy",
+            "--only",
+            "relu",
+            "--only",
+            "adam",
+            "--no-torch",
+            "--quiet",
+            "--json",
+            str(json_path),
+            "--append-results",
+            "--results-dir",
+            str(results_dir),
+            "--plot",
+            str(plot),
+        ]
+    )
     assert status == 0
     record = json.loads(json_path.read_text())
-    assert {r["name"] for r in record["results"]} == {"relu.forward", "relu.backward",
-                                                      "adam.step"}
+    assert {r["name"] for r in record["results"]} == {"relu.forward", "relu.backward", "adam.step"}
     (written,) = list(results_dir.glob("*.json"))
     assert written.name.startswith(record["timestamp"][:10])
     assert json.loads(written.read_text())["results"] == record["results"]
     # A second run on the same day and commit does not overwrite the first.
-    bench.main(["--preset", "tiny", "--backend", "numpy", "--only", "relu.forward",
-                "--no-torch", "--quiet", "--append-results", "--results-dir", str(results_dir)])
+    bench.main(
+        [
+            "--preset",
+            "tiny",
+            "--backend",
+            "numpy",
+            "--only",
+            "relu.forward",
+            "--no-torch",
+            "--quiet",
+            "--append-results",
+            "--results-dir",
+            str(results_dir),
+        ]
+    )
     assert len(list(results_dir.glob("*.json"))) == 2
     out = capsys.readouterr().out
     assert "relu.forward" in out and "ceilings [numpy]" in out
@@ -152,8 +221,9 @@ def test_gpu_backend_without_a_gpu_is_skipped_with_a_reason(tmp_path):
     if cupy_backend.name == "cupy":
         pytest.skip("a GPU is present: the cupy rows run instead")
     path = tmp_path / "r.json"
-    status = bench.main(["--preset", "tiny", "--backend", "cupy", "--no-torch", "--quiet",
-                         "--json", str(path)])
+    status = bench.main(
+        ["--preset", "tiny", "--backend", "cupy", "--no-torch", "--quiet", "--json", str(path)]
+    )
     assert status == 0
     record = json.loads(path.read_text())
     assert record["results"] == []

@@ -18,9 +18,11 @@ from gpubackprop.random import generator
 def _model(seed: int = 0, dtype: str = "float32") -> gb.Sequential:
     gb.seed(seed)
     model = gb.Sequential(
-        gb.Dense(7, 33), gb.ReLU(),
+        gb.Dense(7, 33),
+        gb.ReLU(),
         gb.Residual(gb.Dense(33, 33), gb.Tanh()),
-        gb.Dense(33, 16, bias=False), gb.GELU(),
+        gb.Dense(33, 16, bias=False),
+        gb.GELU(),
         gb.Dense(16, 3),
     )
     return model.to("numpy", dtype=dtype)
@@ -34,8 +36,15 @@ def _data(n: int = 37):
 def _train(model, optimizer, epochs: int = 2, seed: int = 11):
     x, y = _data()
     gb.seed(seed)  # the shuffling order
-    model.fit(x, y, loss=gb.SoftmaxCrossEntropyLoss(), optimizer=optimizer, epochs=epochs,
-              batch_size=8, verbose=0)
+    model.fit(
+        x,
+        y,
+        loss=gb.SoftmaxCrossEntropyLoss(),
+        optimizer=optimizer,
+        epochs=epochs,
+        batch_size=8,
+        verbose=0,
+    )
 
 
 def _read(path):

@@ -13,8 +13,18 @@ import gpubackprop as gb
 from gpubackprop import cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-QUICK = ["--dataset", "spirals", "--epochs", "3", "--hidden", "16,8", "--verbose", "0",
-         "--backend", "numpy"]
+QUICK = [
+    "--dataset",
+    "spirals",
+    "--epochs",
+    "3",
+    "--hidden",
+    "16,8",
+    "--verbose",
+    "0",
+    "--backend",
+    "numpy",
+]
 
 
 def _run(argv, capsys):
@@ -26,13 +36,35 @@ def _run(argv, capsys):
 def test_train_writes_metrics_plot_and_checkpoint(tmp_path, capsys):
     metrics_path, plot_path = tmp_path / "m.json", tmp_path / "curves.png"
     checkpoint = tmp_path / "model.safetensors"
-    status, out, _ = _run(["train", *QUICK, "--metrics-json", str(metrics_path),
-                           "--plot", str(plot_path), "--save", str(checkpoint)], capsys)
+    status, out, _ = _run(
+        [
+            "train",
+            *QUICK,
+            "--metrics-json",
+            str(metrics_path),
+            "--plot",
+            str(plot_path),
+            "--save",
+            str(checkpoint),
+        ],
+        capsys,
+    )
     assert status == 0
     assert "test accuracy" in out and "wrote metrics" in out
     metrics = json.loads(metrics_path.read_text())
-    for key in ("test_accuracy", "test_loss", "final_train_loss", "final_val_loss",
-                "samples_per_s", "epochs", "backend", "device", "dtype", "seed", "wall_time_s"):
+    for key in (
+        "test_accuracy",
+        "test_loss",
+        "final_train_loss",
+        "final_val_loss",
+        "samples_per_s",
+        "epochs",
+        "backend",
+        "device",
+        "dtype",
+        "seed",
+        "wall_time_s",
+    ):
         assert key in metrics, key
     assert metrics["epochs"] == 3 and metrics["backend"] == "numpy"
     assert metrics["dtype"] == "float32" and metrics["seed"] == 0
@@ -64,8 +96,22 @@ def test_train_is_reproducible_and_seeded(tmp_path, capsys):
 
 def test_regression_reports_mse(tmp_path, capsys):
     path = tmp_path / "m.json"
-    status, out, _ = _run(["train", "--dataset", "regression", "--epochs", "2", "--hidden",
-                           "32", "--verbose", "0", "--metrics-json", str(path)], capsys)
+    status, out, _ = _run(
+        [
+            "train",
+            "--dataset",
+            "regression",
+            "--epochs",
+            "2",
+            "--hidden",
+            "32",
+            "--verbose",
+            "0",
+            "--metrics-json",
+            str(path),
+        ],
+        capsys,
+    )
     assert status == 0 and "test MSE" in out
     metrics = json.loads(path.read_text())
     assert metrics["task"] == "regression" and "test_accuracy" not in metrics
@@ -74,20 +120,38 @@ def test_regression_reports_mse(tmp_path, capsys):
 
 def test_config_file_with_command_line_override(tmp_path, capsys):
     config = tmp_path / "run.json"
-    config.write_text(json.dumps({"dataset": "spirals", "epochs": 2, "hidden": [12, 5],
-                                  "optimizer": "sgd", "lr": 0.02, "momentum": 0.5,
-                                  "verbose": 0, "batch-size": 32}))
+    config.write_text(
+        json.dumps(
+            {
+                "dataset": "spirals",
+                "epochs": 2,
+                "hidden": [12, 5],
+                "optimizer": "sgd",
+                "lr": 0.02,
+                "momentum": 0.5,
+                "verbose": 0,
+                "batch-size": 32,
+            }
+        )
+    )
     path = tmp_path / "m.json"
-    status, _, _ = _run(["train", "--config", str(config), "--epochs", "4",
-                         "--metrics-json", str(path)], capsys)
+    status, _, _ = _run(
+        ["train", "--config", str(config), "--epochs", "4", "--metrics-json", str(path)], capsys
+    )
     assert status == 0
     metrics = json.loads(path.read_text())
     assert metrics["epochs"] == 4  # the flag wins over the file
     assert metrics["batch_size"] == 32 and metrics["dataset"] == "spirals"
-    assert metrics["optimizer"] == {"type": "SGD", "lr": 0.02, "momentum": 0.5,
-                                    "weight_decay": 0.0, "schedule": "cosine"}
-    widths = [layer["out_features"] for layer in metrics["model"]["layers"]
-              if layer["type"] == "Dense"]
+    assert metrics["optimizer"] == {
+        "type": "SGD",
+        "lr": 0.02,
+        "momentum": 0.5,
+        "weight_decay": 0.0,
+        "schedule": "cosine",
+    }
+    widths = [
+        layer["out_features"] for layer in metrics["model"]["layers"] if layer["type"] == "Dense"
+    ]
     assert widths == [12, 5, 3]
 
 
@@ -150,8 +214,7 @@ def test_bad_option_values_exit_2(capsys, argv, message):
     [
         (["--momentum", "0.5"], "--momentum applies to --optimizer sgd only, not 'adam'"),
         (["--dataset", "cifar"], "dataset='cifar' is not a data set; expected one of"),
-        (["--dataset", "spirals", "--augment"], "--augment is only available for --dataset "
-                                                "digits"),
+        (["--dataset", "spirals", "--augment"], "--augment is only available for --dataset digits"),
         (["--dataset", "npz:/no/such/file.npz"], "does not exist"),
     ],
 )
@@ -261,8 +324,9 @@ def test_subcommand_table(capsys, monkeypatch):
 @pytest.mark.slow
 def test_default_train_reaches_97_percent_on_digits(tmp_path, capsys):
     path = tmp_path / "m.json"
-    status, out, _ = _run(["train", "--backend", "numpy", "--verbose", "0",
-                           "--metrics-json", str(path)], capsys)
+    status, out, _ = _run(
+        ["train", "--backend", "numpy", "--verbose", "0", "--metrics-json", str(path)], capsys
+    )
     assert status == 0
     metrics = json.loads(path.read_text())
     assert metrics["dataset"] == "digits" and metrics["n_test"] == 359

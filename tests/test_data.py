@@ -334,8 +334,13 @@ def test_load_npz_custom_keys_regression_and_presplit(tmp_path):
     assert ds.task == "regression" and ds.y_train.shape == (16, 1)
     split = tmp_path / "s.npz"
     x_train, x_test = rng.standard_normal((9, 2)), rng.standard_normal((4, 2))
-    np.savez(split, x_train=x_train, y_train=np.arange(9) % 3, x_test=x_test,
-             y_test=np.array([0, 1, 2, 2]))
+    np.savez(
+        split,
+        x_train=x_train,
+        y_train=np.arange(9) % 3,
+        x_test=x_test,
+        y_test=np.array([0, 1, 2, 2]),
+    )
     ds = data.load_npz(split, standardize_features=False, dtype="float64")
     assert np.array_equal(ds.x_train, x_train) and np.array_equal(ds.x_test, x_test)
     assert ds.n_classes == 3

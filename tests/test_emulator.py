@@ -68,8 +68,13 @@ def test_tiled_sgemm_with_barriers_is_exact(seam, m, n, k):
     b = rng.integers(-4, 5, (k, n)).astype(np.float32)
     c = seam.empty((m, n), np.float32)
     start = time.perf_counter()
-    seam.launch(module, "sgemm_tiled", (_ceil(n, 16), _ceil(m, 16), 1), (16, 16, 1),
-                (a, b, c, np.int32(m), np.int32(n), np.int32(k)))
+    seam.launch(
+        module,
+        "sgemm_tiled",
+        (_ceil(n, 16), _ceil(m, 16), 1),
+        (16, 16, 1),
+        (a, b, c, np.int32(m), np.int32(n), np.int32(k)),
+    )
     seconds = time.perf_counter() - start
     np.testing.assert_array_equal(c, a @ b)
     if (m, n, k) == (129, 129, 129):
@@ -81,8 +86,13 @@ def test_tiled_sgemm_with_barriers_is_exact(seam, m, n, k):
 def test_shared_memory_transpose(seam, checks64, rows, cols):
     x = np.random.default_rng(rows * cols).standard_normal((rows, cols))
     out = seam.empty((cols, rows), np.float64)
-    seam.launch(checks64, "transpose_tiled", (_ceil(cols, 8), _ceil(rows, 8), 1), (8, 8, 1),
-                (x, out, np.int32(rows), np.int32(cols)))
+    seam.launch(
+        checks64,
+        "transpose_tiled",
+        (_ceil(cols, 8), _ceil(rows, 8), 1),
+        (8, 8, 1),
+        (x, out, np.int32(rows), np.int32(cols)),
+    )
     np.testing.assert_array_equal(out, x.T)
 
 
@@ -90,8 +100,14 @@ def test_shared_memory_transpose(seam, checks64, rows, cols):
 def test_warp_shuffle_reduction(seam, checks64, n, blocks, threads):
     x = np.random.default_rng(n).standard_normal(n)
     partial = seam.empty((blocks,), np.float64)
-    seam.launch(checks64, "warp_sum", (blocks, 1, 1), (threads, 1, 1), (x, partial, np.int64(n)),
-                shared_mem=8 * (threads // 32))
+    seam.launch(
+        checks64,
+        "warp_sum",
+        (blocks, 1, 1),
+        (threads, 1, 1),
+        (x, partial, np.int64(n)),
+        shared_mem=8 * (threads // 32),
+    )
     np.testing.assert_allclose(partial.sum(), x.sum(), rtol=1e-12, atol=1e-12)
 
 
@@ -99,8 +115,14 @@ def test_dynamic_shared_memory(seam, checks):
     n, block = 100, 32
     x = np.arange(n, dtype=np.int32)
     out = seam.empty((n,), np.int32)
-    seam.launch(checks, "reverse_block", (_ceil(n, block), 1, 1), (block, 1, 1),
-                (x, out, np.int32(n)), shared_mem=4 * block)
+    seam.launch(
+        checks,
+        "reverse_block",
+        (_ceil(n, block), 1, 1),
+        (block, 1, 1),
+        (x, out, np.int32(n)),
+        shared_mem=4 * block,
+    )
     padded = np.concatenate([x, np.full(128 - n, -1, np.int32)])
     expected = padded.reshape(4, block)[:, ::-1].reshape(-1)[:n]
     np.testing.assert_array_equal(out, expected)
@@ -123,15 +145,21 @@ def test_atomic_add_counter(seam, checks):
     x = np.random.default_rng(3).standard_normal(1000).astype(np.float32)
     counter = np.zeros(1, np.int32)
     total = np.zeros(1, np.uint64)
-    seam.launch(checks, "atomic_count", (8, 1, 1), (128, 1, 1),
-                (x, counter, total, np.int64(x.size)))
+    seam.launch(
+        checks, "atomic_count", (8, 1, 1), (128, 1, 1), (x, counter, total, np.int64(x.size))
+    )
     assert counter[0] == np.count_nonzero(x > 0) == total[0]
 
 
 def test_scalar_types_reach_the_kernel(seam, checks):
     out = np.zeros(1, np.float64)
-    seam.launch(checks, "scalar_types", 1, 1, (out, np.int32(-3), np.int64(2**40), np.float32(0.5),
-                                              np.float64(0.25), np.uint32(7)))
+    seam.launch(
+        checks,
+        "scalar_types",
+        1,
+        1,
+        (out, np.int32(-3), np.int64(2**40), np.float32(0.5), np.float64(0.25), np.uint32(7)),
+    )
     assert out[0] == -3 + 2**40 + 0.5 + 0.25 + 7
 
 
@@ -139,7 +167,7 @@ def test_alignment_modulo_256_is_preserved(seam, checks):
     """The guarded copy keeps the address modulo 256, so the float4 path matches the GPU's."""
     base = np.arange(16, dtype=np.float32)
     for offset in (0, 1):
-        x = base[offset:offset + 4]
+        x = base[offset : offset + 4]
         expected_path = 4 if x.ctypes.data % 16 == 0 else 1
         out = np.zeros(2, np.int32)
         seam.launch(checks, "alignment_path", 1, 1, (x, out))
@@ -181,8 +209,11 @@ def test_out_of_bounds_write_names_kernel_and_buffer(seam, checks):
 
 def test_unwritten_output_is_reported(seam, checks):
     out = seam.empty((9,), np.float32)
-    with pytest.raises(EmuLaunchError, match=r"left 4 elements of argument 'out' .*first at "
-                                             r"index 1"):
+    with pytest.raises(
+        EmuLaunchError,
+        match=r"left 4 elements of argument 'out' .*first at "
+        r"index 1",
+    ):
         seam.launch(checks, "write_even", (1, 1, 1), (32, 1, 1), (out, np.int32(9)))
 
 
@@ -195,9 +226,12 @@ def test_reading_an_unwritten_input_is_reported(seam, checks64):
 
 def test_divergent_syncthreads_is_reported_not_hung(seam, checks):
     out = np.zeros(64, np.float32)
-    with pytest.raises(EmuLaunchError, match=r"divergent_barrier.*block \(0,0,0\).*__syncthreads"
-                                             r"\(\) is not reached by every thread.*40 threads "
-                                             r"wait.*24 have exited"):
+    with pytest.raises(
+        EmuLaunchError,
+        match=r"divergent_barrier.*block \(0,0,0\).*__syncthreads"
+        r"\(\) is not reached by every thread.*40 threads "
+        r"wait.*24 have exited",
+    ):
         seam.launch(checks, "divergent_barrier", 1, 64, (out, np.int32(40)))
 
 
@@ -244,8 +278,11 @@ def test_inline_ptx_is_refused_with_file_and_line(seam):
 @pytest.mark.parametrize(
     "args,pattern",
     [
-        ((np.zeros(4, np.float64), np.int32(4)), r"'out' is float\*, got an array of dtype "
-                                                 r"float64"),
+        (
+            (np.zeros(4, np.float64), np.int32(4)),
+            r"'out' is float\*, got an array of dtype "
+            r"float64",
+        ),
         ((np.zeros(4, np.float32), 4), r"'n' is int, got int 4; pass np.int32"),
         ((np.zeros(4, np.float32), np.int64(4)), r"'n' is int, got np.int64"),
         ((np.float32(1), np.int32(4)), r"'out' is float\*, got float32"),
@@ -261,8 +298,13 @@ def test_argument_types_are_checked(seam, checks, args, pattern):
 def test_same_array_twice_shares_one_copy_and_overlap_is_refused(seam, checks64):
     x = np.arange(16.0).reshape(4, 4)
     with pytest.raises(ValueError, match=r"'out' overlaps parameter 'in'"):
-        seam.launch(checks64, "transpose_tiled", 1, (8, 8, 1),
-                    (x[:2], x.reshape(-1)[4:12].reshape(2, 4), np.int32(2), np.int32(4)))
+        seam.launch(
+            checks64,
+            "transpose_tiled",
+            1,
+            (8, 8, 1),
+            (x[:2], x.reshape(-1)[4:12].reshape(2, 4), np.int32(2), np.int32(4)),
+        )
     y = np.arange(16.0).reshape(4, 4)
     out = np.zeros(1)
     # the same array for in and out of a square transpose: one guarded copy, a racy in-place
@@ -283,8 +325,12 @@ def test_unknown_kernel_and_bad_launch_sizes(seam, checks):
 
 # ---- elementwise, cache -------------------------------------------------------------------------
 
-AXPY = ElementwiseSpec(name="test_axpy", in_params="T x, T y, float64 alpha", out_params="T z",
-                       operation="z = (T)alpha * x + y;")
+AXPY = ElementwiseSpec(
+    name="test_axpy",
+    in_params="T x, T y, float64 alpha",
+    out_params="T z",
+    operation="z = (T)alpha * x + y;",
+)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -307,9 +353,13 @@ def test_elementwise_spec(seam, dtype):
 
 
 def test_elementwise_with_kernel_preamble(seam):
-    spec = ElementwiseSpec(name="test_act", in_params="T x, int32 code, float64 alpha",
-                           out_params="T y", operation="y = act_forward(code, x, (real_t)alpha);",
-                           preamble_files=("common.cuh", "activations.cuh"))
+    spec = ElementwiseSpec(
+        name="test_act",
+        in_params="T x, int32 code, float64 alpha",
+        out_params="T y",
+        operation="y = act_forward(code, x, (real_t)alpha);",
+        preamble_files=("common.cuh", "activations.cuh"),
+    )
     x = np.linspace(-2, 2, 129)
     y = seam.elementwise(spec, np.float64)(x, np.int32(4), np.float64(0.0))  # 4: tanh
     np.testing.assert_allclose(y, np.tanh(x), rtol=1e-14)

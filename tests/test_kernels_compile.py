@@ -42,8 +42,11 @@ LIBRARY_KERNELS = {
     "gemm.cu": {"dense_forward", "dense_backward_data", "dense_backward_weight"},
     "reduce.cu": {"sum_squares_partial", "sum_partial", "sum_finalize", "column_sum"},
     "loss.cu": {
-        "softmax_xent_labels_forward_backward", "softmax_xent_probs_forward_backward",
-        "mse_forward_backward", "bce_with_logits_forward_backward", "bce_forward_backward",
+        "softmax_xent_labels_forward_backward",
+        "softmax_xent_probs_forward_backward",
+        "mse_forward_backward",
+        "bce_with_logits_forward_backward",
+        "bce_forward_backward",
     },
 }
 
@@ -72,7 +75,7 @@ def test_source_compiles(file, real, arch):
     assert len(cubin) > 0
     report = ptxas_report(log)
     source_kernels = set(kernels.entry_points(load_source(file).text))
-    assert source_kernels, f"{file} has no extern \"C\" __global__ entry points"
+    assert source_kernels, f'{file} has no extern "C" __global__ entry points'
     assert source_kernels <= set(report), f"ptxas did not report {source_kernels - set(report)}"
 
 
@@ -137,9 +140,11 @@ def test_elementwise_spec_compiles(spec, dtype):
 def test_elementwise_wrapper_signature():
     spec = next(s for s in ELEMENTWISE_SPECS if s.name == "gb_activation_backward")
     text = elementwise_as_kernel_source(spec, np.float64)
-    assert ("gb_activation_backward(const double* __restrict__ dout_array, "
-            "const double* __restrict__ saved_array, int code, double alpha, "
-            "double* __restrict__ dinp_array, long long n)") in text
+    assert (
+        "gb_activation_backward(const double* __restrict__ dout_array, "
+        "const double* __restrict__ saved_array, int code, double alpha, "
+        "double* __restrict__ dinp_array, long long n)"
+    ) in text
     assert "double& dinp = dinp_array[i];" in text
 
 
@@ -271,8 +276,9 @@ def test_launcher_argument_errors(emu_backends):
         backend.dense_forward(x, w, None, "swish")
     dweight = np.empty((3, 5), np.float32).T  # right shape, not contiguous: must not be written
     with pytest.raises(ValueError, match=r"dweight is not C-contiguous"):
-        backend.dense_backward(np.ones((4, 5), np.float32), x, w, None, "identity", 0.0,
-                               dweight, None, False)
+        backend.dense_backward(
+            np.ones((4, 5), np.float32), x, w, None, "identity", 0.0, dweight, None, False
+        )
     with pytest.raises(ValueError, match=r"reduction='avg'"):
         backend.mse_loss(x, x, "avg")
 

@@ -43,8 +43,9 @@ class _Module:
             try:
                 self.functions[kernel] = self.raw.get_function(kernel)
             except Exception as error:
-                raise ValueError(f"kernel {kernel!r} is not an entry point of kernels/"
-                                 f"{self.file}: {error}") from error
+                raise ValueError(
+                    f"kernel {kernel!r} is not an entry point of kernels/{self.file}: {error}"
+                ) from error
         return self.functions[kernel]
 
 
@@ -80,8 +81,15 @@ class CupySeam:
             note_compiled(source)
         return self._modules[key]
 
-    def launch(self, module: _Module, kernel: str, grid: tuple[int, int, int],
-               block: tuple[int, int, int], args: tuple[Any, ...], shared_mem: int = 0) -> None:
+    def launch(
+        self,
+        module: _Module,
+        kernel: str,
+        grid: tuple[int, int, int],
+        block: tuple[int, int, int],
+        args: tuple[Any, ...],
+        shared_mem: int = 0,
+    ) -> None:
         module.function(kernel)(grid, block, args, shared_mem=shared_mem)
 
     def empty(self, shape: tuple[int, ...], dtype: Any) -> Any:
@@ -91,7 +99,10 @@ class CupySeam:
         key = (spec.name, np.dtype(dtype).str, self._device())
         if key not in self._elementwise:
             self._elementwise[key] = self.cupy.ElementwiseKernel(
-                spec.in_params, spec.out_params, spec.operation, spec.name,
+                spec.in_params,
+                spec.out_params,
+                spec.operation,
+                spec.name,
                 preamble=elementwise_preamble(spec, dtype),
             )
         return self._elementwise[key]
@@ -110,8 +121,10 @@ class CupyBackend(KernelBackend):
         try:
             import cupy
         except Exception as error:  # ImportError, or a broken CUDA installation
-            self.reason = (f"CuPy is not importable ({type(error).__name__}: {error}); "
-                           "install gpubackprop[cuda12] or gpubackprop[cuda13]")
+            self.reason = (
+                f"CuPy is not importable ({type(error).__name__}: {error}); "
+                "install gpubackprop[cuda12] or gpubackprop[cuda13]"
+            )
             return
         try:
             count = cupy.cuda.runtime.getDeviceCount()

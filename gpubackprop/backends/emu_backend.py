@@ -32,8 +32,7 @@ class EmuBackend(KernelBackend):
         self._compiler = find_compiler()
         if self._compiler is None:
             self.reason = (
-                "no C++ compiler for the CPU emulator: install g++ or set CXX / "
-                "GPUBACKPROP_EMU_CXX"
+                "no C++ compiler for the CPU emulator: install g++ or set CXX / GPUBACKPROP_EMU_CXX"
             )
             return
         try:
@@ -52,7 +51,11 @@ class EmuBackend(KernelBackend):
             compiler = compiler_identity(self._compiler)
         except Exception as error:  # a compiler that cannot report its version still names it
             compiler = f"{self._compiler} ({type(error).__name__})"
-        switch = "ucontext" if "-DGBEMU_USE_UCONTEXT" in compile_flags() else (
-            "x86-64 context switch" if platform.machine() in ("x86_64", "AMD64") else "ucontext"
+        switch = (
+            "ucontext"
+            if "-DGBEMU_USE_UCONTEXT" in compile_flags()
+            else (
+                "x86-64 context switch" if platform.machine() in ("x86_64", "AMD64") else "ucontext"
+            )
         )
         return f"CPU emulator ({compiler}; fibers: {switch})"

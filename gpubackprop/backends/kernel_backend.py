@@ -45,12 +45,18 @@ ACTIVATION_BACKWARD = ElementwiseSpec(
 )
 
 ADD = ElementwiseSpec(
-    name="gb_add", in_params="T a, T b", out_params="T c", operation="c = a + b;",
+    name="gb_add",
+    in_params="T a, T b",
+    out_params="T c",
+    operation="c = a + b;",
 )
 
 # x *= factor (gradient clipping); factor is rounded to T first, as NumPy's x *= T(factor).
 SCALE = ElementwiseSpec(
-    name="gb_scale", in_params="float64 factor", out_params="T x", operation="x = x * (T)factor;",
+    name="gb_scale",
+    in_params="float64 factor",
+    out_params="T x",
+    operation="x = x * (T)factor;",
 )
 
 # torch.optim.SGD without momentum: g = ∇ + λθ; θ −= η g.
@@ -108,7 +114,13 @@ ADAM = ElementwiseSpec(
 )
 
 ELEMENTWISE_SPECS: list[ElementwiseSpec] = [
-    ACTIVATION_FORWARD, ACTIVATION_BACKWARD, ADD, SCALE, SGD_PLAIN, SGD_MOMENTUM, ADAM,
+    ACTIVATION_FORWARD,
+    ACTIVATION_BACKWARD,
+    ADD,
+    SCALE,
+    SGD_PLAIN,
+    SGD_MOMENTUM,
+    ADAM,
 ]
 
 # "tiled" is the library's GEMM; "naive" the reference kernels kept to validate it.
@@ -136,8 +148,10 @@ def _ceil_div(a: int, b: int) -> int:
 def _check_int32(shape_name: str, shape: tuple[int, ...]) -> None:
     """The GEMM and loss kernels take each dimension as a C int (products are 64-bit)."""
     if any(d > _INT32_MAX for d in shape):
-        raise ValueError(f"{shape_name}={tuple(shape)} is not accepted; each dimension must be "
-                         f"at most {_INT32_MAX}")
+        raise ValueError(
+            f"{shape_name}={tuple(shape)} is not accepted; each dimension must be "
+            f"at most {_INT32_MAX}"
+        )
 
 
 class KernelBackend(Backend):
@@ -190,8 +204,14 @@ class KernelBackend(Backend):
         return self._elementwise[key]
 
     def _launch(self, module, kernel, grid, block, args, shared_mem=0):
-        self.seam.launch(module, kernel, tuple(int(g) for g in grid),
-                         tuple(int(b) for b in block), tuple(args), shared_mem)
+        self.seam.launch(
+            module,
+            kernel,
+            tuple(int(g) for g in grid),
+            tuple(int(b) for b in block),
+            tuple(args),
+            shared_mem,
+        )
 
     # -- argument checks --------------------------------------------------------------------
     def _float(self, name: str, a, dtype: np.dtype | None = None, ndim: int | None = None):
@@ -202,28 +222,35 @@ class KernelBackend(Backend):
                 f"(move it with backend.asarray)"
             )
         if a.dtype not in _FLOATS:
-            raise ValueError(f"{name}.dtype={a.dtype} is not supported; expected float32 or "
-                             "float64")
+            raise ValueError(
+                f"{name}.dtype={a.dtype} is not supported; expected float32 or float64"
+            )
         if dtype is not None and a.dtype != dtype:
-            raise ValueError(f"{name}.dtype={a.dtype} differs from the other operands' {dtype}; "
-                             "all operands must share one dtype")
+            raise ValueError(
+                f"{name}.dtype={a.dtype} differs from the other operands' {dtype}; "
+                "all operands must share one dtype"
+            )
         if ndim is not None and a.ndim != ndim:
-            raise ValueError(f"{name}.shape={tuple(a.shape)} is not accepted; expected {ndim} "
-                             "dimensions")
+            raise ValueError(
+                f"{name}.shape={tuple(a.shape)} is not accepted; expected {ndim} dimensions"
+            )
         return a if a.flags.c_contiguous else self.xp.ascontiguousarray(a)
 
     def _output(self, name: str, a, dtype: np.dtype, shape: tuple[int, ...]):
         """Check a caller-provided output (written in place, so never copied)."""
         if not isinstance(a, self.xp.ndarray):
-            raise TypeError(f"{name} is a {type(a).__name__}; expected a "
-                            f"{self.xp.__name__}.ndarray")
+            raise TypeError(
+                f"{name} is a {type(a).__name__}; expected a {self.xp.__name__}.ndarray"
+            )
         if a.dtype != dtype:
             raise ValueError(f"{name}.dtype={a.dtype} is not accepted; expected {dtype}")
         if tuple(a.shape) != tuple(shape):
             raise ValueError(f"{name}.shape={tuple(a.shape)} is not accepted; expected {shape}")
         if not a.flags.c_contiguous:
-            raise ValueError(f"{name} is not C-contiguous (strides {a.strides}); kernels write "
-                             "outputs in place, so pass a contiguous array")
+            raise ValueError(
+                f"{name} is not C-contiguous (strides {a.strides}); kernels write "
+                "outputs in place, so pass a contiguous array"
+            )
         return a
 
     @staticmethod
@@ -234,15 +261,17 @@ class KernelBackend(Backend):
     @staticmethod
     def _activation(activation: str) -> int:
         if activation not in ACTIVATION_CODES:
-            raise ValueError(f"activation={activation!r} is not supported; expected one of "
-                             f"{ACTIVATIONS}")
+            raise ValueError(
+                f"activation={activation!r} is not supported; expected one of {ACTIVATIONS}"
+            )
         return ACTIVATION_CODES[activation]
 
     @staticmethod
     def _reduction(reduction: str) -> None:
         if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction={reduction!r} is not supported; expected one of "
-                             f"{REDUCTIONS}")
+            raise ValueError(
+                f"reduction={reduction!r} is not supported; expected one of {REDUCTIONS}"
+            )
 
     @staticmethod
     def _vec_ok(a, leading: int) -> np.int32:
@@ -270,19 +299,36 @@ class KernelBackend(Backend):
         z = self.empty((m, n), dtype) if needs_z else None
         if m and n:
             real = dtype.type
-            common = (x, weight, bias if bias is not None else x, y, z if needs_z else y,
-                      np.int32(m), np.int32(n), np.int32(k), np.int32(bias is not None),
-                      np.int32(needs_z), np.int32(code), real(alpha))
+            common = (
+                x,
+                weight,
+                bias if bias is not None else x,
+                y,
+                z if needs_z else y,
+                np.int32(m),
+                np.int32(n),
+                np.int32(k),
+                np.int32(bias is not None),
+                np.int32(needs_z),
+                np.int32(code),
+                real(alpha),
+            )
             if self.gemm_version == "naive":
                 module = self._module("gemm.cu", dtype)
                 grid = (_ceil_div(n, _NAIVE_BLOCK), _ceil_div(m, _NAIVE_BLOCK), 1)
-                self._launch(module, "dense_forward_naive", grid, (_NAIVE_BLOCK, _NAIVE_BLOCK, 1),
-                             common)
+                self._launch(
+                    module, "dense_forward_naive", grid, (_NAIVE_BLOCK, _NAIVE_BLOCK, 1), common
+                )
             else:
                 module, t = self._gemm_module(dtype)
                 grid = (_ceil_div(m, t["TILE_M"]), _ceil_div(n, t["TILE_N"]), 1)
-                self._launch(module, "dense_forward", grid, (_gemm_threads(t), 1, 1),
-                             (*common, self._vec_ok(x, k), self._vec_ok(weight, k)))
+                self._launch(
+                    module,
+                    "dense_forward",
+                    grid,
+                    (_gemm_threads(t), 1, 1),
+                    (*common, self._vec_ok(x, k), self._vec_ok(weight, k)),
+                )
         if activation == "identity":
             return y, None
         return y, (y if activation in SAVES_OUTPUT else z)
@@ -308,8 +354,10 @@ class KernelBackend(Backend):
             delta = dout
         else:
             if saved is None:
-                raise ValueError(f"saved=None is not accepted for activation={activation!r}; "
-                                 "pass what dense_forward returned")
+                raise ValueError(
+                    f"saved=None is not accepted for activation={activation!r}; "
+                    "pass what dense_forward returned"
+                )
             saved = self._float("saved", saved, dtype)
             self._same_shape("saved", saved, (m, n))
             delta = self.activation_backward(dout, saved, activation, alpha)
@@ -329,13 +377,23 @@ class KernelBackend(Backend):
         dims = (np.int32(m), np.int32(n), np.int32(k))
         if self.gemm_version == "naive":
             grid = (_ceil_div(k, _NAIVE_BLOCK), _ceil_div(n, _NAIVE_BLOCK), 1)
-            self._launch(self._module("gemm.cu", dtype), "dense_backward_weight_naive", grid,
-                         (_NAIVE_BLOCK, _NAIVE_BLOCK, 1), (delta, x, dweight, *dims))
+            self._launch(
+                self._module("gemm.cu", dtype),
+                "dense_backward_weight_naive",
+                grid,
+                (_NAIVE_BLOCK, _NAIVE_BLOCK, 1),
+                (delta, x, dweight, *dims),
+            )
             return
         module, t = self._gemm_module(dtype)
         grid = (_ceil_div(n, t["TILE_M"]), _ceil_div(k, t["TILE_N"]), 1)
-        self._launch(module, "dense_backward_weight", grid, (_gemm_threads(t), 1, 1),
-                     (delta, x, dweight, *dims, self._vec_ok(delta, n), self._vec_ok(x, k)))
+        self._launch(
+            module,
+            "dense_backward_weight",
+            grid,
+            (_gemm_threads(t), 1, 1),
+            (delta, x, dweight, *dims, self._vec_ok(delta, n), self._vec_ok(x, k)),
+        )
 
     def _gemm_backward_data(self, delta, weight, dinp, m, n, k) -> None:
         if not (m and k):
@@ -344,13 +402,23 @@ class KernelBackend(Backend):
         dims = (np.int32(m), np.int32(n), np.int32(k))
         if self.gemm_version == "naive":
             grid = (_ceil_div(k, _NAIVE_BLOCK), _ceil_div(m, _NAIVE_BLOCK), 1)
-            self._launch(self._module("gemm.cu", dtype), "dense_backward_data_naive", grid,
-                         (_NAIVE_BLOCK, _NAIVE_BLOCK, 1), (delta, weight, dinp, *dims))
+            self._launch(
+                self._module("gemm.cu", dtype),
+                "dense_backward_data_naive",
+                grid,
+                (_NAIVE_BLOCK, _NAIVE_BLOCK, 1),
+                (delta, weight, dinp, *dims),
+            )
             return
         module, t = self._gemm_module(dtype)
         grid = (_ceil_div(m, t["TILE_M"]), _ceil_div(k, t["TILE_N"]), 1)
-        self._launch(module, "dense_backward_data", grid, (_gemm_threads(t), 1, 1),
-                     (delta, weight, dinp, *dims, self._vec_ok(delta, n), self._vec_ok(weight, k)))
+        self._launch(
+            module,
+            "dense_backward_data",
+            grid,
+            (_gemm_threads(t), 1, 1),
+            (delta, weight, dinp, *dims, self._vec_ok(delta, n), self._vec_ok(weight, k)),
+        )
 
     def _column_sum(self, a, out) -> None:
         """out[j] = Σ_i a[i, j], deterministic: rows are cut into chunks (by the shape alone),
@@ -364,16 +432,31 @@ class KernelBackend(Backend):
         # One chunk per ~256 rows, so that tall δ still fills the device.
         chunks = min(_COLUMN_SUM_MAX_CHUNKS, max(1, _ceil_div(rows, 256)))
         if chunks == 1:
-            self._launch(module, "column_sum", (col_blocks, 1, 1), block,
-                         (a, np.int32(rows), np.int32(cols), np.int32(max(rows, 1)), out))
+            self._launch(
+                module,
+                "column_sum",
+                (col_blocks, 1, 1),
+                block,
+                (a, np.int32(rows), np.int32(cols), np.int32(max(rows, 1)), out),
+            )
             return
         per_chunk = _ceil_div(rows, chunks)
         chunks = _ceil_div(rows, per_chunk)
         partial = self.empty((chunks, cols), a.dtype)
-        self._launch(module, "column_sum", (col_blocks, chunks, 1), block,
-                     (a, np.int32(rows), np.int32(cols), np.int32(per_chunk), partial))
-        self._launch(module, "column_sum", (col_blocks, 1, 1), block,
-                     (partial, np.int32(chunks), np.int32(cols), np.int32(chunks), out))
+        self._launch(
+            module,
+            "column_sum",
+            (col_blocks, chunks, 1),
+            block,
+            (a, np.int32(rows), np.int32(cols), np.int32(per_chunk), partial),
+        )
+        self._launch(
+            module,
+            "column_sum",
+            (col_blocks, 1, 1),
+            block,
+            (partial, np.int32(chunks), np.int32(cols), np.int32(chunks), out),
+        )
 
     # -- standalone activation ------------------------------------------------------------------
     def activation_forward(self, x, activation, alpha=0.01):
@@ -392,14 +475,17 @@ class KernelBackend(Backend):
         if activation == "identity":
             return dout
         if saved is None:
-            raise ValueError(f"saved=None is not accepted for activation={activation!r}; pass "
-                             "what the forward returned")
+            raise ValueError(
+                f"saved=None is not accepted for activation={activation!r}; pass "
+                "what the forward returned"
+            )
         saved = self._float("saved", saved, dout.dtype)
         self._same_shape("saved", saved, tuple(dout.shape))
         dinp = self.empty(dout.shape, dout.dtype)
         if dout.size:
-            self._ew(ACTIVATION_BACKWARD, dout.dtype)(dout, saved, np.int32(code),
-                                                      np.float64(alpha), dinp)
+            self._ew(ACTIVATION_BACKWARD, dout.dtype)(
+                dout, saved, np.int32(code), np.float64(alpha), dinp
+            )
         return dinp
 
     def add(self, a, b):
@@ -412,25 +498,45 @@ class KernelBackend(Backend):
         return out
 
     # -- reductions -----------------------------------------------------------------------------
-    def _sum(self, kernel_file: str, kernel: str, inputs: tuple, n: int, scalars: tuple,
-             grad, dtype: np.dtype, scale: float):
+    def _sum(
+        self,
+        kernel_file: str,
+        kernel: str,
+        inputs: tuple,
+        n: int,
+        scalars: tuple,
+        grad,
+        dtype: np.dtype,
+        scale: float,
+    ):
         """Launch a pass-1 kernel writing one partial per block, then sum_finalize:
         out = scale · Σ partials.  Returns the 0-d result."""
         blocks = max(1, min(_MAX_REDUCE_BLOCKS, _ceil_div(n, _REDUCE_THREADS * 4)))
         partials = self.empty((blocks,), dtype)
         out = self.empty((1,), dtype)
         args = inputs + (np.int64(n),) + scalars + ((grad,) if grad is not None else ())
-        self._launch(self._module(kernel_file, dtype), kernel, (blocks, 1, 1),
-                     (_REDUCE_THREADS, 1, 1), (*args, partials))
-        self._launch(self._module("reduce.cu", dtype), "sum_finalize", (1, 1, 1),
-                     (_REDUCE_THREADS, 1, 1), (partials, np.int32(blocks), np.float64(scale), out))
+        self._launch(
+            self._module(kernel_file, dtype),
+            kernel,
+            (blocks, 1, 1),
+            (_REDUCE_THREADS, 1, 1),
+            (*args, partials),
+        )
+        self._launch(
+            self._module("reduce.cu", dtype),
+            "sum_finalize",
+            (1, 1, 1),
+            (_REDUCE_THREADS, 1, 1),
+            (partials, np.int32(blocks), np.float64(scale), out),
+        )
         return out.reshape(())
 
     def sum_of_squares(self, x):
         """Σ x² (reduce.cu: sum_squares_partial + sum_finalize), fixed order."""
         x = self._float("x", x)
-        return self._sum("reduce.cu", "sum_squares_partial", (x.reshape(-1),), x.size, (), None,
-                         x.dtype, 1.0)
+        return self._sum(
+            "reduce.cu", "sum_squares_partial", (x.reshape(-1),), x.size, (), None, x.dtype, 1.0
+        )
 
     # -- losses -----------------------------------------------------------------------------------
     def _pair(self, first: str, a, second: str, b):
@@ -445,8 +551,16 @@ class KernelBackend(Backend):
         pred, target = self._pair("pred", pred, "target", target)
         scale = 1.0 / pred.size if reduction == "mean" and pred.size else 1.0
         grad = self.empty(pred.shape, pred.dtype)
-        loss = self._sum("loss.cu", "mse_forward_backward", (pred, target), pred.size,
-                         (pred.dtype.type(2.0 * scale),), grad, pred.dtype, scale)
+        loss = self._sum(
+            "loss.cu",
+            "mse_forward_backward",
+            (pred, target),
+            pred.size,
+            (pred.dtype.type(2.0 * scale),),
+            grad,
+            pred.dtype,
+            scale,
+        )
         return loss, grad
 
     def bce_with_logits(self, logits, target, reduction):
@@ -456,8 +570,16 @@ class KernelBackend(Backend):
         logits, target = self._pair("logits", logits, "target", target)
         scale = 1.0 / logits.size if reduction == "mean" and logits.size else 1.0
         grad = self.empty(logits.shape, logits.dtype)
-        loss = self._sum("loss.cu", "bce_with_logits_forward_backward", (logits, target),
-                         logits.size, (logits.dtype.type(scale),), grad, logits.dtype, scale)
+        loss = self._sum(
+            "loss.cu",
+            "bce_with_logits_forward_backward",
+            (logits, target),
+            logits.size,
+            (logits.dtype.type(scale),),
+            grad,
+            logits.dtype,
+            scale,
+        )
         return loss, grad
 
     def bce(self, probs, target, reduction):
@@ -467,8 +589,16 @@ class KernelBackend(Backend):
         probs, target = self._pair("probs", probs, "target", target)
         scale = 1.0 / probs.size if reduction == "mean" and probs.size else 1.0
         grad = self.empty(probs.shape, probs.dtype)
-        loss = self._sum("loss.cu", "bce_forward_backward", (probs, target), probs.size,
-                         (probs.dtype.type(scale),), grad, probs.dtype, scale)
+        loss = self._sum(
+            "loss.cu",
+            "bce_forward_backward",
+            (probs, target),
+            probs.size,
+            (probs.dtype.type(scale),),
+            grad,
+            probs.dtype,
+            scale,
+        )
         return loss, grad
 
     def softmax_cross_entropy(self, logits, target):
@@ -478,16 +608,20 @@ class KernelBackend(Backend):
         n, c = logits.shape
         _check_int32("logits.shape", logits.shape)
         if c < 1:
-            raise ValueError(f"logits.shape={tuple(logits.shape)} is not accepted; expected at "
-                             "least one class")
+            raise ValueError(
+                f"logits.shape={tuple(logits.shape)} is not accepted; expected at least one class"
+            )
         dtype = logits.dtype
         if not isinstance(target, self.xp.ndarray):
-            raise TypeError(f"target is a {type(target).__name__}; expected a "
-                            f"{self.xp.__name__}.ndarray")
+            raise TypeError(
+                f"target is a {type(target).__name__}; expected a {self.xp.__name__}.ndarray"
+            )
         if target.ndim == 1:
             if target.dtype.kind not in "iu":
-                raise ValueError(f"target.dtype={target.dtype} is not accepted for 1-D targets; "
-                                 "expected integer class labels")
+                raise ValueError(
+                    f"target.dtype={target.dtype} is not accepted for 1-D targets; "
+                    "expected integer class labels"
+                )
             self._same_shape("target", target, (n,))
             target = self.xp.ascontiguousarray(target, dtype=np.int64)
             kernel = "softmax_xent_labels_forward_backward"
@@ -499,27 +633,46 @@ class KernelBackend(Backend):
         row_loss = self.empty((max(n, 1),), dtype)
         if n:
             threads = min(256, max(32, 1 << (c - 1).bit_length()))
-            self._launch(self._module("loss.cu", dtype), kernel, (n, 1, 1), (threads, 1, 1),
-                         (logits, target, np.int32(n), np.int32(c), grad, row_loss))
+            self._launch(
+                self._module("loss.cu", dtype),
+                kernel,
+                (n, 1, 1),
+                (threads, 1, 1),
+                (logits, target, np.int32(n), np.int32(c), grad, row_loss),
+            )
         else:
             row_loss.fill(0)
-        loss = self._sum("reduce.cu", "sum_partial", (row_loss,), n, (), None, dtype,
-                         1.0 / n if n else 1.0)
+        loss = self._sum(
+            "reduce.cu", "sum_partial", (row_loss,), n, (), None, dtype, 1.0 / n if n else 1.0
+        )
         return loss, grad
 
     # -- optimizers -------------------------------------------------------------------------------
     def _inplace(self, name: str, a, dtype: np.dtype | None, shape: tuple[int, ...] | None):
         if not isinstance(a, self.xp.ndarray):
-            raise TypeError(f"{name} is a {type(a).__name__}; expected a "
-                            f"{self.xp.__name__}.ndarray")
+            raise TypeError(
+                f"{name} is a {type(a).__name__}; expected a {self.xp.__name__}.ndarray"
+            )
         dtype = a.dtype if dtype is None else dtype
         if a.dtype not in _FLOATS:
-            raise ValueError(f"{name}.dtype={a.dtype} is not supported; expected float32 or "
-                             "float64")
+            raise ValueError(
+                f"{name}.dtype={a.dtype} is not supported; expected float32 or float64"
+            )
         return self._output(name, a, dtype, tuple(a.shape) if shape is None else shape)
 
-    def sgd_step(self, param, grad, momentum_buf, *, lr, momentum, dampening, nesterov,
-                 weight_decay, first_step):
+    def sgd_step(
+        self,
+        param,
+        grad,
+        momentum_buf,
+        *,
+        lr,
+        momentum,
+        dampening,
+        nesterov,
+        weight_decay,
+        first_step,
+    ):
         """torch.optim.SGD, one elementwise launch over the flat buffers."""
         param = self._inplace("param", param, None, None)
         grad = self._float("grad", grad, param.dtype)
@@ -531,15 +684,34 @@ class KernelBackend(Backend):
                 raise ValueError(f"momentum_buf=None is not accepted with momentum={momentum}")
             self._inplace("momentum_buf", momentum_buf, param.dtype, tuple(param.shape))
             self._ew(SGD_MOMENTUM, param.dtype)(
-                grad, np.float64(lr), np.float64(momentum), np.float64(dampening),
-                np.int32(bool(nesterov)), np.float64(weight_decay), np.int32(bool(first_step)),
-                param, momentum_buf)
+                grad,
+                np.float64(lr),
+                np.float64(momentum),
+                np.float64(dampening),
+                np.int32(bool(nesterov)),
+                np.float64(weight_decay),
+                np.int32(bool(first_step)),
+                param,
+                momentum_buf,
+            )
         else:
-            self._ew(SGD_PLAIN, param.dtype)(grad, np.float64(lr), np.float64(weight_decay),
-                                             param)
+            self._ew(SGD_PLAIN, param.dtype)(grad, np.float64(lr), np.float64(weight_decay), param)
 
-    def adam_step(self, param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps,
-                  weight_decay, step, decoupled):
+    def adam_step(
+        self,
+        param,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        *,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        step,
+        decoupled,
+    ):
         """torch.optim.Adam / AdamW, one elementwise launch over the flat buffers."""
         if step < 1:
             raise ValueError(f"step={step} is not accepted; expected an integer >= 1")
@@ -554,9 +726,19 @@ class KernelBackend(Backend):
         bias_correction1 = 1.0 - beta1**step
         bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
         self._ew(ADAM, param.dtype)(
-            grad, np.float64(lr), np.float64(beta1), np.float64(beta2), np.float64(eps),
-            np.float64(weight_decay), np.int32(bool(decoupled)), np.float64(bias_correction1),
-            np.float64(bias_correction2_sqrt), param, exp_avg, exp_avg_sq)
+            grad,
+            np.float64(lr),
+            np.float64(beta1),
+            np.float64(beta2),
+            np.float64(eps),
+            np.float64(weight_decay),
+            np.int32(bool(decoupled)),
+            np.float64(bias_correction1),
+            np.float64(bias_correction2_sqrt),
+            param,
+            exp_avg,
+            exp_avg_sq,
+        )
 
     def scale_(self, x, factor):
         x = self._inplace("x", x, None, None)

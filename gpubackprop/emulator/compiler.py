@@ -92,8 +92,10 @@ def compile_flags() -> tuple[str, ...]:
     """Flags for this process: GPUBACKPROP_EMU_DEBUG=1 builds -O0 -g (for gdb); setting
     GPUBACKPROP_EMU_UCONTEXT=1 forces the portable ucontext fiber switch."""
     flags = list(BASE_FLAGS)
-    flags += DEBUG_FLAGS if os.environ.get("GPUBACKPROP_EMU_DEBUG") not in (None, "", "0") else (
-        OPT_FLAGS
+    flags += (
+        DEBUG_FLAGS
+        if os.environ.get("GPUBACKPROP_EMU_DEBUG") not in (None, "", "0")
+        else (OPT_FLAGS)
     )
     if os.environ.get("GPUBACKPROP_EMU_UCONTEXT") not in (None, "", "0"):
         flags.append("-DGBEMU_USE_UCONTEXT")
@@ -102,9 +104,7 @@ def compile_flags() -> tuple[str, ...]:
 
 # ---- reading the source -------------------------------------------------------------------
 
-_TOKEN = re.compile(
-    r'//[^\n]*|/\*.*?\*/|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'', re.DOTALL
-)
+_TOKEN = re.compile(r'//[^\n]*|/\*.*?\*/|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'', re.DOTALL)
 
 
 def strip_comments(text: str, keep_strings: bool = True) -> str:

@@ -138,8 +138,15 @@ class _Elementwise:
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
-_KINDS = {"f4": np.float32, "f8": np.float64, "i4": np.int32, "i8": np.int64, "b1": np.bool_,
-          "u4": np.uint32, "u8": np.uint64}
+_KINDS = {
+    "f4": np.float32,
+    "f8": np.float64,
+    "i4": np.int32,
+    "i8": np.int64,
+    "b1": np.bool_,
+    "u4": np.uint32,
+    "u8": np.uint64,
+}
 
 
 def _scalar(name: str, param: Any, value: Any) -> Any:

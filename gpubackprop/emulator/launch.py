@@ -44,14 +44,31 @@ POISON64 = np.uint64(0x7FF5A5A5A5A5A5A5)
 _launch_lock = threading.Lock()  # the scheduler's state is global per library
 
 _SCALAR_CODES = {
-    "f4": np.float32, "f8": np.float64, "i1": np.int8, "u1": np.uint8, "i2": np.int16,
-    "u2": np.uint16, "i4": np.int32, "u4": np.uint32, "i8": np.int64, "u8": np.uint64,
+    "f4": np.float32,
+    "f8": np.float64,
+    "i1": np.int8,
+    "u1": np.uint8,
+    "i2": np.int16,
+    "u2": np.uint16,
+    "i4": np.int32,
+    "u4": np.uint32,
+    "i8": np.int64,
+    "u8": np.uint64,
     "b1": np.bool_,
 }
 _C_NAMES = {
-    "f4": "float", "f8": "double", "i1": "signed char", "u1": "unsigned char", "i2": "short",
-    "u2": "unsigned short", "i4": "int", "u4": "unsigned int", "i8": "long long",
-    "u8": "unsigned long long", "b1": "bool", "v0": "void",
+    "f4": "float",
+    "f8": "double",
+    "i1": "signed char",
+    "u1": "unsigned char",
+    "i2": "short",
+    "u2": "unsigned short",
+    "i4": "int",
+    "u4": "unsigned int",
+    "i8": "long long",
+    "u8": "unsigned long long",
+    "b1": "bool",
+    "v0": "void",
 }
 
 
@@ -104,8 +121,12 @@ class EmuModule:
             entry = getattr(self.library, f"gbemu_launch_{decl.name}")
             entry.restype = ctypes.c_int
             entry.argtypes = [
-                ctypes.POINTER(ctypes.c_longlong), ctypes.c_longlong,
-                ctypes.POINTER(ctypes.c_void_p), ctypes.c_ulonglong, ctypes.c_char_p, ctypes.c_int,
+                ctypes.POINTER(ctypes.c_longlong),
+                ctypes.c_longlong,
+                ctypes.POINTER(ctypes.c_void_p),
+                ctypes.c_ulonglong,
+                ctypes.c_char_p,
+                ctypes.c_int,
             ]
             self.kernels[decl.name] = Kernel(decl.name, params, entry)
 
@@ -195,7 +216,7 @@ def launch(
     """Run ``kernel`` of ``module`` on the emulator; see the module docstring for the checks."""
     if kernel not in module.kernels:
         raise ValueError(
-            f"kernel={kernel!r} is not an extern \"C\" __global__ function of {module.label}; "
+            f'kernel={kernel!r} is not an extern "C" __global__ function of {module.label}; '
             f"it has {sorted(module.kernels)}"
         )
     info = module.kernels[kernel]
@@ -281,12 +302,16 @@ def _check_pointer(where: str, param: Param, value: Any) -> np.ndarray:
 def _check_scalar(where: str, param: Param, value: Any) -> np.ndarray:
     expected = _SCALAR_CODES.get(param.code)
     if expected is None:
-        raise TypeError(f"{where}: parameter {param.name!r} has type {param.c_type}, which "
-                        "the emulator cannot pass from Python")
+        raise TypeError(
+            f"{where}: parameter {param.name!r} has type {param.c_type}, which "
+            "the emulator cannot pass from Python"
+        )
     if not isinstance(value, np.generic) or value.dtype != np.dtype(expected):
         got = (
-            f"np.{value.dtype.name}" if isinstance(value, np.generic)
-            else f"{type(value).__name__} {value!r}" if not isinstance(value, np.ndarray)
+            f"np.{value.dtype.name}"
+            if isinstance(value, np.generic)
+            else f"{type(value).__name__} {value!r}"
+            if not isinstance(value, np.ndarray)
             else f"an array of shape {value.shape}"
         )
         raise TypeError(
@@ -326,8 +351,10 @@ def _check_group(group: _Group) -> list[str]:
             parts.append(f"{bad_before.size} bytes before its start (lowest at element {first})")
         if bad_after.size:
             first = (group.nbytes + int(bad_after[0])) // group.itemsize
-            parts.append(f"{bad_after.size} bytes after its end (first at element {first}, "
-                         f"size {group.array.size})")
+            parts.append(
+                f"{bad_after.size} bytes after its end (first at element {first}, "
+                f"size {group.array.size})"
+            )
         problems.append(f"wrote out of bounds of {_describe(group)}: " + " and ".join(parts))
     writable = any(not p.const for p in group.params)
     count, first = poison_count(group.data, group.itemsize) if group.nbytes else (0, -1)
