@@ -3,6 +3,8 @@
 "emu" runs in every CI run (the CUDA sources on the CPU emulator); "cupy" runs where a
 GPU is present (marker ``gpu``).  Each is skipped, with the reason, where unusable."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -21,6 +23,8 @@ CASES = op_cases(seed=2024)
 def kernel_backend(request, monkeypatch):
     name = request.param
     ok, reason = available_backends()[name]
+    if not ok and name == "cupy" and os.environ.get("GPUBACKPROP_REQUIRE_GPU"):
+        pytest.fail(f"GPUBACKPROP_REQUIRE_GPU is set but cupy is unavailable: {reason}")
     if not ok:
         pytest.skip(f"backend {name!r} is unavailable here: {reason}")
     backend = get_backend(name)
