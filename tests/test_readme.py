@@ -1,0 +1,26 @@
+"""The README's API example runs as written (so the README stays true)."""
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+    assert blocks, "README.md has no python example"
+    monkeypatch.chdir(tmp_path)  # the example writes a checkpoint
+    monkeypatch.setenv("GPUBACKPROP_BACKEND", "numpy")
+    namespace: dict = {}
+    exec(compile(blocks[0].replace("verbose=1", "verbose=0"), "README.md", "exec"), namespace)
+    assert namespace["history"]["val_accuracy"][-1] > 0.9
+    assert (tmp_path / "digits.safetensors").is_file()
+    assert namespace["model2"].config() == namespace["model"].config()
+
+
+def test_readme_quick_start_commands_match_ci():
+    text = README.read_text(encoding="utf-8")
+    assert "pip install . && gpubackprop train" in text
+    ci = (README.parent / ".ci" / "run").read_text(encoding="utf-8")
+    assert "python -m pytest" in text and "python -m pytest" in ci
+    assert "torch==2.13.0" in text and "torch==2.13.0" in ci
