@@ -313,22 +313,7 @@ class KernelBackend(Backend):
                 np.int32(code),
                 real(alpha),
             )
-            if self.gemm_version == "naive":
-                module = self._module("gemm.cu", dtype)
-                grid = (_ceil_div(n, _NAIVE_BLOCK), _ceil_div(m, _NAIVE_BLOCK), 1)
-                self._launch(
-                    module, "dense_forward_naive", grid, (_NAIVE_BLOCK, _NAIVE_BLOCK, 1), common
-                )
-            else:
-                module, t = self._gemm_module(dtype)
-                grid = (_ceil_div(m, t["TILE_M"]), _ceil_div(n, t["TILE_N"]), 1)
-                self._launch(
-                    module,
-                    "dense_forward",
-                    grid,
-                    (_gemm_threads(t), 1, 1),
-                    (*common, self._vec_ok(x, k), self._vec_ok(weight, k)),
-                )
+            self._gemm("dense_forward", m, n, common, (self._vec_ok(x, k), self._vec_ok(weight, k)))
         if activation == "identity":
             return y, None
         return y, (y if activation in SAVES_OUTPUT else z)
@@ -370,55 +355,33 @@ class KernelBackend(Backend):
         self._gemm_backward_data(delta, weight, dinp, m, n, k)
         return dinp
 
-    def _gemm_backward_weight(self, delta, x, dweight, m, n, k) -> None:
-        if not (n and k):
-            return
-        dtype = delta.dtype
-        dims = (np.int32(m), np.int32(n), np.int32(k))
+    def _gemm(self, kernel: str, rows: int, cols: int, args: tuple, vec_flags: tuple) -> None:
+        """Launch gemm.cu's ``kernel`` over a (rows, cols) output: the tiled version with its
+        16-byte-load flags, or ``<kernel>_naive`` (one thread per element) for validation."""
+        dtype = args[0].dtype
         if self.gemm_version == "naive":
-            grid = (_ceil_div(k, _NAIVE_BLOCK), _ceil_div(n, _NAIVE_BLOCK), 1)
-            self._launch(
-                self._module("gemm.cu", dtype),
-                "dense_backward_weight_naive",
-                grid,
-                (_NAIVE_BLOCK, _NAIVE_BLOCK, 1),
-                (delta, x, dweight, *dims),
-            )
+            grid = (_ceil_div(cols, _NAIVE_BLOCK), _ceil_div(rows, _NAIVE_BLOCK), 1)
+            block = (_NAIVE_BLOCK, _NAIVE_BLOCK, 1)
+            self._launch(self._module("gemm.cu", dtype), f"{kernel}_naive", grid, block, args)
             return
-        module, t = self._gemm_module(dtype)
-        grid = (_ceil_div(n, t["TILE_M"]), _ceil_div(k, t["TILE_N"]), 1)
-        self._launch(
-            module,
-            "dense_backward_weight",
-            grid,
-            (_gemm_threads(t), 1, 1),
-            (delta, x, dweight, *dims, self._vec_ok(delta, n), self._vec_ok(x, k)),
-        )
+        module, tiles = self._gemm_module(dtype)
+        grid = (_ceil_div(rows, tiles["TILE_M"]), _ceil_div(cols, tiles["TILE_N"]), 1)
+        block = (_gemm_threads(tiles), 1, 1)
+        self._launch(module, kernel, grid, block, (*args, *vec_flags))
+
+    def _gemm_backward_weight(self, delta, x, dweight, m, n, k) -> None:
+        """dW (n, k) = δᵀ x."""
+        if n and k:
+            dims = (np.int32(m), np.int32(n), np.int32(k))
+            flags = (self._vec_ok(delta, n), self._vec_ok(x, k))
+            self._gemm("dense_backward_weight", n, k, (delta, x, dweight, *dims), flags)
 
     def _gemm_backward_data(self, delta, weight, dinp, m, n, k) -> None:
-        if not (m and k):
-            return
-        dtype = delta.dtype
-        dims = (np.int32(m), np.int32(n), np.int32(k))
-        if self.gemm_version == "naive":
-            grid = (_ceil_div(k, _NAIVE_BLOCK), _ceil_div(m, _NAIVE_BLOCK), 1)
-            self._launch(
-                self._module("gemm.cu", dtype),
-                "dense_backward_data_naive",
-                grid,
-                (_NAIVE_BLOCK, _NAIVE_BLOCK, 1),
-                (delta, weight, dinp, *dims),
-            )
-            return
-        module, t = self._gemm_module(dtype)
-        grid = (_ceil_div(m, t["TILE_M"]), _ceil_div(k, t["TILE_N"]), 1)
-        self._launch(
-            module,
-            "dense_backward_data",
-            grid,
-            (_gemm_threads(t), 1, 1),
-            (delta, weight, dinp, *dims, self._vec_ok(delta, n), self._vec_ok(weight, k)),
-        )
+        """dX (m, k) = δ W."""
+        if m and k:
+            dims = (np.int32(m), np.int32(n), np.int32(k))
+            flags = (self._vec_ok(delta, n), self._vec_ok(weight, k))
+            self._gemm("dense_backward_data", m, k, (delta, weight, dinp, *dims), flags)
 
     def _column_sum(self, a, out) -> None:
         """out[j] = Σ_i a[i, j], deterministic: rows are cut into chunks (by the shape alone),
