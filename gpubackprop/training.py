@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import sys
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -140,18 +142,19 @@ def run_fit(
     saved_check = getattr(loss, "check_labels", None)
     try:
         logs = _epochs(
-            model,
-            xd,
-            yd,
-            n,
-            loss,
-            optimizer,
-            epochs,
-            batch_size,
-            shuffle,
-            validation_data,
-            verbose,
-            callbacks,
+            _Run(
+                model,
+                xd,
+                yd,
+                loss,
+                optimizer,
+                epochs,
+                batch_size,
+                shuffle,
+                validation_data,
+                verbose,
+                callbacks,
+            ),
             labels_unchecked,
         )
     finally:
@@ -169,21 +172,27 @@ def _per_row(loss: Loss, target) -> int:
     return int(np.prod(target.shape[1:]))
 
 
-def _epochs(
-    model,
-    xd,
-    yd,
-    n,
-    loss,
-    optimizer,
-    epochs,
-    batch_size,
-    shuffle,
-    validation_data,
-    verbose,
-    callbacks,
-    labels_unchecked,
-) -> dict[str, float]:
+@dataclass
+class _Run:
+    """What one call of fit trains on and with."""
+
+    model: Any
+    xd: Any
+    yd: Any
+    loss: Loss
+    optimizer: Any
+    epochs: int
+    batch_size: int
+    shuffle: bool
+    validation_data: Any
+    verbose: int
+    callbacks: list[Callback]
+
+
+def _epochs(run: _Run, labels_unchecked: bool) -> dict[str, float]:
+    model, xd, yd, loss, optimizer = run.model, run.xd, run.yd, run.loss, run.optimizer
+    epochs, batch_size, shuffle, verbose = run.epochs, run.batch_size, run.shuffle, run.verbose
+    validation_data, callbacks, n = run.validation_data, run.callbacks, run.xd.shape[0]
     xp = model.backend.xp
     logs: dict[str, float] = {}
     for epoch in range(1, epochs + 1):
