@@ -33,16 +33,46 @@ def _targets_on(model, loss: Loss, y):
     return model.backend.asarray(y, model.dtype)
 
 
-def correct_count(xp, loss: Loss, pred, target) -> int | None:
-    """Correct predictions in a batch, or None when accuracy has no meaning (regression)."""
+# Losses whose predictions can be scored as right or wrong.
+ACCURACY_LOSSES = (SoftmaxCrossEntropyLoss, BCEWithLogitsLoss, BCELoss)
+
+
+def correct_count(xp, loss: Loss, pred, target):
+    """Correct predictions in a batch as a 0-d array on the backend (no sync), or None when
+    accuracy has no meaning (regression)."""
     if isinstance(loss, SoftmaxCrossEntropyLoss):
         labels = target if target.ndim == 1 else xp.argmax(target, axis=1)
-        return int((xp.argmax(pred, axis=1) == labels).sum())
+        return (xp.argmax(pred, axis=1) == labels).sum()
     if isinstance(loss, BCEWithLogitsLoss):
-        return int(((pred > 0) == (target > 0.5)).sum())
+        return ((pred > 0) == (target > 0.5)).sum()
     if isinstance(loss, BCELoss):
-        return int(((pred > 0.5) == (target > 0.5)).sum())
+        return ((pred > 0.5) == (target > 0.5)).sum()
     return None
+
+
+def reading_syncs(backend) -> bool:
+    """True when reading a value back to the host waits for the device (a GPU backend)."""
+    return backend.xp is not np
+
+
+class _EpochTotals:
+    """Σ loss·rows and Σ correct over an epoch.  On a GPU they stay device arrays between
+    reads, so a training step needs no device-to-host sync; reading them syncs once."""
+
+    def __init__(self, has_accuracy: bool):
+        self.loss_sum = 0.0
+        self.correct = 0 if has_accuracy else None
+        self.seen = 0
+
+    def add(self, loss_value, batch_correct, rows: int) -> None:
+        self.loss_sum = self.loss_sum + loss_value * rows
+        if self.correct is not None:
+            self.correct = self.correct + batch_correct
+        self.seen += rows
+
+    def read(self) -> tuple[float, int | None]:
+        correct = None if self.correct is None else int(self.correct)
+        return float(self.loss_sum), correct
 
 
 def _check_finite(value: float, where: str, optimizer) -> None:
@@ -69,7 +99,8 @@ def evaluate(model, x, y, loss: Loss, batch_size: int = 1024) -> dict[str, float
         raise ValueError(f"y has {_rows(y)} rows but x has {xd.shape[0]}")
     yd = _targets_on(model, loss, y)
     loss.backend = model.backend
-    total_loss, correct, n = 0.0, 0, xd.shape[0]
+    n = xd.shape[0]
+    totals = _EpochTotals(isinstance(loss, ACCURACY_LOSSES))
     for start in range(0, n, batch_size):
         h = xd[start : start + batch_size]
         for step in model.steps:
@@ -77,13 +108,11 @@ def evaluate(model, x, y, loss: Loss, batch_size: int = 1024) -> dict[str, float
         if start == 0 and isinstance(loss, SoftmaxCrossEntropyLoss) and yd.ndim == 1:
             check_label_range(model.backend, yd, h.shape[1])
         target = yd[start : start + batch_size]
-        value = float(loss.forward(h, target))
-        rows = h.shape[0]
         # MSE/BCE "mean" average over elements, cross-entropy over rows: both weight by rows.
-        total_loss += value * rows
-        batch_correct = correct_count(model.backend.xp, loss, h, target)
-        correct = None if batch_correct is None else correct + batch_correct
-    metrics = {"loss": total_loss / n}
+        value = loss.forward(h, target)
+        totals.add(value, correct_count(model.backend.xp, loss, h, target), h.shape[0])
+    loss_sum, correct = totals.read()
+    metrics = {"loss": loss_sum / n}
     if correct is not None:
         metrics["accuracy"] = correct / (n * _per_row(loss, yd))
     return metrics
@@ -165,6 +194,19 @@ def run_fit(
     return history
 
 
+_BAR_REFRESH_S = 0.25
+
+
+def _bar_postfix(
+    bar, loss_sum: float, correct: int | None, seen: int, per_row: int, elapsed: float
+) -> None:
+    postfix = {"loss": f"{loss_sum / seen:.4f}"}
+    if correct is not None:
+        postfix["acc"] = f"{correct / (seen * per_row):.4f}"
+    postfix["samples/s"] = f"{seen / max(elapsed, 1e-9):.0f}"
+    bar.set_postfix(postfix, refresh=False)
+
+
 def _per_row(loss: Loss, target) -> int:
     """Predictions per row that accuracy counts: 1 for cross-entropy, every output for BCE."""
     if isinstance(loss, SoftmaxCrossEntropyLoss) or target.ndim == 1:
@@ -194,13 +236,14 @@ def _epochs(run: _Run, labels_unchecked: bool) -> dict[str, float]:
     epochs, batch_size, shuffle, verbose = run.epochs, run.batch_size, run.shuffle, run.verbose
     validation_data, callbacks, n = run.validation_data, run.callbacks, run.xd.shape[0]
     xp = model.backend.xp
+    read_every_batch = not reading_syncs(model.backend)
     logs: dict[str, float] = {}
     for epoch in range(1, epochs + 1):
         order = generator().permutation(n) if shuffle else None
         order_d = model.backend.asarray(order, np.int64) if shuffle else None
         bar = _progress_bar(verbose, n, epoch, epochs)
-        total_loss, correct, seen = 0.0, 0, 0
-        start_time = time.perf_counter()
+        totals = _EpochTotals(isinstance(loss, ACCURACY_LOSSES))
+        start_time = last_read = time.perf_counter()
         for batch_index, start in enumerate(range(0, n, batch_size)):
             stop = min(start + batch_size, n)
             if shuffle:
@@ -212,24 +255,27 @@ def _epochs(run: _Run, labels_unchecked: bool) -> dict[str, float]:
             if labels_unchecked:
                 check_label_range(model.backend, yd, pred.shape[1])
                 loss.check_labels = labels_unchecked = False
-            value = float(loss.forward(pred, yb))
-            _check_finite(value, f"at epoch {epoch}, batch {batch_index}", optimizer)
+            value = loss.forward(pred, yb)
+            totals.add(value, correct_count(xp, loss, pred, yb), stop - start)
+            now = time.perf_counter()
+            # Reading the totals syncs: every batch on the CPU (free), else for the bar.
+            if read_every_batch or (bar is not None and now - last_read > _BAR_REFRESH_S):
+                last_read = now
+                loss_sum, correct = totals.read()
+                _check_finite(loss_sum, f"at epoch {epoch}, batch {batch_index}", optimizer)
+                if bar is not None:
+                    _bar_postfix(
+                        bar, loss_sum, correct, totals.seen, _per_row(loss, yb), now - start_time
+                    )
             model.backward(loss.backward(), need_input_grad=False)
             optimizer.step()
-            total_loss += value * (stop - start)
-            seen += stop - start
-            batch_correct = correct_count(xp, loss, pred, yb)
-            correct = None if batch_correct is None or correct is None else correct + batch_correct
             if bar is not None:
-                postfix = {"loss": f"{total_loss / seen:.4f}"}
-                if correct is not None:
-                    postfix["acc"] = f"{correct / (seen * _per_row(loss, yb)):.4f}"
-                postfix["samples/s"] = f"{seen / (time.perf_counter() - start_time):.0f}"
-                bar.set_postfix(postfix, refresh=False)
                 bar.update(stop - start)
+        loss_sum, correct = totals.read()
+        _check_finite(loss_sum, f"in epoch {epoch}", optimizer)
         model.backend.synchronize()
         elapsed = max(time.perf_counter() - start_time, 1e-9)
-        logs = {"loss": total_loss / n}
+        logs = {"loss": loss_sum / n}
         if correct is not None:
             logs["accuracy"] = correct / (n * _per_row(loss, yd))
         logs["samples_per_s"] = n / elapsed

@@ -370,3 +370,28 @@ def test_fit_checks_every_label_once_including_validation_labels():
             verbose=0,
             validation_data=(x, y - 1),
         )
+
+
+def test_fit_on_a_device_backend_reads_totals_without_per_batch_syncs(monkeypatch):
+    """With reads that sync (a GPU), fit keeps the epoch's sums on the device: same metrics,
+    and a NaN loss is still reported, at the end of the epoch."""
+    import gpubackprop.training as training
+
+    _, reference = _train(8)
+    monkeypatch.setattr(training, "reading_syncs", lambda backend: True)
+    _, deferred = _train(8)
+    assert deferred["loss"] == pytest.approx(reference["loss"], rel=1e-6)
+    assert deferred["accuracy"] == reference["accuracy"]
+    model = _mlp().to("numpy")
+    x, y = _data(32)
+    x[3, 2] = np.nan
+    with pytest.raises(FloatingPointError, match="loss is nan in epoch 1"):
+        model.fit(
+            x,
+            y,
+            loss=gb.SoftmaxCrossEntropyLoss(),
+            optimizer=gb.SGD(model.parameters()),
+            epochs=1,
+            batch_size=8,
+            verbose=0,
+        )
