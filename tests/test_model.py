@@ -395,3 +395,35 @@ def test_fit_on_a_device_backend_reads_totals_without_per_batch_syncs(monkeypatc
             batch_size=8,
             verbose=0,
         )
+
+
+def test_model_checkpoint_saves_each_improvement_atomically(tmp_path):
+    model = _mlp(9).to("numpy")
+    x, y = _data(120)
+    xv, yv = _data(60, seed=3)
+    every = gb.ModelCheckpoint(tmp_path / "every-{epoch}.safetensors", save_best_only=False)
+    best = gb.ModelCheckpoint(
+        tmp_path / "best.safetensors", monitor="val_accuracy", save_best_only=True
+    )
+    opt = gb.Adam(model.parameters(), lr=1e-2)
+    history = model.fit(
+        x,
+        y,
+        loss=gb.SoftmaxCrossEntropyLoss(),
+        optimizer=opt,
+        epochs=4,
+        batch_size=16,
+        validation_data=(xv, yv),
+        verbose=0,
+        callbacks=[every, best],
+    )
+    assert [p.rsplit("/", 1)[-1] for p in every.saved] == [
+        f"every-{e}.safetensors" for e in range(1, 5)
+    ]
+    assert 1 <= len(best.saved) <= 4
+    assert best.best == max(history["val_accuracy"])
+    last, last_opt = gb.load(tmp_path / "every-4.safetensors", backend="numpy", with_optimizer=True)
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(last.state_dict()[name], value)
+    assert last_opt.step_count == opt.step_count
+    assert not list(tmp_path.glob("*.tmp*"))  # no temporary files left behind
