@@ -291,3 +291,16 @@ def test_strided_input_is_copied_and_bad_label_gives_nan(emu_backends):
     np.testing.assert_array_equal(y, x)
     loss, grad = backend.softmax_cross_entropy(np.zeros((2, 3)), np.array([0, 3]))
     assert np.isnan(float(loss)) and np.isnan(grad[1]).all() and np.isfinite(grad[0]).all()
+
+
+def test_cupy_seam_refuses_an_operand_on_another_gpu():
+    """The device check runs without a GPU: a stand-in for CuPy's device objects."""
+    from types import SimpleNamespace
+
+    from gpubackprop.backends.cupy_backend import CupySeam
+
+    fake_cupy = SimpleNamespace(cuda=SimpleNamespace(Device=lambda: SimpleNamespace(id=0)))
+    seam = CupySeam(fake_cupy)
+    seam.check_device("x", SimpleNamespace(device=SimpleNamespace(id=0)))
+    with pytest.raises(ValueError, match="x is on GPU 1 but the kernels run on GPU 0"):
+        seam.check_device("x", SimpleNamespace(device=SimpleNamespace(id=1)))

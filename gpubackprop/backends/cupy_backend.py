@@ -95,6 +95,15 @@ class CupySeam:
     def empty(self, shape: tuple[int, ...], dtype: Any) -> Any:
         return self.cupy.empty(shape, dtype=dtype)
 
+    def check_device(self, name: str, array: Any) -> None:
+        """Kernels launch on the current device; an operand elsewhere would be misread."""
+        current = self._device()
+        if array.device.id != current:
+            raise ValueError(
+                f"{name} is on GPU {array.device.id} but the kernels run on GPU {current}; "
+                f"copy it there first (with cupy.cuda.Device({current}): cupy.asarray(...))"
+            )
+
     def elementwise(self, spec: ElementwiseSpec, dtype: Any):
         key = (spec.name, np.dtype(dtype).str, self._device())
         if key not in self._elementwise:

@@ -214,13 +214,20 @@ class KernelBackend(Backend):
         )
 
     # -- argument checks --------------------------------------------------------------------
-    def _float(self, name: str, a, dtype: np.dtype | None = None, ndim: int | None = None):
-        """Check a floating operand; return it C-contiguous (copied if it was not)."""
+    def _array(self, name: str, a) -> None:
+        """An array of this backend's kind, on the device the kernels run on."""
         if not isinstance(a, self.xp.ndarray):
             raise TypeError(
                 f"{name} is a {type(a).__name__}; expected a {self.xp.__name__}.ndarray "
                 f"(move it with backend.asarray)"
             )
+        check_device = getattr(self.seam, "check_device", None)
+        if check_device is not None:
+            check_device(name, a)
+
+    def _float(self, name: str, a, dtype: np.dtype | None = None, ndim: int | None = None):
+        """Check a floating operand; return it C-contiguous (copied if it was not)."""
+        self._array(name, a)
         if a.dtype not in _FLOATS:
             raise ValueError(
                 f"{name}.dtype={a.dtype} is not supported; expected float32 or float64"
@@ -238,10 +245,7 @@ class KernelBackend(Backend):
 
     def _output(self, name: str, a, dtype: np.dtype, shape: tuple[int, ...]):
         """Check a caller-provided output (written in place, so never copied)."""
-        if not isinstance(a, self.xp.ndarray):
-            raise TypeError(
-                f"{name} is a {type(a).__name__}; expected a {self.xp.__name__}.ndarray"
-            )
+        self._array(name, a)
         if a.dtype != dtype:
             raise ValueError(f"{name}.dtype={a.dtype} is not accepted; expected {dtype}")
         if tuple(a.shape) != tuple(shape):
@@ -612,10 +616,7 @@ class KernelBackend(Backend):
 
     # -- optimizers -------------------------------------------------------------------------------
     def _inplace(self, name: str, a, dtype: np.dtype | None, shape: tuple[int, ...] | None):
-        if not isinstance(a, self.xp.ndarray):
-            raise TypeError(
-                f"{name} is a {type(a).__name__}; expected a {self.xp.__name__}.ndarray"
-            )
+        self._array(name, a)
         dtype = a.dtype if dtype is None else dtype
         if a.dtype not in _FLOATS:
             raise ValueError(
