@@ -172,10 +172,10 @@ class NumpyBackend(Backend):
         the overflow-free log-sum-exp."""
         n = logits.shape[0]
         m = logits.max(axis=1, keepdims=True)
-        e = np.exp(logits - m)
-        sum_e = e.sum(axis=1, keepdims=True)
+        softmax = np.exp(logits - m)  # e^(z − m), normalised in place below
+        sum_e = softmax.sum(axis=1, keepdims=True)
         lse = m + np.log(sum_e)
-        softmax = e / sum_e
+        softmax /= sum_e
         if target.ndim == 1:
             rows = np.arange(n)
             loss = np.sum(lse[:, 0] - logits[rows, target]) / n
@@ -234,7 +234,7 @@ class NumpyBackend(Backend):
                 momentum_buf[...] = g
             else:
                 momentum_buf *= momentum
-                momentum_buf += (1.0 - dampening) * g
+                momentum_buf += g if dampening == 0 else (1.0 - dampening) * g
             g = g + momentum * momentum_buf if nesterov else momentum_buf
         param -= lr * g
 
@@ -269,8 +269,13 @@ class NumpyBackend(Backend):
         exp_avg_sq += (1.0 - beta2) * g * g
         bias_correction1 = 1.0 - beta1**step
         bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
-        denom = np.sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
-        param -= (lr / bias_correction1) * exp_avg / denom
+        # denom = √v / √(1 − β₂ᵗ) + ε, then the step, each in place to spare temporaries
+        step_buffer = np.sqrt(exp_avg_sq)
+        step_buffer /= bias_correction2_sqrt
+        step_buffer += eps
+        np.divide(exp_avg, step_buffer, out=step_buffer)
+        step_buffer *= lr / bias_correction1
+        param -= step_buffer
 
     def sum_of_squares(self, x):
         return np.asarray(np.dot(x.ravel(), x.ravel()), dtype=x.dtype)
