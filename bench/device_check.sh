@@ -22,19 +22,20 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run with a time limit, log, record t
 }
 : >"$logs/steps.txt"
 nvidia-smi >"$logs/nvidia-smi.log" 2>&1
-# Step limits add up to 450 s, inside the 8 minutes this check promises.
+# Step limits add up to 470 s, inside the 8 minutes this check promises.
 step info 20 python3 -m gpubackprop.cli info
 # GPUBACKPROP_REQUIRE_GPU turns "cupy unavailable" from a skip into a failure.
-step parity 140 env GPUBACKPROP_REQUIRE_GPU=1 python3 -m pytest -q -m gpu tests/test_parity.py -x -p no:cacheprovider
+step parity 120 env GPUBACKPROP_REQUIRE_GPU=1 python3 -m pytest -q -m gpu tests/test_parity.py -x -p no:cacheprovider
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n1)
 if [ -n "$sanitizer" ]; then
     step memcheck 60 "$sanitizer" --tool memcheck --error-exitcode 3 python3 bench/run_all_kernels.py
-    step racecheck 80 "$sanitizer" --tool racecheck --error-exitcode 3 python3 bench/run_all_kernels.py
+    step racecheck 70 "$sanitizer" --tool racecheck --error-exitcode 3 python3 bench/run_all_kernels.py
 else
     echo "memcheck 127 0" >>"$logs/steps.txt"; echo "compute-sanitizer not found" >"$logs/memcheck.log"
 fi
+step gemm_sweep 70 python3 bench/gemm_sweep.py --size 4096 --repeats 10 --json "$out/gemm_sweep.json"
 # torch.compile is off here: its compile time is unbounded and would put the time limit at risk.
-step bench 150 python3 -m gpubackprop.cli bench --quick --torch-compile off --json "$out/bench.json" --plot "$out/bench.png"
+step bench 130 python3 -m gpubackprop.cli bench --quick --torch-compile off --json "$out/bench.json" --plot "$out/bench.png"
 python3 - "$out" "$logs" <<'PY'
 import json, os, pathlib, subprocess, sys
 out, logs = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
@@ -56,6 +57,9 @@ summary = {
     "parity_tail": (logs / "parity.log").read_text().splitlines()[-3:]
     if (logs / "parity.log").exists() else [],
 }
+sweep = out / "gemm_sweep.json"
+if sweep.exists():
+    summary["gemm_sweep"] = json.loads(sweep.read_text())
 bench = out / "bench.json"
 if bench.exists():
     summary["bench"] = json.loads(bench.read_text())

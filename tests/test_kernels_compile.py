@@ -8,6 +8,7 @@ GB_DYNAMIC_SHARED, no system includes) and that the library's kernels do not spi
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -304,3 +305,35 @@ def test_cupy_seam_refuses_an_operand_on_another_gpu():
     seam.check_device("x", SimpleNamespace(device=SimpleNamespace(id=0)))
     with pytest.raises(ValueError, match="x is on GPU 1 but the kernels run on GPU 0"):
         seam.check_device("x", SimpleNamespace(device=SimpleNamespace(id=1)))
+
+
+def test_every_gemm_tile_configuration_of_the_sweep_is_correct_on_the_emulator():
+    """bench/gemm_sweep.py times these on a GPU; each must first give the right answer."""
+    import importlib.util
+
+    from gpubackprop.backends import available_backends
+
+    if not available_backends()["emu"][0]:
+        pytest.skip(f"emu unavailable: {available_backends()['emu'][1]}")
+    path = Path(__file__).resolve().parents[1] / "bench" / "gemm_sweep.py"
+    spec = importlib.util.spec_from_file_location("gemm_sweep", path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    rng = np.random.default_rng(0)
+    for config in sweep.CONFIGS:
+        assert sweep._check(sweep._backend("emu", config), rng) < 1e-5, config
+
+
+def test_gemm_tiles_are_validated_up_front():
+    from gpubackprop.backends.emu_backend import EmuSeam
+    from gpubackprop.backends.kernel_backend import KernelBackend
+
+    with pytest.raises(ValueError, match="TILE_K, MICRO_M and MICRO_N must be multiples of 4"):
+        KernelBackend(EmuSeam(), gemm_tiles={"float": {"TILE_K": 6}})
+    with pytest.raises(ValueError, match="2048 threads per block"):
+        KernelBackend(
+            EmuSeam(),
+            gemm_tiles={"float": {"TILE_M": 256, "TILE_N": 512, "MICRO_M": 8, "MICRO_N": 8}},
+        )
+    with pytest.raises(ValueError, match="bytes of static shared memory"):
+        KernelBackend(EmuSeam(), gemm_tiles={"double": {"TILE_K": 32}})

@@ -122,7 +122,7 @@ class CupyBackend(KernelBackend):
 
     name = "cupy"
 
-    def __init__(self, gemm_version: str = "tiled") -> None:
+    def __init__(self, gemm_version: str = "tiled", gemm_tiles: dict | None = None) -> None:
         self.available = False
         self.reason = ""
         self.seam = None
@@ -149,7 +149,7 @@ class CupyBackend(KernelBackend):
             return
         name = props.get("name", b"")
         self._device_name = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
-        super().__init__(CupySeam(cupy), gemm_version=gemm_version)
+        super().__init__(CupySeam(cupy), gemm_version=gemm_version, gemm_tiles=gemm_tiles)
         self.available = True
 
     def synchronize(self) -> None:

@@ -127,7 +127,9 @@ ELEMENTWISE_SPECS: list[ElementwiseSpec] = [
 GEMM_VERSIONS = ("tiled", "naive")
 
 # Must match the defaults in kernels/gemm.cu (GEMM_THREADS = (TILE_M/MICRO_M)·(TILE_N/MICRO_N)).
-_GEMM_TILES = {
+# The GEMM's tuning values per scalar type (gemm.cu's #defines); bench/gemm_sweep.py times
+# alternatives on a GPU.  A backend can be given others (KernelBackend(gemm_tiles=...)).
+GEMM_TILES = {
     "float": {"TILE_M": 128, "TILE_N": 128, "TILE_K": 8, "MICRO_M": 8, "MICRO_N": 8},
     "double": {"TILE_M": 128, "TILE_N": 128, "TILE_K": 8, "MICRO_M": 8, "MICRO_N": 8},
 }
@@ -159,7 +161,9 @@ class KernelBackend(Backend):
 
     name = "kernel"
 
-    def __init__(self, seam: Any, gemm_version: str = "tiled") -> None:
+    def __init__(
+        self, seam: Any, gemm_version: str = "tiled", gemm_tiles: dict | None = None
+    ) -> None:
         if gemm_version not in GEMM_VERSIONS:
             raise ValueError(f"gemm_version={gemm_version!r}; expected one of {GEMM_VERSIONS}")
         self.seam = seam
@@ -167,6 +171,11 @@ class KernelBackend(Backend):
         self.available = True  # subclasses that probe their device set it again
         self.reason = ""
         self.gemm_version = gemm_version
+        self.gemm_tiles = {
+            kind: dict(GEMM_TILES[kind], **(gemm_tiles or {}).get(kind, {})) for kind in GEMM_TILES
+        }
+        for kind, tiles in self.gemm_tiles.items():
+            _check_gemm_tiles(kind, tiles)
         self._modules: dict[tuple, Any] = {}
         self._elementwise: dict[tuple, Any] = {}
 
@@ -194,7 +203,7 @@ class KernelBackend(Backend):
         return self._modules[key]
 
     def _gemm_module(self, dtype: np.dtype):
-        tiles = _GEMM_TILES["float" if dtype == np.float32 else "double"]
+        tiles = self.gemm_tiles["float" if dtype == np.float32 else "double"]
         return self._module("gemm.cu", dtype, tiles), tiles
 
     def _ew(self, spec: ElementwiseSpec, dtype: np.dtype):
@@ -708,6 +717,24 @@ class KernelBackend(Backend):
         x = self._inplace("x", x, None, None)
         if x.size:
             self._ew(SCALE, x.dtype)(np.float64(factor), x)
+
+
+def _check_gemm_tiles(kind: str, tiles: dict[str, int]) -> None:
+    """The constraints gemm.cu's static_asserts and the launch impose, checked up front."""
+    t = tiles
+    problems = []
+    if t["TILE_K"] % 4 or t["MICRO_M"] % 4 or t["MICRO_N"] % 4:
+        problems.append("TILE_K, MICRO_M and MICRO_N must be multiples of 4")
+    if t["TILE_M"] % t["MICRO_M"] or t["TILE_N"] % t["MICRO_N"]:
+        problems.append("MICRO_M must divide TILE_M and MICRO_N must divide TILE_N")
+    elif not 32 <= _gemm_threads(t) <= 1024:
+        problems.append(f"{_gemm_threads(t)} threads per block; expected 32 to 1024")
+    itemsize = 4 if kind == "float" else 8
+    shared = 2 * t["TILE_K"] * (t["TILE_M"] + t["TILE_N"] + 8) * itemsize
+    if shared > 48 * 1024:
+        problems.append(f"{shared} bytes of static shared memory; at most 49152")
+    if problems:
+        raise ValueError(f"gemm_tiles[{kind!r}]={tiles} is not accepted: " + "; ".join(problems))
 
 
 def _gemm_threads(tiles: dict[str, int]) -> int:

@@ -1,0 +1,186 @@
+"""Time gemm.cu's tiled GEMM under several tile configurations against cuBLAS, in one process.
+
+Each configuration is first checked against NumPy float64 on an odd shape (a wrong one is
+reported, not timed), then Y = X·Wᵀ (dense_forward) and dX + dW (dense_backward) are timed at
+``--size``³ with CUDA events, alternating with cupy.matmul (TF32 off) doing the same products.
+The winner is the configuration to put in GEMM_TILES (gpubackprop/backends/kernel_backend.py).
+
+    python bench/gemm_sweep.py --json sweep.json            # on a GPU (cupy backend)
+    python bench/gemm_sweep.py --backend emu --size 96      # plumbing check on the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+# (TILE_M, TILE_N, TILE_K, MICRO_M, MICRO_N): the library's default first.
+CONFIGS = [
+    (128, 128, 8, 8, 8),
+    (128, 128, 16, 8, 8),
+    (128, 64, 8, 8, 4),
+    (64, 128, 8, 4, 8),
+    (64, 64, 8, 4, 4),
+    (64, 64, 16, 4, 4),
+    (128, 256, 8, 8, 8),
+    (256, 128, 8, 8, 8),
+]
+CHECK_SHAPE = (257, 129, 67)  # M, N, K: every edge of a 128-wide tile, K not a multiple of 4
+
+
+def _tiles(config: tuple[int, ...]) -> dict[str, int]:
+    return dict(zip(("TILE_M", "TILE_N", "TILE_K", "MICRO_M", "MICRO_N"), config, strict=True))
+
+
+def _backend(name: str, config: tuple[int, ...]):
+    tiles = {"float": _tiles(config)}
+    if name == "cupy":
+        from gpubackprop.backends.cupy_backend import CupyBackend
+
+        backend = CupyBackend(gemm_tiles=tiles)
+    else:
+        from gpubackprop.backends.emu_backend import EmuSeam
+        from gpubackprop.backends.kernel_backend import KernelBackend
+
+        backend = KernelBackend(EmuSeam(), gemm_tiles=tiles)
+    if not backend.available:
+        raise RuntimeError(f"backend {name!r} is not available: {backend.reason}")
+    return backend
+
+
+def _check(backend, rng) -> float:
+    """Max error of forward, dX and dW on CHECK_SHAPE relative to each output's largest entry."""
+    m, n, k = CHECK_SHAPE
+    x, w, dy = rng.normal(size=(m, k)), rng.normal(size=(n, k)), rng.normal(size=(m, n))
+    xd, wd = backend.asarray(x, np.float32), backend.asarray(w, np.float32)
+    y, _ = backend.dense_forward(xd, wd, None, "identity")
+    dw = backend.zeros((n, k), np.float32)
+    dx = backend.dense_backward(
+        backend.asarray(dy, np.float32), xd, wd, None, "identity", 0.0, dw, None, True
+    )
+    worst = 0.0
+    for got, want in ((y, x @ w.T), (dx, dy @ w), (dw, dy.T @ x)):
+        error = np.abs(backend.to_numpy(got) - want).max() / np.abs(want).max()
+        worst = max(worst, float(error))
+    return worst
+
+
+def _timer(backend):
+    from gpubackprop.benchmarks import CpuTimer, CupyEventTimer
+
+    if backend.name == "cupy":
+        return CupyEventTimer(backend.xp)
+    return CpuTimer(backend.synchronize)
+
+
+def _median_time(timer, fn, repeats: int) -> float:
+    fn()
+    timer.sync()
+    return float(np.median([timer.time(fn, 1) for _ in range(repeats)]))
+
+
+def _time_config(backend, size: int, repeats: int, rng, flops: float) -> dict:
+    x = backend.asarray(rng.normal(size=(size, size)), np.float32)
+    w = backend.asarray(rng.normal(size=(size, size)), np.float32)
+    dw = backend.zeros((size, size), np.float32)
+    timer = _timer(backend)
+    start = time.perf_counter()
+    forward = _median_time(timer, lambda: backend.dense_forward(x, w, None, "identity"), repeats)
+    backward = _median_time(
+        timer,
+        lambda: backend.dense_backward(x, x, w, None, "identity", 0.0, dw, None, True),
+        repeats,
+    )
+    return {
+        "status": "ok",
+        "forward_s": forward,
+        "forward_tflops": flops / forward / 1e12,
+        "dx_dw_s": backward,
+        "dx_dw_tflops": 2 * flops / backward / 1e12,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _cublas_time(backend, size: int, repeats: int, rng) -> float:
+    """cupy.matmul's Y = X·Wᵀ with the plain FP32 compute type (no TF32)."""
+    from gpubackprop.benchmarks import disable_cupy_tf32
+
+    xp = backend.xp
+    disable_cupy_tf32(xp)
+    x = backend.asarray(rng.normal(size=(size, size)), np.float32)
+    w = backend.asarray(rng.normal(size=(size, size)), np.float32)
+    return _median_time(_timer(backend), lambda: xp.matmul(x, w.T), repeats)
+
+
+def sweep(backend_name: str, size: int, repeats: int, configs) -> dict:
+    rng = np.random.default_rng(0)
+    flops = 2.0 * size**3
+    rows = []
+    cublas = None
+    for config in configs:
+        row = {"tiles": _tiles(config)}
+        rows.append(row)
+        try:
+            backend = _backend(backend_name, config)
+            row["max_rel_error"] = _check(backend, rng)
+            if not row["max_rel_error"] < 1e-5:
+                row["status"] = "wrong result"
+                continue
+            row.update(_time_config(backend, size, repeats, rng, flops))
+            if backend_name == "cupy":
+                if cublas is None:
+                    cublas = _cublas_time(backend, size, repeats, rng)
+                row["vs_cublas_forward"] = cublas / row["forward_s"]
+        except Exception as error:  # a configuration that fails to compile or launch
+            row["status"] = f"{type(error).__name__}: {str(error)[:300]}"
+    best = max(
+        (r for r in rows if r.get("status") == "ok"),
+        key=lambda r: r["forward_tflops"] + r["dx_dw_tflops"],
+        default=None,
+    )
+    return {
+        "kind": "gemm_sweep",
+        "backend": backend_name,
+        "size": size,
+        "cublas_forward_s": cublas,
+        "cublas_tflops": flops / cublas / 1e12 if cublas else None,
+        "rows": rows,
+        "best": best["tiles"] if best else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default="cupy", choices=("cupy", "emu"))
+    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--json", help="write the record here")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("CUPY_TF32", "0")
+    record = sweep(args.backend, args.size, args.repeats, CONFIGS)
+    for row in record["rows"]:
+        tiles = "x".join(str(v) for v in row["tiles"].values())
+        if row.get("status") != "ok":
+            print(f"{tiles:<16} {row.get('status')}")
+            continue
+        versus = row.get("vs_cublas_forward")
+        print(
+            f"{tiles:<16} forward {row['forward_tflops']:7.2f} TFLOP/s"
+            f"  dX+dW {row['dx_dw_tflops']:7.2f} TFLOP/s"
+            + (f"  {versus:5.1%} of cuBLAS" if versus and math.isfinite(versus) else "")
+        )
+    print("best:", record["best"])
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(record, handle, indent=2)
+    return 0 if record["best"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
