@@ -2,11 +2,17 @@
 
 Each test exercises one feature (barriers, shuffles, dynamic shared memory, atomics, argument
 passing) against a NumPy result, or one check the emulator adds to CUDA (out-of-bounds writes,
-unwritten outputs, divergent barriers, compile errors, type mismatches), or the build cache.
+unwritten outputs, divergent barriers, compile errors, type mismatches), or what a GPU stops
+with an error (faults, misaligned vector accesses: an EmuLaunchError, never a dead process),
+or the build cache.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -321,6 +327,220 @@ def test_unknown_kernel_and_bad_launch_sizes(seam, checks):
         seam.launch(checks, "write_even", 1, (64, 32, 1), (out, np.int32(4)))
     with pytest.raises(ValueError, match=r"grid=\(0,\)"):
         seam.launch(checks, "write_even", (0,), 1, (out, np.int32(4)))
+
+
+# ---- faults: a launch error, never a dead process ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def faults(seam):
+    return seam.compile_text((KERNELS / "faults.cu").read_text(), "faults.cu")
+
+
+def _assert_still_works(seam, faults, checks):
+    """After a fault, the same library and another one run correctly."""
+    x = np.arange(64, dtype=np.float32)
+    out = seam.empty((16,), np.float32)
+    seam.launch(faults, "misaligned_load", 2, 8, (x, out, np.int32(4)))  # aligned: offset 4
+    expected = np.full(16, 6.0, np.float32)
+    expected[11] = 4 + 5 + 6 + 7  # block 1 thread 3 reads x[4:8]
+    np.testing.assert_array_equal(out, expected)
+    even = np.zeros(40, np.float32)
+    seam.launch(checks, "write_even", 2, 32, (even, np.int32(33)))
+    np.testing.assert_array_equal(even[:33:2], np.arange(0, 33, 2))
+    np.testing.assert_array_equal(even[1::2], 0)
+
+
+@pytest.mark.parametrize(
+    "kernel,dtype,offset,what",
+    [
+        (
+            "misaligned_load",
+            np.float32,
+            1,
+            r"a load of float4, which needs 16-byte alignment \(address % 16 = 4\), "
+            r"at faults.cu:10",
+        ),
+        ("misaligned_load", np.float32, 2, r"a load of float4, .* \(address % 16 = 8\)"),
+        ("misaligned_store", np.float32, 3, r"a store to float4, .* \(address % 16 = 12\)"),
+        ("misaligned_double2", np.float64, 1, r"a load of double2, .* \(address % 16 = 8\)"),
+        ("misaligned_float2", np.float32, 1, r"a load of float2, which needs 8-byte alignment"),
+    ],
+)
+def test_misaligned_vector_access_is_a_launch_error(
+    seam, faults, checks, kernel, dtype, offset, what
+):
+    x = np.arange(64, dtype=dtype)
+    before = x.copy()
+    args = (
+        (x, np.int32(offset))
+        if kernel == "misaligned_store"
+        else (x, np.zeros(16, dtype), np.int32(offset))
+    )
+    for _ in range(2):  # every time, not by chance of layout
+        with pytest.raises(EmuLaunchError) as error:
+            seam.launch(faults, kernel, 2, 8, args)
+        message = str(error.value)
+        assert f"kernel {kernel!r} (grid=(2, 1, 1), block=(8, 1, 1))" in message
+        assert "misaligned address 0x" in message and "on a GPU: misaligned address" in message
+        assert re.search(what, message), message
+        if kernel in ("misaligned_load", "misaligned_store"):
+            assert "block (1,0,0) thread (3,0,0)" in message
+    np.testing.assert_array_equal(x, before)  # the guarded copy was discarded
+    _assert_still_works(seam, faults, checks)
+
+
+def _unmapped_address() -> int:
+    """An address in the wide gap between the heap and the mmap area, with nothing mapped
+    within 16 GiB of it (x86-64 Linux layout)."""
+    target, margin = 0x6000_0000_0000, 16 << 30
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            start, end = (int(v, 16) for v in line.split()[0].split("-"))
+            if start < target + margin and target - margin < end:
+                pytest.skip(f"something is mapped near {target:#x}: {line.strip()}")
+    return target
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fault addresses: Linux layout")
+@pytest.mark.parametrize(
+    "case", ["far_write", "null_read", "integer_division", "deep_recursion", "big_local_array"]
+)
+def test_fault_is_a_launch_error_and_the_emulator_recovers(seam, faults, checks, case):
+    out = np.arange(16, dtype=np.float32)
+    before = out.copy()
+    if case == "far_write":
+        call = ("far_write", 2, 8, (out, np.int64(_unmapped_address())))
+        expect = (
+            r"SIGSEGV \(segmentation fault\) at address 0x[0-9a-f]+: an out-of-bounds access "
+            r"beyond the guard zones, a null pointer, or a misaligned vector"
+        )
+    elif case == "null_read":
+        call = ("pointer_read", 2, 8, (out, np.int64(0)))
+        expect = r"SIGSEGV \(segmentation fault\) at address 0x0: a null pointer"
+    elif case == "integer_division":
+        out = np.arange(16, dtype=np.int32)
+        before = out.copy()
+        call = ("integer_divide", 2, 8, (out, np.int32(0)))
+        expect = (
+            r"SIGFPE \(arithmetic exception\) at instruction 0x[0-9a-f]+: integer division by zero"
+        )
+    elif case == "deep_recursion":
+        out = np.zeros(2, np.int64)
+        before = out.copy()
+        call = ("recursion", 1, 2, (out, np.int32(100_000)))
+        expect = (
+            r"SIGSEGV .*fiber stack overflow: the kernel uses more than 256 KiB of stack per "
+            r"thread \(GPUBACKPROP_EMU_STACK_KIB to raise it\)"
+        )
+    else:
+        out = np.zeros(2, np.int32)
+        before = out.copy()
+        call = ("big_local_array", 1, 2, (out, np.int32(1000)))
+        expect = r"fiber stack overflow: the kernel uses more than 256 KiB"
+    kernel, grid, block, args = call
+    with pytest.raises(EmuLaunchError) as error:
+        seam.launch(faults, kernel, grid, block, args)
+    message = str(error.value)
+    assert message.startswith(f"kernel {kernel!r} (grid=({grid}, 1, 1), block=({block}, 1, 1)): ")
+    thread = "block (1,0,0) thread (3,0,0)" if grid == 2 else "block (0,0,0) thread (0,0,0)"
+    assert thread in message, message
+    assert re.search(expect, message), message
+    assert "the arguments were left unchanged" in message
+    if case == "far_write":
+        assert "at address 0x600000000000: " in message
+        assert "(nearest argument: argument 'out' (float32[16])" in message
+    np.testing.assert_array_equal(out, before)
+    _assert_still_works(seam, faults, checks)
+
+
+def test_stack_size_setting(seam, faults, monkeypatch):
+    out = np.zeros(2, np.int64)
+    depth = 1000  # ~0.5 MiB of stack: more than the default 256 KiB
+    with pytest.raises(EmuLaunchError, match=r"more than 256 KiB of stack"):
+        seam.launch(faults, "recursion", 1, 2, (out, np.int32(depth)))
+    monkeypatch.setenv("GPUBACKPROP_EMU_STACK_KIB", "4096")
+    seam.launch(faults, "recursion", 1, 2, (out, np.int32(depth)))
+    np.testing.assert_array_equal(out, depth * (depth + 1) // 2)
+    with pytest.raises(EmuLaunchError, match=r"more than 4096 KiB of stack"):
+        seam.launch(faults, "recursion", 1, 2, (out, np.int32(100_000)))
+    monkeypatch.setenv("GPUBACKPROP_EMU_STACK_KIB", "lots")
+    with pytest.raises(ValueError, match=r"GPUBACKPROP_EMU_STACK_KIB='lots' is not a stack size"):
+        seam.launch(faults, "recursion", 1, 2, (out, np.int32(1)))
+    monkeypatch.delenv("GPUBACKPROP_EMU_STACK_KIB")
+    seam.launch(faults, "recursion", 1, 2, (out, np.int32(10)))
+    np.testing.assert_array_equal(out, 55)
+
+
+def test_fault_with_the_ucontext_switch(seam, monkeypatch):
+    monkeypatch.setenv("GPUBACKPROP_EMU_UCONTEXT", "1")
+    module = seam.compile_text((KERNELS / "faults.cu").read_text(), "faults.cu")
+    out = np.zeros(2, np.int64)
+    with pytest.raises(EmuLaunchError, match=r"fiber stack overflow"):
+        seam.launch(module, "recursion", 1, 2, (out, np.int32(100_000)))
+    with pytest.raises(EmuLaunchError, match=r"thread \(3,0,0\): SIGFPE"):
+        seam.launch(module, "integer_divide", 2, 8, (np.ones(16, np.int32), np.int32(0)))
+    seam.launch(module, "recursion", 1, 2, (out, np.int32(10)))
+    np.testing.assert_array_equal(out, 55)
+
+
+def test_misaligned_gemm_operand_with_a_forced_vector_path(monkeypatch):
+    """The property test's failure mode: 16-byte loads forced on operands at an odd offset."""
+    from gpubackprop.backends.emu_backend import EmuBackend
+    from gpubackprop.backends.kernel_backend import KernelBackend
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    try:
+        from test_gemm_properties import _misaligned
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setattr(KernelBackend, "_vec_ok", staticmethod(lambda a, leading: np.int32(1)))
+    backend = EmuBackend()
+    rng = np.random.default_rng(11)
+    for dtype, vector in ((np.float32, "float4"), (np.float64, "double2")):
+        x = _misaligned(rng.standard_normal((7, 12)).astype(dtype), 1)
+        w = _misaligned(rng.standard_normal((5, 12)).astype(dtype), 1)
+        with pytest.raises(
+            EmuLaunchError,
+            match=rf"kernel 'dense_forward' .*misaligned address 0x[0-9a-f]+: "
+            rf"a load of {vector}.* at gemm.cu:\d+",
+        ):
+            backend.dense_forward(x, w, np.zeros(5, dtype), "relu", 0.1)
+    monkeypatch.undo()
+    y, _ = backend.dense_forward(x, w, np.zeros(5, dtype), "identity", 0.1)
+    np.testing.assert_allclose(y, x @ w.T, rtol=1e-12)
+
+
+_FAULTHANDLER_SCRIPT = """
+import ctypes, faulthandler, sys
+import numpy as np
+from gpubackprop.emulator import EmuLaunchError, EmuSeam
+faulthandler.enable()
+seam = EmuSeam()
+module = seam.compile_text(open(sys.argv[1]).read(), "faults.cu")
+try:
+    seam.launch(module, "pointer_read", 2, 8, (np.zeros(16, np.float32), np.int64(0)))
+except EmuLaunchError as error:
+    print("caught:", str(error)[:60], flush=True)
+ctypes.string_at(0)  # outside a launch: Python's faulthandler must report it
+print("not reached", flush=True)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX signals")
+def test_previous_signal_handlers_are_restored_after_a_launch(seam):
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    result = subprocess.run(
+        [sys.executable, "-c", _FAULTHANDLER_SCRIPT, str(KERNELS / "faults.cu")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert "caught: kernel 'pointer_read'" in result.stdout, result.stdout + result.stderr
+    assert "not reached" not in result.stdout
+    assert "Fatal Python error: Segmentation fault" in result.stderr, result.stderr
+    assert result.returncode == -11
 
 
 # ---- elementwise, cache -------------------------------------------------------------------------

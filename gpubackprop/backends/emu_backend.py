@@ -2,8 +2,10 @@
 
 The kernels of kernels/ are compiled with g++ against an emulation header and run with one
 fiber per CUDA thread, blocks one after another, with checks a GPU does not give: argument
-types, out-of-bounds writes, unwritten outputs, divergent barriers.  Slow (a 129³ tiled SGEMM
-takes ~16 ms) but it runs every kernel on every CI machine.
+types, out-of-bounds writes, unwritten outputs, divergent barriers.  What a GPU stops with an
+error (a fault in kernel code, a misaligned float4/double2 access, a fiber stack overflow)
+raises EmuLaunchError; the process survives and the next launch works.  Slow (a 129³ tiled
+SGEMM takes ~15 ms) but it runs every kernel on every CI machine.
 
 The constructor never raises: without a C++ compiler the backend is ``available = False``
 with the reason.

@@ -1,13 +1,17 @@
 """CPU emulator for the CUDA kernels in kernels/: g++-compiled, one fiber per CUDA thread.
 
 See cuda_emu.h for the execution model and launch.py for the checks it adds (out-of-bounds
-writes, unwritten outputs, divergent barriers, argument types).  Environment variables:
+writes, unwritten outputs, divergent barriers, argument types, faults and misaligned vector
+accesses in kernel code, reported as EmuLaunchError instead of killing the process).
+Environment variables:
 
 - GPUBACKPROP_EMU_SHUFFLE=<seed>  run the threads of a block in a shuffled order between
   barriers, to expose races (0 or unset: thread order).
 - GPUBACKPROP_EMU_DEBUG=1         build with -O0 -g, for gdb.
 - GPUBACKPROP_EMU_UCONTEXT=1      use the portable ucontext fiber switch instead of the
   x86-64 assembly one.
+- GPUBACKPROP_EMU_STACK_KIB=<KiB> the stack of each emulated thread (default 256); a kernel
+  that needs more is stopped with "fiber stack overflow".
 - GPUBACKPROP_EMU_CXX / CXX       the compiler (default g++).
 - GPUBACKPROP_CACHE_DIR / XDG_CACHE_HOME  where compiled libraries are cached (…/emu).
 """

@@ -34,9 +34,13 @@ BASE_FLAGS = (
     "-shared",
     "-fno-strict-aliasing",  # kernels reinterpret float* as float4* for wide loads
     "-fvisibility=hidden",
+    # Big stack frames probe every page, so a fiber stack overflow lands in the guard page
+    # instead of silently in the neighbouring fiber's stack.
+    "-fstack-clash-protection",
     "-Wno-unknown-pragmas",  # #pragma unroll
     "-Wno-unused-function",
     "-Wno-unused-variable",
+    "-Wno-class-memaccess",  # memset/memcpy of float4 & co. (alignment-checked, see cuda_emu.h)
 )
 OPT_FLAGS = ("-O2",)
 DEBUG_FLAGS = ("-O0", "-g")

@@ -57,14 +57,53 @@
 // __restrict__ is a g++ keyword already.
 
 // ---- vector types (same sizes and alignments as CUDA's vector_types.h) ------------------
+// A GPU loads and stores a whole float2/float4/double2/... with one vector instruction that
+// faults ("misaligned address") unless the address is a multiple of the type's alignment; g++
+// splits such a copy into scalar accesses that work anywhere.  So the types whose alignment
+// exceeds their element's check it in the copy constructor (a load: `float4 v = p[i];`) and the
+// copy assignment (a store, `p[i] = v;`, and its load), and report the source line of the copy.
+// Unlike CUDA's, these types are then not trivially copyable; value constructors keep the
+// brace initialisation of the aggregates (`float4 v = {a, b, c, d};`, `= {}`, `= {0}`).
+namespace gbemu {
+__attribute__((noinline, cold)) static void misaligned_vector(const void* address,
+                                                              unsigned int alignment,
+                                                              const char* type,
+                                                              const char* access,
+                                                              const char* file,
+                                                              unsigned int line);
+}  // namespace gbemu
+#define GBEMU_CHECK_ALIGNED(A, p, N, access, file, line)                               \
+    if (__builtin_expect((reinterpret_cast<unsigned long>(p) & ((A) - 1)) != 0, 0)) \
+    gbemu::misaligned_vector(p, A, #N, access, file, line)
+#define GBEMU_VEC_COPY(T, N, A, COPY)                                                       \
+    N() = default;                                                                          \
+    N(const N& o, const char* gbemu_file = __builtin_FILE(),                               \
+      unsigned int gbemu_line = __builtin_LINE()) {                                         \
+        GBEMU_CHECK_ALIGNED(A, &o, N, "a load of", gbemu_file, gbemu_line);                \
+        COPY;                                                                               \
+    }                                                                                       \
+    N& operator=(const N& o) {                                                              \
+        GBEMU_CHECK_ALIGNED(A, &o, N, "a load of", nullptr, 0);                             \
+        GBEMU_CHECK_ALIGNED(A, this, N, "a store to", nullptr, 0);                          \
+        COPY;                                                                               \
+        return *this;                                                                       \
+    }
 #define GBEMU_VEC2(T, N, A) \
-    struct __attribute__((aligned(A))) N { T x, y; }; \
+    struct __attribute__((aligned(A))) N { \
+        T x, y; \
+        GBEMU_VEC_COPY(T, N, A, (x = o.x, y = o.y)) \
+        constexpr N(T vx, T vy = 0) : x(vx), y(vy) {} \
+    }; \
     static inline N make_##N(T x, T y) { N v; v.x = x; v.y = y; return v; }
 #define GBEMU_VEC3(T, N) \
     struct N { T x, y, z; }; \
     static inline N make_##N(T x, T y, T z) { N v; v.x = x; v.y = y; v.z = z; return v; }
 #define GBEMU_VEC4(T, N, A) \
-    struct __attribute__((aligned(A))) N { T x, y, z, w; }; \
+    struct __attribute__((aligned(A))) N { \
+        T x, y, z, w; \
+        GBEMU_VEC_COPY(T, N, A, (x = o.x, y = o.y, z = o.z, w = o.w)) \
+        constexpr N(T vx, T vy = 0, T vz = 0, T vw = 0) : x(vx), y(vy), z(vz), w(vw) {} \
+    }; \
     static inline N make_##N(T x, T y, T z, T w) { N v; v.x = x; v.y = y; v.z = z; v.w = w; return v; }
 
 GBEMU_VEC2(float, float2, 8)

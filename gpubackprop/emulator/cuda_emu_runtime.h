@@ -11,9 +11,22 @@
 // The context switch is a few instructions of x86-64 assembly (callee-saved registers + stack
 // pointer); elsewhere, or with GBEMU_USE_UCONTEXT defined, POSIX ucontext (a system call per
 // switch, about 10x slower).
+//
+// Faults.  Where a GPU stops the kernel with an error, the emulator must not take the Python
+// process down with it.  During a launch, SIGSEGV, SIGBUS, SIGFPE and SIGILL are handled on an
+// alternate signal stack (so that a fiber stack overflow can be handled too): the handler
+// records the signal, address, block and thread and siglongjmps back to run_grid on the calling
+// thread's own stack, which abandons every fiber of the launch and returns an error.  The
+// previous handlers and alternate stack (Python's faulthandler) are restored after each launch.
+// Misaligned vector accesses need not fault on x86-64 (g++ splits a float4 load into four scalar
+// loads): the vector types of cuda_emu.h check the alignment in their copy constructor and
+// assignment, and misaligned_vector() below stops the launch with the type, address and line.
 #ifndef GBEMU_CUDA_EMU_RUNTIME_H
 #define GBEMU_CUDA_EMU_RUNTIME_H
 
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -30,9 +43,15 @@
 #include <ucontext.h>
 #endif
 
-#ifndef GBEMU_STACK_SIZE
-#define GBEMU_STACK_SIZE (256 * 1024)  // per fiber; untouched pages cost no memory
+// Stack per fiber, in KiB: $GPUBACKPROP_EMU_STACK_KIB at each launch, else this.  Untouched
+// pages cost no memory.
+#ifndef GBEMU_STACK_KIB
+#define GBEMU_STACK_KIB 256
 #endif
+// PROT_NONE bytes below each fiber stack; one page is enough because -fstack-clash-protection
+// probes every page of a big frame.  (64 KiB measured 20% slower on the tiled SGEMM: a stride
+// with no low bits set maps every fiber's stack top to the same cache sets.)
+#define GBEMU_STACK_GUARD 4096
 
 #if GBEMU_ASM_SWITCH
 // gbemu_switch_context(save, load): push the callee-saved registers, store the stack pointer in
@@ -118,8 +137,23 @@ struct State {
 #else
     ucontext_t scheduler_context;
 #endif
+    size_t stack_kib = 0;    // usable stack per fiber of the current mapping
+    size_t stack_guard = 0;  // guard bytes below each stack
+    // Fault handling (see the top of this file).  Written by the signal handler.
+    volatile sig_atomic_t in_launch = 0;
+    volatile sig_atomic_t in_fiber = 0;
+    pthread_t launch_thread;
+    sigjmp_buf fault_jump;
+    volatile int fault_signal = 0;
+    volatile int fault_code = 0;
+    void* volatile fault_address = nullptr;
+    struct sigaction previous_action[4];
+    stack_t previous_altstack;
+    void* altstack = nullptr;
 };
 static State g;
+
+static const int fault_signals[4] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL};
 
 static inline unsigned char* dynamic_shared() { return g.dynamic_shared; }
 
@@ -138,11 +172,13 @@ static inline void resume(int index) {
     g.current = index;
     Fiber& f = g.fibers[index];
     threadIdx = f.tid;
+    g.in_fiber = 1;
 #if GBEMU_ASM_SWITCH
     gbemu_switch_context(&g.scheduler_sp, f.sp);
 #else
     swapcontext(&g.scheduler_context, &f.context);
 #endif
+    g.in_fiber = 0;
 }
 
 static void fiber_entry() {
@@ -156,8 +192,8 @@ static void fiber_entry() {
 
 static void init_fiber(int index) {
     Fiber& f = g.fibers[index];
-    char* base = g.stacks + (size_t)index * g.stack_stride + (size_t)sysconf(_SC_PAGESIZE);
-    size_t size = g.stack_stride - (size_t)sysconf(_SC_PAGESIZE);
+    char* base = g.stacks + (size_t)index * g.stack_stride + g.stack_guard;
+    size_t size = g.stack_stride - g.stack_guard;
 #if GBEMU_ASM_SWITCH
     uintptr_t top = ((uintptr_t)(base + size)) & ~(uintptr_t)15;
     uintptr_t* sp = (uintptr_t*)top;
@@ -199,6 +235,24 @@ static inline Fiber& current_fiber() { return g.fibers[g.current]; }
 
 [[noreturn]] static void assert_fail(const char* expr, const char* file, int line) {
     trap("assertion `%s` failed at %s:%d", expr, file, line);
+}
+
+// A whole-vector load or store (float4, double2, ...) at an address that is not a multiple of
+// the type's alignment: the GPU's "misaligned address" error (the check is in cuda_emu.h).
+// `file` is null for an assignment, whose operator cannot take the caller's line.
+static void misaligned_vector(const void* address, unsigned int alignment, const char* type,
+                              const char* access, const char* file, unsigned int line) {
+    if (!g.in_fiber) return;  // the emulator's own code, which never gets here
+    char where[512];
+    if (file) {
+        snprintf(where, sizeof(where), "at %s:%u", file, line);
+    } else {
+        snprintf(where, sizeof(where), "in an assignment (`p[i] = v;`)");
+    }
+    trap("misaligned address %p: %s %s, which needs %u-byte alignment (address %% %u = %u), "
+         "%s; on a GPU: misaligned address error",
+         address, access, type, alignment, alignment,
+         (unsigned int)((uintptr_t)address & (alignment - 1)), where);
 }
 
 // kind: 0 plain, 1 count, 2 and, 3 or.  Returns the reduced predicate.
@@ -321,22 +375,167 @@ static unsigned int active_mask() {
     return mask;
 }
 
-static void ensure_stacks(size_t count) {
-    if (count <= g.stack_count) return;
+// $GPUBACKPROP_EMU_STACK_KIB, else GBEMU_STACK_KIB; 0 if the variable is not a number in
+// [16, 1048576] (launch.py checks it first and names it).
+static size_t stack_kib_setting() {
+    const char* text = getenv("GPUBACKPROP_EMU_STACK_KIB");
+    if (!text || !*text) return GBEMU_STACK_KIB;
+    char* end = nullptr;
+    long long value = strtoll(text, &end, 10);
+    if (*end != 0 || value < 16 || value > 1048576) return 0;
+    return (size_t)value;
+}
+
+// Stacks for `count` fibers of `kib` KiB each, with a PROT_NONE guard zone below each one: an
+// overflow faults (and is reported) instead of corrupting the neighbouring fiber's stack.
+static void ensure_stacks(size_t count, size_t kib) {
+    if (count <= g.stack_count && kib == g.stack_kib) return;
     if (g.stacks) munmap(g.stacks, g.stack_count * g.stack_stride);
+    if (count < g.stack_count) count = g.stack_count;
     size_t page = (size_t)sysconf(_SC_PAGESIZE);
-    g.stack_stride = ((size_t)GBEMU_STACK_SIZE + page - 1) / page * page + page;
+    g.stack_guard = ((size_t)GBEMU_STACK_GUARD + page - 1) / page * page;
+    g.stack_stride = (kib * 1024 + page - 1) / page * page + g.stack_guard;
     void* memory = mmap(nullptr, count * g.stack_stride, PROT_READ | PROT_WRITE,
                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (memory == MAP_FAILED) {
         g.stacks = nullptr;
         g.stack_count = 0;
+        g.stack_kib = 0;
         return;
     }
     g.stacks = (char*)memory;
     g.stack_count = count;
-    // A guard page below each stack: an overflow faults instead of corrupting a neighbour.
-    for (size_t i = 0; i < count; ++i) mprotect(g.stacks + i * g.stack_stride, page, PROT_NONE);
+    g.stack_kib = kib;
+    for (size_t i = 0; i < count; ++i) {
+        mprotect(g.stacks + i * g.stack_stride, g.stack_guard, PROT_NONE);
+    }
+}
+
+// ---- fault handling -----------------------------------------------------------------------
+
+static void fault_handler(int signal, siginfo_t* info, void* context) {
+    (void)context;
+    if (!g.in_launch || !pthread_equal(pthread_self(), g.launch_thread)) {
+        // Not ours (another thread): give the signal back to whoever handled it before.  The
+        // faulting instruction runs again and faults into the previous handler.
+        for (int i = 0; i < 4; ++i) sigaction(fault_signals[i], &g.previous_action[i], nullptr);
+        if (info->si_code <= 0) raise(signal);  // sent, not a fault: delivered on return
+        return;
+    }
+    g.fault_signal = signal;
+    g.fault_code = info->si_code;
+    g.fault_address = info->si_addr;
+    siglongjmp(g.fault_jump, 1);
+}
+
+// Returns false (with a message) if the handlers could not be installed.
+static bool install_fault_handlers(char* error, int error_size) {
+    const size_t altstack_size = 256 * 1024;  // more than SIGSTKSZ: the handler is small
+    if (!g.altstack) {
+        void* memory = mmap(nullptr, altstack_size, PROT_READ | PROT_WRITE,
+                            MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (memory == MAP_FAILED) {
+            snprintf(error, error_size, "could not map an alternate signal stack");
+            return false;
+        }
+        g.altstack = memory;
+    }
+    stack_t stack;
+    stack.ss_sp = g.altstack;
+    stack.ss_size = altstack_size;
+    stack.ss_flags = 0;
+    if (sigaltstack(&stack, &g.previous_altstack) != 0) {
+        snprintf(error, error_size, "sigaltstack failed");
+        return false;
+    }
+    struct sigaction action;
+    memset(&action, 0, sizeof(action));
+    action.sa_sigaction = &fault_handler;
+    action.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&action.sa_mask);
+    for (int i = 0; i < 4; ++i) sigaction(fault_signals[i], &action, &g.previous_action[i]);
+    g.launch_thread = pthread_self();
+    g.in_fiber = 0;
+    g.in_launch = 1;
+    return true;
+}
+
+static void restore_fault_handlers() {
+    g.in_launch = 0;
+    g.in_fiber = 0;
+    for (int i = 0; i < 4; ++i) sigaction(fault_signals[i], &g.previous_action[i], nullptr);
+    sigaltstack(&g.previous_altstack, nullptr);
+}
+
+static const char* signal_name(int signal) {
+    switch (signal) {
+        case SIGSEGV: return "SIGSEGV (segmentation fault)";
+        case SIGBUS: return "SIGBUS (bus error)";
+        case SIGFPE: return "SIGFPE (arithmetic exception)";
+        case SIGILL: return "SIGILL (illegal instruction)";
+        default: return "an unexpected signal";
+    }
+}
+
+// The message for the fault recorded by fault_handler; `block` is the running block,
+// `in_fiber` whether kernel code (the current fiber) was running.
+static void describe_fault(char* out, size_t size, uint3 block, bool in_fiber) {
+    const uintptr_t address = (uintptr_t)g.fault_address;
+    int overflow = -1;  // the fiber whose guard zone holds the address
+    if (g.stacks && g.fault_signal == SIGSEGV) {
+        const uintptr_t start = (uintptr_t)g.stacks;
+        if (address >= start && address < start + g.stack_count * g.stack_stride &&
+            (address - start) % g.stack_stride < g.stack_guard) {
+            overflow = (int)((address - start) / g.stack_stride);
+        }
+    }
+    char where[160];
+    if (in_fiber) {
+        const Fiber& f = current_fiber();
+        snprintf(where, sizeof(where), "block (%u,%u,%u) thread (%u,%u,%u)", block.x, block.y,
+                 block.z, f.tid.x, f.tid.y, f.tid.z);
+    } else {
+        snprintf(where, sizeof(where),
+                 "block (%u,%u,%u), in the emulator's scheduler rather than in a thread",
+                 block.x, block.y, block.z);
+    }
+    char at[96];
+    if (g.fault_signal == SIGSEGV && g.fault_code == SI_KERNEL) {
+        // A general-protection fault reports no address: a misaligned SSE access (movaps) or
+        // a pointer outside the canonical address range.
+        snprintf(at, sizeof(at), "at an address the CPU does not report (general protection)");
+    } else if (g.fault_signal == SIGFPE || g.fault_signal == SIGILL) {
+        snprintf(at, sizeof(at), "at instruction 0x%lx", (unsigned long)address);
+    } else if (overflow >= 0) {
+        snprintf(at, sizeof(at), "at 0x%lx, in the guard page below fiber %d's stack",
+                 (unsigned long)address, overflow);
+    } else {
+        snprintf(at, sizeof(at), "at address 0x%lx", (unsigned long)address);
+    }
+    char hint[320];
+    if (overflow >= 0) {
+        snprintf(hint, sizeof(hint),
+                 "fiber stack overflow: the kernel uses more than %zu KiB of stack per thread "
+                 "(GPUBACKPROP_EMU_STACK_KIB to raise it); deep recursion or big local arrays",
+                 g.stack_kib);
+    } else if (g.fault_signal == SIGFPE) {
+        snprintf(hint, sizeof(hint),
+                 "integer division by zero (or INT_MIN / -1); a GPU gives an undefined value "
+                 "instead");
+    } else if (g.fault_signal == SIGILL) {
+        snprintf(hint, sizeof(hint),
+                 "an illegal instruction: __builtin_trap(), or code g++ proved undefined (a "
+                 "null pointer dereference, a missing return value)");
+    } else {
+        snprintf(hint, sizeof(hint),
+                 "%san out-of-bounds access beyond the guard zones, a null pointer, or a "
+                 "misaligned vector (float2/float4/double2) access -- on a GPU: illegal or "
+                 "misaligned address",
+                 address < 4096 && g.fault_code != SI_KERNEL ? "a null pointer (address < 4096); "
+                                                             : "");
+    }
+    snprintf(out, size, "%s: %s %s: %s; the launch was abandoned", where,
+             signal_name(g.fault_signal), at, hint);
 }
 
 static inline unsigned long long next_random(unsigned long long& state) {
@@ -387,15 +586,39 @@ static void describe_deadlock(char* out, size_t size) {
              at_block, g.done);
 }
 
+static int run_blocks(const long long* dims, long long shared_bytes, unsigned long long seed,
+                      char* error, int error_size, void (*body)(void*), void* context);
+
 // Runs the whole grid.  Returns 0, or 1 with a message in `error`.
 static int run_grid(const long long* dims, long long shared_bytes, unsigned long long seed,
                     char* error, int error_size, void (*body)(void*), void* context) {
+    error[0] = 0;
+    if (!install_fault_handlers(error, error_size)) return 1;
+    // Nothing in this frame changes after sigsetjmp, so nothing here needs to be volatile.
+    if (sigsetjmp(g.fault_jump, 1) != 0) {
+        // Back from fault_handler: every fiber of the launch is abandoned; the next launch
+        // re-initialises fibers, warps and barrier state from scratch.
+        const uint3 block = blockIdx;
+        const bool in_fiber = g.in_fiber != 0;
+        restore_fault_handlers();
+        describe_fault(error, (size_t)error_size, block, in_fiber);
+        g.failed = true;
+        return 1;
+    }
+    const int status = run_blocks(dims, shared_bytes, seed, error, error_size, body, context);
+    restore_fault_handlers();
+    return status;
+}
+
+__attribute__((noinline)) static int run_blocks(const long long* dims, long long shared_bytes,
+                                                unsigned long long seed, char* error,
+                                                int error_size, void (*body)(void*),
+                                                void* context) {
     const unsigned int grid_x = (unsigned int)dims[0], grid_y = (unsigned int)dims[1],
                        grid_z = (unsigned int)dims[2];
     const unsigned int block_x = (unsigned int)dims[3], block_y = (unsigned int)dims[4],
                        block_z = (unsigned int)dims[5];
     const int nthreads = (int)(block_x * block_y * block_z);
-    error[0] = 0;
     g.nthreads = nthreads;
     g.fibers.resize(nthreads);
     g.order.resize(nthreads);
@@ -412,9 +635,17 @@ static int run_grid(const long long* dims, long long shared_bytes, unsigned long
         f.lane = i % 32;
         g.order[i] = i;
     }
-    ensure_stacks((size_t)nthreads);
+    const size_t stack_kib = stack_kib_setting();
+    if (stack_kib == 0) {
+        snprintf(error, error_size,
+                 "GPUBACKPROP_EMU_STACK_KIB=%s is not a whole number of KiB in [16, 1048576]",
+                 getenv("GPUBACKPROP_EMU_STACK_KIB"));
+        return 1;
+    }
+    ensure_stacks((size_t)nthreads, stack_kib);
     if (g.stack_count < (size_t)nthreads) {
-        snprintf(error, error_size, "could not map fiber stacks for %d threads", nthreads);
+        snprintf(error, error_size, "could not map fiber stacks for %d threads of %zu KiB",
+                 nthreads, stack_kib);
         return 1;
     }
     g.dynamic_shared_storage.resize((size_t)shared_bytes + 256);
@@ -433,7 +664,7 @@ static int run_grid(const long long* dims, long long shared_bytes, unsigned long
                 // Shared memory is uninitialised on a GPU: NaN bytes make a read-before-write
                 // visible in the result.
                 if (shared_bytes > 0) memset(g.dynamic_shared, 0xFF, (size_t)shared_bytes);
-                if (__start_gbemu_shared != __stop_gbemu_shared) {
+                if (+__start_gbemu_shared != +__stop_gbemu_shared) {
                     memset(__start_gbemu_shared, 0xFF,
                            (size_t)(__stop_gbemu_shared - __start_gbemu_shared));
                 }

@@ -15,12 +15,19 @@ Per launch:
 3. Arrays made by ``empty`` hold a poison bit pattern (a signalling NaN no arithmetic
    produces); an argument that still holds it after the launch is an element the kernel never
    wrote (or, for a read-only argument, one it read before anyone wrote it).
+4. What a GPU would stop with an error stops the launch with EmuLaunchError, never the Python
+   process: a fault in kernel code (SIGSEGV, SIGBUS, SIGFPE, SIGILL: an access beyond the guard
+   zones, a null pointer, an integer division by zero, a fiber stack overflow) and a
+   misaligned float2/float4/double2/... load or store.  The message names the block, thread,
+   signal and address (and the argument nearest to it); the guarded copies are discarded, so
+   the arrays passed are left as they were, and the next launch starts afresh.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +43,7 @@ MAX_THREADS_PER_BLOCK = 1024
 MAX_BLOCK = (1024, 1024, 64)
 MAX_GRID = (2**31 - 1, 65535, 65535)
 MAX_DYNAMIC_SHARED = 48 * 1024  # above this CUDA needs cudaFuncAttributeMaxDynamicSharedMemorySize
+STACK_KIB_RANGE = (16, 1024 * 1024)  # GPUBACKPROP_EMU_STACK_KIB, read by cuda_emu_runtime.h
 
 # Signalling NaNs with a distinctive payload: arithmetic never yields them (it quiets NaNs).
 POISON32 = np.uint32(0x7FA5A5A5)
@@ -74,8 +82,8 @@ _C_NAMES = {
 
 class EmuLaunchError(RuntimeError):
     """A kernel misbehaved in a way the emulator detects (out-of-bounds write, unwritten
-    output, divergent barrier, trap/assert).  The message names kernel, grid, block and
-    buffer."""
+    output, divergent barrier, trap/assert, a fault or misaligned vector access in kernel
+    code).  The message names kernel, grid, block and buffer or faulting thread."""
 
 
 @dataclass(frozen=True)
@@ -171,6 +179,19 @@ def shuffle_seed_from_env() -> int:
         ) from None
 
 
+def check_stack_setting() -> None:
+    """GPUBACKPROP_EMU_STACK_KIB=<KiB>: the stack of each emulated thread (default 256)."""
+    value = os.environ.get("GPUBACKPROP_EMU_STACK_KIB", "").strip()
+    if not value:
+        return
+    low, high = STACK_KIB_RANGE
+    if not (value.isdigit() and low <= int(value) <= high):
+        raise ValueError(
+            f"GPUBACKPROP_EMU_STACK_KIB={value!r} is not a stack size; expected a whole number "
+            f"of KiB from {low} to {high} (unset: 256)"
+        )
+
+
 def _dims(value: Any, what: str, limits: tuple[int, int, int], where: str) -> tuple[int, int, int]:
     if isinstance(value, (int, np.integer)):
         value = (int(value), 1, 1)
@@ -260,10 +281,16 @@ def launch(
     dims = (ctypes.c_longlong * 6)(*grid3, *block3)
     error = ctypes.create_string_buffer(ERROR_BUFFER)
     seed = shuffle_seed_from_env() if shuffle_seed is None else int(shuffle_seed)
+    check_stack_setting()
     with _launch_lock:
         status = info.entry(dims, shared_mem, pointers, seed, error, ERROR_BUFFER)
     if status != 0:
-        raise EmuLaunchError(f"{where}: {error.value.decode(errors='replace')}")
+        # The guarded copies are dropped unread: the caller's arrays keep their contents.
+        message = error.value.decode(errors="replace")
+        raise EmuLaunchError(
+            f"{where}: {message}{_nearest_argument(message, groups)}; the arguments were left "
+            "unchanged"
+        )
 
     problems = []
     for group in groups.values():
@@ -331,6 +358,34 @@ def _check_overlap(where: str, param: Param, array: np.ndarray, groups: dict) ->
                 f"{where}: parameter {param.name!r} overlaps parameter {group.params[0].name!r} "
                 "without being the same array; pass the same array or disjoint arrays"
             )
+
+
+_FAULT_ADDRESS = re.compile(r"\bSIG[A-Z]+ \([^)]*\) at address 0x([0-9a-f]+)")
+
+
+def _nearest_argument(message: str, groups: dict[tuple[int, int], _Group]) -> str:
+    """For a fault at an address: which argument's data it is nearest to, and how far."""
+    match = _FAULT_ADDRESS.search(message)
+    if not match or not groups:
+        return ""
+    address = int(match.group(1), 16)
+    if address < 4096:
+        return ""  # a null pointer: no argument is near
+
+    def distance(group: _Group) -> int:
+        start = group.pointer
+        end = start + group.nbytes
+        return start - address if address < start else max(0, address - end)
+
+    group = min(groups.values(), key=distance)
+    start, end = group.pointer, group.pointer + group.nbytes
+    if address < start:
+        offset = f"{start - address} bytes before the start"
+    elif address >= end:
+        offset = f"{address - end} bytes after the end"
+    else:
+        offset = f"byte {address - start}"
+    return f" (nearest argument: {_describe(group)}, {offset} of its data)"
 
 
 def _describe(group: _Group) -> str:
