@@ -24,3 +24,24 @@ def test_readme_quick_start_commands_match_ci():
     ci = (README.parent / ".ci" / "run").read_text(encoding="utf-8")
     assert "python -m pytest" in text and "python -m pytest" in ci
     assert "torch==2.13.0" in text and "torch==2.13.0" in ci
+
+
+def test_derivation_page_names_only_functions_and_kernels_that_exist():
+    """docs/derivation.md puts each equation beside its code: every name it cites must exist."""
+    from gpubackprop.backends.kernel_backend import ELEMENTWISE_SPECS
+    from gpubackprop.backends.numpy_backend import NumpyBackend
+    from gpubackprop.kernels import entry_points
+
+    root = README.parent
+    page = (root / "docs" / "derivation.md").read_text(encoding="utf-8")
+    for file, kernel in re.findall(r"`(\w+\.cuh?): (\w+)", page):
+        source = (root / "kernels" / file).read_text(encoding="utf-8")
+        assert re.search(rf"\b{kernel}\s*\(", source), f"{kernel} not in kernels/{file}"
+        if file.endswith(".cu"):
+            assert kernel in entry_points(source), f"{kernel} is not an entry point of {file}"
+    specs = {spec.name for spec in ELEMENTWISE_SPECS}
+    for name in re.findall(r"elementwise `(\w+)`", page):
+        assert name in specs, f"elementwise kernel {name} is not in ELEMENTWISE_SPECS"
+    for method in re.findall(r"`NumpyBackend\.(\w+)`|\| `(\w+)` \|", page):
+        name = next(m for m in method if m)
+        assert hasattr(NumpyBackend, name), f"NumpyBackend has no {name}"
