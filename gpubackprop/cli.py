@@ -614,6 +614,15 @@ def info_report() -> dict[str, Any]:
         return kernel_inventory()
 
     report["kernels"] = _guarded("kernels", kernels)
+
+    def emulator_cache() -> dict[str, Any]:
+        from gpubackprop.emulator.compiler import cache_dir
+
+        directory = cache_dir()
+        libraries = list(directory.glob("*.so")) if directory.is_dir() else []
+        return {"directory": str(directory), "entries": len(libraries)}
+
+    report["emulator_cache"] = _guarded("emulator cache", emulator_cache)
     return report
 
 
@@ -652,6 +661,11 @@ def _format_info(report: dict[str, Any]) -> str:
     if cache:
         lines.append(
             f"CuPy kernel cache: {cache.get('directory')} ({cache.get('entries', 0)} entries)"
+        )
+    emulator = report.get("emulator_cache") or {}
+    if "directory" in emulator:
+        lines.append(
+            f"emulator cache: {emulator['directory']} ({emulator['entries']} compiled libraries)"
         )
     return "\n".join(lines)
 

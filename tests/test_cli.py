@@ -261,6 +261,8 @@ def test_info_lists_backends(capsys):
     for entry in report["backends"].values():
         assert entry["available"] or entry["reason"]
     assert "gemm.cu" in report["kernels"]["files"]
+    assert report["emulator_cache"]["entries"] >= 0
+    assert "emulator cache:" in _run(["info"], capsys)[1]
 
 
 def test_info_survives_a_broken_kernel_inventory(capsys, monkeypatch):
