@@ -1,9 +1,11 @@
-"""Time gemm.cu's tiled GEMM under several tile configurations against cuBLAS, in one process.
+"""Time gemm.cu's GEMM versions under several tile configurations against cuBLAS, in one process.
 
-Each configuration is first checked against NumPy float64 on an odd shape (a wrong one is
-reported, not timed), then Y = X·Wᵀ (dense_forward) and dX + dW (dense_backward) are timed at
-``--size``³ with CUDA events, alternating with cupy.matmul (TF32 off) doing the same products.
-The winner is the configuration to put in GEMM_TILES (gpubackprop/backends/kernel_backend.py).
+Each configuration (a GEMM version and its tuning values) is first checked against NumPy float64
+on an odd shape (a wrong one is reported, not timed), then Y = X·Wᵀ (dense_forward) and dX + dW
+(dense_backward) are timed at ``--size``³ with CUDA events, alternating with cupy.matmul (TF32
+off) doing the same products.  The winner of each version is the configuration to put in its
+tiles dict (GEMM_TILES or GEMM_TILES_WARPTILED in gpubackprop/backends/kernel_backend.py); the
+overall winner says which version the library should use.
 
     python bench/gemm_sweep.py --json sweep.json            # on a GPU (cupy backend)
     python bench/gemm_sweep.py --backend emu --size 96      # plumbing check on the CPU
@@ -20,35 +22,49 @@ import time
 
 import numpy as np
 
-# (TILE_M, TILE_N, TILE_K, MICRO_M, MICRO_N): the library's default first.
+# The tuning values of each version, in the order the CONFIGS tuples give them.
+TILE_KEYS = {
+    "tiled": ("TILE_M", "TILE_N", "TILE_K", "MICRO_M", "MICRO_N"),
+    "warptiled": ("WT_BM", "WT_BN", "WT_BK", "WT_WM", "WT_WN", "WT_WNITER", "WT_TM", "WT_TN"),
+}
+# (version, tuning values): each version's library default first.
 CONFIGS = [
-    (128, 128, 8, 8, 8),
-    (128, 128, 16, 8, 8),
-    (128, 64, 8, 8, 4),
-    (64, 128, 8, 4, 8),
-    (64, 64, 8, 4, 4),
-    (64, 64, 16, 4, 4),
-    (128, 256, 8, 8, 8),
-    (256, 128, 8, 8, 8),
+    ("tiled", (128, 128, 8, 8, 8)),
+    ("tiled", (128, 128, 16, 8, 8)),
+    ("tiled", (128, 64, 8, 8, 4)),
+    ("tiled", (64, 128, 8, 4, 8)),
+    ("tiled", (64, 64, 8, 4, 4)),
+    ("tiled", (64, 64, 16, 4, 4)),
+    ("tiled", (128, 256, 8, 8, 8)),
+    ("tiled", (256, 128, 8, 8, 8)),
+    # 4 warps of 64×64, 8×16 outputs per thread
+    ("warptiled", (128, 128, 16, 64, 64, 4, 8, 4)),
+    ("warptiled", (128, 128, 8, 64, 64, 4, 8, 4)),
+    # 8 warps of 32×64 (256 threads), 4×16 outputs per thread
+    ("warptiled", (128, 128, 16, 32, 64, 4, 4, 4)),
+    # 4 warps of 64×32, 8×8 outputs per thread
+    ("warptiled", (128, 64, 16, 64, 32, 2, 8, 4)),
+    # 8 warps of 64×64 (256 threads), 8×16 outputs per thread
+    ("warptiled", (128, 256, 8, 64, 64, 4, 8, 4)),
 ]
 CHECK_SHAPE = (257, 129, 67)  # M, N, K: every edge of a 128-wide tile, K not a multiple of 4
 
 
-def _tiles(config: tuple[int, ...]) -> dict[str, int]:
-    return dict(zip(("TILE_M", "TILE_N", "TILE_K", "MICRO_M", "MICRO_N"), config, strict=True))
+def _tiles(version: str, config: tuple[int, ...]) -> dict[str, int]:
+    return dict(zip(TILE_KEYS[version], config, strict=True))
 
 
-def _backend(name: str, config: tuple[int, ...]):
-    tiles = {"float": _tiles(config)}
+def _backend(name: str, version: str, config: tuple[int, ...]):
+    tiles = {"float": _tiles(version, config)}
     if name == "cupy":
         from gpubackprop.backends.cupy_backend import CupyBackend
 
-        backend = CupyBackend(gemm_tiles=tiles)
+        backend = CupyBackend(gemm_version=version, gemm_tiles=tiles)
     else:
         from gpubackprop.backends.emu_backend import EmuSeam
         from gpubackprop.backends.kernel_backend import KernelBackend
 
-        backend = KernelBackend(EmuSeam(), gemm_tiles=tiles)
+        backend = KernelBackend(EmuSeam(), gemm_version=version, gemm_tiles=tiles)
     if not backend.available:
         raise RuntimeError(f"backend {name!r} is not available: {backend.reason}")
     return backend
@@ -123,11 +139,11 @@ def sweep(backend_name: str, size: int, repeats: int, configs) -> dict:
     flops = 2.0 * size**3
     rows = []
     cublas = None
-    for config in configs:
-        row = {"tiles": _tiles(config)}
+    for version, config in configs:
+        row = {"version": version, "tiles": _tiles(version, config)}
         rows.append(row)
         try:
-            backend = _backend(backend_name, config)
+            backend = _backend(backend_name, version, config)
             row["max_rel_error"] = _check(backend, rng)
             if not row["max_rel_error"] < 1e-5:
                 row["status"] = "wrong result"
@@ -139,11 +155,19 @@ def sweep(backend_name: str, size: int, repeats: int, configs) -> dict:
                 row["vs_cublas_forward"] = cublas / row["forward_s"]
         except Exception as error:  # a configuration that fails to compile or launch
             row["status"] = f"{type(error).__name__}: {str(error)[:300]}"
-    best = max(
-        (r for r in rows if r.get("status") == "ok"),
-        key=lambda r: r["forward_tflops"] + r["dx_dw_tflops"],
-        default=None,
-    )
+
+    def fastest(candidates):
+        return max(
+            (r for r in candidates if r.get("status") == "ok"),
+            key=lambda r: r["forward_tflops"] + r["dx_dw_tflops"],
+            default=None,
+        )
+
+    best = fastest(rows)
+    best_per_version = {}
+    for version in dict.fromkeys(r["version"] for r in rows):
+        winner = fastest(r for r in rows if r["version"] == version)
+        best_per_version[version] = winner["tiles"] if winner else None
     return {
         "kind": "gemm_sweep",
         "backend": backend_name,
@@ -151,7 +175,8 @@ def sweep(backend_name: str, size: int, repeats: int, configs) -> dict:
         "cublas_forward_s": cublas,
         "cublas_tflops": flops / cublas / 1e12 if cublas else None,
         "rows": rows,
-        "best": best["tiles"] if best else None,
+        "best": {"version": best["version"], "tiles": best["tiles"]} if best else None,
+        "best_per_version": best_per_version,
     }
 
 
@@ -165,16 +190,18 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("CUPY_TF32", "0")
     record = sweep(args.backend, args.size, args.repeats, CONFIGS)
     for row in record["rows"]:
-        tiles = "x".join(str(v) for v in row["tiles"].values())
+        tiles = row["version"] + " " + "x".join(str(v) for v in row["tiles"].values())
         if row.get("status") != "ok":
-            print(f"{tiles:<16} {row.get('status')}")
+            print(f"{tiles:<32} {row.get('status')}")
             continue
         versus = row.get("vs_cublas_forward")
         print(
-            f"{tiles:<16} forward {row['forward_tflops']:7.2f} TFLOP/s"
+            f"{tiles:<32} forward {row['forward_tflops']:7.2f} TFLOP/s"
             f"  dX+dW {row['dx_dw_tflops']:7.2f} TFLOP/s"
             + (f"  {versus:5.1%} of cuBLAS" if versus and math.isfinite(versus) else "")
         )
+    for version, tiles in record["best_per_version"].items():
+        print(f"best {version}:", tiles)
     print("best:", record["best"])
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:

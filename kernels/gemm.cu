@@ -4,7 +4,8 @@
 //   dense_backward_data    dX = δ W           δ (M,N), W (N,K) → dX (M,K)
 //   dense_backward_weight  dW = δᵀ X          δ (M,N), X (M,K) → dW (N,K)
 //
-// Versions (the library uses the tiled ones; the naive ones are kept to validate them):
+// Versions (the library uses the tiled ones until a GPU measurement, bench/gemm_sweep.py, says
+// otherwise; the naive ones are kept to validate the others):
 //   *_naive   one thread per output element, a plain loop over the inner dimension; obviously
 //             correct, slow.
 //   (tiled)   dense_forward / dense_backward_data / dense_backward_weight: TILE_M×TILE_N block
@@ -15,6 +16,13 @@
 //             where the launcher found the operand 16-byte aligned with a leading dimension
 //             that is a multiple of 4 (flags vec_*), guarded scalar loads elsewhere.  Any
 //             M, N, K ≥ 0 (edges zero-filled; K = 0 gives Y = f(b)).
+//   *_warptiled  dense_forward_warptiled / dense_backward_data_warptiled /
+//             dense_backward_weight_warptiled, same parameters and results: adds a warp level
+//             to the tiled design.  The WT_BM×WT_BN block tile is cut into WT_WM×WT_WN warp
+//             tiles, each thread holds WT_WMITER×WT_WNITER small WT_TM×WT_TN register tiles
+//             placed so that a warp's 16-byte shared-memory reads are conflict-free broadcasts;
+//             same staging and loads as the tiled version (WT_BK-deep slices), plus 16-byte
+//             stores where the output allows them.  See the section comment below.
 //
 // The epilogue of dense_forward adds the bias and applies the activation (activations.cuh),
 // and writes Z only when the activation's derivative needs z (write_z).
@@ -86,29 +94,31 @@ __device__ __forceinline__ void gb_lds4(const real_t* src, real_t v[4]) {
     }
 }
 
-// A TILE_R × TILE_K slice is cut in chunks of 4 elements contiguous in memory; thread t owns
-// chunks t, t + GEMM_THREADS, ...
-template <int TILE_R>
+// A TILE_R × TILE_P slice (TILE_P along the inner dimension) is cut in chunks of 4 elements
+// contiguous in memory; thread t of THREADS owns chunks t, t + THREADS, ...  Shared by both
+// versions: (TILE_K, GEMM_THREADS) for the tiled one, (WT_BK, WT_THREADS) for the warp-tiled one.
+template <int TILE_R, int TILE_P, int THREADS>
 struct GemmChunks {
-    static const int total = TILE_R * TILE_K / 4;
-    static const int per_thread = (total + GEMM_THREADS - 1) / GEMM_THREADS;
+    static const int total = TILE_R * TILE_P / 4;
+    static const int per_thread = (total + THREADS - 1) / THREADS;
 };
 
 // Global → registers: the slice starting at (r0, p0) of an operand with `rows` × `inner`
 // logical elements.
-template <int LAYOUT, int TILE_R>
+template <int LAYOUT, int TILE_R, int TILE_P, int THREADS>
 __device__ __forceinline__ void gemm_fetch(const real_t* __restrict__ a, long long ld, int rows,
                                            int inner, int r0, int p0, int vec,
                                            real_t regs[][4]) {
+    typedef GemmChunks<TILE_R, TILE_P, THREADS> Chunks;
 #pragma unroll
-    for (int s = 0; s < GemmChunks<TILE_R>::per_thread; ++s) {
-        const int c = threadIdx.x + s * GEMM_THREADS;
-        if (c >= GemmChunks<TILE_R>::total) break;
+    for (int s = 0; s < Chunks::per_thread; ++s) {
+        const int c = threadIdx.x + s * THREADS;
+        if (c >= Chunks::total) break;
         int r, p, valid;
         long long offset;
         if (LAYOUT == LAYOUT_INNER) {  // 4 consecutive p of one row r
-            r = c / (TILE_K / 4);
-            p = (c % (TILE_K / 4)) * 4;
+            r = c / (TILE_P / 4);
+            p = (c % (TILE_P / 4)) * 4;
             valid = r0 + r < rows ? inner - (p0 + p) : 0;
             offset = (long long)(r0 + r) * ld + (p0 + p);
         } else {  // 4 consecutive r of one inner index p
@@ -121,16 +131,18 @@ __device__ __forceinline__ void gemm_fetch(const real_t* __restrict__ a, long lo
     }
 }
 
-// Registers → shared memory laid out [p][r] (r contiguous) whatever the global layout.
-template <int LAYOUT, int TILE_R>
+// Registers → shared memory laid out [p][r] (r contiguous, row stride TILE_R + 4) whatever the
+// global layout: an INNER operand is transposed here, so that the multiply reads 16 bytes.
+template <int LAYOUT, int TILE_R, int TILE_P, int THREADS>
 __device__ __forceinline__ void gemm_stash(real_t* smem, real_t regs[][4]) {
+    typedef GemmChunks<TILE_R, TILE_P, THREADS> Chunks;
     const int stride = TILE_R + 4;
 #pragma unroll
-    for (int s = 0; s < GemmChunks<TILE_R>::per_thread; ++s) {
-        const int c = threadIdx.x + s * GEMM_THREADS;
-        if (c >= GemmChunks<TILE_R>::total) break;
+    for (int s = 0; s < Chunks::per_thread; ++s) {
+        const int c = threadIdx.x + s * THREADS;
+        if (c >= Chunks::total) break;
         if (LAYOUT == LAYOUT_INNER) {
-            const int r = c / (TILE_K / 4), p = (c % (TILE_K / 4)) * 4;
+            const int r = c / (TILE_P / 4), p = (c % (TILE_P / 4)) * 4;
 #pragma unroll
             for (int q = 0; q < 4; ++q) smem[(p + q) * stride + r] = regs[s][q];
         } else {
@@ -158,20 +170,22 @@ __device__ __forceinline__ void gemm_tile(const real_t* __restrict__ a, long lon
 #pragma unroll
         for (int j = 0; j < MICRO_N; ++j) acc[i][j] = (real_t)0;
 
-    real_t regs_a[GemmChunks<TILE_M>::per_thread][4];
-    real_t regs_b[GemmChunks<TILE_N>::per_thread][4];
-    gemm_fetch<LAYOUT_A, TILE_M>(a, lda, rows, inner, r0, 0, vec_a, regs_a);
-    gemm_fetch<LAYOUT_B, TILE_N>(b, ldb, cols, inner, c0, 0, vec_b, regs_b);
-    gemm_stash<LAYOUT_A, TILE_M>(smem_a[0], regs_a);
-    gemm_stash<LAYOUT_B, TILE_N>(smem_b[0], regs_b);
+    real_t regs_a[GemmChunks<TILE_M, TILE_K, GEMM_THREADS>::per_thread][4];
+    real_t regs_b[GemmChunks<TILE_N, TILE_K, GEMM_THREADS>::per_thread][4];
+    gemm_fetch<LAYOUT_A, TILE_M, TILE_K, GEMM_THREADS>(a, lda, rows, inner, r0, 0, vec_a, regs_a);
+    gemm_fetch<LAYOUT_B, TILE_N, TILE_K, GEMM_THREADS>(b, ldb, cols, inner, c0, 0, vec_b, regs_b);
+    gemm_stash<LAYOUT_A, TILE_M, TILE_K, GEMM_THREADS>(smem_a[0], regs_a);
+    gemm_stash<LAYOUT_B, TILE_N, TILE_K, GEMM_THREADS>(smem_b[0], regs_b);
     __syncthreads();
 
     int buffer = 0;
     for (int p0 = 0; p0 < inner; p0 += TILE_K) {
         const bool more = p0 + TILE_K < inner;
         if (more) {  // in flight while this slice is multiplied
-            gemm_fetch<LAYOUT_A, TILE_M>(a, lda, rows, inner, r0, p0 + TILE_K, vec_a, regs_a);
-            gemm_fetch<LAYOUT_B, TILE_N>(b, ldb, cols, inner, c0, p0 + TILE_K, vec_b, regs_b);
+            gemm_fetch<LAYOUT_A, TILE_M, TILE_K, GEMM_THREADS>(a, lda, rows, inner, r0,
+                                                               p0 + TILE_K, vec_a, regs_a);
+            gemm_fetch<LAYOUT_B, TILE_N, TILE_K, GEMM_THREADS>(b, ldb, cols, inner, c0,
+                                                               p0 + TILE_K, vec_b, regs_b);
         }
         const real_t* sa = smem_a[buffer];
         const real_t* sb = smem_b[buffer];
@@ -190,8 +204,8 @@ __device__ __forceinline__ void gemm_tile(const real_t* __restrict__ a, long lon
                 for (int j = 0; j < MICRO_N; ++j) acc[i][j] += fa[i] * fb[j];
         }
         if (more) {  // the other buffer was last read before the previous barrier
-            gemm_stash<LAYOUT_A, TILE_M>(smem_a[buffer ^ 1], regs_a);
-            gemm_stash<LAYOUT_B, TILE_N>(smem_b[buffer ^ 1], regs_b);
+            gemm_stash<LAYOUT_A, TILE_M, TILE_K, GEMM_THREADS>(smem_a[buffer ^ 1], regs_a);
+            gemm_stash<LAYOUT_B, TILE_N, TILE_K, GEMM_THREADS>(smem_b[buffer ^ 1], regs_b);
         }
         __syncthreads();
         buffer ^= 1;
@@ -264,6 +278,248 @@ dense_backward_weight(const real_t* __restrict__ delta, const real_t* __restrict
     real_t acc[MICRO_M][MICRO_N];
     gemm_tile<LAYOUT_OUTER, LAYOUT_OUTER>(delta, N, vec_delta, x, K, vec_x, N, K, M, acc);
     gemm_store(dw, N, K, acc);
+}
+
+// ---- warp-tiled version ------------------------------------------------------------------------
+//
+// Block tile WT_BM × WT_BN, one warp per WT_WM × WT_WN warp tile.  A warp tile is WT_WMITER ×
+// WT_WNITER sub-tiles of WT_WSUBM × WT_WSUBN; in each, the 32 lanes form a WT_LANES_M ×
+// WT_LANES_N grid and lane (lm, ln) owns a WT_TM × WT_TN register tile made of 4 × 4 pieces
+// strided by 4·WT_LANES_M rows (4·WT_LANES_N columns):
+//   row(i) = warp_m·WT_WM + (i / WT_TM)·WT_WSUBM + ((i % WT_TM) / 4)·4·WT_LANES_M + lm·4 + i % 4
+// (columns likewise with j, WT_TN, ln).  Each 16-byte shared-memory read of a warp then covers
+// WT_LANES_M (WT_LANES_N) consecutive 16-byte words: no bank conflict, and the lanes that share
+// a row (column) get it by broadcast.  The slices are staged as in the tiled version
+// (gemm_fetch / gemm_stash, double-buffered, register prefetch, one barrier per slice).
+
+#ifndef WT_BM
+#define WT_BM 128
+#endif
+#ifndef WT_BN
+#define WT_BN 128
+#endif
+#ifndef WT_BK
+#define WT_BK 16
+#endif
+#ifndef WT_WM
+#define WT_WM 64
+#endif
+#ifndef WT_WN
+#define WT_WN 64
+#endif
+#ifndef WT_WNITER
+#define WT_WNITER 4
+#endif
+#ifndef WT_TM
+#define WT_TM 8
+#endif
+#ifndef WT_TN
+#define WT_TN 4
+#endif
+
+// Launch with blockDim.x == WT_THREADS (the launcher derives it the same way).
+#define WT_WARPS_N (WT_BN / WT_WN)
+#define WT_THREADS ((WT_BM / WT_WM) * WT_WARPS_N * 32)
+#define WT_WMITER ((WT_WM * WT_WN) / (32 * WT_TM * WT_TN * WT_WNITER))
+#define WT_WSUBM (WT_WM / WT_WMITER)
+#define WT_WSUBN (WT_WN / WT_WNITER)
+#define WT_LANES_M (WT_WSUBM / WT_TM)
+#define WT_LANES_N (WT_WSUBN / WT_TN)
+#define WT_STRIDE_A (WT_BM + 4)
+#define WT_STRIDE_B (WT_BN + 4)
+
+static_assert(WT_BK % 4 == 0 && WT_TM % 4 == 0 && WT_TN % 4 == 0,
+              "WT_BK, WT_TM and WT_TN must be multiples of 4");
+static_assert(WT_BM % WT_WM == 0 && WT_BN % WT_WN == 0, "the warp tile must divide the block tile");
+static_assert(WT_THREADS <= 1024, "at most 1024 threads (32 warps) per block");
+static_assert((WT_WM * WT_WN) % (32 * WT_TM * WT_TN * WT_WNITER) == 0 && WT_WMITER >= 1,
+              "a warp tile must hold a whole number of 32·WT_TM·WT_TN·WT_WNITER sub-tile rows");
+static_assert(WT_WM % WT_WMITER == 0 && WT_WN % WT_WNITER == 0,
+              "WT_WMITER and WT_WNITER must divide the warp tile");
+static_assert(WT_WSUBM % WT_TM == 0 && WT_WSUBN % WT_TN == 0 && WT_LANES_M * WT_LANES_N == 32,
+              "the 32 lanes must tile a WT_WSUBM × WT_WSUBN sub-tile with WT_TM × WT_TN tiles");
+
+static_assert(2 * WT_BK * (WT_STRIDE_A + WT_STRIDE_B) * sizeof(real_t) <= 48 * 1024,
+              "at most 48 KiB of static shared memory (double-buffered slices)");
+
+#define WT_ROWS (WT_WMITER * WT_TM)  // outputs per thread along M
+#define WT_COLS (WT_WNITER * WT_TN)  // outputs per thread along N
+
+// Block-relative row of the thread's i-th accumulator row (see the section comment): a part
+// fixed by the thread, plus a compile-time offset once i is unrolled.
+__device__ __forceinline__ int wt_row_offset(int i) {
+    return (i / WT_TM) * WT_WSUBM + ((i % WT_TM) / 4) * (4 * WT_LANES_M) + i % 4;
+}
+
+__device__ __forceinline__ int wt_row_in_block(int i) {
+    const int warp_m = (threadIdx.x / 32) / WT_WARPS_N, lane_m = (threadIdx.x % 32) / WT_LANES_N;
+    return warp_m * WT_WM + lane_m * 4 + wt_row_offset(i);
+}
+
+__device__ __forceinline__ int wt_col_offset(int j) {
+    return (j / WT_TN) * WT_WSUBN + ((j % WT_TN) / 4) * (4 * WT_LANES_N) + j % 4;
+}
+
+__device__ __forceinline__ int wt_col_in_block(int j) {
+    const int warp_n = (threadIdx.x / 32) % WT_WARPS_N, lane_n = (threadIdx.x % 32) % WT_LANES_N;
+    return warp_n * WT_WN + lane_n * 4 + wt_col_offset(j);
+}
+
+// acc[i][j] = Σ_p A(r0 + wt_row_in_block(i), p) B(c0 + wt_col_in_block(j), p).
+template <int LAYOUT_A, int LAYOUT_B>
+__device__ __forceinline__ void gemm_warptile(const real_t* __restrict__ a, long long lda,
+                                              int vec_a, const real_t* __restrict__ b,
+                                              long long ldb, int vec_b, int rows, int cols,
+                                              int inner, real_t acc[WT_ROWS][WT_COLS]) {
+    __shared__ __align__(16) real_t smem_a[2][WT_BK * WT_STRIDE_A];
+    __shared__ __align__(16) real_t smem_b[2][WT_BK * WT_STRIDE_B];
+    const int r0 = blockIdx.x * WT_BM, c0 = blockIdx.y * WT_BN;
+
+#pragma unroll
+    for (int i = 0; i < WT_ROWS; ++i)
+#pragma unroll
+        for (int j = 0; j < WT_COLS; ++j) acc[i][j] = (real_t)0;
+
+    real_t regs_a[GemmChunks<WT_BM, WT_BK, WT_THREADS>::per_thread][4];
+    real_t regs_b[GemmChunks<WT_BN, WT_BK, WT_THREADS>::per_thread][4];
+    gemm_fetch<LAYOUT_A, WT_BM, WT_BK, WT_THREADS>(a, lda, rows, inner, r0, 0, vec_a, regs_a);
+    gemm_fetch<LAYOUT_B, WT_BN, WT_BK, WT_THREADS>(b, ldb, cols, inner, c0, 0, vec_b, regs_b);
+    gemm_stash<LAYOUT_A, WT_BM, WT_BK, WT_THREADS>(smem_a[0], regs_a);
+    gemm_stash<LAYOUT_B, WT_BN, WT_BK, WT_THREADS>(smem_b[0], regs_b);
+    __syncthreads();
+
+    int buffer = 0;
+    for (int p0 = 0; p0 < inner; p0 += WT_BK) {
+        const bool more = p0 + WT_BK < inner;
+        if (more) {  // in flight while this slice is multiplied
+            gemm_fetch<LAYOUT_A, WT_BM, WT_BK, WT_THREADS>(a, lda, rows, inner, r0, p0 + WT_BK,
+                                                           vec_a, regs_a);
+            gemm_fetch<LAYOUT_B, WT_BN, WT_BK, WT_THREADS>(b, ldb, cols, inner, c0, p0 + WT_BK,
+                                                           vec_b, regs_b);
+        }
+        const real_t* sa = smem_a[buffer] + wt_row_in_block(0);
+        const real_t* sb = smem_b[buffer] + wt_col_in_block(0);
+#pragma unroll
+        for (int p = 0; p < WT_BK; ++p) {
+            real_t fa[WT_ROWS], fb[WT_COLS];
+#pragma unroll
+            for (int i = 0; i < WT_ROWS; i += 4)
+                gb_lds4(sa + p * WT_STRIDE_A + wt_row_offset(i), fa + i);
+#pragma unroll
+            for (int j = 0; j < WT_COLS; j += 4)
+                gb_lds4(sb + p * WT_STRIDE_B + wt_col_offset(j), fb + j);
+#pragma unroll
+            for (int i = 0; i < WT_ROWS; ++i)
+#pragma unroll
+                for (int j = 0; j < WT_COLS; ++j) acc[i][j] += fa[i] * fb[j];
+        }
+        if (more) {  // the other buffer was last read before the previous barrier
+            gemm_stash<LAYOUT_A, WT_BM, WT_BK, WT_THREADS>(smem_a[buffer ^ 1], regs_a);
+            gemm_stash<LAYOUT_B, WT_BN, WT_BK, WT_THREADS>(smem_b[buffer ^ 1], regs_b);
+        }
+        __syncthreads();
+        buffer ^= 1;
+    }
+}
+
+// act_forward kept out of line: inlined into every one of a thread's WT_ROWS·WT_COLS outputs it
+// quadruples the warp-tiled kernels' compile time, for an epilogue that is a small part of the
+// run time.
+__device__ __noinline__ real_t wt_act_forward(int code, real_t z, real_t alpha) {
+    return act_forward(code, z, alpha);
+}
+
+// Four consecutive outputs dst[0..3], of which the first `valid` exist; one 16-byte store where
+// `vec` (dst 16-byte aligned), scalar stores elsewhere.
+__device__ __forceinline__ void gb_store4(real_t* __restrict__ dst, int valid, int vec,
+                                          const real_t v[4]) {
+    if (vec && valid >= 4) {
+        if (sizeof(real_t) == 4) {
+            *reinterpret_cast<float4*>(dst) = make_float4(v[0], v[1], v[2], v[3]);
+        } else {
+            reinterpret_cast<double2*>(dst)[0] = make_double2(v[0], v[1]);
+            reinterpret_cast<double2*>(dst)[1] = make_double2(v[2], v[3]);
+        }
+    } else {
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+            if (q < valid) dst[q] = v[q];
+    }
+}
+
+// 16-byte stores into a row-major (rows, cols) output are aligned when its base is and every
+// row starts on a multiple of 4 elements (column groups start on multiples of 4 by construction).
+__device__ __forceinline__ int wt_vec_out(const real_t* c, int cols) {
+    return cols % 4 == 0 && (reinterpret_cast<unsigned long long>(c) & 15) == 0;
+}
+
+__device__ __forceinline__ void wt_store(real_t* __restrict__ c, int rows, int cols,
+                                         real_t acc[WT_ROWS][WT_COLS]) {
+    const int vec = wt_vec_out(c, cols);
+    const int r0 = blockIdx.x * WT_BM, c0 = blockIdx.y * WT_BN;
+#pragma unroll
+    for (int i = 0; i < WT_ROWS; ++i) {
+        const int r = r0 + wt_row_in_block(i);
+        if (r >= rows) continue;
+#pragma unroll
+        for (int j = 0; j < WT_COLS; j += 4) {
+            const int col = c0 + wt_col_in_block(j);
+            gb_store4(c + (long long)r * cols + col, cols - col, vec, &acc[i][j]);
+        }
+    }
+}
+
+// As dense_forward, warp-tiled.  grid (⌈M/WT_BM⌉, ⌈N/WT_BN⌉), block WT_THREADS.
+extern "C" __global__ void __launch_bounds__(WT_THREADS)
+dense_forward_warptiled(const real_t* __restrict__ x, const real_t* __restrict__ w,
+                        const real_t* __restrict__ bias, real_t* __restrict__ y,
+                        real_t* __restrict__ z, int M, int N, int K, int has_bias, int write_z,
+                        int act_code, real_t alpha, int vec_x, int vec_w) {
+    real_t acc[WT_ROWS][WT_COLS];
+    gemm_warptile<LAYOUT_INNER, LAYOUT_INNER>(x, K, vec_x, w, K, vec_w, M, N, K, acc);
+    const int vec = wt_vec_out(y, N) && (!write_z || wt_vec_out(z, N));
+    const int r0 = blockIdx.x * WT_BM, c0 = blockIdx.y * WT_BN;
+#pragma unroll
+    for (int j = 0; j < WT_COLS; j += 4) {
+        const int col = c0 + wt_col_in_block(j);
+        real_t b[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) b[q] = (has_bias && col + q < N) ? bias[col + q] : (real_t)0;
+#pragma unroll
+        for (int i = 0; i < WT_ROWS; ++i) {
+            const int r = r0 + wt_row_in_block(i);
+            if (r >= M) continue;
+            real_t pre[4], out[4];
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                pre[q] = acc[i][j + q] + b[q];
+                out[q] = wt_act_forward(act_code, pre[q], alpha);
+            }
+            const long long at = (long long)r * N + col;
+            if (write_z) gb_store4(z + at, N - col, vec, pre);
+            gb_store4(y + at, N - col, vec, out);
+        }
+    }
+}
+
+// As dense_backward_data, warp-tiled.  grid (⌈M/WT_BM⌉, ⌈K/WT_BN⌉).
+extern "C" __global__ void __launch_bounds__(WT_THREADS)
+dense_backward_data_warptiled(const real_t* __restrict__ delta, const real_t* __restrict__ w,
+                              real_t* __restrict__ dx, int M, int N, int K, int vec_delta,
+                              int vec_w) {
+    real_t acc[WT_ROWS][WT_COLS];
+    gemm_warptile<LAYOUT_INNER, LAYOUT_OUTER>(delta, N, vec_delta, w, K, vec_w, M, K, N, acc);
+    wt_store(dx, M, K, acc);
+}
+
+// As dense_backward_weight, warp-tiled.  grid (⌈N/WT_BM⌉, ⌈K/WT_BN⌉).  M = 0 gives zeros.
+extern "C" __global__ void __launch_bounds__(WT_THREADS)
+dense_backward_weight_warptiled(const real_t* __restrict__ delta, const real_t* __restrict__ x,
+                                real_t* __restrict__ dw, int M, int N, int K, int vec_delta,
+                                int vec_x) {
+    real_t acc[WT_ROWS][WT_COLS];
+    gemm_warptile<LAYOUT_OUTER, LAYOUT_OUTER>(delta, N, vec_delta, x, K, vec_x, N, K, M, acc);
+    wt_store(dw, N, K, acc);
 }
 
 // ---- naive reference versions: block (NAIVE_BLOCK, NAIVE_BLOCK), thread (x: column, y: row) --

@@ -6,11 +6,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpubackprop.backends import available_backends, get_backend
+from gpubackprop.backends import available_backends
+from gpubackprop.backends.emu_backend import EmuBackend
 from gpubackprop.backends.numpy_backend import NumpyBackend
 
 if not available_backends()["emu"][0]:
     pytest.skip(f"emu unavailable: {available_backends()['emu'][1]}", allow_module_level=True)
+
+# The library's GEMM and the warp-tiled alternative (the naive one is their reference elsewhere).
+EMU = {version: EmuBackend(gemm_version=version) for version in ("tiled", "warptiled")}
 
 
 def _misaligned(array: np.ndarray, offset: int) -> np.ndarray:
@@ -24,6 +28,7 @@ def _misaligned(array: np.ndarray, offset: int) -> np.ndarray:
     return view
 
 
+@pytest.mark.parametrize("version", sorted(EMU))
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     m=st.integers(1, 260),
@@ -33,8 +38,8 @@ def _misaligned(array: np.ndarray, offset: int) -> np.ndarray:
     activation=st.sampled_from(["identity", "relu", "gelu", "sigmoid"]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_dense_forward_and_backward_any_shape(m, n, k, offset, activation, seed):
-    emu, ref = get_backend("emu"), NumpyBackend()
+def test_dense_forward_and_backward_any_shape(version, m, n, k, offset, activation, seed):
+    emu, ref = EMU[version], NumpyBackend()
     rng = np.random.default_rng(seed)
     x, w, b = rng.normal(size=(m, k)), rng.normal(size=(n, k)), rng.normal(size=n)
     dout = rng.normal(size=(m, n))

@@ -14,7 +14,12 @@ import numpy as np
 import pytest
 
 from gpubackprop import kernels
-from gpubackprop.backends.kernel_backend import ELEMENTWISE_SPECS
+from gpubackprop.backends.kernel_backend import (
+    ELEMENTWISE_SPECS,
+    GEMM_TILES,
+    GEMM_TILES_WARPTILED,
+    GEMM_VERSIONS,
+)
 from gpubackprop.kernels import (
     KernelCompileError,
     elementwise_as_kernel_source,
@@ -38,9 +43,17 @@ ARCHS = ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90")
 REAL_TYPES = ("float", "double")
 SOURCES = kernel_files()
 
-# Kernels the library launches (the naive GEMMs are validation-only and may spill freely).
+# Kernels the library launches (the naive GEMMs are validation-only and may spill freely), and
+# the tuning values it compiles them with.
 LIBRARY_KERNELS = {
-    "gemm.cu": {"dense_forward", "dense_backward_data", "dense_backward_weight"},
+    "gemm.cu": {
+        "dense_forward",
+        "dense_backward_data",
+        "dense_backward_weight",
+        "dense_forward_warptiled",
+        "dense_backward_data_warptiled",
+        "dense_backward_weight_warptiled",
+    },
     "reduce.cu": {"sum_squares_partial", "sum_partial", "sum_finalize", "column_sum"},
     "loss.cu": {
         "softmax_xent_labels_forward_backward",
@@ -51,14 +64,21 @@ LIBRARY_KERNELS = {
     },
 }
 
-_compiled_cache: dict[tuple[str, str, str], tuple[bytes, str]] = {}
+LIBRARY_DEFINES = {
+    "gemm.cu": {real: {**GEMM_TILES[real], **GEMM_TILES_WARPTILED[real]} for real in REAL_TYPES}
+}
+
+_compiled_cache: dict[tuple, tuple[bytes, str]] = {}
 
 
 def compile_cached(file: str, real: str, arch: str) -> tuple[bytes, str]:
-    key = (file, real, arch)
+    """Compiled with the tuning values the library passes for ``real`` (the file's defaults are
+    the float ones)."""
+    defines = {"REAL_T": real}
+    defines.update({k: str(v) for k, v in LIBRARY_DEFINES.get(file, {}).get(real, {}).items()})
+    key = (file, arch, tuple(sorted(defines.items())))
     if key not in _compiled_cache:
-        source = load_source(file, {"REAL_T": real})
-        _compiled_cache[key] = nvrtc_compile(source, arch, verbose=True)
+        _compiled_cache[key] = nvrtc_compile(load_source(file, defines), arch, verbose=True)
     return _compiled_cache[key]
 
 
@@ -232,12 +252,13 @@ def test_cupy_backend_never_raises():
 
 @pytest.fixture(scope="module")
 def emu_backends():
+    """One emulator backend per GEMM version, the library's default first."""
     from gpubackprop.backends.emu_backend import EmuBackend
 
-    tiled, naive = EmuBackend(), EmuBackend(gemm_version="naive")
-    if not tiled.available:
-        pytest.skip(f"emulator unavailable: {tiled.reason}")
-    return tiled, naive
+    backends = [EmuBackend()] + [EmuBackend(gemm_version=v) for v in GEMM_VERSIONS if v != "tiled"]
+    if not backends[0].available:
+        pytest.skip(f"emulator unavailable: {backends[0].reason}")
+    return backends
 
 
 @pytest.mark.parametrize("dtype", (np.float32, np.float64))
@@ -261,6 +282,77 @@ def test_gemm_versions_and_alignments_agree(emu_backends, dtype, offset, shape):
         np.testing.assert_allclose(dinp, d64 @ w64, **tol)
         np.testing.assert_allclose(dweight, d64.T @ x64, **tol)
         np.testing.assert_allclose(dbias, d64.sum(axis=0), **tol)
+
+
+def _misaligned(array: np.ndarray, offset: int) -> np.ndarray:
+    """A copy of ``array`` starting ``offset`` elements past a 256-byte boundary."""
+    flat = np.zeros(array.size + 64 + offset, dtype=array.dtype)
+    start = (-flat.ctypes.data // array.itemsize) % 64 + offset
+    view = flat[start : start + array.size].reshape(array.shape)
+    view[...] = array
+    return view
+
+
+@pytest.mark.parametrize("version", GEMM_VERSIONS)
+@pytest.mark.parametrize("dtype", (np.float32, np.float64))
+@pytest.mark.parametrize("offset", (0, 1, 3))  # 1, 3: every operand and dweight misaligned
+# M, N, K: past one block tile in every dimension, single rows/columns, K = 1, K = 0.
+@pytest.mark.parametrize(
+    "shape", ((257, 129, 67), (1, 300, 5), (300, 1, 9), (129, 257, 1), (130, 65, 0))
+)
+def test_every_gemm_version_matches_numpy(version, dtype, offset, shape):
+    from gpubackprop.backends.emu_backend import EmuBackend
+    from gpubackprop.backends.numpy_backend import NumpyBackend
+
+    backend = EmuBackend(gemm_version=version)
+    if not backend.available:
+        pytest.skip(f"emulator unavailable: {backend.reason}")
+    m, n, k = shape
+    rng = np.random.default_rng(m * 1000 + n + k)
+    x, w, dout = rng.normal(size=(m, k)), rng.normal(size=(n, k)), rng.normal(size=(m, n))
+    bias = rng.normal(size=n) if offset != 1 else None
+    activation = "gelu" if offset != 1 else "sigmoid"  # with z written, and without
+    y_ref, saved_ref = NumpyBackend().dense_forward(x, w, bias, activation, 0.1)
+
+    xs, ws = (_misaligned(a.astype(dtype), offset) for a in (x, w))
+    ds = _misaligned(dout.astype(dtype), offset)
+    bs = None if bias is None else bias.astype(dtype)
+    y, saved = backend.dense_forward(xs, ws, bs, activation, 0.1)
+    dweight = _misaligned(np.full((n, k), np.nan, dtype), offset)
+    dinp = backend.dense_backward(ds, xs, ws, None, "identity", 0.0, dweight, None, True)
+
+    scale = 1e-5 if dtype == np.float32 else 1e-13
+    for got, want, length in (
+        (y, y_ref, k),
+        (saved, saved_ref, k),  # z for gelu, y for sigmoid
+        (dinp, dout @ w, n),
+        (dweight, dout.T @ x, m),
+    ):
+        assert got.shape == want.shape and got.dtype == dtype
+        tolerance = scale * np.sqrt(length + 1) * (np.abs(want).max(initial=0) + 1)
+        np.testing.assert_allclose(got, want, rtol=0, atol=tolerance)
+
+
+def test_warptiled_gemm_is_race_free_and_deterministic():
+    """The threads of a block run in shuffled orders between barriers: bit-identical results."""
+    from gpubackprop.backends.emu_backend import EmuBackend
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(257, 67)).astype(np.float32)
+    w = rng.normal(size=(129, 67)).astype(np.float32)
+    dout = rng.normal(size=(257, 129)).astype(np.float32)
+    results = []
+    for seed in (None, 1, 2):
+        backend = EmuBackend(gemm_version="warptiled", shuffle_seed=seed)
+        if not backend.available:
+            pytest.skip(f"emulator unavailable: {backend.reason}")
+        y, _ = backend.dense_forward(x, w, None, "identity")
+        dweight = np.empty((129, 67), np.float32)
+        dinp = backend.dense_backward(dout, x, w, None, "identity", 0.0, dweight, None, True)
+        results.append((y, dinp, dweight))
+    for other in results[1:]:
+        for got, first in zip(other, results[0], strict=True):
+            np.testing.assert_array_equal(got, first)
 
 
 def test_launcher_argument_errors(emu_backends):
@@ -320,8 +412,30 @@ def test_every_gemm_tile_configuration_of_the_sweep_is_correct_on_the_emulator()
     sweep = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sweep)
     rng = np.random.default_rng(0)
-    for config in sweep.CONFIGS:
-        assert sweep._check(sweep._backend("emu", config), rng) < 1e-5, config
+    assert {version for version, _ in sweep.CONFIGS} == {"tiled", "warptiled"}
+    for version, config in sweep.CONFIGS:
+        assert sweep._check(sweep._backend("emu", version, config), rng) < 1e-5, config
+
+
+def test_gemm_sweep_runs_on_the_emulator_and_records_each_version(tmp_path):
+    import importlib.util
+
+    from gpubackprop.backends import available_backends
+
+    if not available_backends()["emu"][0]:
+        pytest.skip(f"emu unavailable: {available_backends()['emu'][1]}")
+    path = Path(__file__).resolve().parents[1] / "bench" / "gemm_sweep.py"
+    spec = importlib.util.spec_from_file_location("gemm_sweep", path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    configs = [c for c in sweep.CONFIGS if c[1][:2] == (128, 128)][:1] + [
+        c for c in sweep.CONFIGS if c[0] == "warptiled"
+    ][:1]
+    record = sweep.sweep("emu", 40, 1, configs)
+    assert [row["version"] for row in record["rows"]] == ["tiled", "warptiled"]
+    assert all(row["status"] == "ok" for row in record["rows"]), record["rows"]
+    assert set(record["best_per_version"]) == {"tiled", "warptiled"}
+    assert record["best"]["version"] in ("tiled", "warptiled")
 
 
 def test_gemm_tiles_are_validated_up_front():
@@ -337,3 +451,25 @@ def test_gemm_tiles_are_validated_up_front():
         )
     with pytest.raises(ValueError, match="bytes of static shared memory"):
         KernelBackend(EmuSeam(), gemm_tiles={"double": {"TILE_K": 32}})
+
+
+def test_warptiled_gemm_tiles_are_validated_up_front():
+    from gpubackprop.backends.emu_backend import EmuSeam
+    from gpubackprop.backends.kernel_backend import KernelBackend
+
+    def backend(**tiles):
+        return KernelBackend(EmuSeam(), gemm_version="warptiled", gemm_tiles={"float": tiles})
+
+    assert backend().gemm_tiles["float"]["WT_BK"] == 16
+    with pytest.raises(ValueError, match="WT_BK, WT_TM and WT_TN must be multiples of 4"):
+        backend(WT_TN=2)
+    with pytest.raises(ValueError, match="WT_WM must divide WT_BM"):
+        backend(WT_WM=48)
+    with pytest.raises(ValueError, match="2048 threads per block"):
+        backend(WT_BM=256, WT_BN=256, WT_WM=32, WT_WN=32)
+    with pytest.raises(ValueError, match="must be a multiple of 32·WT_TM·WT_TN·WT_WNITER"):
+        backend(WT_WNITER=8)
+    with pytest.raises(ValueError, match=r"must divide the warp sub-tile 4x256 \(WT_WMITER=16\)"):
+        backend(WT_BN=256, WT_WN=256, WT_WNITER=1, WT_BK=8)
+    with pytest.raises(ValueError, match="bytes of static shared memory"):
+        backend(WT_BK=32)

@@ -123,16 +123,44 @@ ELEMENTWISE_SPECS: list[ElementwiseSpec] = [
     ADAM,
 ]
 
-# "tiled" is the library's GEMM; "naive" the reference kernels kept to validate it.
-GEMM_VERSIONS = ("tiled", "naive")
+# "tiled" is the library's GEMM; "warptiled" the warp-tiled alternative (to become the default
+# once a GPU measurement says it is faster); "naive" the reference kernels kept to validate both.
+GEMM_VERSIONS = ("tiled", "warptiled", "naive")
 
-# Must match the defaults in kernels/gemm.cu (GEMM_THREADS = (TILE_M/MICRO_M)·(TILE_N/MICRO_N)).
-# The GEMM's tuning values per scalar type (gemm.cu's #defines); bench/gemm_sweep.py times
-# alternatives on a GPU.  A backend can be given others (KernelBackend(gemm_tiles=...)).
+# The GEMMs' tuning values per scalar type (gemm.cu's #defines, whose defaults are the float
+# entries); bench/gemm_sweep.py times alternatives on a GPU.  A backend can be given others for
+# its version (KernelBackend(gemm_tiles=...)).
+# tiled: GEMM_THREADS = (TILE_M/MICRO_M)·(TILE_N/MICRO_N).
 GEMM_TILES = {
     "float": {"TILE_M": 128, "TILE_N": 128, "TILE_K": 8, "MICRO_M": 8, "MICRO_N": 8},
     "double": {"TILE_M": 128, "TILE_N": 128, "TILE_K": 8, "MICRO_M": 8, "MICRO_N": 8},
 }
+# warptiled: WT_THREADS = 32·(WT_BM/WT_WM)·(WT_BN/WT_WN); each thread holds
+# (WT_WM·WT_WN/32) accumulators, so double gets a half-size block tile to stay within 255
+# registers, and WT_BK = 8 to stay within 48 KiB of static shared memory.
+GEMM_TILES_WARPTILED = {
+    "float": {
+        "WT_BM": 128,
+        "WT_BN": 128,
+        "WT_BK": 16,
+        "WT_WM": 64,
+        "WT_WN": 64,
+        "WT_WNITER": 4,
+        "WT_TM": 8,
+        "WT_TN": 4,
+    },
+    "double": {
+        "WT_BM": 128,
+        "WT_BN": 64,
+        "WT_BK": 8,
+        "WT_WM": 64,
+        "WT_WN": 32,
+        "WT_WNITER": 2,
+        "WT_TM": 4,
+        "WT_TN": 4,
+    },
+}
+_VERSION_TILES = {"tiled": GEMM_TILES, "warptiled": GEMM_TILES_WARPTILED, "naive": GEMM_TILES}
 _NAIVE_BLOCK = 16
 _REDUCE_THREADS = 256  # REDUCE_THREADS and LOSS_THREADS
 _MAX_REDUCE_BLOCKS = 1024  # partial sums per reduction: fixed by n alone, so results are too
@@ -171,8 +199,9 @@ class KernelBackend(Backend):
         self.available = True  # subclasses that probe their device set it again
         self.reason = ""
         self.gemm_version = gemm_version
+        defaults = _VERSION_TILES[gemm_version]
         self.gemm_tiles = {
-            kind: dict(GEMM_TILES[kind], **(gemm_tiles or {}).get(kind, {})) for kind in GEMM_TILES
+            kind: dict(defaults[kind], **(gemm_tiles or {}).get(kind, {})) for kind in defaults
         }
         for kind, tiles in self.gemm_tiles.items():
             _check_gemm_tiles(kind, tiles)
@@ -203,8 +232,12 @@ class KernelBackend(Backend):
         return self._modules[key]
 
     def _gemm_module(self, dtype: np.dtype):
-        tiles = self.gemm_tiles["float" if dtype == np.float32 else "double"]
-        return self._module("gemm.cu", dtype, tiles), tiles
+        kind = "float" if dtype == np.float32 else "double"
+        tiles = self.gemm_tiles[kind]
+        # gemm.cu holds every version: each is compiled with its tuning values for this type
+        # (the file's defaults are float's), whichever one this backend launches.
+        defines = {**GEMM_TILES[kind], **GEMM_TILES_WARPTILED[kind], **tiles}
+        return self._module("gemm.cu", dtype, defines), tiles
 
     def _ew(self, spec: ElementwiseSpec, dtype: np.dtype):
         key = (spec.name, dtype.str)
@@ -369,18 +402,20 @@ class KernelBackend(Backend):
         return dinp
 
     def _gemm(self, kernel: str, rows: int, cols: int, args: tuple, vec_flags: tuple) -> None:
-        """Launch gemm.cu's ``kernel`` over a (rows, cols) output: the tiled version with its
-        16-byte-load flags, or ``<kernel>_naive`` (one thread per element) for validation."""
+        """Launch gemm.cu's ``kernel`` over a (rows, cols) output: the tiled version (``kernel``)
+        or the warp-tiled one (``<kernel>_warptiled``) with its 16-byte-load flags, or
+        ``<kernel>_naive`` (one thread per element) for validation."""
         dtype = args[0].dtype
         if self.gemm_version == "naive":
             grid = (_ceil_div(cols, _NAIVE_BLOCK), _ceil_div(rows, _NAIVE_BLOCK), 1)
             block = (_NAIVE_BLOCK, _NAIVE_BLOCK, 1)
-            self._launch(self._module("gemm.cu", dtype), f"{kernel}_naive", grid, block, args)
+            self._launch(self._gemm_module(dtype)[0], f"{kernel}_naive", grid, block, args)
             return
         module, tiles = self._gemm_module(dtype)
-        grid = (_ceil_div(rows, tiles["TILE_M"]), _ceil_div(cols, tiles["TILE_N"]), 1)
-        block = (_gemm_threads(tiles), 1, 1)
-        self._launch(module, kernel, grid, block, (*args, *vec_flags))
+        block_rows, block_cols, threads = _gemm_block(tiles)
+        grid = (_ceil_div(rows, block_rows), _ceil_div(cols, block_cols), 1)
+        name = kernel if self.gemm_version == "tiled" else f"{kernel}_{self.gemm_version}"
+        self._launch(module, name, grid, (threads, 1, 1), (*args, *vec_flags))
 
     def _gemm_backward_weight(self, delta, x, dweight, m, n, k) -> None:
         """dW (n, k) = δᵀ x."""
@@ -721,6 +756,9 @@ class KernelBackend(Backend):
 
 def _check_gemm_tiles(kind: str, tiles: dict[str, int]) -> None:
     """The constraints gemm.cu's static_asserts and the launch impose, checked up front."""
+    if "WT_BM" in tiles:
+        _check_warptiled_tiles(kind, tiles)
+        return
     t = tiles
     problems = []
     if t["TILE_K"] % 4 or t["MICRO_M"] % 4 or t["MICRO_N"] % 4:
@@ -737,8 +775,52 @@ def _check_gemm_tiles(kind: str, tiles: dict[str, int]) -> None:
         raise ValueError(f"gemm_tiles[{kind!r}]={tiles} is not accepted: " + "; ".join(problems))
 
 
+def _check_warptiled_tiles(kind: str, tiles: dict[str, int]) -> None:
+    """The warp-tiled version's constraints (gemm.cu's WT_ static_asserts and the launch)."""
+    t = tiles
+    problems = []
+    if t["WT_BK"] % 4 or t["WT_TM"] % 4 or t["WT_TN"] % 4:
+        problems.append("WT_BK, WT_TM and WT_TN must be multiples of 4")
+    if t["WT_BM"] % t["WT_WM"] or t["WT_BN"] % t["WT_WN"]:
+        problems.append("WT_WM must divide WT_BM and WT_WN must divide WT_BN")
+    elif not _gemm_block(t)[2] <= 1024:
+        problems.append(f"{_gemm_block(t)[2]} threads per block; expected at most 1024")
+    per_warp_row = 32 * t["WT_TM"] * t["WT_TN"] * t["WT_WNITER"]
+    if (t["WT_WM"] * t["WT_WN"]) % per_warp_row:
+        problems.append(
+            f"WT_WM·WT_WN={t['WT_WM'] * t['WT_WN']} must be a multiple of "
+            f"32·WT_TM·WT_TN·WT_WNITER={per_warp_row}"
+        )
+    else:
+        wmiter = t["WT_WM"] * t["WT_WN"] // per_warp_row
+        if t["WT_WM"] % wmiter or t["WT_WN"] % t["WT_WNITER"]:
+            problems.append(f"WT_WMITER={wmiter} and WT_WNITER must divide WT_WM and WT_WN")
+        else:
+            # Then the sub-tile holds exactly 32 thread tiles (one per lane) when they fit.
+            sub_m, sub_n = t["WT_WM"] // wmiter, t["WT_WN"] // t["WT_WNITER"]
+            if sub_m % t["WT_TM"] or sub_n % t["WT_TN"]:
+                problems.append(
+                    f"WT_TM and WT_TN must divide the warp sub-tile {sub_m}x{sub_n} "
+                    f"(WT_WMITER={wmiter})"
+                )
+    itemsize = 4 if kind == "float" else 8
+    shared = 2 * t["WT_BK"] * (t["WT_BM"] + t["WT_BN"] + 8) * itemsize
+    if shared > 48 * 1024:
+        problems.append(f"{shared} bytes of static shared memory; at most 49152")
+    if problems:
+        raise ValueError(f"gemm_tiles[{kind!r}]={tiles} is not accepted: " + "; ".join(problems))
+
+
 def _gemm_threads(tiles: dict[str, int]) -> int:
     return (tiles["TILE_M"] // tiles["MICRO_M"]) * (tiles["TILE_N"] // tiles["MICRO_N"])
+
+
+def _gemm_block(tiles: dict[str, int]) -> tuple[int, int, int]:
+    """(output rows, output columns, threads) of one block of either tiled version."""
+    if "WT_BM" in tiles:
+        warps = (tiles["WT_BM"] // tiles["WT_WM"]) * (tiles["WT_BN"] // tiles["WT_WN"])
+        return tiles["WT_BM"], tiles["WT_BN"], 32 * warps
+    return tiles["TILE_M"], tiles["TILE_N"], _gemm_threads(tiles)
 
 
 def _data_address(a) -> int:
