@@ -25,17 +25,17 @@ nvidia-smi >"$logs/nvidia-smi.log" 2>&1
 # Step limits add up to 470 s, inside the 8 minutes this check promises.
 step info 20 python3 -m gpubackprop.cli info
 # GPUBACKPROP_REQUIRE_GPU turns "cupy unavailable" from a skip into a failure.
-step parity 120 env GPUBACKPROP_REQUIRE_GPU=1 python3 -m pytest -q -m gpu tests/test_parity.py -x -p no:cacheprovider
+step parity 110 env GPUBACKPROP_REQUIRE_GPU=1 python3 -m pytest -q -m gpu tests/test_parity.py -x -p no:cacheprovider
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n1)
 if [ -n "$sanitizer" ]; then
-    step memcheck 60 "$sanitizer" --tool memcheck --error-exitcode 3 python3 bench/run_all_kernels.py
-    step racecheck 70 "$sanitizer" --tool racecheck --error-exitcode 3 python3 bench/run_all_kernels.py
+    step memcheck 55 "$sanitizer" --tool memcheck --error-exitcode 3 python3 bench/run_all_kernels.py
+    step racecheck 65 "$sanitizer" --tool racecheck --error-exitcode 3 python3 bench/run_all_kernels.py
 else
     echo "memcheck 127 0" >>"$logs/steps.txt"; echo "compute-sanitizer not found" >"$logs/memcheck.log"
 fi
-step gemm_sweep 70 python3 bench/gemm_sweep.py --size 4096 --repeats 10 --json "$out/gemm_sweep.json"
+step gemm_sweep 110 python3 bench/gemm_sweep.py --size 4096 --repeats 10 --json "$out/gemm_sweep.json"
 # torch.compile is off here: its compile time is unbounded and would put the time limit at risk.
-step bench 130 python3 -m gpubackprop.cli bench --quick --torch-compile off --json "$out/bench.json" --plot "$out/bench.png"
+step bench 110 python3 -m gpubackprop.cli bench --quick --torch-compile off --json "$out/bench.json" --plot "$out/bench.png"
 python3 - "$out" "$logs" <<'PY'
 import json, os, pathlib, subprocess, sys
 out, logs = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])

@@ -134,7 +134,17 @@ def _cublas_time(backend, size: int, repeats: int, rng) -> float:
     return _median_time(_timer(backend), lambda: xp.matmul(x, w.T), repeats)
 
 
-def sweep(backend_name: str, size: int, repeats: int, configs) -> dict:
+def _write(path: str | None, record: dict) -> None:
+    if path:
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(record, handle, indent=2)
+
+
+def sweep(
+    backend_name: str, size: int, repeats: int, configs, json_path: str | None = None
+) -> dict:
+    """Check and time every configuration; with ``json_path`` the rows so far are written after
+    each one, so a run stopped by a time limit still leaves its measurements."""
     rng = np.random.default_rng(0)
     flops = 2.0 * size**3
     rows = []
@@ -155,6 +165,7 @@ def sweep(backend_name: str, size: int, repeats: int, configs) -> dict:
                 row["vs_cublas_forward"] = cublas / row["forward_s"]
         except Exception as error:  # a configuration that fails to compile or launch
             row["status"] = f"{type(error).__name__}: {str(error)[:300]}"
+        _write(json_path, {"kind": "gemm_sweep", "partial": True, "size": size, "rows": rows})
 
     def fastest(candidates):
         return max(
@@ -188,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the record here")
     args = parser.parse_args(argv)
     os.environ.setdefault("CUPY_TF32", "0")
-    record = sweep(args.backend, args.size, args.repeats, CONFIGS)
+    record = sweep(args.backend, args.size, args.repeats, CONFIGS, args.json)
     for row in record["rows"]:
         tiles = row["version"] + " " + "x".join(str(v) for v in row["tiles"].values())
         if row.get("status") != "ok":
@@ -203,9 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     for version, tiles in record["best_per_version"].items():
         print(f"best {version}:", tiles)
     print("best:", record["best"])
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(record, handle, indent=2)
+    _write(args.json, record)
     return 0 if record["best"] else 1
 
 
