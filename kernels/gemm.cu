@@ -51,10 +51,10 @@
 // Launch with blockDim.x == GEMM_THREADS (the launcher reads the same defines).
 #define GEMM_THREADS_N (TILE_N / MICRO_N)
 #define GEMM_THREADS ((TILE_M / MICRO_M) * GEMM_THREADS_N)
-// +4 padding: the transposed stores of INNER-layout tiles hit distinct banks, rows stay 16-byte
-// aligned for the vector reads.
-#define SMEM_STRIDE_A (TILE_M + 4)
-#define SMEM_STRIDE_B (TILE_N + 4)
+
+// Row length of a shared-memory slice laid out [p][r]: +4 padding so that the transposed stores
+// of INNER-layout tiles hit distinct banks while rows stay 16-byte aligned for the vector reads.
+__host__ __device__ constexpr int gemm_smem_stride(int tile_rows) { return tile_rows + 4; }
 
 static_assert(TILE_K % 4 == 0 && MICRO_M % 4 == 0 && MICRO_N % 4 == 0,
               "TILE_K, MICRO_M and MICRO_N must be multiples of 4");
@@ -136,7 +136,7 @@ __device__ __forceinline__ void gemm_fetch(const real_t* __restrict__ a, long lo
 template <int LAYOUT, int TILE_R, int TILE_P, int THREADS>
 __device__ __forceinline__ void gemm_stash(real_t* smem, real_t regs[][4]) {
     typedef GemmChunks<TILE_R, TILE_P, THREADS> Chunks;
-    const int stride = TILE_R + 4;
+    const int stride = gemm_smem_stride(TILE_R);
 #pragma unroll
     for (int s = 0; s < Chunks::per_thread; ++s) {
         const int c = threadIdx.x + s * THREADS;
@@ -153,64 +153,79 @@ __device__ __forceinline__ void gemm_stash(real_t* smem, real_t regs[][4]) {
     }
 }
 
-// acc[i][j] = Σ_p A(row(i), p) B(col(j), p) over the block's tile, where the thread's rows are
-// row(i) = (i/4)·(TILE_M/(MICRO_M/4)) + ty·4 + i%4 (cols likewise with tx).
-template <int LAYOUT_A, int LAYOUT_B>
-__device__ __forceinline__ void gemm_tile(const real_t* __restrict__ a, long long lda, int vec_a,
-                                          const real_t* __restrict__ b, long long ldb, int vec_b,
-                                          int rows, int cols, int inner,
-                                          real_t acc[MICRO_M][MICRO_N]) {
-    __shared__ __align__(16) real_t smem_a[2][TILE_K * SMEM_STRIDE_A];
-    __shared__ __align__(16) real_t smem_b[2][TILE_K * SMEM_STRIDE_B];
-    const int tx = threadIdx.x % GEMM_THREADS_N, ty = threadIdx.x / GEMM_THREADS_N;
-    const int r0 = blockIdx.x * TILE_M, c0 = blockIdx.y * TILE_N;
+// The main loop both versions share: acc[i][j] = Σ_p A(row(i), p) B(col(j), p) over the
+// block's tile.  Shape-deep slices are staged in shared memory laid out [p][r], double-buffered:
+// the next slice is fetched into registers while the current one is multiplied, one barrier per
+// slice.  Shape supplies the block tile (BM, BN, BK), the thread count, the accumulator extents
+// (ROWS, COLS) and where in a slice row the thread's rows and columns lie: row i (a multiple of
+// 4) starts at row_base() + row_offset(i), columns likewise — the only difference between the
+// tiled and the warp-tiled version.
+template <int LAYOUT_A, int LAYOUT_B, class Shape>
+__device__ __forceinline__ void gemm_mainloop(const real_t* __restrict__ a, long long lda,
+                                              int vec_a, const real_t* __restrict__ b,
+                                              long long ldb, int vec_b, int rows, int cols,
+                                              int inner, real_t acc[Shape::ROWS][Shape::COLS]) {
+    constexpr int BM = Shape::BM, BN = Shape::BN, BK = Shape::BK, THREADS = Shape::THREADS;
+    constexpr int STRIDE_A = gemm_smem_stride(BM), STRIDE_B = gemm_smem_stride(BN);
+    __shared__ __align__(16) real_t smem_a[2][BK * STRIDE_A];
+    __shared__ __align__(16) real_t smem_b[2][BK * STRIDE_B];
+    const int r0 = blockIdx.x * BM, c0 = blockIdx.y * BN;
 
 #pragma unroll
-    for (int i = 0; i < MICRO_M; ++i)
+    for (int i = 0; i < Shape::ROWS; ++i)
 #pragma unroll
-        for (int j = 0; j < MICRO_N; ++j) acc[i][j] = (real_t)0;
+        for (int j = 0; j < Shape::COLS; ++j) acc[i][j] = (real_t)0;
 
-    real_t regs_a[GemmChunks<TILE_M, TILE_K, GEMM_THREADS>::per_thread][4];
-    real_t regs_b[GemmChunks<TILE_N, TILE_K, GEMM_THREADS>::per_thread][4];
-    gemm_fetch<LAYOUT_A, TILE_M, TILE_K, GEMM_THREADS>(a, lda, rows, inner, r0, 0, vec_a, regs_a);
-    gemm_fetch<LAYOUT_B, TILE_N, TILE_K, GEMM_THREADS>(b, ldb, cols, inner, c0, 0, vec_b, regs_b);
-    gemm_stash<LAYOUT_A, TILE_M, TILE_K, GEMM_THREADS>(smem_a[0], regs_a);
-    gemm_stash<LAYOUT_B, TILE_N, TILE_K, GEMM_THREADS>(smem_b[0], regs_b);
+    real_t regs_a[GemmChunks<BM, BK, THREADS>::per_thread][4];
+    real_t regs_b[GemmChunks<BN, BK, THREADS>::per_thread][4];
+    gemm_fetch<LAYOUT_A, BM, BK, THREADS>(a, lda, rows, inner, r0, 0, vec_a, regs_a);
+    gemm_fetch<LAYOUT_B, BN, BK, THREADS>(b, ldb, cols, inner, c0, 0, vec_b, regs_b);
+    gemm_stash<LAYOUT_A, BM, BK, THREADS>(smem_a[0], regs_a);
+    gemm_stash<LAYOUT_B, BN, BK, THREADS>(smem_b[0], regs_b);
     __syncthreads();
 
     int buffer = 0;
-    for (int p0 = 0; p0 < inner; p0 += TILE_K) {
-        const bool more = p0 + TILE_K < inner;
+    for (int p0 = 0; p0 < inner; p0 += BK) {
+        const bool more = p0 + BK < inner;
         if (more) {  // in flight while this slice is multiplied
-            gemm_fetch<LAYOUT_A, TILE_M, TILE_K, GEMM_THREADS>(a, lda, rows, inner, r0,
-                                                               p0 + TILE_K, vec_a, regs_a);
-            gemm_fetch<LAYOUT_B, TILE_N, TILE_K, GEMM_THREADS>(b, ldb, cols, inner, c0,
-                                                               p0 + TILE_K, vec_b, regs_b);
+            gemm_fetch<LAYOUT_A, BM, BK, THREADS>(a, lda, rows, inner, r0, p0 + BK, vec_a, regs_a);
+            gemm_fetch<LAYOUT_B, BN, BK, THREADS>(b, ldb, cols, inner, c0, p0 + BK, vec_b, regs_b);
         }
-        const real_t* sa = smem_a[buffer];
-        const real_t* sb = smem_b[buffer];
+        const real_t* sa = smem_a[buffer] + Shape::row_base();
+        const real_t* sb = smem_b[buffer] + Shape::col_base();
 #pragma unroll
-        for (int p = 0; p < TILE_K; ++p) {
-            real_t fa[MICRO_M], fb[MICRO_N];
+        for (int p = 0; p < BK; ++p) {
+            real_t fa[Shape::ROWS], fb[Shape::COLS];
 #pragma unroll
-            for (int g = 0; g < MICRO_M / 4; ++g)
-                gb_lds4(sa + p * SMEM_STRIDE_A + g * (TILE_M / (MICRO_M / 4)) + ty * 4, fa + 4 * g);
+            for (int i = 0; i < Shape::ROWS; i += 4)
+                gb_lds4(sa + p * STRIDE_A + Shape::row_offset(i), fa + i);
 #pragma unroll
-            for (int g = 0; g < MICRO_N / 4; ++g)
-                gb_lds4(sb + p * SMEM_STRIDE_B + g * (TILE_N / (MICRO_N / 4)) + tx * 4, fb + 4 * g);
+            for (int j = 0; j < Shape::COLS; j += 4)
+                gb_lds4(sb + p * STRIDE_B + Shape::col_offset(j), fb + j);
 #pragma unroll
-            for (int i = 0; i < MICRO_M; ++i)
+            for (int i = 0; i < Shape::ROWS; ++i)
 #pragma unroll
-                for (int j = 0; j < MICRO_N; ++j) acc[i][j] += fa[i] * fb[j];
+                for (int j = 0; j < Shape::COLS; ++j) acc[i][j] += fa[i] * fb[j];
         }
         if (more) {  // the other buffer was last read before the previous barrier
-            gemm_stash<LAYOUT_A, TILE_M, TILE_K, GEMM_THREADS>(smem_a[buffer ^ 1], regs_a);
-            gemm_stash<LAYOUT_B, TILE_N, TILE_K, GEMM_THREADS>(smem_b[buffer ^ 1], regs_b);
+            gemm_stash<LAYOUT_A, BM, BK, THREADS>(smem_a[buffer ^ 1], regs_a);
+            gemm_stash<LAYOUT_B, BN, BK, THREADS>(smem_b[buffer ^ 1], regs_b);
         }
         __syncthreads();
         buffer ^= 1;
     }
 }
+
+// The tiled version: thread (ty, tx) holds rows row(i) = (i/4)·(TILE_M/(MICRO_M/4)) + ty·4 + i%4
+// of the block tile, columns likewise with tx, so 16-byte shared reads are conflict-free.
+struct TiledShape {
+    static constexpr int BM = TILE_M, BN = TILE_N, BK = TILE_K, THREADS = GEMM_THREADS;
+    static constexpr int ROWS = MICRO_M, COLS = MICRO_N;
+    __device__ static int row_base() { return (threadIdx.x / GEMM_THREADS_N) * 4; }
+    __device__ static int col_base() { return (threadIdx.x % GEMM_THREADS_N) * 4; }
+    __device__ static int row_offset(int i) { return (i / 4) * (TILE_M / (MICRO_M / 4)); }
+    __device__ static int col_offset(int j) { return (j / 4) * (TILE_N / (MICRO_N / 4)); }
+};
 
 __device__ __forceinline__ int gemm_row(int i) {
     return blockIdx.x * TILE_M + (i / 4) * (TILE_M / (MICRO_M / 4))
@@ -244,7 +259,7 @@ dense_forward(const real_t* __restrict__ x, const real_t* __restrict__ w,
               int M, int N, int K, int has_bias, int write_z, int act_code, real_t alpha,
               int vec_x, int vec_w) {
     real_t acc[MICRO_M][MICRO_N];
-    gemm_tile<LAYOUT_INNER, LAYOUT_INNER>(x, K, vec_x, w, K, vec_w, M, N, K, acc);
+    gemm_mainloop<LAYOUT_INNER, LAYOUT_INNER, TiledShape>(x, K, vec_x, w, K, vec_w, M, N, K, acc);
 #pragma unroll
     for (int j = 0; j < MICRO_N; ++j) {
         const int col = gemm_col(j);
@@ -267,7 +282,7 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS)
 dense_backward_data(const real_t* __restrict__ delta, const real_t* __restrict__ w,
                     real_t* __restrict__ dx, int M, int N, int K, int vec_delta, int vec_w) {
     real_t acc[MICRO_M][MICRO_N];
-    gemm_tile<LAYOUT_INNER, LAYOUT_OUTER>(delta, N, vec_delta, w, K, vec_w, M, K, N, acc);
+    gemm_mainloop<LAYOUT_INNER, LAYOUT_OUTER, TiledShape>(delta, N, vec_delta, w, K, vec_w, M, K, N, acc);
     gemm_store(dx, M, K, acc);
 }
 
@@ -276,7 +291,7 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS)
 dense_backward_weight(const real_t* __restrict__ delta, const real_t* __restrict__ x,
                       real_t* __restrict__ dw, int M, int N, int K, int vec_delta, int vec_x) {
     real_t acc[MICRO_M][MICRO_N];
-    gemm_tile<LAYOUT_OUTER, LAYOUT_OUTER>(delta, N, vec_delta, x, K, vec_x, N, K, M, acc);
+    gemm_mainloop<LAYOUT_OUTER, LAYOUT_OUTER, TiledShape>(delta, N, vec_delta, x, K, vec_x, N, K, M, acc);
     gemm_store(dw, N, K, acc);
 }
 
@@ -325,8 +340,6 @@ dense_backward_weight(const real_t* __restrict__ delta, const real_t* __restrict
 #define WT_WSUBN (WT_WN / WT_WNITER)
 #define WT_LANES_M (WT_WSUBM / WT_TM)
 #define WT_LANES_N (WT_WSUBN / WT_TN)
-#define WT_STRIDE_A (WT_BM + 4)
-#define WT_STRIDE_B (WT_BN + 4)
 
 static_assert(WT_BK % 4 == 0 && WT_TM % 4 == 0 && WT_TN % 4 == 0,
               "WT_BK, WT_TM and WT_TN must be multiples of 4");
@@ -339,7 +352,8 @@ static_assert(WT_WM % WT_WMITER == 0 && WT_WN % WT_WNITER == 0,
 static_assert(WT_WSUBM % WT_TM == 0 && WT_WSUBN % WT_TN == 0 && WT_LANES_M * WT_LANES_N == 32,
               "the 32 lanes must tile a WT_WSUBM × WT_WSUBN sub-tile with WT_TM × WT_TN tiles");
 
-static_assert(2 * WT_BK * (WT_STRIDE_A + WT_STRIDE_B) * sizeof(real_t) <= 48 * 1024,
+static_assert(2 * WT_BK * (gemm_smem_stride(WT_BM) + gemm_smem_stride(WT_BN)) * sizeof(real_t)
+                  <= 48 * 1024,
               "at most 48 KiB of static shared memory (double-buffered slices)");
 
 #define WT_ROWS (WT_WMITER * WT_TM)  // outputs per thread along M
@@ -365,62 +379,16 @@ __device__ __forceinline__ int wt_col_in_block(int j) {
     return warp_n * WT_WN + lane_n * 4 + wt_col_offset(j);
 }
 
-// acc[i][j] = Σ_p A(r0 + wt_row_in_block(i), p) B(c0 + wt_col_in_block(j), p).
-template <int LAYOUT_A, int LAYOUT_B>
-__device__ __forceinline__ void gemm_warptile(const real_t* __restrict__ a, long long lda,
-                                              int vec_a, const real_t* __restrict__ b,
-                                              long long ldb, int vec_b, int rows, int cols,
-                                              int inner, real_t acc[WT_ROWS][WT_COLS]) {
-    __shared__ __align__(16) real_t smem_a[2][WT_BK * WT_STRIDE_A];
-    __shared__ __align__(16) real_t smem_b[2][WT_BK * WT_STRIDE_B];
-    const int r0 = blockIdx.x * WT_BM, c0 = blockIdx.y * WT_BN;
-
-#pragma unroll
-    for (int i = 0; i < WT_ROWS; ++i)
-#pragma unroll
-        for (int j = 0; j < WT_COLS; ++j) acc[i][j] = (real_t)0;
-
-    real_t regs_a[GemmChunks<WT_BM, WT_BK, WT_THREADS>::per_thread][4];
-    real_t regs_b[GemmChunks<WT_BN, WT_BK, WT_THREADS>::per_thread][4];
-    gemm_fetch<LAYOUT_A, WT_BM, WT_BK, WT_THREADS>(a, lda, rows, inner, r0, 0, vec_a, regs_a);
-    gemm_fetch<LAYOUT_B, WT_BN, WT_BK, WT_THREADS>(b, ldb, cols, inner, c0, 0, vec_b, regs_b);
-    gemm_stash<LAYOUT_A, WT_BM, WT_BK, WT_THREADS>(smem_a[0], regs_a);
-    gemm_stash<LAYOUT_B, WT_BN, WT_BK, WT_THREADS>(smem_b[0], regs_b);
-    __syncthreads();
-
-    int buffer = 0;
-    for (int p0 = 0; p0 < inner; p0 += WT_BK) {
-        const bool more = p0 + WT_BK < inner;
-        if (more) {  // in flight while this slice is multiplied
-            gemm_fetch<LAYOUT_A, WT_BM, WT_BK, WT_THREADS>(a, lda, rows, inner, r0, p0 + WT_BK,
-                                                           vec_a, regs_a);
-            gemm_fetch<LAYOUT_B, WT_BN, WT_BK, WT_THREADS>(b, ldb, cols, inner, c0, p0 + WT_BK,
-                                                           vec_b, regs_b);
-        }
-        const real_t* sa = smem_a[buffer] + wt_row_in_block(0);
-        const real_t* sb = smem_b[buffer] + wt_col_in_block(0);
-#pragma unroll
-        for (int p = 0; p < WT_BK; ++p) {
-            real_t fa[WT_ROWS], fb[WT_COLS];
-#pragma unroll
-            for (int i = 0; i < WT_ROWS; i += 4)
-                gb_lds4(sa + p * WT_STRIDE_A + wt_row_offset(i), fa + i);
-#pragma unroll
-            for (int j = 0; j < WT_COLS; j += 4)
-                gb_lds4(sb + p * WT_STRIDE_B + wt_col_offset(j), fb + j);
-#pragma unroll
-            for (int i = 0; i < WT_ROWS; ++i)
-#pragma unroll
-                for (int j = 0; j < WT_COLS; ++j) acc[i][j] += fa[i] * fb[j];
-        }
-        if (more) {  // the other buffer was last read before the previous barrier
-            gemm_stash<LAYOUT_A, WT_BM, WT_BK, WT_THREADS>(smem_a[buffer ^ 1], regs_a);
-            gemm_stash<LAYOUT_B, WT_BN, WT_BK, WT_THREADS>(smem_b[buffer ^ 1], regs_b);
-        }
-        __syncthreads();
-        buffer ^= 1;
-    }
-}
+// The warp-tiled version's place in gemm_mainloop: acc[i][j] = Σ_p A(r0 + wt_row_in_block(i), p)
+// B(c0 + wt_col_in_block(j), p).
+struct WarpTiledShape {
+    static constexpr int BM = WT_BM, BN = WT_BN, BK = WT_BK, THREADS = WT_THREADS;
+    static constexpr int ROWS = WT_ROWS, COLS = WT_COLS;
+    __device__ static int row_base() { return wt_row_in_block(0); }
+    __device__ static int col_base() { return wt_col_in_block(0); }
+    __device__ static int row_offset(int i) { return wt_row_offset(i); }
+    __device__ static int col_offset(int j) { return wt_col_offset(j); }
+};
 
 // act_forward kept out of line: inlined into every one of a thread's WT_ROWS·WT_COLS outputs it
 // quadruples the warp-tiled kernels' compile time, for an epilogue that is a small part of the
@@ -476,7 +444,7 @@ dense_forward_warptiled(const real_t* __restrict__ x, const real_t* __restrict__
                         real_t* __restrict__ z, int M, int N, int K, int has_bias, int write_z,
                         int act_code, real_t alpha, int vec_x, int vec_w) {
     real_t acc[WT_ROWS][WT_COLS];
-    gemm_warptile<LAYOUT_INNER, LAYOUT_INNER>(x, K, vec_x, w, K, vec_w, M, N, K, acc);
+    gemm_mainloop<LAYOUT_INNER, LAYOUT_INNER, WarpTiledShape>(x, K, vec_x, w, K, vec_w, M, N, K, acc);
     const int vec = wt_vec_out(y, N) && (!write_z || wt_vec_out(z, N));
     const int r0 = blockIdx.x * WT_BM, c0 = blockIdx.y * WT_BN;
 #pragma unroll
@@ -508,7 +476,7 @@ dense_backward_data_warptiled(const real_t* __restrict__ delta, const real_t* __
                               real_t* __restrict__ dx, int M, int N, int K, int vec_delta,
                               int vec_w) {
     real_t acc[WT_ROWS][WT_COLS];
-    gemm_warptile<LAYOUT_INNER, LAYOUT_OUTER>(delta, N, vec_delta, w, K, vec_w, M, K, N, acc);
+    gemm_mainloop<LAYOUT_INNER, LAYOUT_OUTER, WarpTiledShape>(delta, N, vec_delta, w, K, vec_w, M, K, N, acc);
     wt_store(dx, M, K, acc);
 }
 
@@ -518,7 +486,7 @@ dense_backward_weight_warptiled(const real_t* __restrict__ delta, const real_t* 
                                 real_t* __restrict__ dw, int M, int N, int K, int vec_delta,
                                 int vec_x) {
     real_t acc[WT_ROWS][WT_COLS];
-    gemm_warptile<LAYOUT_OUTER, LAYOUT_OUTER>(delta, N, vec_delta, x, K, vec_x, N, K, M, acc);
+    gemm_mainloop<LAYOUT_OUTER, LAYOUT_OUTER, WarpTiledShape>(delta, N, vec_delta, x, K, vec_x, N, K, M, acc);
     wt_store(dw, N, K, acc);
 }
 
