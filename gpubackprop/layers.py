@@ -36,7 +36,8 @@ def init_weight(init: str, fan_in: int, fan_out: int, rng: np.random.Generator) 
     return rng.normal(0.0, math.sqrt(variance), size=shape)
 
 
-def _check_positive_int(name: str, value: Any) -> int:
+def check_positive_int(name: str, value: Any) -> int:
+    """``value`` as an int, or ValueError naming ``name`` unless it is an integer >= 1."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name}={value!r} is not accepted; expected an integer >= 1")
     return int(value)
@@ -74,8 +75,8 @@ class Dense(Layer):
     def __init__(
         self, in_features: int, out_features: int, bias: bool = True, init: str = "he_uniform"
     ):
-        self.in_features = _check_positive_int("in_features", in_features)
-        self.out_features = _check_positive_int("out_features", out_features)
+        self.in_features = check_positive_int("in_features", in_features)
+        self.out_features = check_positive_int("out_features", out_features)
         self.init = init
         self.weight = Parameter(
             "weight", init_weight(init, self.in_features, self.out_features, generator())

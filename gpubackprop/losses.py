@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from .backends import get_backend
-from .backends.base import REDUCTIONS
+from .backends.base import check_reduction
 
 
 def _backend_of(array):
@@ -44,10 +44,7 @@ class Loss:
     """Base class: subclasses implement ``_compute(backend, pred, target) -> (loss, grad)``."""
 
     def __init__(self, reduction: str = "mean"):
-        if reduction not in REDUCTIONS:
-            raise ValueError(
-                f"reduction={reduction!r} is not supported; expected one of {REDUCTIONS}"
-            )
+        check_reduction(reduction)
         self.reduction = reduction
         self.backend = None  # set by Sequential.fit, or with .to(); else inferred from pred
         self._grad = None

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from .callbacks import Callback, History
+from .layers import check_positive_int
 from .losses import (
     BCELoss,
     BCEWithLogitsLoss,
@@ -85,15 +86,9 @@ def _check_finite(value: float, where: str, optimizer) -> None:
         )
 
 
-def _check_positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name}={value!r} is not accepted; expected an integer >= 1")
-    return int(value)
-
-
 def evaluate(model, x, y, loss: Loss, batch_size: int = 1024) -> dict[str, float]:
     """Mean loss over all rows (batches weighted by size) and accuracy where defined."""
-    batch_size = _check_positive("batch_size", batch_size)
+    batch_size = check_positive_int("batch_size", batch_size)
     xd = model._input(x)
     if _rows(y) != xd.shape[0]:
         raise ValueError(f"y has {_rows(y)} rows but x has {xd.shape[0]}")
@@ -147,8 +142,8 @@ def run_fit(
     verbose: int,
     callbacks: list[Callback],
 ) -> History:
-    epochs = _check_positive("epochs", epochs)
-    batch_size = _check_positive("batch_size", batch_size)
+    epochs = check_positive_int("epochs", epochs)
+    batch_size = check_positive_int("batch_size", batch_size)
     if verbose not in (0, 1, 2):
         raise ValueError(f"verbose={verbose!r} is not accepted; expected 0, 1 or 2")
     if not isinstance(loss, Loss):

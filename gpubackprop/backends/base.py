@@ -25,6 +25,21 @@ SAVES_OUTPUT = frozenset({"relu", "sigmoid", "tanh"})
 ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
 REDUCTIONS = ("mean", "sum")
 
+
+def check_activation(activation: str) -> int:
+    """The activation's code (ACTIVATION_CODES); ValueError naming the valid ones otherwise."""
+    if activation not in ACTIVATION_CODES:
+        raise ValueError(
+            f"activation={activation!r} is not supported; expected one of {ACTIVATIONS}"
+        )
+    return ACTIVATION_CODES[activation]
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} is not supported; expected one of {REDUCTIONS}")
+
+
 Array = Any  # numpy.ndarray or cupy.ndarray
 
 

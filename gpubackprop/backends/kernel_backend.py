@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import ACTIVATION_CODES, ACTIVATIONS, REDUCTIONS, SAVES_OUTPUT, Backend
+from .base import SAVES_OUTPUT, Backend, check_activation, check_reduction
 from .seam import ElementwiseSpec
 
 __all__ = ["ELEMENTWISE_SPECS", "GEMM_VERSIONS", "KernelBackend"]
@@ -305,21 +305,6 @@ class KernelBackend(Backend):
             raise ValueError(f"{name}.shape={tuple(a.shape)} is not accepted; expected {shape}")
 
     @staticmethod
-    def _activation(activation: str) -> int:
-        if activation not in ACTIVATION_CODES:
-            raise ValueError(
-                f"activation={activation!r} is not supported; expected one of {ACTIVATIONS}"
-            )
-        return ACTIVATION_CODES[activation]
-
-    @staticmethod
-    def _reduction(reduction: str) -> None:
-        if reduction not in REDUCTIONS:
-            raise ValueError(
-                f"reduction={reduction!r} is not supported; expected one of {REDUCTIONS}"
-            )
-
-    @staticmethod
     def _vec_ok(a, leading: int) -> np.int32:
         """1 when 16-byte loads of 4 consecutive elements are aligned: base address a multiple
         of 16 and a leading dimension that is a multiple of 4."""
@@ -328,7 +313,7 @@ class KernelBackend(Backend):
     # -- dense layer ----------------------------------------------------------------------
     def dense_forward(self, x, weight, bias, activation, alpha=0.01):
         """z = x Wᵀ + b, y = f(z) in one GEMM launch (gemm.cu: dense_forward)."""
-        code = self._activation(activation)
+        code = check_activation(activation)
         x = self._float("x", x, ndim=2)
         dtype = x.dtype
         weight = self._float("weight", weight, dtype, ndim=2)
@@ -367,7 +352,7 @@ class KernelBackend(Backend):
     def dense_backward(self, dout, x, weight, saved, activation, alpha, dweight, dbias, need_dinp):
         """δ = dout ⊙ f'(saved) (elementwise), dW = δᵀx and dX = δW (gemm.cu), db = Σ_rows δ
         (reduce.cu: column_sum)."""
-        self._activation(activation)
+        check_activation(activation)
         dout = self._float("dout", dout, ndim=2)
         dtype = dout.dtype
         x = self._float("x", x, dtype, ndim=2)
@@ -471,7 +456,7 @@ class KernelBackend(Backend):
 
     # -- standalone activation ------------------------------------------------------------------
     def activation_forward(self, x, activation, alpha=0.01):
-        code = self._activation(activation)
+        code = check_activation(activation)
         x = self._float("x", x)
         if activation == "identity":
             return x, None
@@ -481,7 +466,7 @@ class KernelBackend(Backend):
         return y, (y if activation in SAVES_OUTPUT else x)
 
     def activation_backward(self, dout, saved, activation, alpha=0.01):
-        code = self._activation(activation)
+        code = check_activation(activation)
         dout = self._float("dout", dout)
         if activation == "identity":
             return dout
@@ -556,61 +541,43 @@ class KernelBackend(Backend):
         self._same_shape(second, b, tuple(a.shape))
         return a, b
 
+    def _elementwise_loss(self, kernel, first, a, second, b, reduction, grad_scale):
+        """The elementwise losses of loss.cu: ``kernel`` writes the gradient and per-block
+        partial sums, sum_finalize scales their total by 1/n ("mean") or 1 ("sum").
+        ``grad_scale(scale)`` is the kernel's gradient factor."""
+        check_reduction(reduction)
+        a, b = self._pair(first, a, second, b)
+        scale = 1.0 / a.size if reduction == "mean" and a.size else 1.0
+        grad = self.empty(a.shape, a.dtype)
+        scalars = (a.dtype.type(grad_scale(scale)),)
+        loss = self._sum("loss.cu", kernel, (a, b), a.size, scalars, grad, a.dtype, scale)
+        return loss, grad
+
     def mse_loss(self, pred, target, reduction):
         """L = Σ (ŷ − y)² [/ n];  ∂L/∂ŷ = 2(ŷ − y) [/ n]  (loss.cu: mse_forward_backward)."""
-        self._reduction(reduction)
-        pred, target = self._pair("pred", pred, "target", target)
-        scale = 1.0 / pred.size if reduction == "mean" and pred.size else 1.0
-        grad = self.empty(pred.shape, pred.dtype)
-        loss = self._sum(
-            "loss.cu",
-            "mse_forward_backward",
-            (pred, target),
-            pred.size,
-            (pred.dtype.type(2.0 * scale),),
-            grad,
-            pred.dtype,
-            scale,
+        return self._elementwise_loss(
+            "mse_forward_backward", "pred", pred, "target", target, reduction, lambda s: 2 * s
         )
-        return loss, grad
 
     def bce_with_logits(self, logits, target, reduction):
         """ℓ = max(z,0) − zy + log1p(e^(−|z|));  ∂ℓ/∂z = σ(z) − y
         (loss.cu: bce_with_logits_forward_backward)."""
-        self._reduction(reduction)
-        logits, target = self._pair("logits", logits, "target", target)
-        scale = 1.0 / logits.size if reduction == "mean" and logits.size else 1.0
-        grad = self.empty(logits.shape, logits.dtype)
-        loss = self._sum(
-            "loss.cu",
+        return self._elementwise_loss(
             "bce_with_logits_forward_backward",
-            (logits, target),
-            logits.size,
-            (logits.dtype.type(scale),),
-            grad,
-            logits.dtype,
-            scale,
+            "logits",
+            logits,
+            "target",
+            target,
+            reduction,
+            lambda s: s,
         )
-        return loss, grad
 
     def bce(self, probs, target, reduction):
         """ℓ = −(y max(log p, −100) + (1 − y) max(log(1 − p), −100));
         ∂ℓ/∂p = (p − y) / max(p(1 − p), 1e−12)  (loss.cu: bce_forward_backward)."""
-        self._reduction(reduction)
-        probs, target = self._pair("probs", probs, "target", target)
-        scale = 1.0 / probs.size if reduction == "mean" and probs.size else 1.0
-        grad = self.empty(probs.shape, probs.dtype)
-        loss = self._sum(
-            "loss.cu",
-            "bce_forward_backward",
-            (probs, target),
-            probs.size,
-            (probs.dtype.type(scale),),
-            grad,
-            probs.dtype,
-            scale,
+        return self._elementwise_loss(
+            "bce_forward_backward", "probs", probs, "target", target, reduction, lambda s: s
         )
-        return loss, grad
 
     def softmax_cross_entropy(self, logits, target):
         """Per row: lse(z)·Σp − Σ p z, gradient (softmax(z)·Σp − p)/N, one block per row

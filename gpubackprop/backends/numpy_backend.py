@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from .base import REDUCTIONS, SAVES_OUTPUT, Backend
+from .base import SAVES_OUTPUT, Backend, check_activation, check_reduction
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
@@ -59,7 +59,8 @@ def activation_value(name: str, z: np.ndarray, alpha: float) -> np.ndarray:
         return 0.5 * z * (1.0 + np.tanh(_SQRT_2_OVER_PI * (z + _GELU_TANH_C * z * z * z)))
     if name == "silu":  # z σ(z)
         return z * sigmoid(z)
-    raise _unknown_activation(name)
+    check_activation(name)  # raises: every valid name returned above
+    raise AssertionError(name)
 
 
 def activation_derivative(name: str, saved: np.ndarray, alpha: float) -> np.ndarray:
@@ -83,18 +84,8 @@ def activation_derivative(name: str, saved: np.ndarray, alpha: float) -> np.ndar
     if name == "silu":  # σ(z)(1 + z(1 − σ(z)))
         s = sigmoid(z)
         return s * (1.0 + z * (1.0 - s))
-    raise _unknown_activation(name)
-
-
-def _unknown_activation(name: str) -> ValueError:
-    from .base import ACTIVATIONS
-
-    return ValueError(f"activation={name!r} is not supported; expected one of {ACTIVATIONS}")
-
-
-def _check_reduction(reduction: str) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction={reduction!r} is not supported; expected one of {REDUCTIONS}")
+    check_activation(name)  # raises: every valid name returned above
+    raise AssertionError(name)
 
 
 class NumpyBackend(Backend):
@@ -159,7 +150,7 @@ class NumpyBackend(Backend):
     # -- losses ---------------------------------------------------------------------------
     def mse_loss(self, pred, target, reduction):
         """L = Σ (ŷ − y)² [/ n];  ∂L/∂ŷ = 2(ŷ − y) [/ n]."""
-        _check_reduction(reduction)
+        check_reduction(reduction)
         diff = pred - target
         scale = 1.0 / diff.size if reduction == "mean" else 1.0
         loss = np.asarray(np.sum(diff * diff) * scale, dtype=pred.dtype)
@@ -191,7 +182,7 @@ class NumpyBackend(Backend):
     def bce_with_logits(self, logits, target, reduction):
         """ℓ = max(z, 0) − z y + log(1 + e^(−|z|))  (= −y log σ(z) − (1 − y) log(1 − σ(z)),
         stable);  ∂ℓ/∂z = σ(z) − y."""
-        _check_reduction(reduction)
+        check_reduction(reduction)
         z = logits
         elementwise = np.maximum(z, 0) - z * target + np.log1p(np.exp(-np.abs(z)))
         scale = 1.0 / z.size if reduction == "mean" else 1.0
@@ -201,7 +192,7 @@ class NumpyBackend(Backend):
     def bce(self, probs, target, reduction):
         """ℓ = −(y max(log p, −100) + (1 − y) max(log(1 − p), −100))  (torch's clamp);
         ∂ℓ/∂p = (p − y) / max(p(1 − p), 1e−12)."""
-        _check_reduction(reduction)
+        check_reduction(reduction)
         p = probs
         with np.errstate(divide="ignore"):
             log_p = np.maximum(np.log(p), -100.0)
