@@ -130,7 +130,10 @@ class Sequential(Layer):
 
     def forward(self, x):
         """Run the plan; each step keeps what its backward needs."""
-        h = self._input(x)
+        return self.run_steps(self._input(x))
+
+    def run_steps(self, h):
+        """The plan on ``h``, already an array of this model's backend and dtype."""
         for step in self.steps:
             h = step.forward(h)
         return h
@@ -220,9 +223,7 @@ class Sequential(Layer):
         xd = self._input(x)
         outputs = []
         for start in range(0, xd.shape[0], batch_size):
-            h = xd[start : start + batch_size]
-            for step in self.steps:
-                h = step.forward(h)
+            h = self.run_steps(xd[start : start + batch_size])
             outputs.append(np.array(self.backend.to_numpy(h)))
         return np.concatenate(outputs, axis=0)
 

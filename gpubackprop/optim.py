@@ -118,9 +118,9 @@ class Optimizer:
         """{"type", "hyperparams", "step", "buffers": {"<buffer>.<param name>": np.ndarray}}."""
         buffers = {}
         if self._state:
-            segments = self._segments()
+            self._segments()  # raises if the parameters moved since the state was made
             for name in self.buffer_names:
-                for p, host in zip(self.params, self._per_parameter(name, segments)):
+                for p, host in zip(self.params, self._per_parameter(name)):
                     buffers[f"{name}.{p.name}"] = host
         return {
             "type": type(self).__name__,
@@ -129,7 +129,7 @@ class Optimizer:
             "buffers": buffers,
         }
 
-    def _per_parameter(self, name: str, segments) -> list[np.ndarray]:
+    def _per_parameter(self, name: str) -> list[np.ndarray]:
         arrays = [self.backend.to_numpy(a) for a in self._state[name]]
         if self._flat():
             offsets = self.params[0].store.offsets
@@ -173,13 +173,11 @@ class Optimizer:
         if step:
             self._buffers(segments)
             for name in self.buffer_names:
-                self._fill(
-                    name, segments, {p.name: buffers[f"{name}.{p.name}"] for p in self.params}
-                )
+                self._fill(name, {p.name: buffers[f"{name}.{p.name}"] for p in self.params})
         self.hyperparams = new_hyper
         self.step_count = step
 
-    def _fill(self, name: str, segments, per_param: dict[str, np.ndarray]) -> None:
+    def _fill(self, name: str, per_param: dict[str, np.ndarray]) -> None:
         store = self.params[0].store
         if self._flat():
             flat = np.zeros(store.size, dtype=store.dtype)

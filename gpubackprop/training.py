@@ -97,9 +97,7 @@ def evaluate(model, x, y, loss: Loss, batch_size: int = 1024) -> dict[str, float
     n = xd.shape[0]
     totals = _EpochTotals(isinstance(loss, ACCURACY_LOSSES))
     for start in range(0, n, batch_size):
-        h = xd[start : start + batch_size]
-        for step in model.steps:
-            h = step.forward(h)
+        h = model.run_steps(xd[start : start + batch_size])
         if start == 0 and isinstance(loss, SoftmaxCrossEntropyLoss) and yd.ndim == 1:
             check_label_range(model.backend, yd, h.shape[1])
         target = yd[start : start + batch_size]
