@@ -734,10 +734,7 @@ def _check_gemm_tiles(kind: str, tiles: dict[str, int]) -> None:
         problems.append("MICRO_M must divide TILE_M and MICRO_N must divide TILE_N")
     elif not 32 <= _gemm_threads(t) <= 1024:
         problems.append(f"{_gemm_threads(t)} threads per block; expected 32 to 1024")
-    itemsize = 4 if kind == "float" else 8
-    shared = 2 * t["TILE_K"] * (t["TILE_M"] + t["TILE_N"] + 8) * itemsize
-    if shared > 48 * 1024:
-        problems.append(f"{shared} bytes of static shared memory; at most 49152")
+    problems += _shared_memory_problem(kind, t["TILE_K"], t["TILE_M"], t["TILE_N"])
     if problems:
         raise ValueError(f"gemm_tiles[{kind!r}]={tiles} is not accepted: " + "; ".join(problems))
 
@@ -770,12 +767,17 @@ def _check_warptiled_tiles(kind: str, tiles: dict[str, int]) -> None:
                     f"WT_TM and WT_TN must divide the warp sub-tile {sub_m}x{sub_n} "
                     f"(WT_WMITER={wmiter})"
                 )
-    itemsize = 4 if kind == "float" else 8
-    shared = 2 * t["WT_BK"] * (t["WT_BM"] + t["WT_BN"] + 8) * itemsize
-    if shared > 48 * 1024:
-        problems.append(f"{shared} bytes of static shared memory; at most 49152")
+    problems += _shared_memory_problem(kind, t["WT_BK"], t["WT_BM"], t["WT_BN"])
     if problems:
         raise ValueError(f"gemm_tiles[{kind!r}]={tiles} is not accepted: " + "; ".join(problems))
+
+
+def _shared_memory_problem(kind: str, depth: int, block_rows: int, block_cols: int) -> list[str]:
+    """Both versions stage two depth × (rows + 4 padding) slices per operand (gemm.cu's
+    gemm_smem_stride); static shared memory is limited to 48 KiB."""
+    itemsize = 4 if kind == "float" else 8
+    shared = 2 * depth * (block_rows + block_cols + 8) * itemsize
+    return [f"{shared} bytes of static shared memory; at most 49152"] if shared > 48 * 1024 else []
 
 
 def _gemm_threads(tiles: dict[str, int]) -> int:
