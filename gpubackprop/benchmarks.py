@@ -1266,6 +1266,9 @@ class BenchConfig:
     seed: int = 0
     verbose: bool = True
     gemm_versions: bool = True  # also time the kernel backends' other GEMM versions (full mode)
+    # Called with the record so far after each row: a run cut short by a time limit keeps what
+    # it measured (the CLI's --json rewrites its file here; "complete" stays false until the end).
+    on_row: Callable[[dict[str, Any]], None] | None = None
 
 
 def _backend_plan(config: BenchConfig) -> tuple[list[tuple[str, Any]], list[dict[str, str]]]:
@@ -1457,6 +1460,7 @@ def run_benchmarks(config: BenchConfig) -> dict[str, Any]:
         "ceilings": {},
         "results": [],
         "skipped": [],
+        "complete": False,
     }
     plan, skipped = _backend_plan(config)
     record["skipped"].extend(skipped)
@@ -1495,9 +1499,12 @@ def run_benchmarks(config: BenchConfig) -> dict[str, Any]:
                 f"[{name}] {i + 1}/{len(cases)} {case.name} {_shape_text(case.shape)}: "
                 f"{row['status']} {_format_time(row['median_s'])}",
             )
+            if config.on_row is not None:
+                config.on_row(record)
         if device_class == "gpu":
             ctx.cupy.get_default_memory_pool().free_all_blocks()
     record["threads"] = {"numpy": numpy_threads(), "torch": torch_threads, "blas": _blas_info()}
+    record["complete"] = True
     return record
 
 
@@ -1824,6 +1831,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         torch_compile=args.torch_compile,
         verbose=not args.quiet,
         preset=getattr(args, "preset", None),
+        on_row=(lambda record: write_json(record, args.json)) if args.json else None,
     )
     try:
         record = run_benchmarks(config)

@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "NVRTC_OPTIONS",
     "KernelCompileError",
     "KernelSource",
     "compiled_keys",
     "elementwise_as_kernel_source",
+    "elementwise_label",
     "elementwise_preamble",
     "entry_points",
     "format_compile_error",
@@ -42,6 +44,11 @@ _ENTRY_POINT = re.compile(
 )
 _LOG_LOCATION = re.compile(r"^(?P<file>[^\s()]+)\((?P<line>\d+)\): (?P<kind>error|warning)")
 _DEFINE_NAME = re.compile(r"^[A-Za-z_]\w*$")
+
+# The options every kernel is compiled with, here and by CuPy (RawModule and ElementwiseKernel);
+# CuPy adds -arch and its include paths.  Stated explicitly because CuPy's default standard has
+# changed between releases (C++11, 14, 17) and a test compile must match a device compile.
+NVRTC_OPTIONS: tuple[str, ...] = ("--std=c++17",)
 
 # Source keys compiled in this process (by nvrtc_compile or a seam), for `gpubackprop info`.
 _compiled: dict[str, str] = {}
@@ -143,10 +150,14 @@ def entry_points(text: str) -> list[str]:
     return _ENTRY_POINT.findall(text)
 
 
-def format_compile_error(file: str, text: str, log: str, context: int = 2) -> str:
-    """A readable compile error: file, its kernels, the log, each error's source lines."""
+def format_compile_error(
+    file: str, text: str, log: str, context: int = 2, label: str | None = None
+) -> str:
+    """A readable compile error: what was compiled (``label``, default kernels/<file>), its
+    kernels, the log, and each error's source lines."""
     kernels = ", ".join(entry_points(text)) or "(no entry points found)"
-    parts = [f"CUDA compile of kernels/{file} failed (kernels: {kernels})", "", log.strip()]
+    what = label or f"kernels/{file}"
+    parts = [f"CUDA compile of {what} failed (kernels: {kernels})", "", log.strip()]
     shown: set[tuple[str, int]] = set()
     for raw in log.splitlines():
         match = _LOG_LOCATION.match(raw.strip())
@@ -168,14 +179,19 @@ def format_compile_error(file: str, text: str, log: str, context: int = 2) -> st
 
 
 def _source_lines(where: str, text: str) -> list[str]:
-    """Lines of the original file the log names (via #line), else of the compiled text."""
+    """Lines of the file the log names: a kernels/ file (named by #line), else the text after
+    ``#line 1 "<where>"`` (generated code, e.g. an ElementwiseKernel), else the whole text."""
     try:
         path = kernel_dir() / Path(where).name
         if path.is_file():
             return path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         pass
-    return text.splitlines()
+    lines = text.splitlines()
+    marker = f'#line 1 "{where}"'
+    if marker in lines:
+        return lines[lines.index(marker) + 1 :]
+    return lines
 
 
 def nvrtc_compile(
@@ -195,7 +211,7 @@ def nvrtc_compile(
         source = KernelSource("<string>.cu", source, hashlib.sha256(source.encode()).hexdigest())
     if not re.fullmatch(r"sm_\d+a?", arch):
         raise ValueError(f"arch={arch!r} is not accepted; expected 'sm_XX' such as 'sm_90'")
-    options = ["--std=c++17", f"-arch={arch}", *extra_options]
+    options = [*NVRTC_OPTIONS, f"-arch={arch}", *extra_options]
     if verbose:
         options.append("--ptxas-options=-v")
     program = nvrtc.createProgram(source.text, source.file, [], [])
@@ -301,7 +317,15 @@ def elementwise_preamble(spec: Any, dtype: Any) -> str:
     for name in spec.preamble_files:
         if name not in seen:
             parts.append(_inline(name, kernel_dir(), seen, None, 0))
+    # What follows is generated code (CuPy's kernel, or the emulator's wrapper): a compile
+    # error in the operation is then reported against it, not against the last header.
+    parts.append(f'#line 1 "{elementwise_label(spec)}"')
     return "\n".join(parts) + "\n"
+
+
+def elementwise_label(spec: Any) -> str:
+    """How compile errors name the generated code of an ElementwiseSpec."""
+    return f"{spec.name}.elementwise"
 
 
 def _parse_params(params: str, where: str) -> list[tuple[str, str]]:

@@ -52,6 +52,7 @@ def test_record_has_the_specified_schema(tiny_record):
         "skipped",
     ):
         assert key in record, key
+    assert record["complete"] is True
     assert record["versions"]["numpy"] == np.__version__
     assert record["devices"]["numpy"]["class"] == "cpu"
     ceilings = record["ceilings"]["numpy"]
@@ -257,3 +258,15 @@ def test_training_step_flop_count():
     macs = 784 * 1024 + 1024 * 1024 + 1024 * 10
     # forward + dW for every layer, dX for all but the first (no input gradient).
     assert sum(p.flops for p in parts) == 6 * batch * macs - 2 * batch * 784 * 1024
+
+
+def test_record_is_handed_out_after_every_row():
+    """--json rewrites its file after each row, so a run cut short keeps what it measured."""
+    seen = []
+
+    def on_row(record):
+        seen.append((len(record["results"]), record["complete"]))
+
+    record = bench.run_benchmarks(tiny_config(only=("relu",), on_row=on_row))
+    assert len(record["results"]) >= 2
+    assert seen == [(i, False) for i in range(1, len(record["results"]) + 1)]

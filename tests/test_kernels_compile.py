@@ -473,3 +473,125 @@ def test_warptiled_gemm_tiles_are_validated_up_front():
         backend(WT_BN=256, WT_WN=256, WT_WNITER=1, WT_BK=8)
     with pytest.raises(ValueError, match="bytes of static shared memory"):
         backend(WT_BK=32)
+
+
+def cupy_elementwise_source(spec, dtype) -> str:
+    """The source CuPy's ElementwiseKernel builds for ``spec`` on contiguous 1-D arrays of
+    ``dtype`` (cupy/_core/_kernel.pyx, _get_elementwise_kernel_code; CuPy's own headers are
+    prepended by compile_with_cache): ``typedef <c type> T;``, the preamble, array parameters
+    as ``CArray`` named ``_raw_<name>``, scalars as const parameters of their C type, and in the
+    loop a const reference to each input element and a reference to each output element."""
+    import cupy._core.core as cupy_core
+
+    ctype = kernels.real_type(dtype)
+    scalar_c = {"float64": "double", "float32": "float", "int32": "int", "int64": "long long"}
+    params, bindings = [], []
+    for is_input, text in ((True, spec.in_params), (False, spec.out_params)):
+        for item in text.split(","):
+            type_name, name = item.split()
+            const = "const " if is_input else ""
+            if type_name == "T":
+                params.append(f"{const}CArray<{ctype}, 1, true, true> _raw_{name}")
+                bindings.append(f"{const}T &{name} = _raw_{name}[_ind.get()];")
+            else:
+                params.append(f"{const}{scalar_c[type_name]} {name}")
+    params.append("CIndexer<1, true> _ind")
+    headers = "".join(f"#include <{h}>\n" for h in cupy_core._cupy_header_list)
+    body = "\n".join(bindings)
+    return (
+        f"{headers}typedef {ctype} T;\n{kernels.elementwise_preamble(spec, dtype)}"
+        f'extern "C" __global__ void {spec.name}({", ".join(params)}) {{\n'
+        f"  #pragma unroll 1\n  CUPY_FOR(i, _ind.size()) {{\n    _ind.set(i);\n"
+        f"    {body}\n    {spec.operation};\n  }}\n}}\n"
+    )
+
+
+def cupy_include_options() -> tuple[str, ...]:
+    """The options CuPy adds to ours (include paths of its headers and CUDA's)."""
+    import cupy._core.core as cupy_core
+
+    options = cupy_core.assemble_cupy_compiler_options(kernels.NVRTC_OPTIONS)
+    return tuple(option for option in options if option not in kernels.NVRTC_OPTIONS)
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("dtype", (np.float32, np.float64))
+@pytest.mark.parametrize("spec", ELEMENTWISE_SPECS, ids=lambda spec: spec.name)
+def test_elementwise_spec_compiles_as_cupy_builds_it(spec, dtype):
+    """The kernel CuPy generates, with CuPy's headers and include paths and the options the
+    seam passes: catches a name clash with CuPy's headers or a parameter CuPy would type
+    differently, which the emulator's wrapper (elementwise_as_kernel_source) cannot."""
+    text = cupy_elementwise_source(spec, dtype)
+    cubin, log = nvrtc_compile(text, "sm_90", cupy_include_options(), verbose=True)
+    assert cubin
+    assert spec.name in ptxas_report(log)
+
+
+def _nvrtc_log(text: str, options: tuple[str, ...] = ()) -> str:
+    with pytest.raises(KernelCompileError) as info:
+        nvrtc_compile(text, "sm_90", options)
+    return info.value.log
+
+
+@needs_nvrtc
+def test_cupy_elementwise_compile_error_points_at_the_operation():
+    """CuPy compiles an ElementwiseKernel at its first call; the seam turns CuPy's exception into
+    a KernelCompileError that names the spec and shows the operation's line, not a header's."""
+    import dataclasses
+    import types
+
+    from cupy.cuda.compiler import CompileException
+
+    from gpubackprop.backends.cupy_backend import _Elementwise
+
+    spec = dataclasses.replace(ELEMENTWISE_SPECS[0], operation="y = undefined_name;")
+    text = cupy_elementwise_source(spec, np.float32)
+    log = _nvrtc_log(text, cupy_include_options())
+
+    def failing_kernel(*args):
+        raise CompileException(log, text, spec.name, kernels.NVRTC_OPTIONS)
+
+    launcher = _Elementwise(failing_kernel, spec)
+    with pytest.raises(KernelCompileError) as info:
+        launcher(types.SimpleNamespace())
+    message = str(info.value)
+    assert f"ElementwiseKernel {spec.name}" in message
+    assert "activations.cuh" in message  # the preamble files are named
+    assert re.search(r">\s+\d+ \|\s+y = undefined_name;", message), message
+    assert info.value.file == f"{spec.name}.elementwise"
+
+
+@needs_nvrtc
+def test_cupy_seam_compile_error_names_file_and_line(tmp_path, monkeypatch):
+    """CupySeam.compile wraps CuPy's CompileException the way nvrtc_compile does (a stand-in
+    for cupy supplies RawModule and the current device; the log is NVRTC's own)."""
+    import types
+
+    from cupy.cuda.compiler import CompileException
+
+    from gpubackprop.backends.cupy_backend import CupySeam
+
+    monkeypatch.setattr(kernels, "kernel_dir", lambda: tmp_path)
+    (tmp_path / "broken.cu").write_text(
+        'extern "C" __global__ void broken_forward(float* out) {\n    out[0] = undefined_name;\n}\n'
+    )
+    source = load_source("broken.cu", {"REAL_T": "float"})
+    log = _nvrtc_log(source.text)
+
+    class RawModule:
+        def __init__(self, code, options):
+            assert options == kernels.NVRTC_OPTIONS
+            self.code = code
+
+        def compile(self):
+            raise CompileException(log, self.code, "broken", kernels.NVRTC_OPTIONS)
+
+    fake_cupy = types.SimpleNamespace(
+        RawModule=RawModule,
+        cuda=types.SimpleNamespace(Device=lambda: types.SimpleNamespace(id=0)),
+    )
+    with pytest.raises(KernelCompileError) as info:
+        CupySeam(fake_cupy).compile("broken.cu", {"REAL_T": "float"})
+    message = str(info.value)
+    assert "kernels/broken.cu" in message and "broken_forward" in message
+    assert re.search(r">\s+2 \|\s+out\[0\] = undefined_name;", message), message

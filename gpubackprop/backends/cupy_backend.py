@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 
 from ..kernels import (
+    NVRTC_OPTIONS,
     KernelCompileError,
+    elementwise_label,
     elementwise_preamble,
     format_compile_error,
     load_source,
@@ -26,8 +28,6 @@ from .kernel_backend import KernelBackend
 from .seam import ElementwiseSpec
 
 __all__ = ["CupyBackend", "CupySeam"]
-
-_OPTIONS = ("--std=c++17",)
 
 
 class _Module:
@@ -69,7 +69,7 @@ class CupySeam:
         if key not in self._modules:
             from cupy.cuda.compiler import CompileException
 
-            raw = self.cupy.RawModule(code=source.text, options=_OPTIONS)
+            raw = self.cupy.RawModule(code=source.text, options=NVRTC_OPTIONS)
             try:
                 raw.compile()
             except CompileException as error:
@@ -107,14 +107,40 @@ class CupySeam:
     def elementwise(self, spec: ElementwiseSpec, dtype: Any):
         key = (spec.name, np.dtype(dtype).str, self._device())
         if key not in self._elementwise:
-            self._elementwise[key] = self.cupy.ElementwiseKernel(
+            kernel = self.cupy.ElementwiseKernel(
                 spec.in_params,
                 spec.out_params,
                 spec.operation,
                 spec.name,
                 preamble=elementwise_preamble(spec, dtype),
+                options=NVRTC_OPTIONS,
             )
+            self._elementwise[key] = _Elementwise(kernel, spec)
         return self._elementwise[key]
+
+
+class _Elementwise:
+    """A cupy.ElementwiseKernel whose compile error (raised by CuPy at the first call, with the
+    code CuPy generated) becomes a KernelCompileError naming the spec and its source lines."""
+
+    def __init__(self, kernel: Any, spec: ElementwiseSpec) -> None:
+        self.kernel = kernel
+        self.spec = spec
+
+    def __call__(self, *args: Any) -> Any:
+        from cupy.cuda.compiler import CompileException
+
+        try:
+            return self.kernel(*args)
+        except CompileException as error:
+            log = error.get_message()
+            files = list(self.spec.preamble_files)
+            label = f"ElementwiseKernel {self.spec.name} (preamble {files})"
+            raise KernelCompileError(
+                format_compile_error(elementwise_label(self.spec), error.source, log, label=label),
+                elementwise_label(self.spec),
+                log,
+            ) from None
 
 
 class CupyBackend(KernelBackend):
