@@ -416,9 +416,12 @@ def _infer_task(y: np.ndarray, task: str | None, what: str) -> str:
 
 
 def _check_labels(y: np.ndarray, what: str) -> np.ndarray:
+    if y.ndim == 2 and y.shape[1] == 1:  # a column of labels, as many tools save them
+        y = y[:, 0]
     if y.ndim != 1:
         raise ValueError(
-            f"{what} has shape {y.shape}; classification labels must be 1-D class indices"
+            f"{what} has shape {y.shape}; classification labels must be class indices of "
+            "shape (N,) or (N, 1)"
         )
     if np.issubdtype(y.dtype, np.floating) and not np.all(np.isfinite(y) & (y == np.round(y))):
         raise ValueError(f"{what} holds non-integer values; class labels must be integers")

@@ -326,6 +326,22 @@ def test_load_npz_x_y_classification(tmp_path):
     assert data.load_dataset(f"npz:{path}").x_train.shape == (40, 6)
 
 
+def test_load_npz_accepts_a_column_of_labels_and_rejects_other_shapes(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((30, 5))
+    y = rng.integers(0, 3, 30)
+    np.savez(tmp_path / "column.npz", x=x, y=y[:, None])
+    np.savez(tmp_path / "flat.npz", x=x, y=y)
+    column = data.load_npz(tmp_path / "column.npz", seed=2)
+    flat = data.load_npz(tmp_path / "flat.npz", seed=2)
+    assert column.y_train.shape == (24,)
+    np.testing.assert_array_equal(column.y_train, flat.y_train)
+    np.testing.assert_array_equal(column.y_test, flat.y_test)
+    np.savez(tmp_path / "wide.npz", x=x, y=np.stack([y, y], axis=1))
+    with pytest.raises(ValueError, match=r"shape \(30, 2\).*\(N,\) or \(N, 1\)"):
+        data.load_npz(tmp_path / "wide.npz")
+
+
 def test_load_npz_custom_keys_regression_and_presplit(tmp_path):
     rng = np.random.default_rng(0)
     path = tmp_path / "r.npz"
