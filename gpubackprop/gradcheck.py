@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .arrays import to_host
 from .losses import Loss, MSELoss
 
 
@@ -64,8 +65,8 @@ def gradcheck(
     checked_model = Sequential.from_config(model.config()).to(backend, "float64")
     checked_model.load_state_dict(model.state_dict())
     back = checked_model.backend
-    x64 = np.array(x, dtype=np.float64)
-    y_host = np.asarray(y)
+    x64 = np.array(to_host(x), dtype=np.float64)
+    y_host = to_host(y)
     target = y_host if y_host.dtype.kind in "iu" else y_host.astype(np.float64)
     loss.backend = back
 

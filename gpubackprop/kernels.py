@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "CUPY_ADDED_OPTIONS",
     "NVRTC_OPTIONS",
     "KernelCompileError",
     "KernelSource",
@@ -49,6 +50,10 @@ _DEFINE_NAME = re.compile(r"^[A-Za-z_]\w*$")
 # CuPy adds -arch and its include paths.  Stated explicitly because CuPy's default standard has
 # changed between releases (C++11, 14, 17) and a test compile must match a device compile.
 NVRTC_OPTIONS: tuple[str, ...] = ("--std=c++17",)
+# CuPy adds these itself to every compile (cupy/cuda/compiler.py; passing them again is an
+# error).  nvrtc_compile adds them so that a CPU compile, and its ptxas report, is the GPU's:
+# -ftz=true flushes float32 denormals to zero on the device.
+CUPY_ADDED_OPTIONS: tuple[str, ...] = ("-ftz=true", "--device-as-default-execution-space")
 
 # Source keys compiled in this process (by nvrtc_compile or a seam), for `gpubackprop info`.
 _compiled: dict[str, str] = {}
@@ -201,7 +206,7 @@ def nvrtc_compile(
     *,
     verbose: bool = False,
 ) -> tuple[bytes, str]:
-    """Compile with NVRTC (no GPU needed); return (cubin, log).
+    """Compile with NVRTC (no GPU needed) and the options CuPy would use; return (cubin, log).
 
     ``verbose`` adds ``--ptxas-options=-v`` (registers, stack and spills per kernel in the log).
     Raises KernelCompileError naming the file and its kernels with the log and source lines."""
@@ -211,7 +216,7 @@ def nvrtc_compile(
         source = KernelSource("<string>.cu", source, hashlib.sha256(source.encode()).hexdigest())
     if not re.fullmatch(r"sm_\d+a?", arch):
         raise ValueError(f"arch={arch!r} is not accepted; expected 'sm_XX' such as 'sm_90'")
-    options = [*NVRTC_OPTIONS, f"-arch={arch}", *extra_options]
+    options = [*NVRTC_OPTIONS, *CUPY_ADDED_OPTIONS, f"-arch={arch}", *extra_options]
     if verbose:
         options.append("--ptxas-options=-v")
     program = nvrtc.createProgram(source.text, source.file, [], [])

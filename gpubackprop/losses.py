@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .arrays import dtype_of, shape_of
 from .backends import get_backend
 from .backends.base import check_reduction
 
@@ -19,12 +20,8 @@ def _backend_of(array):
     return default if default.xp is np else get_backend("numpy")
 
 
-def _shape(array) -> tuple[int, ...]:
-    return tuple(getattr(array, "shape", np.shape(array)))
-
-
 def _host_min_max(backend, array) -> tuple[float, float]:
-    if _shape(array) == () or np.prod(_shape(array)) == 0:
+    if shape_of(array) == () or np.prod(shape_of(array)) == 0:
         return 0.0, 0.0
     return float(backend.xp.min(array)), float(backend.xp.max(array))
 
@@ -56,8 +53,8 @@ class Loss:
 
     def forward(self, pred, target):
         backend = self.backend or _backend_of(pred)
-        if _shape(pred) and len(_shape(pred)) != 2:
-            raise ValueError(f"pred has shape {_shape(pred)}; expected (batch, features)")
+        if shape_of(pred) and len(shape_of(pred)) != 2:
+            raise ValueError(f"pred has shape {shape_of(pred)}; expected (batch, features)")
         target = self._prepare_target(backend, pred, target)
         loss, self._grad = self._compute(backend, pred, target)
         return loss
@@ -72,9 +69,9 @@ class Loss:
 
     def _prepare_target(self, backend, pred, target):
         target = backend.asarray(target, pred.dtype)
-        if _shape(target) != _shape(pred):
+        if shape_of(target) != shape_of(pred):
             raise ValueError(
-                f"target has shape {_shape(target)} but pred has {_shape(pred)}; "
+                f"target has shape {shape_of(target)} but pred has {shape_of(pred)}; "
                 f"{type(self).__name__} needs equal shapes"
             )
         return target
@@ -113,9 +110,9 @@ class SoftmaxCrossEntropyLoss(Loss):
         return "SoftmaxCrossEntropyLoss()"
 
     def _prepare_target(self, backend, pred, target):
-        n, classes = _shape(pred)
-        target_shape = _shape(target)
-        kind = np.dtype(getattr(target, "dtype", np.asarray(target).dtype)).kind
+        n, classes = shape_of(pred)
+        target_shape = shape_of(target)
+        kind = dtype_of(target).kind
         if len(target_shape) == 1 and kind in "iub":
             if target_shape[0] != n:
                 raise ValueError(f"target has {target_shape[0]} labels but pred has {n} rows")

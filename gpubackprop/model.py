@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from .arrays import dtype_of, shape_of, to_host
 from .backends import get_backend
 from .callbacks import Callback, History
 from .layers import Dense, Layer, Residual, build_steps, layer_from_config
@@ -113,7 +114,7 @@ class Sequential(Layer):
     # -- forward / backward ------------------------------------------------------------------
     def _input(self, x, name: str = "x"):
         self._ensure_placed()
-        shape = tuple(getattr(x, "shape", np.shape(x)))
+        shape = shape_of(x)
         if len(shape) != 2:
             raise ValueError(f"{name} has shape {shape}; expected (batch, features)")
         expected = self.in_features
@@ -123,7 +124,7 @@ class Sequential(Layer):
             )
         if shape[0] == 0:
             raise ValueError(f"{name} has no rows")
-        kind = np.dtype(getattr(x, "dtype", np.asarray(x).dtype)).kind
+        kind = dtype_of(x).kind
         if kind not in "fiub":
             raise ValueError(f"{name} has dtype {getattr(x, 'dtype', '?')}; expected numbers")
         return self.backend.asarray(x, self.dtype)
@@ -167,9 +168,7 @@ class Sequential(Layer):
             raise ValueError(f"state_dict mismatch: missing {missing}, unexpected {unexpected}")
         host = {}
         for name, p in params.items():
-            value = np.asarray(
-                state[name] if not hasattr(state[name], "get") else state[name].get()
-            )
+            value = to_host(state[name])
             if value.shape != p.shape:
                 raise ValueError(
                     f"state_dict[{name!r}] has shape {value.shape}; expected {p.shape}"

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from .arrays import shape_of, to_host
 from .parameters import Parameter
 
 
@@ -161,9 +162,9 @@ class Optimizer:
                 f"optimizer state buffers mismatch: missing {missing}, unexpected {extra}"
             )
         for key, p in expected.items():
-            if tuple(np.shape(buffers[key])) != p.shape:
+            if shape_of(buffers[key]) != p.shape:
                 raise ValueError(
-                    f"optimizer buffer {key!r} has shape {tuple(np.shape(buffers[key]))}; "
+                    f"optimizer buffer {key!r} has shape {shape_of(buffers[key])}; "
                     f"expected {p.shape}"
                 )
         new_hyper = dict(self.hyperparams)
@@ -182,7 +183,7 @@ class Optimizer:
         if self._flat():
             flat = np.zeros(store.size, dtype=store.dtype)
             for p, o in zip(self.params, store.offsets):
-                flat[o : o + p.size] = np.asarray(per_param[p.name]).ravel()
+                flat[o : o + p.size] = to_host(per_param[p.name]).ravel()
             self._state[name][0] = self.backend.asarray(flat, store.dtype)
         else:
             for i, p in enumerate(self.params):

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from .arrays import to_host
+
 # Each parameter starts on a 64-element boundary (256 bytes in float32), so that every
 # view is aligned for 16-byte vector loads like a fresh allocation would be.  The
 # padding holds zeros in data, grad and optimizer state, so it changes no result.
@@ -62,7 +64,7 @@ class FlatStore:
         self.size = max(offset, ALIGN_ELEMENTS)
         host = np.zeros(self.size, dtype=self.dtype)
         for parameter, start in zip(self.parameters, self.offsets):
-            host[start : start + parameter.size] = _to_host(parameter.data).ravel()
+            host[start : start + parameter.size] = to_host(parameter.data).ravel()
         self.data = backend.asarray(host, self.dtype)
         self.grad = backend.zeros((self.size,), self.dtype)
         for i, parameter in enumerate(self.parameters):
@@ -80,8 +82,3 @@ class FlatStore:
         return len(parameters) == len(self.parameters) and all(
             a is b for a, b in zip(parameters, self.parameters)
         )
-
-
-def _to_host(array) -> np.ndarray:
-    """NumPy copy of a NumPy or CuPy array (CuPy arrays have .get())."""
-    return array.get() if hasattr(array, "get") else np.asarray(array)

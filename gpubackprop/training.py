@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from .arrays import dtype_of, shape_of
 from .callbacks import Callback, History
 from .layers import check_positive_int
 from .losses import (
@@ -23,12 +24,12 @@ from .random import generator
 
 
 def _rows(a) -> int:
-    return int(getattr(a, "shape", np.shape(a))[0])
+    return shape_of(a)[0]
 
 
 def _targets_on(model, loss: Loss, y):
     """Targets on the model's backend: int64 labels for cross-entropy, else model dtype."""
-    kind = np.dtype(getattr(y, "dtype", np.asarray(y).dtype)).kind
+    kind = dtype_of(y).kind
     if isinstance(loss, SoftmaxCrossEntropyLoss) and kind in "iub":
         return model.backend.asarray(y, np.int64)
     return model.backend.asarray(y, model.dtype)

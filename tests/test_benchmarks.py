@@ -270,3 +270,35 @@ def test_record_is_handed_out_after_every_row():
     record = bench.run_benchmarks(tiny_config(only=("relu",), on_row=on_row))
     assert len(record["results"]) >= 2
     assert seen == [(i, False) for i in range(1, len(record["results"]) + 1)]
+
+
+def test_warm_up_never_lets_asynchronous_launches_pile_up():
+    """On a GPU a call only queues work; warm-up is bounded by host time, so it must wait for
+    each call or thousands would queue (seconds of device work for a large GEMM)."""
+
+    class QueueTimer:
+        """A stand-in for an asynchronous device: calls queue until sync or time()."""
+
+        def __init__(self):
+            self.queued, self.most_queued = 0, 0
+
+        def launch(self):
+            self.queued += 1
+            self.most_queued = max(self.most_queued, self.queued)
+
+        def sync(self):
+            self.queued = 0
+
+        def time(self, fn, calls):
+            for _ in range(calls):
+                fn()
+            self.sync()
+            return 1e-6
+
+    timer = QueueTimer()
+    settings = bench.TimingSettings(
+        warmup_calls=50, warmup_s=0.0, batch_s=0.0, min_rounds=2, max_rounds=2, budget_s=0.0
+    )
+    stats = bench.measure({"ours": bench.Impl(timer.launch, timer)}, settings)
+    assert stats["ours"].median_s == pytest.approx(1e-6)
+    assert timer.most_queued == 1

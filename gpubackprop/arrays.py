@@ -1,0 +1,33 @@
+"""Facts about an array of any backend, read without converting it.
+
+CuPy refuses implicit conversion (``np.asarray(cupy_array)`` raises TypeError: a hidden
+device-to-host copy is a bug).  Code that accepts NumPy arrays, CuPy arrays or nested lists
+reads shape and dtype through these helpers, and copies to the host only through ``to_host``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["dtype_of", "shape_of", "to_host"]
+
+
+def shape_of(array: Any) -> tuple[int, ...]:
+    """Shape of an array (its own attribute), or of a list or scalar as NumPy sees it."""
+    if hasattr(array, "shape"):
+        return tuple(array.shape)
+    return np.shape(array)
+
+
+def dtype_of(array: Any) -> np.dtype:
+    """dtype of an array (its own attribute), or the dtype NumPy would give a list or scalar."""
+    if hasattr(array, "dtype"):
+        return np.dtype(array.dtype)
+    return np.asarray(array).dtype
+
+
+def to_host(array: Any) -> np.ndarray:
+    """A NumPy array with the values of a NumPy or CuPy array (CuPy arrays copy via .get())."""
+    return array.get() if hasattr(array, "get") else np.asarray(array)
