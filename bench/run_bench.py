@@ -4,7 +4,7 @@
     python bench/run_bench.py --quick --json bench/latest.json
 
 Same options as ``gpubackprop bench`` (see bench/README.md); the harness itself is
-gpubackprop/benchmarks.py.
+the package gpubackprop/benchmarks/.
 """
 
 from __future__ import annotations

@@ -754,7 +754,9 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     add_arguments(parser)
 
 
-@subcommand("bench", "throughput benchmarks against cuBLAS and PyTorch", _bench_arguments)
+@subcommand(
+    "bench", "throughput benchmarks against cuBLAS, PyTorch and the floor", _bench_arguments
+)
 def bench(args: argparse.Namespace) -> int:
     from gpubackprop.benchmarks import run_from_args
 

@@ -11,6 +11,7 @@ import pytest
 
 from gpubackprop import benchmarks as bench
 from gpubackprop.backends import get_backend
+from gpubackprop.benchmarks import cases, cli, report, run
 
 ROW_KEYS = {
     "name",
@@ -83,7 +84,7 @@ def test_record_has_the_specified_schema(tiny_record):
         else:
             assert row["tflops"] is None
     # The record is plain JSON.
-    json.loads(json.dumps(bench._clean(record), default=bench._json_default))
+    json.loads(json.dumps(report.json_ready(record), default=report.json_default))
 
 
 def test_ratios_are_baseline_time_over_our_time(tiny_record):
@@ -235,8 +236,8 @@ def test_gpu_backend_without_a_gpu_is_skipped_with_a_reason(tmp_path):
 def test_add_arguments_and_backend_lists():
     parser = bench.add_arguments(argparse.ArgumentParser())
     args = parser.parse_args(["--quick", "--backend", "numpy,emu", "--backend", "cupy"])
-    assert args.quick and bench._split_backends(args.backend) == ["numpy", "emu", "cupy"]
-    assert bench._split_backends(None) is None
+    assert args.quick and cli.split_backends(args.backend) == ["numpy", "emu", "cupy"]
+    assert cli.split_backends(None) is None
 
 
 def test_memory_bound_inputs_are_rotated_past_the_cache():
@@ -244,17 +245,17 @@ def test_memory_bound_inputs_are_rotated_past_the_cache():
     big = bench.activation_case("relu", 4096, 4096, "forward", 4)
     gemm = bench.gemm_case(64, 64, 64, "forward", 4)
     cache = 1 << 20
-    copies = bench._copies_for(small, cache)
+    copies = run.copies_for(small, cache)
     assert copies * small.working_set >= 3 * cache
-    assert bench._copies_for(big, cache) == 1
-    assert bench._copies_for(gemm, cache) == 1
-    take = bench._cycle(["a", "b", "c"])
+    assert run.copies_for(big, cache) == 1
+    assert run.copies_for(gemm, cache) == 1
+    take = cases.cycle(["a", "b", "c"])
     assert [take() for _ in range(5)] == ["a", "b", "c", "a", "b"]
 
 
 def test_training_step_flop_count():
     sizes, batch = (784, 1024, 1024, 10), 256
-    parts = bench._train_parts(sizes, batch, 4)
+    parts = cases.train_parts(sizes, batch, 4)
     macs = 784 * 1024 + 1024 * 1024 + 1024 * 10
     # forward + dW for every layer, dX for all but the first (no input gradient).
     assert sum(p.flops for p in parts) == 6 * batch * macs - 2 * batch * 784 * 1024

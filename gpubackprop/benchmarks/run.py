@@ -1,0 +1,246 @@
+"""One benchmark run: for each backend, measure the ceilings, then check and time every row,
+with its floor and its ratios to the baselines, into the JSON record.
+"""
+
+from __future__ import annotations
+
+import datetime as _datetime
+import math
+import os
+import platform
+import sys
+from typing import Any
+
+import numpy as np
+
+from .cases import Case, Context, cases_for, max_rel_error
+from .ceilings import disable_cupy_tf32, measure_ceilings
+from .config import ENV_KEYS, RTOL, SCHEMA, SIZES, TIMING, BenchConfig, TimingSettings
+from .machine import blas_info, cpu_model, device_info, git_commit, library_versions, numpy_threads
+from .report import shape_text
+from .timing import Impl, format_time, measure, speed_ratio
+
+
+def _device_class(backend: Any) -> str:
+    return "gpu" if backend.name == "cupy" else "cpu"
+
+
+def _backend_plan(config: BenchConfig) -> tuple[list[tuple[str, Any]], list[dict[str, str]]]:
+    """[(name, backend)] to run and [{"backend", "reason"}] for those skipped."""
+    from ..backends import get_backend
+
+    names = list(config.backends) if config.backends else ["cupy", "numpy"]
+    plan, skipped = [], []
+    for name in names:
+        try:
+            plan.append((name, get_backend(name)))
+        except (RuntimeError, ValueError) as error:
+            skipped.append({"backend": name, "name": "*", "reason": str(error)})
+    return plan, skipped
+
+
+def _preset_for(backend: Any, config: BenchConfig) -> str:
+    if config.preset:
+        return config.preset
+    if backend.name == "emu":
+        return "emu"
+    base = _device_class(backend)
+    return f"{base}_quick" if config.quick else base
+
+
+def copies_for(case: Case, cache_bytes: int) -> int:
+    """Input copies cycled so that a memory-bound op's data comes from memory, not cache:
+    enough to cover three times the cache, at most 1024."""
+    if not case.memory_bound or case.working_set <= 0 or case.working_set >= 3 * cache_bytes:
+        return 1
+    return int(min(1024, math.ceil(3 * cache_bytes / case.working_set)))
+
+
+def _floor_seconds(case: Case, ceilings: dict[str, Any]) -> float | None:
+    peak = ceilings.get("gemm_tflops", 0) * 1e12
+    bandwidth = ceilings.get("copy_gbps", 0) * 1e9
+    if not peak or not bandwidth:
+        return None
+    return sum(max(p.flops / peak, p.bytes / bandwidth) for p in case.parts)
+
+
+def log_progress(config: BenchConfig, message: str) -> None:
+    if config.verbose:
+        print(message, file=sys.stderr, flush=True)
+
+
+def run_case(
+    case: Case, ctx: Context, settings: TimingSettings, ceilings: dict[str, Any]
+) -> dict[str, Any]:
+    """Build, check, then time one row.  Returns the row dict (see bench/README.md)."""
+    row: dict[str, Any] = {
+        "name": case.name,
+        "backend": ctx.backend.name,
+        "shape": case.shape,
+        "dtype": ctx.dtype.name,
+        "status": "ok",
+        "median_s": None,
+        "q1_s": None,
+        "q3_s": None,
+        "calls": 0,
+        "tflops": None,
+        "gbps": None,
+        "flops": case.flops,
+        "bytes": case.bytes,
+        "bound": "memory" if case.memory_bound else "compute",
+        "floor_s": _floor_seconds(case, ceilings),
+        "floor_fraction": None,
+        "max_rel_error": None,
+        "rtol": RTOL[ctx.dtype.name],
+        "input_copies": 1,
+        "vs": {},
+        "baselines": {},
+        "baselines_skipped": {},
+        "reason": "",
+    }
+    if row["floor_s"] is not None and case.parts:
+        # What limits the row at the ceilings: compute or memory (summed over parts).
+        peak, bandwidth = ceilings["gemm_tflops"] * 1e12, ceilings["copy_gbps"] * 1e9
+        compute = sum(p.flops / peak for p in case.parts)
+        memory = sum(p.bytes / bandwidth for p in case.parts)
+        row["bound"] = "compute" if compute >= memory else "memory"
+    try:
+        copies = copies_for(case, ceilings.get("cache_bytes", 32 << 20))
+        prepared = case.build(ctx, copies)
+        row["input_copies"] = prepared.copies
+        outputs, references = prepared.check()
+        error = max_rel_error([ctx.backend.to_numpy(o) for o in outputs], references)
+        row["max_rel_error"] = error
+        if not error <= row["rtol"]:
+            row["status"] = "failed"
+            row["reason"] = (
+                f"max relative error {error:.3g} exceeds {row['rtol']:g} against "
+                "the float64 NumPy reference; not timed"
+            )
+            return row
+        impls = {"ours": Impl(prepared.run, ctx.timer), **prepared.baselines}
+        failures: dict[str, str] = {}
+        stats = measure(impls, settings, failures)
+    except Exception as error:
+        row["status"] = "error"
+        row["reason"] = f"{type(error).__name__}: {str(error)[:500]}"
+        return row
+    ours = stats["ours"]
+    row.update(median_s=ours.median_s, q1_s=ours.q1_s, q3_s=ours.q3_s, calls=ours.calls)
+    row["gbps"] = case.bytes / ours.median_s / 1e9 if case.bytes else None
+    row["tflops"] = case.flops / ours.median_s / 1e12 if case.flops else None
+    if row["floor_s"] is not None:
+        row["floor_fraction"] = row["floor_s"] / ours.median_s
+    for name, stat in stats.items():
+        if name == "ours":
+            continue
+        row["baselines"][name] = {
+            "median_s": stat.median_s,
+            "q1_s": stat.q1_s,
+            "q3_s": stat.q3_s,
+            "calls": stat.calls,
+        }
+        row["vs"][name] = speed_ratio(stat.median_s, ours.median_s)
+    row["baselines_skipped"] = {**prepared.skipped, **failures}
+    return row
+
+
+def run_benchmarks(config: BenchConfig) -> dict[str, Any]:
+    """Run the benchmark and return the JSON record (see bench/README.md)."""
+    dtype = np.dtype(config.dtype)
+    if dtype.name not in RTOL:
+        raise ValueError(f"dtype={config.dtype!r} is not supported; expected one of {tuple(RTOL)}")
+    if config.torch_compile not in ("auto", "on", "off"):
+        raise ValueError(f"torch_compile={config.torch_compile!r}; expected auto, on or off")
+    os.environ.setdefault("CUPY_TF32", "0")  # before CuPy's first matmul reads it
+    if config.torch and "torch" not in sys.modules:
+        # Two threaded runtimes timed alternately in one process: OpenMP threads that spin
+        # after each parallel region take the cores from OpenBLAS's threads (and from anyone
+        # else on a shared machine).  libgomp reads this once, when torch loads.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    commit, dirty = git_commit()
+    record: dict[str, Any] = {
+        "schema": SCHEMA,
+        "timestamp": _datetime.datetime.now(_datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "settings": {
+            "quick": config.quick,
+            "dtype": dtype.name,
+            "only": list(config.only),
+            "torch_compile": config.torch_compile,
+            "preset": config.preset,
+            "seed": config.seed,
+        },
+        "host": {
+            "cpu": cpu_model(),
+            "cores": os.cpu_count(),
+            "platform": platform.platform(),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        },
+        "env": {key: os.environ.get(key) for key in ENV_KEYS},
+        "versions": library_versions(),
+        "threads": {},
+        "devices": {},
+        "ceilings": {},
+        "results": [],
+        "skipped": [],
+        "complete": False,
+    }
+    plan, skipped = _backend_plan(config)
+    record["skipped"].extend(skipped)
+    for entry in skipped:
+        log_progress(config, f"skipping backend {entry['backend']}: {entry['reason']}")
+    torch_threads = _set_torch_threads(config, record)
+    for name, backend in plan:
+        device_class = _device_class(backend)
+        if device_class == "gpu":
+            disable_cupy_tf32(backend.xp)
+        ctx = Context(backend, dtype, config, device_class)
+        preset = _preset_for(backend, config)
+        settings = TIMING[preset]
+        record["devices"][name] = device_info(ctx)
+        log_progress(config, f"[{name}] {record['devices'][name]['name']}: measuring ceilings")
+        try:
+            ceilings = measure_ceilings(ctx, settings)
+        except Exception as error:
+            ceilings = {"error": f"{type(error).__name__}: {error}"}
+        record["ceilings"][name] = ceilings
+        if ctx.torch is None:
+            record["skipped"].append(
+                {"backend": name, "name": "torch baselines", "reason": ctx.torch_reason}
+            )
+        versions = ()
+        if config.gemm_versions and not config.quick and hasattr(backend, "gemm_version"):
+            from ..backends.kernel_backend import GEMM_VERSIONS
+
+            versions = tuple(v for v in GEMM_VERSIONS if v != backend.gemm_version)
+        cases = cases_for(SIZES[preset], dtype.itemsize, config.only, versions)
+        for i, case in enumerate(cases):
+            row = run_case(case, ctx, settings, ceilings)
+            record["results"].append(row)
+            log_progress(
+                config,
+                f"[{name}] {i + 1}/{len(cases)} {case.name} {shape_text(case.shape)}: "
+                f"{row['status']} {format_time(row['median_s'])}",
+            )
+            if config.on_row is not None:
+                config.on_row(record)
+        if device_class == "gpu":
+            ctx.cupy.get_default_memory_pool().free_all_blocks()
+    record["threads"] = {"numpy": numpy_threads(), "torch": torch_threads, "blas": blas_info()}
+    record["complete"] = True
+    return record
+
+
+def _set_torch_threads(config: BenchConfig, record: dict[str, Any]) -> int | None:
+    """PyTorch on the CPU gets as many threads as NumPy's BLAS, so the comparison is fair."""
+    if not config.torch:
+        return None
+    try:
+        import torch
+    except Exception:
+        return None
+    threads = numpy_threads()
+    torch.set_num_threads(threads)
+    return torch.get_num_threads()
