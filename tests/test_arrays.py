@@ -2,8 +2,9 @@
 
 CuPy raises TypeError on ``np.asarray(cupy_array)``; code paths that receive a backend's arrays
 (fit's batches, evaluate's targets, state dicts from a GPU) must read shape and dtype from the
-array and copy to the host only through ``.get()``.  ``DeviceArray`` below refuses conversion
-the way CuPy does, so these paths are checked without a GPU.
+array and copy to the host only through ``.get()``.  The emulator's DeviceArray refuses
+conversion the way CuPy does, so these paths are checked without a GPU (test_device_arrays.py
+runs whole training loops with it on the emu backend).
 """
 
 from __future__ import annotations
@@ -14,27 +15,8 @@ import pytest
 import gpubackprop as gb
 from gpubackprop.arrays import dtype_of, shape_of, to_host
 from gpubackprop.backends.numpy_backend import NumpyBackend
+from gpubackprop.emulator.device_arrays import DeviceArray
 from gpubackprop.training import _targets_on
-
-
-class DeviceArray:
-    """An array on a pretend device: shape, dtype and .get() like a cupy.ndarray, and the same
-    refusal of implicit conversion."""
-
-    def __init__(self, values) -> None:
-        self._values = np.ascontiguousarray(values)
-        self.shape = self._values.shape
-        self.dtype = self._values.dtype
-        self.ndim = self._values.ndim
-
-    def get(self) -> np.ndarray:
-        return self._values.copy()
-
-    def __array__(self, *args, **kwargs):
-        raise TypeError("Implicit conversion to a NumPy array is not allowed (DeviceArray)")
-
-    def __len__(self) -> int:
-        return len(self._values)
 
 
 class DeviceBackend(NumpyBackend):
@@ -51,7 +33,7 @@ def rng():
 
 def test_the_stand_in_refuses_implicit_conversion():
     with pytest.raises(TypeError, match="Implicit conversion"):
-        np.asarray(DeviceArray([1.0, 2.0]))
+        np.asarray(DeviceArray(np.array([1.0, 2.0])))
 
 
 def test_helpers_read_without_converting(rng):

@@ -1,8 +1,10 @@
 """Layer 4 of the test plan: every kernel backend against the NumPy float64 reference.
 
-"emu" runs in every CI run (the CUDA sources on the CPU emulator); "cupy" runs where a
-GPU is present (marker ``gpu``).  Each is skipped, with the reason, where unusable."""
+"emu" runs in every CI run (the CUDA sources on the CPU emulator), and again as
+"emu-device-arrays", whose arrays follow CuPy's rules (no implicit conversion to NumPy); "cupy"
+runs where a GPU is present (marker ``gpu``).  Each is skipped, with the reason, where unusable."""
 
+import functools
 import os
 
 import numpy as np
@@ -14,6 +16,7 @@ from gpubackprop.parity import MODEL_LOSSES, model_rows, op_cases, run_case
 
 KERNEL_BACKENDS = [
     pytest.param("emu", id="emu"),
+    pytest.param("emu-device-arrays", id="emu-device-arrays"),
     pytest.param("cupy", id="cupy", marks=pytest.mark.gpu),
 ]
 CASES = op_cases(seed=2024)
@@ -22,6 +25,11 @@ CASES = op_cases(seed=2024)
 @pytest.fixture
 def kernel_backend(request, monkeypatch):
     name = request.param
+    if name == "emu-device-arrays":
+        ok, reason = available_backends()["emu"]
+        if not ok:
+            pytest.skip(f"backend 'emu' is unavailable here: {reason}")
+        return _emu_with_device_arrays()
     ok, reason = available_backends()[name]
     if not ok and name == "cupy" and os.environ.get("GPUBACKPROP_REQUIRE_GPU"):
         pytest.fail(f"GPUBACKPROP_REQUIRE_GPU is set but cupy is unavailable: {reason}")
@@ -40,6 +48,13 @@ def kernel_backend(request, monkeypatch):
 
         monkeypatch.setattr(backend.seam, "empty", poisoned_empty)
     return backend
+
+
+@functools.cache
+def _emu_with_device_arrays():
+    from gpubackprop.backends.emu_backend import EmuBackend
+
+    return EmuBackend(device_arrays=True)
 
 
 def _assert_rows(rows):

@@ -32,7 +32,9 @@ def _build(name: str) -> Backend:
     if name == "emu":
         from .emu_backend import EmuBackend
 
-        return EmuBackend()
+        # CuPy's rules for arrays (no implicit conversion to NumPy) on the CPU, for testing code
+        # that will run on a GPU; read once, when the backend is first built.
+        return EmuBackend(device_arrays=os.environ.get("GPUBACKPROP_EMU_DEVICE_ARRAYS") == "1")
     raise AssertionError(name)
 
 

@@ -5,7 +5,8 @@ fiber per CUDA thread, blocks one after another, with checks a GPU does not give
 types, out-of-bounds writes, unwritten outputs, divergent barriers.  What a GPU stops with an
 error (a fault in kernel code, a misaligned float4/double2 access, a fiber stack overflow)
 raises EmuLaunchError; the process survives and the next launch works.  Slow (a 129³ tiled
-SGEMM takes ~15 ms) but it runs every kernel on every CI machine.
+SGEMM takes ~15 ms) but it runs every kernel on every CI machine.  With device_arrays=True
+(GPUBACKPROP_EMU_DEVICE_ARRAYS=1) its arrays refuse implicit conversion to NumPy as CuPy's do.
 
 The constructor never raises: without a C++ compiler the backend is ``available = False``
 with the reason.
@@ -27,8 +28,14 @@ class EmuBackend(KernelBackend):
 
     name = "emu"
 
-    def __init__(self, gemm_version: str = "tiled", shuffle_seed: int | None = None) -> None:
-        super().__init__(EmuSeam(shuffle_seed), gemm_version=gemm_version)
+    def __init__(
+        self,
+        gemm_version: str = "tiled",
+        shuffle_seed: int | None = None,
+        device_arrays: bool = False,
+    ) -> None:
+        """``device_arrays``: hand out arrays with CuPy's rules (emulator/device_arrays.py)."""
+        super().__init__(EmuSeam(shuffle_seed, device_arrays), gemm_version=gemm_version)
         self.available = False
         self.reason = ""
         self._compiler = find_compiler()

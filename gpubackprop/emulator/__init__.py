@@ -12,6 +12,8 @@ Environment variables:
   x86-64 assembly one.
 - GPUBACKPROP_EMU_STACK_KIB=<KiB> the stack of each emulated thread (default 256); a kernel
   that needs more is stopped with "fiber stack overflow".
+- GPUBACKPROP_EMU_DEVICE_ARRAYS=1 the emu backend's arrays follow CuPy's rules: no implicit
+  conversion to NumPy, no mixing with NumPy arrays (device_arrays.py).
 - GPUBACKPROP_EMU_CXX / CXX       the compiler (default g++).
 - GPUBACKPROP_CACHE_DIR / XDG_CACHE_HOME  where compiled libraries are cached (…/emu).
 """

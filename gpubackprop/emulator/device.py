@@ -4,6 +4,10 @@ Arrays are NumPy arrays; ``compile`` builds a kernels/ source with g++ (cached o
 ``launch`` runs a kernel with the checks of launch.py, ``empty`` poisons its memory, and an
 ElementwiseSpec becomes the same body in a one-thread grid-stride kernel over the same device
 functions (kernels.elementwise_as_kernel_source), run by the same launcher and checks.
+
+With ``device_arrays=True`` the seam's arrays are DeviceArrays (device_arrays.py), which refuse
+implicit conversion to NumPy as CuPy's arrays do, and a launch refuses NumPy arrays as CuPy's
+kernels do.
 """
 
 from __future__ import annotations
@@ -14,20 +18,22 @@ from typing import Any
 import numpy as np
 
 from . import compiler
+from .device_arrays import DeviceArray, device_xp
 from .launch import EmuModule, launch, poison_fill
 
 __all__ = ["EmuSeam"]
 
 
 class EmuSeam:
-    """DeviceSeam for the emulator (name "emu", xp = numpy)."""
+    """DeviceSeam for the emulator (name "emu"; xp is numpy, or device_xp with device_arrays)."""
 
     name = "emu"
-    xp = np
 
-    def __init__(self, shuffle_seed: int | None = None) -> None:
+    def __init__(self, shuffle_seed: int | None = None, device_arrays: bool = False) -> None:
         # None: read GPUBACKPROP_EMU_SHUFFLE at each launch.
         self.shuffle_seed = shuffle_seed
+        self.device_arrays = device_arrays
+        self.xp = device_xp if device_arrays else np
         self._modules: dict[str, EmuModule] = {}
         self._elementwise: dict[tuple[str, str], Any] = {}
 
@@ -59,13 +65,28 @@ class EmuSeam:
         args: tuple[Any, ...],
         shared_mem: int = 0,
     ) -> None:
-        launch(module, kernel, grid, block, tuple(args), shared_mem, self.shuffle_seed)
+        args = self.host_arguments(args, f"kernel {kernel!r}")
+        launch(module, kernel, grid, block, args, shared_mem, self.shuffle_seed)
 
-    def empty(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-        """np.empty filled with the poison pattern (a signalling NaN with payload 0xA5...)."""
-        array = np.empty(shape, dtype=dtype)
-        poison_fill(array)
-        return array
+    def host_arguments(self, args: tuple[Any, ...], where: str) -> tuple[Any, ...]:
+        """The NumPy memory behind each DeviceArray argument.  With device arrays a NumPy array
+        is refused, as CuPy refuses host memory in a kernel launch."""
+        if not self.device_arrays:
+            return tuple(args)
+        host = []
+        for value in args:
+            if isinstance(value, np.ndarray):
+                raise TypeError(
+                    f"{where}: argument {len(host)} is a numpy.ndarray {value.shape}; a kernel "
+                    "takes device arrays (backend.asarray copies host data to the device)"
+                )
+            host.append(value._host if isinstance(value, DeviceArray) else value)
+        return tuple(host)
+
+    def empty(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        """An array filled with the poison pattern (a signalling NaN with payload 0xA5...)."""
+        array = poisoned_empty(shape, dtype)
+        return DeviceArray(array) if self.device_arrays else array
 
     # -- elementwise ----------------------------------------------------------------------------
     def elementwise(self, spec: Any, dtype: Any):
@@ -92,8 +113,9 @@ class _Elementwise:
         self.params = self.kernel.params[:-1]  # the last is `long long n`
         self.n_outputs = len([p for p in spec.out_params.split(",") if p.strip()])
 
-    def __call__(self, *args: Any) -> Any:
+    def __call__(self, *device_args: Any) -> Any:
         name = self.spec.name
+        args = self.seam.host_arguments(device_args, f"elementwise {name!r}")
         n_inputs = len(self.params) - self.n_outputs
         if len(args) not in (n_inputs, len(self.params)):
             raise TypeError(
@@ -123,7 +145,7 @@ class _Elementwise:
                 )
         full = list(args)
         if len(args) == n_inputs:
-            full += [self.seam.empty(shape, self.dtype) for _ in range(self.n_outputs)]
+            full += [poisoned_empty(shape, self.dtype) for _ in range(self.n_outputs)]
         call = []
         for index, (value, param) in enumerate(zip(full, self.params, strict=True)):
             if param.pointer:
@@ -133,8 +155,13 @@ class _Elementwise:
             else:
                 call.append(_scalar(name, param, value))
         call.append(np.int64(size or 0))
-        self.seam.launch(self.module, name, (1, 1, 1), (1, 1, 1), tuple(call))
-        outputs = full[n_inputs:]
+        launch(self.module, name, (1, 1, 1), (1, 1, 1), tuple(call), 0, self.seam.shuffle_seed)
+        if len(device_args) > n_inputs:
+            outputs = list(device_args[n_inputs:])
+        elif self.seam.device_arrays:
+            outputs = [DeviceArray(a) for a in full[n_inputs:]]
+        else:
+            outputs = full[n_inputs:]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
@@ -161,3 +188,10 @@ def _scalar(name: str, param: Any, value: Any) -> Any:
     raise TypeError(
         f"elementwise {name!r}: scalar {param.name!r} ({param.c_type}) got {type(value).__name__}"
     )
+
+
+def poisoned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """np.empty filled with the poison pattern, so that an element no kernel wrote is caught."""
+    array = np.empty(shape, dtype=dtype)
+    poison_fill(array)
+    return array

@@ -1,0 +1,194 @@
+"""Emulated device arrays: host memory that behaves like ``cupy.ndarray`` where it matters.
+
+With ``GPUBACKPROP_EMU_DEVICE_ARRAYS=1`` (or ``EmuBackend(device_arrays=True)``) the emu
+backend hands out DeviceArray instead of NumPy arrays, so that code which would break on a GPU
+breaks on the CPU first:
+
+- no implicit conversion: ``np.asarray(a)`` raises TypeError, as CuPy does; ``a.get()`` (or
+  ``backend.to_numpy(a)``) copies to the host;
+- no mixing: a NumPy function or operator given a DeviceArray and a NumPy array raises
+  TypeError, as CuPy does (scalars are fine);
+- reductions return 0-d arrays, not Python or NumPy scalars (``float(a)`` works, as in CuPy);
+- ``a.data.ptr`` is the address of the first element and ``a.device.id`` is 0.
+
+Everything else (``np.sum(a)``, ``a @ b``, ``a[1:]``, ``a.astype``) runs NumPy on the host
+memory, through NumPy's ``__array_function__`` and ``__array_ufunc__`` protocols, the ones CuPy
+implements too.  The module-like ``device_xp`` plays ``cupy``: ``device_xp.asarray(host)`` is
+the explicit host-to-device copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+from numpy.lib.mixins import NDArrayOperatorsMixin
+
+__all__ = ["DeviceArray", "device_xp"]
+
+_DEVICE = SimpleNamespace(id=0)
+
+
+class DeviceArray(NDArrayOperatorsMixin):
+    """A NumPy array behind the rules of a CuPy array (see the module docstring)."""
+
+    __slots__ = ("_host",)
+
+    def __init__(self, host: np.ndarray) -> None:
+        if not isinstance(host, np.ndarray):
+            raise TypeError(f"DeviceArray wraps a numpy.ndarray, got {type(host).__name__}")
+        self._host = host
+
+    # -- what CuPy refuses, and what it offers instead ----------------------------------------
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        raise TypeError(
+            "Implicit conversion to a NumPy array is not allowed: this array lives on the "
+            "(emulated) device, like a cupy.ndarray; copy it with .get() or backend.to_numpy()"
+        )
+
+    def get(self) -> np.ndarray:
+        """A NumPy copy (cupy.ndarray.get)."""
+        return self._host.copy()
+
+    @property
+    def data(self) -> SimpleNamespace:
+        return SimpleNamespace(ptr=self._host.ctypes.data)
+
+    @property
+    def device(self) -> SimpleNamespace:
+        return _DEVICE
+
+    # -- attributes and conversions CuPy has ----------------------------------------------------
+    shape = property(lambda self: self._host.shape)
+    dtype = property(lambda self: self._host.dtype)
+    ndim = property(lambda self: self._host.ndim)
+    size = property(lambda self: self._host.size)
+    strides = property(lambda self: self._host.strides)
+    flags = property(lambda self: self._host.flags)
+    itemsize = property(lambda self: self._host.itemsize)
+    nbytes = property(lambda self: self._host.nbytes)
+    T = property(lambda self: DeviceArray(self._host.T))
+
+    def __len__(self) -> int:
+        return len(self._host)
+
+    def __float__(self) -> float:
+        return float(self._host)
+
+    def __int__(self) -> int:
+        return int(self._host)
+
+    def __bool__(self) -> bool:
+        return bool(self._host)
+
+    def __iter__(self):
+        return (_to_device(row) for row in self._host)
+
+    def __repr__(self) -> str:
+        return f"DeviceArray({self._host!r})"
+
+    def __getitem__(self, key: Any) -> Any:
+        return _to_device(self._host[_to_host_args(key, "indexing")])
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        # cupy allows a NumPy value here (an explicit host-to-device copy of the right side).
+        self._host[_to_host_args(key, "indexing")] = (
+            value._host if isinstance(value, DeviceArray) else value
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        # Methods (astype, reshape, sum, argmax, ...) run on the host memory; dunder lookups
+        # (__array_interface__, __array_struct__, buffer) must fail, or NumPy would convert.
+        if name.startswith("__"):
+            raise AttributeError(name)
+        attribute = getattr(self._host, name)
+        if not callable(attribute):
+            return _to_device(attribute)
+        return _on_device(attribute, f"DeviceArray.{name}")
+
+    # -- NumPy's dispatch protocols -------------------------------------------------------------
+    def __array_ufunc__(self, ufunc: np.ufunc, method: str, *inputs: Any, **kwargs: Any) -> Any:
+        where = f"numpy.{ufunc.__name__}"
+        out = kwargs.pop("out", None)
+        inputs, kwargs = _to_host_args(inputs, where), _to_host_args(kwargs, where)
+        if out is not None:
+            kwargs["out"] = _to_host_args(out, where)
+        result = getattr(ufunc, method)(*inputs, **kwargs)
+        if out is not None:
+            return out[0] if len(out) == 1 else out
+        return _to_device(result)
+
+    def __array_function__(self, func: Callable, types: Any, args: Any, kwargs: Any) -> Any:
+        where = f"numpy.{func.__name__}"
+        return _to_device(func(*_to_host_args(args, where), **_to_host_args(kwargs, where)))
+
+
+def _to_host_args(value: Any, where: str) -> Any:
+    """DeviceArrays unwrapped to their host memory, through tuples, lists and dicts; a NumPy
+    array among them is refused, as CuPy refuses to mix host and device arrays."""
+    if isinstance(value, DeviceArray):
+        return value._host
+    if isinstance(value, np.ndarray):
+        raise TypeError(
+            f"{where} got a numpy.ndarray {value.shape} beside device arrays; copy it to the "
+            "device first (backend.asarray), as CuPy requires"
+        )
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_host_args(v, where) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_host_args(v, where) for k, v in value.items()}
+    return value
+
+
+def _to_device(value: Any) -> Any:
+    """Arrays and NumPy scalars become DeviceArrays (a reduction gives a 0-d array, as in
+    CuPy); tuples and lists are converted element by element; anything else is returned."""
+    if isinstance(value, np.ndarray):
+        return DeviceArray(value)
+    if isinstance(value, np.generic):
+        return DeviceArray(np.asarray(value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(v) for v in value)
+    return value
+
+
+def _on_device(function: Callable, where: str) -> Callable:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return _to_device(function(*_to_host_args(args, where), **_to_host_args(kwargs, where)))
+
+    call.__name__ = getattr(function, "__name__", where)
+    return call
+
+
+class _DeviceNamespace:
+    """``cupy`` for DeviceArrays: NumPy's functions, taking and returning device arrays."""
+
+    __name__ = "gpubackprop.emulator.device_arrays.device_xp"
+    ndarray = DeviceArray
+
+    @staticmethod
+    def asarray(a: Any, dtype: Any = None) -> DeviceArray:
+        """A device array: ``a`` itself (cast if ``dtype`` differs) or a copy of host data."""
+        if isinstance(a, DeviceArray):
+            return a if dtype is None or np.dtype(dtype) == a.dtype else a.astype(dtype)
+        return DeviceArray(np.array(a, dtype=dtype))
+
+    @staticmethod
+    def ascontiguousarray(a: Any, dtype: Any = None) -> DeviceArray:
+        host = a._host if isinstance(a, DeviceArray) else np.array(a, dtype=dtype)
+        return DeviceArray(np.ascontiguousarray(host, dtype=dtype))
+
+    @staticmethod
+    def asnumpy(a: Any) -> np.ndarray:
+        return a.get() if isinstance(a, DeviceArray) else np.asarray(a)
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(np, name)
+        if callable(attribute) and not isinstance(attribute, type):
+            return _on_device(attribute, f"device_xp.{name}")
+        return attribute
+
+
+device_xp = _DeviceNamespace()
