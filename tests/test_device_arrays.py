@@ -174,7 +174,7 @@ def test_regression_and_binary_losses_on_device_arrays(device_backend, loss):
 @needs_emu
 def test_gradcheck_and_benchmark_step_on_device_arrays(device_backend):
     from gpubackprop.benchmarks import BenchConfig, TimingSettings
-    from gpubackprop.benchmarks.cases import Context, train_case
+    from gpubackprop.benchmarks.cases import Context, gemm_case, train_case
     from gpubackprop.benchmarks.run import run_case
 
     model = gb.Sequential(gb.Dense(3, 5), gb.SiLU(), gb.Dense(5, 2))
@@ -186,5 +186,25 @@ def test_gradcheck_and_benchmark_step_on_device_arrays(device_backend):
     settings = TimingSettings(
         warmup_calls=1, warmup_s=0.0, batch_s=0.0, min_rounds=2, max_rounds=2, budget_s=0.0
     )
-    row = run_case(train_case((12, 16, 5), 8, 4), ctx, settings, {"copy_gbps": 1, "gemm_tflops": 1})
+    ceilings = {"copy_gbps": 1, "gemm_tflops": 1}
+    row = run_case(train_case((12, 16, 5), 8, 4), ctx, settings, ceilings)
     assert row["status"] == "ok", row
+    # The benchmark's other GEMM versions run on a sibling backend that takes the same arrays.
+    for version in ("warptiled", "naive"):
+        row = run_case(gemm_case(33, 17, 9, "dX+dW", 4, version), ctx, settings, ceilings)
+        assert row["status"] == "ok" and row["name"].endswith(f"@{version}"), row
+
+
+@needs_emu
+def test_with_gemm_version_shares_the_seam(device_backend):
+    sibling = device_backend.with_gemm_version("warptiled")
+    assert sibling.seam is device_backend.seam and sibling.gemm_version == "warptiled"
+    assert device_backend.gemm_version == "tiled" and sibling.available
+    rng = np.random.default_rng(8)
+    x = device_backend.asarray(rng.standard_normal((33, 9)), np.float32)
+    w = device_backend.asarray(rng.standard_normal((17, 9)), np.float32)
+    ours, _ = device_backend.dense_forward(x, w, None, "identity")
+    theirs, _ = sibling.dense_forward(x, w, None, "identity")
+    np.testing.assert_allclose(ours.get(), theirs.get(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="gemm_version='fast'"):
+        device_backend.with_gemm_version("fast")

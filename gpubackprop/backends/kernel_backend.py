@@ -13,6 +13,7 @@ parameter type.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -207,6 +208,15 @@ class KernelBackend(Backend):
             _check_gemm_tiles(kind, tiles)
         self._modules: dict[tuple, Any] = {}
         self._elementwise: dict[tuple, Any] = {}
+
+    def with_gemm_version(self, gemm_version: str, gemm_tiles: dict | None = None):
+        """This backend launching another GEMM version: the same seam (device, kind of array,
+        compiled modules), so it takes this backend's arrays.  For benchmarks and sweeps."""
+        sibling = copy.copy(self)
+        KernelBackend.__init__(sibling, self.seam, gemm_version, gemm_tiles)
+        sibling.available, sibling.reason = self.available, self.reason
+        sibling._modules, sibling._elementwise = self._modules, self._elementwise
+        return sibling
 
     # -- arrays -------------------------------------------------------------------------
     def asarray(self, x, dtype=None):

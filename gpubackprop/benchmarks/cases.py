@@ -189,7 +189,7 @@ def gemm_case(
     def build(ctx: Context, copies: int) -> Prepared:
         backend = ctx.backend
         if gemm_version is not None:
-            backend = type(ctx.backend)(gemm_version=gemm_version)
+            backend = ctx.backend.with_gemm_version(gemm_version)
         x_h, w_h, dz_h = ctx.host((m, k)), ctx.host((n, k)), ctx.host((m, n))
         sets = []
         for _ in range(copies):
