@@ -218,7 +218,7 @@ def test_cli_writes_json_results_file_and_plot(tmp_path, capsys):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_gpu_backend_without_a_gpu_is_skipped_with_a_reason(tmp_path):
+def test_gpu_backend_without_a_gpu_is_skipped_with_a_reason(tmp_path, capsys):
     cupy_backend = get_backend("auto")
     if cupy_backend.name == "cupy":
         pytest.skip("a GPU is present: the cupy rows run instead")
@@ -226,7 +226,8 @@ def test_gpu_backend_without_a_gpu_is_skipped_with_a_reason(tmp_path):
     status = bench.main(
         ["--preset", "tiny", "--backend", "cupy", "--no-torch", "--quiet", "--json", str(path)]
     )
-    assert status == 0
+    assert status == 1  # nothing measured is not a pass
+    assert "no row ran" in capsys.readouterr().err
     record = json.loads(path.read_text())
     assert record["results"] == []
     (skipped,) = record["skipped"]

@@ -81,8 +81,8 @@ def split_backends(values: Sequence[str] | None) -> list[str] | None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    """Run ``gpubackprop bench`` with parsed arguments.  Returns the exit status: 0 when every
-    row that ran passed its correctness check, 1 otherwise."""
+    """Run ``gpubackprop bench`` with parsed arguments.  Returns the exit status: 0 when rows
+    ran and every one passed its correctness check, 1 otherwise, 2 for a bad option value."""
     config = BenchConfig(
         backends=split_backends(args.backend),
         quick=args.quick,
@@ -115,7 +115,9 @@ def run_from_args(args: argparse.Namespace) -> int:
             "gpubackprop bench: no row ran (no backend available, or --only matched nothing)",
             file=sys.stderr,
         )
-    return 1 if bad else 0
+    # Nothing measured is a failure too: bench/device_check.sh must not report a GPU whose
+    # backend could not start as a passed benchmark step.
+    return 1 if bad or not record["results"] else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
