@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import compiler
-from .device_arrays import DeviceArray, device_xp
+from .device_arrays import DeviceArray, device_xp, host_memory
 from .launch import EmuModule, launch, poison_fill
 
 __all__ = ["EmuSeam"]
@@ -80,7 +80,7 @@ class EmuSeam:
                     f"{where}: argument {len(host)} is a numpy.ndarray {value.shape}; a kernel "
                     "takes device arrays (backend.asarray copies host data to the device)"
                 )
-            host.append(value._host if isinstance(value, DeviceArray) else value)
+            host.append(host_memory(value) if isinstance(value, DeviceArray) else value)
         return tuple(host)
 
     def empty(self, shape: tuple[int, ...], dtype: Any) -> Any:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from numpy.lib.mixins import NDArrayOperatorsMixin
 
-__all__ = ["DeviceArray", "device_xp"]
+__all__ = ["DeviceArray", "device_xp", "host_memory"]
 
 _DEVICE = SimpleNamespace(id=0)
 
@@ -123,6 +123,12 @@ class DeviceArray(NDArrayOperatorsMixin):
     def __array_function__(self, func: Callable, types: Any, args: Any, kwargs: Any) -> Any:
         where = f"numpy.{func.__name__}"
         return _to_device(func(*_to_host_args(args, where), **_to_host_args(kwargs, where)))
+
+
+def host_memory(array: DeviceArray) -> np.ndarray:
+    """The NumPy array that holds ``array``'s elements (no copy): what the emulator's kernels
+    read and write.  Not a CuPy API; code meant for a GPU copies with ``.get()``."""
+    return array._host
 
 
 def _to_host_args(value: Any, where: str) -> Any:
