@@ -5,6 +5,7 @@ disagrees with the NumPy reference, so a sanitizer run also checks results."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 from gpubackprop.parity import op_cases, run_case
@@ -21,6 +22,9 @@ def main() -> int:
         # larger ones, so a write just past an output would land in pool memory and memcheck,
         # which checks allocation bounds, would not see it.
         cupy.cuda.set_allocator(None)
+    if name == "emu":
+        # compute-sanitizer's part on the CPU: reads out of bounds that reach an output.
+        os.environ.setdefault("GPUBACKPROP_EMU_GUARD_CHECK", "1")
     backend = get_backend(name)
     failed = 0
     for dtype in ("float32", "float64"):

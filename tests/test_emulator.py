@@ -213,6 +213,30 @@ def test_out_of_bounds_write_names_kernel_and_buffer(seam, checks):
     np.testing.assert_array_equal(out, np.arange(50))  # the in-bounds part is copied back
 
 
+def test_guard_check_catches_a_read_past_the_end_that_nan_hides(seam, checks, monkeypatch):
+    x = np.arange(40, dtype=np.float32)
+    expected = np.maximum(x, np.append(x[1:], -np.inf))
+    monkeypatch.delenv("GPUBACKPROP_EMU_GUARD_CHECK", raising=False)
+    out = np.zeros(40, np.float32)
+    seam.launch(checks, "neighbour_max_past_end", (2, 1, 1), (32, 1, 1), (x, out, np.int32(40)))
+    np.testing.assert_array_equal(out, expected)  # the NaN guard byte was read and ignored
+
+    monkeypatch.setenv("GPUBACKPROP_EMU_GUARD_CHECK", "1")
+    out = np.zeros(40, np.float32)
+    with pytest.raises(EmuLaunchError, match=r"argument 'out'.*read out of bounds") as error:
+        seam.launch(checks, "neighbour_max_past_end", (2, 1, 1), (32, 1, 1), (x, out, np.int32(40)))
+    assert "neighbour_max_past_end" in str(error.value)
+    np.testing.assert_array_equal(out, 0)  # left unchanged
+    # A kernel that stays in bounds passes the check, and its results are copied back.
+    partial = np.zeros(1, np.float32)
+    seam.launch(checks, "warp_sum", (1, 1, 1), (64, 1, 1), (x, partial, np.int64(40)), 8)
+    assert partial[0] == x.sum()
+
+    monkeypatch.setenv("GPUBACKPROP_EMU_GUARD_CHECK", "yes")
+    with pytest.raises(ValueError, match="GPUBACKPROP_EMU_GUARD_CHECK='yes'"):
+        seam.launch(checks, "neighbour_max_past_end", (2, 1, 1), (32, 1, 1), (x, out, np.int32(40)))
+
+
 def test_unwritten_output_is_reported(seam, checks):
     out = seam.empty((9,), np.float32)
     with pytest.raises(

@@ -12,6 +12,8 @@ Environment variables:
   x86-64 assembly one.
 - GPUBACKPROP_EMU_STACK_KIB=<KiB> the stack of each emulated thread (default 256); a kernel
   that needs more is stopped with "fiber stack overflow".
+- GPUBACKPROP_EMU_GUARD_CHECK=1   run each launch twice with different guard bytes: an output
+  that changes was computed from a read out of bounds.
 - GPUBACKPROP_EMU_DEVICE_ARRAYS=1 the emu backend's arrays follow CuPy's rules: no implicit
   conversion to NumPy, no mixing with NumPy arrays (device_arrays.py).
 - GPUBACKPROP_EMU_CXX / CXX       the compiler (default g++).

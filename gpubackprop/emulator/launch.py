@@ -15,7 +15,11 @@ Per launch:
 3. Arrays made by ``empty`` hold a poison bit pattern (a signalling NaN no arithmetic
    produces); an argument that still holds it after the launch is an element the kernel never
    wrote (or, for a read-only argument, one it read before anyone wrote it).
-4. What a GPU would stop with an error stops the launch with EmuLaunchError, never the Python
+4. With GPUBACKPROP_EMU_GUARD_CHECK=1 every launch runs twice, the second time with guard
+   zones of 0x7F bytes (3.4e38 as a float, 1.4e306 as a double: finite, so that max, min and
+   comparisons cannot ignore them the way fmaxf ignores a NaN); an output that differs between
+   the two runs was computed from memory outside the arguments: a read out of bounds.
+5. What a GPU would stop with an error stops the launch with EmuLaunchError, never the Python
    process: a fault in kernel code (SIGSEGV, SIGBUS, SIGFPE, SIGILL: an access beyond the guard
    zones, a null pointer, an integer division by zero, a fiber stack overflow) and a
    misaligned float2/float4/double2/... load or store.  The message names the block, thread,
@@ -37,6 +41,7 @@ import numpy as np
 
 GUARD_BYTES = 64 * 1024
 GUARD_BYTE = 0xFF
+SECOND_GUARD_BYTE = 0x7F  # the guard-check run's pattern (see the module docstring, item 4)
 ALIGNMENT_KEPT = 256
 ERROR_BUFFER = 4096
 MAX_THREADS_PER_BLOCK = 1024
@@ -208,16 +213,17 @@ def _dims(value: Any, what: str, limits: tuple[int, int, int], where: str) -> tu
 class _Group:
     """One guarded copy shared by every argument that is the same array."""
 
-    def __init__(self, array: np.ndarray) -> None:
+    def __init__(self, array: np.ndarray, guard_byte: int = GUARD_BYTE) -> None:
         self.array = array
+        self.guard_byte = guard_byte
         self.nbytes = array.nbytes
         self.itemsize = array.dtype.itemsize
         address = array.ctypes.data
         self.buffer = np.empty(self.nbytes + 2 * GUARD_BYTES + ALIGNMENT_KEPT, np.uint8)
         base = self.buffer.ctypes.data + GUARD_BYTES
         self.offset = GUARD_BYTES + (address - base) % ALIGNMENT_KEPT
-        self.buffer[: self.offset] = GUARD_BYTE
-        self.buffer[self.offset + self.nbytes :] = GUARD_BYTE
+        self.buffer[: self.offset] = guard_byte
+        self.buffer[self.offset + self.nbytes :] = guard_byte
         self.data = self.buffer[self.offset : self.offset + self.nbytes]
         if self.nbytes:
             self.data[:] = array.reshape(-1).view(np.uint8)
@@ -260,6 +266,43 @@ def launch(
             f"({', '.join(p.c_type + ' ' + p.name for p in info.params)}), got {len(args)}"
         )
 
+    seed = shuffle_seed_from_env() if shuffle_seed is None else int(shuffle_seed)
+    check_stack_setting()
+    run = (info, where, args, grid3, block3, shared_mem, seed)
+    groups = _run_once(*run, GUARD_BYTE)
+    if guard_check_from_env():
+        second = _run_once(*run, SECOND_GUARD_BYTE)
+        changed = [
+            _describe(group)
+            for group, other in zip(groups.values(), second.values(), strict=True)
+            if not np.array_equal(group.data, other.data)
+        ]
+        if changed:
+            raise EmuLaunchError(
+                f"{where}: {', '.join(changed)} changed when the guard zones held 0x7F instead "
+                "of 0xFF bytes: the kernel read out of bounds of an argument and used the value; "
+                "the arguments were left unchanged"
+            )
+
+    problems = []
+    for group in groups.values():
+        problems += _check_group(group)
+    if problems:
+        raise EmuLaunchError(f"{where}: " + "; ".join(problems))
+
+
+def _run_once(
+    info: Any,
+    where: str,
+    args: tuple[Any, ...],
+    grid3: tuple[int, int, int],
+    block3: tuple[int, int, int],
+    shared_mem: int,
+    seed: int,
+    guard_byte: int,
+) -> dict[tuple[int, int], _Group]:
+    """Copy the arguments into guarded buffers and run the kernel on them; return the buffers
+    (the caller checks them and copies results back).  A failed launch raises EmuLaunchError."""
     groups: dict[tuple[int, int], _Group] = {}
     holders: list[np.ndarray] = []
     pointers = (ctypes.c_void_p * max(1, len(args)))()
@@ -270,7 +313,7 @@ def launch(
             group = groups.get(key)
             if group is None:
                 _check_overlap(where, param, array, groups)
-                group = groups[key] = _Group(array)
+                group = groups[key] = _Group(array, guard_byte)
             group.params.append(param)
             holder = np.array([group.pointer], dtype=np.uintp)
         else:
@@ -280,8 +323,6 @@ def launch(
 
     dims = (ctypes.c_longlong * 6)(*grid3, *block3)
     error = ctypes.create_string_buffer(ERROR_BUFFER)
-    seed = shuffle_seed_from_env() if shuffle_seed is None else int(shuffle_seed)
-    check_stack_setting()
     with _launch_lock:
         status = info.entry(dims, shared_mem, pointers, seed, error, ERROR_BUFFER)
     if status != 0:
@@ -291,12 +332,16 @@ def launch(
             f"{where}: {message}{_nearest_argument(message, groups)}; the arguments were left "
             "unchanged"
         )
+    return groups
 
-    problems = []
-    for group in groups.values():
-        problems += _check_group(group)
-    if problems:
-        raise EmuLaunchError(f"{where}: " + "; ".join(problems))
+
+def guard_check_from_env() -> bool:
+    """GPUBACKPROP_EMU_GUARD_CHECK=1: run each launch a second time with other guard bytes and
+    require identical outputs (catches out-of-bounds reads whose value is used)."""
+    value = os.environ.get("GPUBACKPROP_EMU_GUARD_CHECK", "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"GPUBACKPROP_EMU_GUARD_CHECK={value!r}; expected 0 or 1 (unset: 0)")
+    return value == "1"
 
 
 def _check_pointer(where: str, param: Param, value: Any) -> np.ndarray:
@@ -397,8 +442,8 @@ def _check_group(group: _Group) -> list[str]:
     problems = []
     before = group.buffer[: group.offset]
     after = group.buffer[group.offset + group.nbytes :]
-    bad_before = np.flatnonzero(before != GUARD_BYTE)
-    bad_after = np.flatnonzero(after != GUARD_BYTE)
+    bad_before = np.flatnonzero(before != group.guard_byte)
+    bad_after = np.flatnonzero(after != group.guard_byte)
     if bad_before.size or bad_after.size:
         parts = []
         if bad_before.size:
