@@ -21,7 +21,7 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _GELU_TANH_C = 0.044715
-try:  # SciPy's vectorised erf when it is installed: ~100x faster than one call per element
+try:  # SciPy's vectorised erf when installed: ~6x faster than math.erf per element (256x1024)
     from scipy.special import erf as _vectorised_erf
 except ImportError:  # not a dependency: fall back to math.erf, element by element
     _vectorised_erf = None
