@@ -196,6 +196,12 @@ def test_gradcheck_and_benchmark_step_on_device_arrays(device_backend):
 
 
 @needs_emu
+def test_device_name_says_so(device_backend, plain_backend):
+    assert "CuPy-like device arrays" in device_backend.device_name()
+    assert "device arrays" not in plain_backend.device_name()
+
+
+@needs_emu
 def test_with_gemm_version_shares_the_seam(device_backend):
     sibling = device_backend.with_gemm_version("warptiled")
     assert sibling.seam is device_backend.seam and sibling.gemm_version == "warptiled"

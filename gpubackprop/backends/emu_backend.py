@@ -67,4 +67,5 @@ class EmuBackend(KernelBackend):
                 "x86-64 context switch" if platform.machine() in ("x86_64", "AMD64") else "ucontext"
             )
         )
-        return f"CPU emulator ({compiler}; fibers: {switch})"
+        arrays = "; CuPy-like device arrays" if self.seam.device_arrays else ""
+        return f"CPU emulator ({compiler}; fibers: {switch}{arrays})"
