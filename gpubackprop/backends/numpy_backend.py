@@ -174,17 +174,18 @@ class NumpyBackend(Backend):
         the overflow-free log-sum-exp."""
         n = logits.shape[0]
         m = logits.max(axis=1, keepdims=True)
-        softmax = np.exp(logits - m)  # e^(z − m), normalised in place below
+        softmax = np.subtract(logits, m)
+        np.exp(softmax, out=softmax)  # e^(z − m) in one buffer: the gradient is built in it
         sum_e = softmax.sum(axis=1, keepdims=True)
         lse = m + np.log(sum_e)
-        softmax /= sum_e
         if target.ndim == 1:
             rows = np.arange(n)
             loss = np.sum(lse[:, 0] - logits[rows, target]) / n
             grad = softmax
-            grad[rows, target] -= 1.0
-            grad /= n
+            grad *= 1.0 / (sum_e * n)  # softmax / N
+            grad[rows, target] -= 1.0 / n
         else:
+            softmax /= sum_e
             mass = target.sum(axis=1, keepdims=True)
             loss = np.sum(lse * mass - np.sum(target * logits, axis=1, keepdims=True)) / n
             grad = (softmax * mass - target) / n
