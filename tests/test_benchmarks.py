@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,7 +40,7 @@ def tiny_record():
     return bench.run_benchmarks(tiny_config())
 
 
-def test_record_has_the_specified_schema(tiny_record):
+def test_record_has_the_specified_schema(tiny_record, tmp_path):
     record = tiny_record
     for key in (
         "timestamp",
@@ -84,7 +85,7 @@ def test_record_has_the_specified_schema(tiny_record):
         else:
             assert row["tflops"] is None
     # The record is plain JSON.
-    json.loads(json.dumps(report.json_ready(record), default=report.json_default))
+    json.loads(report.write_json(record, tmp_path / "record.json").read_text())
 
 
 def test_ratios_are_baseline_time_over_our_time(tiny_record):
@@ -304,3 +305,16 @@ def test_warm_up_never_lets_asynchronous_launches_pile_up():
     stats = bench.measure({"ours": bench.Impl(timer.launch, timer)}, settings)
     assert stats["ours"].median_s == pytest.approx(1e-6)
     assert timer.most_queued == 1
+
+
+def test_source_root_is_the_checkout_that_holds_the_package():
+    """Records go to <checkout>/bench/results and name the checkout's commit."""
+    import gpubackprop
+    from gpubackprop.benchmarks import machine
+
+    package_parent = Path(gpubackprop.__file__).resolve().parents[1]
+    expected = package_parent if (package_parent / "bench").is_dir() else None
+    assert machine.source_root() == expected
+    if expected is not None:
+        assert bench.run_benchmarks.__module__ == "gpubackprop.benchmarks.run"
+        assert report.default_results_dir() == expected / "bench" / "results"

@@ -160,14 +160,7 @@ class Context:
 
 def cycle(items: list[Any]) -> Callable[[], Any]:
     """A callable returning the next item of ``items`` each call (input rotation)."""
-    state = {"i": -1}
-    count = len(items)
-
-    def next_item():
-        state["i"] = (state["i"] + 1) % count
-        return items[state["i"]]
-
-    return next_item
+    return itertools.cycle(items).__next__
 
 
 def _gemm_parts(m: int, n: int, k: int, itemsize: int, layout: str) -> list[Part]:

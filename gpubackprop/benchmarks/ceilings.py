@@ -5,16 +5,14 @@ the CPU).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from .cases import Context
 from .config import TimingSettings
 from .machine import cpu_cache_bytes
 from .timing import CpuTimer, Impl, measure
-
-if TYPE_CHECKING:  # annotations only: cases.py imports this module
-    from .cases import Context
 
 
 def measure_ceilings(ctx: Context, settings: TimingSettings) -> dict[str, Any]:

@@ -9,15 +9,19 @@ import platform
 import re
 import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:  # annotations only: cases.py imports this module
-    from .cases import Context
+from .cases import Context
+
+# gpubackprop/benchmarks/machine.py -> the folder holding gpubackprop/ (a checkout, or
+# site-packages for an installed wheel).
+_PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 
 
-def run_quiet(command: list[str], cwd: Path | None = None) -> str | None:
+def _run_quiet(command: list[str], cwd: Path | None = None) -> str | None:
+    """The command's stdout, or None when it cannot run or fails."""
     try:
         result = subprocess.run(
             command, cwd=cwd, capture_output=True, text=True, timeout=10, check=False
@@ -29,17 +33,18 @@ def run_quiet(command: list[str], cwd: Path | None = None) -> str | None:
 
 def source_root() -> Path | None:
     """The source checkout that holds this package, if any (it has a bench/ folder)."""
-    root = Path(__file__).resolve().parent.parent
-    return root if (root / "bench").is_dir() else None
+    return _PACKAGE_PARENT if (_PACKAGE_PARENT / "bench").is_dir() else None
 
 
 def git_commit() -> tuple[str | None, bool | None]:
     """(commit, dirty) of the checkout holding this package, or (None, None)."""
-    root = Path(__file__).resolve().parent.parent
-    commit = run_quiet(["git", "rev-parse", "HEAD"], cwd=root)
+    root = source_root()
+    if root is None:
+        return None, None
+    commit = _run_quiet(["git", "rev-parse", "HEAD"], cwd=root)
     if commit is None:
         return None, None
-    status = run_quiet(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root)
+    status = _run_quiet(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root)
     return commit, bool(status)
 
 
@@ -132,7 +137,7 @@ def device_info(ctx: Context) -> dict[str, Any]:
             info["cuda_driver"] = cp.cuda.runtime.driverGetVersion()
         except Exception as error:
             info["error"] = f"{type(error).__name__}: {error}"
-        smi = run_quiet(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+        smi = _run_quiet(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
         if smi:
             info["driver_version"] = smi.splitlines()[0].strip()
     else:

@@ -18,7 +18,7 @@ from .machine import source_root
 from .timing import format_time
 
 
-def slug(text: str) -> str:
+def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "device"
 
 
@@ -105,7 +105,8 @@ def format_markdown(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def json_default(value: Any) -> Any:
+def _numpy_to_json(value: Any) -> Any:
+    """json.dumps' fallback: NumPy scalars and arrays as Python numbers and lists."""
     if isinstance(value, (np.integer,)):
         return int(value)
     if isinstance(value, (np.floating,)):
@@ -115,22 +116,25 @@ def json_default(value: Any) -> Any:
     return str(value)
 
 
-def json_ready(value: Any) -> Any:
+def _nonfinite_as_strings(value: Any) -> Any:
     """JSON has no inf/NaN: write them as strings so the file stays standard JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
-        return {k: json_ready(v) for k, v in value.items()}
+        return {k: _nonfinite_as_strings(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [json_ready(v) for v in value]
+        return [_nonfinite_as_strings(v) for v in value]
     return value
 
 
 def write_json(record: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``record`` as standard JSON to ``path`` atomically (a temporary file, renamed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(json_ready(record), indent=1, default=json_default) + "\n")
+    tmp.write_text(
+        json.dumps(_nonfinite_as_strings(record), indent=1, default=_numpy_to_json) + "\n"
+    )
     os.replace(tmp, path)
     return path
 
@@ -145,7 +149,7 @@ def results_path(record: dict[str, Any], directory: str | os.PathLike) -> Path:
     date = record["timestamp"][:10]
     devices = record["devices"]
     main_device = devices.get("cupy") or next(iter(devices.values()), {"name": "none"})
-    device = slug(str(main_device.get("name", "device")))
+    device = _slug(str(main_device.get("name", "device")))
     commit = (record.get("git_commit") or "nocommit")[:8]
     if record.get("git_dirty"):
         commit += "-dirty"

@@ -64,7 +64,7 @@ def _floor_seconds(case: Case, ceilings: dict[str, Any]) -> float | None:
     return sum(max(p.flops / peak, p.bytes / bandwidth) for p in case.parts)
 
 
-def log_progress(config: BenchConfig, message: str) -> None:
+def _progress(config: BenchConfig, message: str) -> None:
     if config.verbose:
         print(message, file=sys.stderr, flush=True)
 
@@ -190,7 +190,7 @@ def run_benchmarks(config: BenchConfig) -> dict[str, Any]:
     plan, skipped = _backend_plan(config)
     record["skipped"].extend(skipped)
     for entry in skipped:
-        log_progress(config, f"skipping backend {entry['backend']}: {entry['reason']}")
+        _progress(config, f"skipping backend {entry['backend']}: {entry['reason']}")
     torch_threads = _set_torch_threads(config, record)
     for name, backend in plan:
         device_class = _device_class(backend)
@@ -200,7 +200,7 @@ def run_benchmarks(config: BenchConfig) -> dict[str, Any]:
         preset = _preset_for(backend, config)
         settings = TIMING[preset]
         record["devices"][name] = device_info(ctx)
-        log_progress(config, f"[{name}] {record['devices'][name]['name']}: measuring ceilings")
+        _progress(config, f"[{name}] {record['devices'][name]['name']}: measuring ceilings")
         try:
             ceilings = measure_ceilings(ctx, settings)
         except Exception as error:
@@ -219,7 +219,7 @@ def run_benchmarks(config: BenchConfig) -> dict[str, Any]:
         for i, case in enumerate(cases):
             row = run_case(case, ctx, settings, ceilings)
             record["results"].append(row)
-            log_progress(
+            _progress(
                 config,
                 f"[{name}] {i + 1}/{len(cases)} {case.name} {shape_text(case.shape)}: "
                 f"{row['status']} {format_time(row['median_s'])}",
