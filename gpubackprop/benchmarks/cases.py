@@ -138,6 +138,16 @@ class Context:
             return not (self.device_class == "cpu" and self.config.quick)
         return self.device_class == "gpu" and not self.config.quick
 
+    def torch_compile_skip_reason(self, what: str) -> str:
+        """Why torch_compile_enabled(what) is False, for the row's ``skipped``."""
+        if self.torch is None:
+            return self.torch_reason
+        if self.config.torch_compile == "off":
+            return "--torch-compile off"
+        if what == "train":
+            return "--torch-compile auto: not on the CPU with --quick (an inductor build per shape)"
+        return "--torch-compile auto: elementwise ops only on a GPU without --quick"
+
     # -- arrays ------------------------------------------------------------------------------
     def host(self, shape: tuple[int, ...], scale: float = 1.0) -> np.ndarray:
         """Random host data rounded to the benchmark dtype, returned in float64 (so that the
@@ -352,6 +362,8 @@ def activation_case(name: str, rows: int, cols: int, direction: str, itemsize: i
                 prepared.baselines["torch_compile"] = ctx.torch_impl(call(torch.compile(fn)))
             except Exception as error:
                 prepared.skipped["torch_compile"] = f"{type(error).__name__}: {error}"[:300]
+        else:
+            prepared.skipped["torch_compile"] = ctx.torch_compile_skip_reason("elementwise")
         return prepared
 
     label = f"{name}.{direction}"
@@ -414,6 +426,8 @@ def loss_case(rows: int, classes: int, itemsize: int) -> Case:
                 prepared.baselines["torch_compile"] = ctx.torch_impl(lambda: compiled(*ttake()))
             except Exception as error:
                 prepared.skipped["torch_compile"] = f"{type(error).__name__}: {error}"[:300]
+        else:
+            prepared.skipped["torch_compile"] = ctx.torch_compile_skip_reason("elementwise")
         return prepared
 
     return Case(
@@ -635,8 +649,8 @@ def train_case(sizes: Sequence[int], batch: int, itemsize: int) -> Case:
                 )
             except Exception as error:
                 prepared.skipped["torch_compile"] = f"{type(error).__name__}: {error}"[:300]
-        elif "torch_compile" not in prepared.skipped:
-            prepared.skipped["torch_compile"] = "not compiled in this mode (--torch-compile on)"
+        else:
+            prepared.skipped["torch_compile"] = ctx.torch_compile_skip_reason("train")
         return prepared
 
     return Case(
