@@ -44,9 +44,6 @@
 #ifndef MICRO_N
 #define MICRO_N 8
 #endif
-#ifndef NAIVE_BLOCK
-#define NAIVE_BLOCK 16
-#endif
 
 // Launch with blockDim.x == GEMM_THREADS (the launcher reads the same defines).
 #define GEMM_THREADS_N (TILE_N / MICRO_N)
@@ -490,7 +487,7 @@ dense_backward_weight_warptiled(const real_t* __restrict__ delta, const real_t* 
     wt_store(dw, N, K, acc);
 }
 
-// ---- naive reference versions: block (NAIVE_BLOCK, NAIVE_BLOCK), thread (x: column, y: row) --
+// ---- naive reference versions: any 2-D block (16×16 from the launcher); x: column, y: row ----
 
 extern "C" __global__ void dense_forward_naive(const real_t* __restrict__ x,
                                                const real_t* __restrict__ w,

@@ -19,6 +19,7 @@ from gpubackprop.backends.kernel_backend import (
     GEMM_TILES,
     GEMM_TILES_WARPTILED,
     GEMM_VERSIONS,
+    KERNEL_DEFINES,
 )
 from gpubackprop.kernels import (
     KernelCompileError,
@@ -65,7 +66,8 @@ LIBRARY_KERNELS = {
 }
 
 LIBRARY_DEFINES = {
-    "gemm.cu": {real: {**GEMM_TILES[real], **GEMM_TILES_WARPTILED[real]} for real in REAL_TYPES}
+    "gemm.cu": {real: {**GEMM_TILES[real], **GEMM_TILES_WARPTILED[real]} for real in REAL_TYPES},
+    **{file: dict.fromkeys(REAL_TYPES, values) for file, values in KERNEL_DEFINES.items()},
 }
 
 _compiled_cache: dict[tuple, tuple[bytes, str]] = {}

@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from ..kernels import real_type
 from .base import SAVES_OUTPUT, Backend, check_activation, check_reduction
 from .seam import ElementwiseSpec
 
-__all__ = ["ELEMENTWISE_SPECS", "GEMM_VERSIONS", "KernelBackend"]
+__all__ = ["ELEMENTWISE_SPECS", "GEMM_VERSIONS", "KERNEL_DEFINES", "KernelBackend"]
 
 _PREAMBLE = ("common.cuh", "activations.cuh")
 
@@ -168,6 +169,16 @@ _MAX_REDUCE_BLOCKS = 1024  # partial sums per reduction: fixed by n alone, so re
 _COLUMN_SUM = (32, 8)  # COLUMN_SUM_COLS, COLUMN_SUM_ROWS
 _COLUMN_SUM_MAX_CHUNKS = 256
 _ELEMENTWISE_THREADS = 256
+# The launch geometry reduce.cu and loss.cu are compiled for (their __launch_bounds__ and
+# shared arrays), passed as defines so that the numbers above are the only ones that count.
+KERNEL_DEFINES: dict[str, dict[str, int]] = {
+    "reduce.cu": {
+        "REDUCE_THREADS": _REDUCE_THREADS,
+        "COLUMN_SUM_COLS": _COLUMN_SUM[0],
+        "COLUMN_SUM_ROWS": _COLUMN_SUM[1],
+    },
+    "loss.cu": {"LOSS_THREADS": _REDUCE_THREADS},
+}
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _INT32_MAX = 2**31 - 1
 
@@ -234,15 +245,15 @@ class KernelBackend(Backend):
 
     # -- compiled code ------------------------------------------------------------------------
     def _module(self, file: str, dtype: np.dtype, extra: dict[str, Any] | None = None):
-        ctype = "float" if dtype == np.float32 else "double"
-        defines = {"REAL_T": ctype, **{k: str(v) for k, v in (extra or {}).items()}}
+        values = {**KERNEL_DEFINES.get(file, {}), **(extra or {})}
+        defines = {"REAL_T": real_type(dtype), **{k: str(v) for k, v in values.items()}}
         key = (file, tuple(sorted(defines.items())))
         if key not in self._modules:
             self._modules[key] = self.seam.compile(file, defines)
         return self._modules[key]
 
     def _gemm_module(self, dtype: np.dtype):
-        kind = "float" if dtype == np.float32 else "double"
+        kind = real_type(dtype)
         tiles = self.gemm_tiles[kind]
         # gemm.cu holds every version: each is compiled with its tuning values for this type
         # (the file's defaults are float's), whichever one this backend launches.
