@@ -19,7 +19,7 @@ import numpy as np
 
 from . import compiler
 from .device_arrays import DeviceArray, device_xp, host_memory
-from .launch import EmuModule, launch, poison_fill
+from .launch import SCALAR_TYPES, EmuModule, launch, poison_fill
 
 __all__ = ["EmuSeam"]
 
@@ -165,20 +165,9 @@ class _Elementwise:
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
-_KINDS = {
-    "f4": np.float32,
-    "f8": np.float64,
-    "i4": np.int32,
-    "i8": np.int64,
-    "b1": np.bool_,
-    "u4": np.uint32,
-    "u8": np.uint64,
-}
-
-
 def _scalar(name: str, param: Any, value: Any) -> Any:
     """Python scalars are converted (as CuPy does); NumPy scalars must have the exact type."""
-    expected = _KINDS.get(param.code)
+    expected = SCALAR_TYPES.get(param.code)
     if expected is None:
         return value  # the launcher reports the unsupported type
     if isinstance(value, np.generic):

@@ -56,7 +56,8 @@ POISON64 = np.uint64(0x7FF5A5A5A5A5A5A5)
 
 _launch_lock = threading.Lock()  # the scheduler's state is global per library
 
-_SCALAR_CODES = {
+# NumPy scalar type for each parameter type code (the elementwise wrapper converts with it too).
+SCALAR_TYPES = {
     "f4": np.float32,
     "f8": np.float64,
     "i1": np.int8,
@@ -372,7 +373,7 @@ def _check_pointer(where: str, param: Param, value: Any) -> np.ndarray:
 
 
 def _check_scalar(where: str, param: Param, value: Any) -> np.ndarray:
-    expected = _SCALAR_CODES.get(param.code)
+    expected = SCALAR_TYPES.get(param.code)
     if expected is None:
         raise TypeError(
             f"{where}: parameter {param.name!r} has type {param.c_type}, which "
