@@ -1,4 +1,5 @@
-"""Run every kernel once on odd shapes (float32 and float64) through the "cupy" backend.
+"""Run every kernel once on odd shapes (float32 and float64) on a kernel backend: "cupy" (the
+default, the first argument says otherwise) or "emu" (with the emulator's guard check on).
 
 compute-sanitizer wraps this script in bench/device_check.sh; it exits non-zero when an op
 disagrees with the NumPy reference, so a sanitizer run also checks results."""

@@ -1,4 +1,4 @@
-"""The ``gpubackprop`` command: train, info, gradcheck (and the subcommands registered below).
+"""The ``gpubackprop`` command: train, info, gradcheck, parity and bench.
 
 Each subcommand is a function registered in ``SUBCOMMANDS`` with the function that adds its
 options; ``main`` builds one argparse sub-parser per entry.  Adding a subcommand is one

@@ -112,7 +112,9 @@ class Sequential(Layer):
         return sum(p.size for p in self._all_parameters())
 
     # -- forward / backward ------------------------------------------------------------------
-    def _input(self, x, name: str = "x"):
+    def prepare_input(self, x: Any, name: str = "x") -> Any:
+        """``x`` checked (2-D, this model's feature count, at least one row, numbers) and
+        returned as an array of this model's backend and dtype (copied only if needed)."""
         self._ensure_placed()
         shape = shape_of(x)
         if len(shape) != 2:
@@ -131,7 +133,7 @@ class Sequential(Layer):
 
     def forward(self, x):
         """Run the plan; each step keeps what its backward needs."""
-        return self.run_steps(self._input(x))
+        return self.run_steps(self.prepare_input(x))
 
     def run_steps(self, h):
         """The plan on ``h``, already an array of this model's backend and dtype."""
@@ -219,7 +221,7 @@ class Sequential(Layer):
 
     def predict(self, x, batch_size: int = 1024) -> np.ndarray:
         """Model outputs for ``x`` as a NumPy array, computed batch by batch."""
-        xd = self._input(x)
+        xd = self.prepare_input(x)
         outputs = []
         for start in range(0, xd.shape[0], batch_size):
             h = self.run_steps(xd[start : start + batch_size])

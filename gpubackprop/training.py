@@ -90,7 +90,7 @@ def _check_finite(value: float, where: str, optimizer) -> None:
 def evaluate(model, x, y, loss: Loss, batch_size: int = 1024) -> dict[str, float]:
     """Mean loss over all rows (batches weighted by size) and accuracy where defined."""
     batch_size = check_positive_int("batch_size", batch_size)
-    xd = model._input(x)
+    xd = model.prepare_input(x)
     if _rows(y) != xd.shape[0]:
         raise ValueError(f"y has {_rows(y)} rows but x has {xd.shape[0]}")
     yd = _targets_on(model, loss, y)
@@ -147,7 +147,7 @@ def run_fit(
         raise ValueError(f"verbose={verbose!r} is not accepted; expected 0, 1 or 2")
     if not isinstance(loss, Loss):
         raise TypeError(f"loss={loss!r} is not a gpubackprop Loss")
-    xd = model._input(x)
+    xd = model.prepare_input(x)
     n = xd.shape[0]
     if _rows(y) != n:
         raise ValueError(f"y has {_rows(y)} rows but x has {n}")
