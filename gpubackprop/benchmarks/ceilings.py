@@ -5,6 +5,7 @@ the CPU).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -36,7 +37,7 @@ def measure_ceilings(ctx: Context, settings: TimingSettings) -> dict[str, Any]:
         timer = ctx.timer
         impls = {"copy": Impl(copy, timer), "gemm": Impl(lambda: cp.matmul(a, b, out=c), timer)}
         cache = gpu_l2_bytes(cp)
-        compute_type = cupy_compute_type(cp, dtype)
+        compute_type = cupy_compute_type(dtype)
     else:
         n_copy = (64 << 20) // dtype.itemsize
         src, dst = np.ones(n_copy, dtype=dtype), np.empty(n_copy, dtype=dtype)
@@ -55,15 +56,8 @@ def measure_ceilings(ctx: Context, settings: TimingSettings) -> dict[str, Any]:
         }
         cache = cpu_cache_bytes()
         compute_type = None
-    ceiling_settings = TimingSettings(
-        settings.warmup_calls,
-        settings.warmup_s,
-        settings.batch_s,
-        max(settings.min_rounds, 5),
-        settings.max_rounds,
-        settings.budget_s,
-    )
-    stats = measure(impls, ceiling_settings)
+    # At least 5 rounds even in the tiny presets: every row's floor is derived from these.
+    stats = measure(impls, dataclasses.replace(settings, min_rounds=max(settings.min_rounds, 5)))
     copy_bytes = 2.0 * src.nbytes  # read + write
     result = {
         "copy_gbps": copy_bytes / stats["copy"].median_s / 1e9,
@@ -84,6 +78,8 @@ def measure_ceilings(ctx: Context, settings: TimingSettings) -> dict[str, Any]:
 
 
 def gpu_l2_bytes(cp: Any) -> int:
+    """The GPU's L2 cache (50 MiB, an H100's, when the driver does not say): what input
+    rotation must exceed."""
     try:
         props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
         return int(props.get("l2CacheSize", 0)) or 50 * 1024 * 1024
@@ -103,7 +99,8 @@ def disable_cupy_tf32(cp: Any) -> None:
         pass
 
 
-def cupy_compute_type(cp: Any, dtype: np.dtype) -> str | None:
+def cupy_compute_type(dtype: np.dtype) -> str | None:
+    """The cuBLAS compute type cupy.matmul uses for ``dtype`` (to record that TF32 was off)."""
     try:
         from cupy._core import _routines_linalg as linalg
 
