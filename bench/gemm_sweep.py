@@ -14,7 +14,6 @@ overall winner says which version the library should use.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -108,6 +107,7 @@ def _time_config(backend, size: int, repeats: int, rng, flops: float) -> dict:
     timer = _timer(backend)
     start = time.perf_counter()
     forward = _median_time(timer, lambda: backend.dense_forward(x, w, None, "identity"), repeats)
+    # dout = x: any (size, size) matrix will do, only the time of dX and dW is kept.
     backward = _median_time(
         timer,
         lambda: backend.dense_backward(x, x, w, None, "identity", 0.0, dw, None, True),
@@ -135,9 +135,12 @@ def _cublas_time(backend, size: int, repeats: int, rng) -> float:
 
 
 def _write(path: str | None, record: dict) -> None:
+    """Rewritten after every configuration (atomically), so a sweep stopped by its time limit
+    keeps what it measured."""
     if path:
-        with open(path, "w", encoding="utf-8") as handle:
-            json.dump(record, handle, indent=2)
+        from gpubackprop.benchmarks import write_json
+
+        write_json(record, path)
 
 
 def sweep(
