@@ -235,7 +235,7 @@ def test_gpu_backend_without_a_gpu_is_skipped_with_a_reason(tmp_path, capsys):
     assert skipped["backend"] == "cupy" and "not available" in skipped["reason"]
 
 
-def test_add_arguments_and_backend_lists():
+def test_backend_option_takes_lists_and_repeats():
     parser = bench.add_arguments(argparse.ArgumentParser())
     args = parser.parse_args(["--quick", "--backend", "numpy,emu", "--backend", "cupy"])
     assert args.quick and cli.split_backends(args.backend) == ["numpy", "emu", "cupy"]

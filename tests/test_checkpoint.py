@@ -82,7 +82,7 @@ def test_round_trip_model_only(tmp_path, dtype):
     assert gb.load(path, with_optimizer=True)[1] is None
 
 
-def test_file_layout(tmp_path):
+def test_checkpoint_holds_format_config_and_one_tensor_per_parameter(tmp_path):
     model = _model()
     path = tmp_path / "m.safetensors"
     gb.save(path, model)

@@ -307,7 +307,7 @@ def test_version_and_no_command(capsys):
     assert status == 2 and "train" in out and "info" in out
 
 
-def test_subcommand_table(capsys, monkeypatch):
+def test_a_subcommand_is_one_decorator(capsys, monkeypatch):
     monkeypatch.setattr(cli, "SUBCOMMANDS", dict(cli.SUBCOMMANDS))
 
     def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -146,7 +146,7 @@ def test_digits_rejects_bad_dtype():
 # -- synthetic -----------------------------------------------------------------------------------
 
 
-def test_spirals():
+def test_spirals_are_balanced_reproducible_and_not_linearly_separable():
     ds = data.make_spirals(n_samples=301, n_classes=4, noise=0.1, seed=3)
     assert ds.x_train.shape[1] == 2 and len(ds.x_train) + len(ds.x_test) == 301
     assert ds.n_classes == 4 and ds.task == "classification"
@@ -171,7 +171,7 @@ def test_spirals_rejects_bad_arguments():
         data.make_spirals(noise=-1.0)
 
 
-def test_regression():
+def test_regression_targets_are_a_fixed_function_of_x_plus_the_asked_noise():
     ds = data.make_regression(n_samples=500, n_features=5, n_targets=3, noise=0.0, seed=2)
     assert ds.task == "regression" and ds.n_classes == 0 and ds.n_outputs == 3
     assert ds.y_train.shape == (400, 3) and ds.y_test.shape == (100, 3)

@@ -84,7 +84,7 @@ def compile_cached(file: str, real: str, arch: str) -> tuple[bytes, str]:
     return _compiled_cache[key]
 
 
-def test_sources_found():
+def test_the_library_kernel_sources_are_found():
     assert {"gemm.cu", "reduce.cu", "loss.cu"} <= set(SOURCES)
     assert (kernels.kernel_dir() / "activations.cuh").is_file()
 
@@ -239,12 +239,14 @@ def test_inventory_lists_kernels():
     assert "column_sum" in inventory["files"]["reduce.cu"]["kernels"]
 
 
-def test_cupy_backend_never_raises():
+def test_cupy_backend_construction_never_raises_and_keeps_the_reason():
     from gpubackprop.backends.cupy_backend import CupyBackend
 
     backend = CupyBackend()
     assert backend.name == "cupy"
-    if not backend.available:
+    if backend.available:
+        assert backend.reason == "" and "unavailable" not in backend.device_name()
+    else:
         assert backend.reason
         assert backend.reason in backend.device_name()
 
