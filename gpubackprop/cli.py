@@ -26,6 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from .backends.base import ACTIVATIONS
+from .layers import activation_layer
+
 __all__ = ["SUBCOMMANDS", "TRAIN_DEFAULTS", "main", "subcommand"]
 
 PROG = "gpubackprop"
@@ -109,32 +112,6 @@ def hidden_sizes(text: str) -> tuple[int, ...]:
     return tuple(sizes)
 
 
-def _activation_layer(name: str):
-    import gpubackprop as gb
-
-    factories = {
-        "relu": gb.ReLU,
-        "leaky_relu": gb.LeakyReLU,
-        "sigmoid": gb.Sigmoid,
-        "tanh": gb.Tanh,
-        "gelu": gb.GELU,
-        "gelu_tanh": lambda: gb.GELU(approximate="tanh"),
-        "silu": gb.SiLU,
-        "identity": gb.Identity,
-    }
-    return factories[name]()
-
-
-ACTIVATION_NAMES = (
-    "relu",
-    "leaky_relu",
-    "sigmoid",
-    "tanh",
-    "gelu",
-    "gelu_tanh",
-    "silu",
-    "identity",
-)
 OPTIMIZER_NAMES = ("sgd", "adam", "adamw")
 BACKEND_CHOICES = ("auto", "numpy", "cupy", "emu")
 DTYPE_CHOICES = ("float32", "float64")
@@ -215,7 +192,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     model.add_argument(
         "--activation",
-        choices=ACTIVATION_NAMES,
+        choices=ACTIVATIONS,
         default=d["activation"],
         help=f"hidden activation (default {d['activation']})",
     )
@@ -369,7 +346,7 @@ def _build_model(n_features: int, hidden: Sequence[int], activation: str, n_outp
     layers = []
     width = n_features
     for size in hidden:
-        layers += [gb.Dense(width, size, init=init), _activation_layer(activation)]
+        layers += [gb.Dense(width, size, init=init), activation_layer(activation)]
         width = size
     layers.append(gb.Dense(width, n_outputs, init="xavier_uniform"))
     return gb.Sequential(*layers)
@@ -689,7 +666,7 @@ def _gradcheck_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--activation",
-        choices=(*ACTIVATION_NAMES, "all"),
+        choices=(*ACTIVATIONS, "all"),
         default="all",
         help="activation of the hidden blocks (default all: one block each)",
     )
@@ -715,14 +692,14 @@ def _gradcheck_arguments(parser: argparse.ArgumentParser) -> None:
 def gradcheck(args: argparse.Namespace) -> int:
     import gpubackprop as gb
 
-    activations = ACTIVATION_NAMES if args.activation == "all" else (args.activation,)
+    activations = ACTIVATIONS if args.activation == "all" else (args.activation,)
     n_in, n_out, width = 6, 3, args.width
     gb.seed(args.seed)
     # Dense + activation, then one residual block per activation (y = x + f(Wx + b)), then the
     # output layer: every fused step, every activation and the residual path are checked.
-    layers = [gb.Dense(n_in, width), _activation_layer(activations[0])]
+    layers = [gb.Dense(n_in, width), activation_layer(activations[0])]
     for name in activations:
-        layers.append(gb.Residual(gb.Dense(width, width), _activation_layer(name)))
+        layers.append(gb.Residual(gb.Dense(width, width), activation_layer(name)))
     layers.append(gb.Dense(width, n_out))
     model = gb.Sequential(*layers).to("numpy", dtype="float64")
     rng = np.random.default_rng(args.seed)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .backends.base import ACTIVATIONS
+from .backends.base import ACTIVATIONS, check_activation
 from .parameters import Parameter
 from .random import generator
 
@@ -253,6 +253,17 @@ assert {cls.kind for cls in ACTIVATION_LAYERS.values() if cls is not GELU} | {
     "gelu",
     "gelu_tanh",
 } == set(ACTIVATIONS)
+
+
+def activation_layer(kind: str, alpha: float = 0.01) -> Activation:
+    """The layer for an activation name of ``ACTIVATIONS`` ("gelu" is GELU's erf form,
+    "gelu_tanh" its tanh form); ``alpha`` is LeakyReLU's negative slope."""
+    check_activation(kind)
+    if kind in ("gelu", "gelu_tanh"):
+        return GELU("tanh" if kind == "gelu_tanh" else "none")
+    if kind == "leaky_relu":
+        return LeakyReLU(alpha)
+    return next(cls for cls in ACTIVATION_LAYERS.values() if cls.kind == kind)()
 
 
 def layer_from_config(config: dict) -> Layer:

@@ -425,17 +425,11 @@ def training_run(
     parameters and the loss curve (as arrays)."""
     import gpubackprop as gb
 
-    from .layers import ACTIVATION_LAYERS, GELU, LeakyReLU
+    from .layers import activation_layer
 
-    act = {
-        "gelu": lambda: GELU("none"),
-        "gelu_tanh": lambda: GELU("tanh"),
-        "leaky_relu": lambda: LeakyReLU(0.1),
-    }.get(activation)
-    if act is None:
-        act = next(
-            cls for cls in ACTIVATION_LAYERS.values() if getattr(cls, "kind", "") == activation
-        )
+    def act():
+        return activation_layer(activation, alpha=0.1)
+
     gb.seed(seed)
     model = gb.Sequential(
         gb.Dense(13, 33),

@@ -429,3 +429,16 @@ def test_model_checkpoint_saves_each_improvement_atomically(tmp_path):
         np.testing.assert_array_equal(last.state_dict()[name], value)
     assert last_opt.step_count == opt.step_count
     assert not list(tmp_path.glob("*.tmp*"))  # no temporary files left behind
+
+
+def test_activation_layer_builds_every_activation_by_name():
+    from gpubackprop.backends.base import ACTIVATIONS
+    from gpubackprop.layers import activation_layer
+
+    for kind in ACTIVATIONS:
+        layer = activation_layer(kind, alpha=0.2)
+        assert layer.kind == kind
+    assert activation_layer("leaky_relu", alpha=0.2).alpha == 0.2
+    assert activation_layer("gelu_tanh").config() == gb.GELU("tanh").config()
+    with pytest.raises(ValueError, match="swish"):
+        activation_layer("swish")

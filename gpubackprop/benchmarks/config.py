@@ -10,6 +10,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..backends.base import ACTIVATIONS
+
 SCHEMA = "gpubackprop-bench/1"
 
 
@@ -17,7 +19,7 @@ SCHEMA = "gpubackprop-bench/1"
 RTOL = {"float32": 1e-4, "float64": 1e-10}
 
 
-ACTIVATION_NAMES = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu")
+ACTIVATION_NAMES = tuple(name for name in ACTIVATIONS if name != "identity")
 
 
 LEAKY_ALPHA = 0.01
