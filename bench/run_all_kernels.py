@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from gpubackprop.parity import op_cases, run_case
+from gpubackprop.parity import check_case, op_cases
 
 
 def main() -> int:
@@ -30,7 +30,7 @@ def main() -> int:
     failed = 0
     for dtype in ("float32", "float64"):
         for case in op_cases(seed=7, quick=True):
-            for row in run_case(case, backend, dtype):
+            for row in check_case(case, backend, dtype):
                 if not row.passed:
                     failed += 1
                     print(f"FAIL {row.op} {row.shape} {dtype} {row.tensor} {row.note}")

@@ -367,7 +367,7 @@ def _to_backend(backend, name: str, value: np.ndarray, dtype, case: OpCase):
     return array
 
 
-def run_case(case: OpCase, backend, dtype: str) -> list[ParityRow]:
+def check_case(case: OpCase, backend, dtype: str) -> list[ParityRow]:
     reference = NumpyBackend()
     ref_inputs = {
         k: (v if k in case.labels else np.asarray(v, np.float64)) for k, v in case.inputs.items()
@@ -492,7 +492,7 @@ def parity_report(
         backend = get_backend(name)
         for dtype in dtypes:
             for case in op_cases(seed, quick):
-                report.rows += run_case(case, backend, dtype)
+                report.rows += check_case(case, backend, dtype)
             for activation in ("relu", "gelu") if quick else ACTIVATIONS:
                 for loss_name in MODEL_LOSSES:
                     report.rows += model_rows(backend, dtype, activation, loss_name)

@@ -175,7 +175,7 @@ def test_regression_and_binary_losses_on_device_arrays(device_backend, loss):
 def test_gradcheck_and_benchmark_step_on_device_arrays(device_backend):
     from gpubackprop.benchmarks import BenchConfig, TimingSettings
     from gpubackprop.benchmarks.cases import Context, gemm_case, train_case
-    from gpubackprop.benchmarks.run import run_case
+    from gpubackprop.benchmarks.run import measure_case
 
     model = gb.Sequential(gb.Dense(3, 5), gb.SiLU(), gb.Dense(5, 2))
     x, y = np.random.default_rng(6).standard_normal((4, 3)), np.array([0, 1, 1, 0])
@@ -187,11 +187,11 @@ def test_gradcheck_and_benchmark_step_on_device_arrays(device_backend):
         warmup_calls=1, warmup_s=0.0, batch_s=0.0, min_rounds=2, max_rounds=2, budget_s=0.0
     )
     ceilings = {"copy_gbps": 1, "gemm_tflops": 1}
-    row = run_case(train_case((12, 16, 5), 8, 4), ctx, settings, ceilings)
+    row = measure_case(train_case((12, 16, 5), 8, 4), ctx, settings, ceilings)
     assert row["status"] == "ok", row
     # The benchmark's other GEMM versions run on a sibling backend that takes the same arrays.
     for version in ("warptiled", "naive"):
-        row = run_case(gemm_case(33, 17, 9, "dX+dW", 4, version), ctx, settings, ceilings)
+        row = measure_case(gemm_case(33, 17, 9, "dX+dW", 4, version), ctx, settings, ceilings)
         assert row["status"] == "ok" and row["name"].endswith(f"@{version}"), row
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from gpubackprop.backends import available_backends, get_backend
 from gpubackprop.backends.base import ACTIVATIONS
-from gpubackprop.parity import MODEL_LOSSES, model_rows, op_cases, run_case
+from gpubackprop.parity import MODEL_LOSSES, check_case, model_rows, op_cases
 
 KERNEL_BACKENDS = [
     pytest.param("emu", id="emu"),
@@ -75,7 +75,7 @@ def _assert_rows(rows):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.op}-{c.shape}" for c in CASES])
 def test_op_matches_float64_reference(kernel_backend, dtype, case):
-    _assert_rows(run_case(case, kernel_backend, dtype))
+    _assert_rows(check_case(case, kernel_backend, dtype))
 
 
 @pytest.mark.parametrize("kernel_backend", KERNEL_BACKENDS, indirect=True)

@@ -69,7 +69,7 @@ def _progress(config: BenchConfig, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def run_case(
+def measure_case(
     case: Case, ctx: Context, settings: TimingSettings, ceilings: dict[str, Any]
 ) -> dict[str, Any]:
     """Build, check, then time one row.  Returns the row dict (see bench/README.md)."""
@@ -217,7 +217,7 @@ def run_benchmarks(config: BenchConfig) -> dict[str, Any]:
             versions = tuple(v for v in GEMM_VERSIONS if v != backend.gemm_version)
         cases = cases_for(SIZES[preset], dtype.itemsize, config.only, versions)
         for i, case in enumerate(cases):
-            row = run_case(case, ctx, settings, ceilings)
+            row = measure_case(case, ctx, settings, ceilings)
             record["results"].append(row)
             _progress(
                 config,
