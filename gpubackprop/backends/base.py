@@ -99,6 +99,8 @@ class Backend:
 
     # -- losses: each returns (loss as a 0-d array, dL/dinput) ------------------------------
     def mse_loss(self, pred, target, reduction: str):
+        """Squared error summed over every element, divided by their count for "mean";
+        the gradient is 2(pred − target) with the same scale."""
         raise NotImplementedError
 
     def softmax_cross_entropy(self, logits, target):
@@ -106,9 +108,13 @@ class Backend:
         raise NotImplementedError
 
     def bce_with_logits(self, logits, target, reduction: str):
+        """Binary cross-entropy of σ(logits) against targets in [0, 1], computed from the logits
+        without overflow; the gradient is σ(logits) − target (scaled for "mean")."""
         raise NotImplementedError
 
     def bce(self, probs, target, reduction: str):
+        """Binary cross-entropy of probabilities in [0, 1], log clamped at −100 as torch's
+        BCELoss does."""
         raise NotImplementedError
 
     # -- optimizers: update flat buffers in place, one call for the whole model ------------
@@ -118,13 +124,14 @@ class Backend:
         grad,
         momentum_buf,
         *,
-        lr,
-        momentum,
-        dampening,
-        nesterov,
-        weight_decay,
-        first_step,
+        lr: float,
+        momentum: float,
+        dampening: float,
+        nesterov: bool,
+        weight_decay: float,
+        first_step: bool,
     ) -> None:
+        """One torch.optim.SGD step on flat buffers, in place (param and momentum_buf)."""
         raise NotImplementedError
 
     def adam_step(
@@ -134,14 +141,16 @@ class Backend:
         exp_avg,
         exp_avg_sq,
         *,
-        lr,
-        beta1,
-        beta2,
-        eps,
-        weight_decay,
-        step,
-        decoupled,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decay: float,
+        step: int,
+        decoupled: bool,
     ) -> None:
+        """One torch.optim.Adam step (AdamW's decoupled weight decay when ``decoupled``) on
+        flat buffers, in place (param, exp_avg, exp_avg_sq); ``step`` counts from 1."""
         raise NotImplementedError
 
     def sum_of_squares(self, x):
