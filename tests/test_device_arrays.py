@@ -212,5 +212,7 @@ def test_with_gemm_version_shares_the_seam(device_backend):
     ours, _ = device_backend.dense_forward(x, w, None, "identity")
     theirs, _ = sibling.dense_forward(x, w, None, "identity")
     np.testing.assert_allclose(ours.get(), theirs.get(), rtol=1e-5, atol=1e-5)
+    relu, _ = sibling.activation_forward(theirs, "relu")  # its elementwise kernels work too
+    np.testing.assert_array_equal(relu.get(), np.maximum(theirs.get(), 0))
     with pytest.raises(ValueError, match="gemm_version='fast'"):
         device_backend.with_gemm_version("fast")

@@ -518,7 +518,7 @@ def test_misaligned_gemm_operand_with_a_forced_vector_path(monkeypatch):
         from test_gemm_properties import _misaligned
     finally:
         sys.path.pop(0)
-    monkeypatch.setattr(KernelBackend, "_vec_ok", staticmethod(lambda a, leading: np.int32(1)))
+    monkeypatch.setattr(KernelBackend, "_vec4_flag", staticmethod(lambda a, leading: np.int32(1)))
     backend = EmuBackend()
     rng = np.random.default_rng(11)
     for dtype, vector in ((np.float32, "float4"), (np.float64, "double2")):

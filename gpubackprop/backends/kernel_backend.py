@@ -218,7 +218,7 @@ class KernelBackend(Backend):
         for kind, tiles in self.gemm_tiles.items():
             _check_gemm_tiles(kind, tiles)
         self._modules: dict[tuple, Any] = {}
-        self._elementwise: dict[tuple, Any] = {}
+        self._elementwise_kernels: dict[tuple, Any] = {}
 
     def with_gemm_version(self, gemm_version: str, gemm_tiles: dict | None = None):
         """This backend launching another GEMM version: the same seam (device, kind of array,
@@ -226,7 +226,7 @@ class KernelBackend(Backend):
         sibling = copy.copy(self)
         KernelBackend.__init__(sibling, self.seam, gemm_version, gemm_tiles)
         sibling.available, sibling.reason = self.available, self.reason
-        sibling._modules, sibling._elementwise = self._modules, self._elementwise
+        sibling._modules, sibling._elementwise_kernels = self._modules, self._elementwise_kernels
         return sibling
 
     # -- arrays -------------------------------------------------------------------------
@@ -260,11 +260,11 @@ class KernelBackend(Backend):
         defines = {**GEMM_TILES[kind], **GEMM_TILES_WARPTILED[kind], **tiles}
         return self._module("gemm.cu", dtype, defines), tiles
 
-    def _ew(self, spec: ElementwiseSpec, dtype: np.dtype):
+    def _elementwise(self, spec: ElementwiseSpec, dtype: np.dtype):
         key = (spec.name, dtype.str)
-        if key not in self._elementwise:
-            self._elementwise[key] = self.seam.elementwise(spec, dtype)
-        return self._elementwise[key]
+        if key not in self._elementwise_kernels:
+            self._elementwise_kernels[key] = self.seam.elementwise(spec, dtype)
+        return self._elementwise_kernels[key]
 
     def _launch(self, module, kernel, grid, block, args, shared_mem=0):
         self.seam.launch(
@@ -288,7 +288,7 @@ class KernelBackend(Backend):
         if check_device is not None:
             check_device(name, a)
 
-    def _float(self, name: str, a, dtype: np.dtype | None = None, ndim: int | None = None):
+    def _float_operand(self, name: str, a, dtype: np.dtype | None = None, ndim: int | None = None):
         """Check a floating operand; return it C-contiguous (copied if it was not)."""
         self._array(name, a)
         if a.dtype not in _FLOATS:
@@ -326,7 +326,7 @@ class KernelBackend(Backend):
             raise ValueError(f"{name}.shape={tuple(a.shape)} is not accepted; expected {shape}")
 
     @staticmethod
-    def _vec_ok(a, leading: int) -> np.int32:
+    def _vec4_flag(a, leading: int) -> np.int32:
         """1 when 16-byte loads of 4 consecutive elements are aligned: base address a multiple
         of 16 and a leading dimension that is a multiple of 4."""
         return np.int32(leading % 4 == 0 and _data_address(a) % 16 == 0)
@@ -335,16 +335,16 @@ class KernelBackend(Backend):
     def dense_forward(self, x, weight, bias, activation, alpha=0.01):
         """z = x Wᵀ + b, y = f(z) in one GEMM launch (gemm.cu: dense_forward)."""
         code = check_activation(activation)
-        x = self._float("x", x, ndim=2)
+        x = self._float_operand("x", x, ndim=2)
         dtype = x.dtype
-        weight = self._float("weight", weight, dtype, ndim=2)
+        weight = self._float_operand("weight", weight, dtype, ndim=2)
         m, k = x.shape
         n = weight.shape[0]
         self._same_shape("weight", weight, (n, k))
         _check_int32("x.shape", x.shape)
         _check_int32("weight.shape", weight.shape)
         if bias is not None:
-            bias = self._float("bias", bias, dtype)
+            bias = self._float_operand("bias", bias, dtype)
             self._same_shape("bias", bias, (n,))
         needs_z = activation != "identity" and activation not in SAVES_OUTPUT
         y = self.empty((m, n), dtype)
@@ -365,7 +365,9 @@ class KernelBackend(Backend):
                 np.int32(code),
                 real(alpha),
             )
-            self._gemm("dense_forward", m, n, common, (self._vec_ok(x, k), self._vec_ok(weight, k)))
+            self._gemm(
+                "dense_forward", m, n, common, (self._vec4_flag(x, k), self._vec4_flag(weight, k))
+            )
         if activation == "identity":
             return y, None
         return y, (y if activation in SAVES_OUTPUT else z)
@@ -374,10 +376,10 @@ class KernelBackend(Backend):
         """δ = dout ⊙ f'(saved) (elementwise), dW = δᵀx and dX = δW (gemm.cu), db = Σ_rows δ
         (reduce.cu: column_sum)."""
         check_activation(activation)
-        dout = self._float("dout", dout, ndim=2)
+        dout = self._float_operand("dout", dout, ndim=2)
         dtype = dout.dtype
-        x = self._float("x", x, dtype, ndim=2)
-        weight = self._float("weight", weight, dtype, ndim=2)
+        x = self._float_operand("x", x, dtype, ndim=2)
+        weight = self._float_operand("weight", weight, dtype, ndim=2)
         m, n = dout.shape
         k = x.shape[1]
         self._same_shape("x", x, (m, k))
@@ -395,7 +397,7 @@ class KernelBackend(Backend):
                     f"saved=None is not accepted for activation={activation!r}; "
                     "pass what dense_forward returned"
                 )
-            saved = self._float("saved", saved, dtype)
+            saved = self._float_operand("saved", saved, dtype)
             self._same_shape("saved", saved, (m, n))
             delta = self.activation_backward(dout, saved, activation, alpha)
         self._gemm_backward_weight(delta, x, dweight, m, n, k)
@@ -427,14 +429,14 @@ class KernelBackend(Backend):
         """dW (n, k) = δᵀ x."""
         if n and k:
             dims = (np.int32(m), np.int32(n), np.int32(k))
-            flags = (self._vec_ok(delta, n), self._vec_ok(x, k))
+            flags = (self._vec4_flag(delta, n), self._vec4_flag(x, k))
             self._gemm("dense_backward_weight", n, k, (delta, x, dweight, *dims), flags)
 
     def _gemm_backward_data(self, delta, weight, dinp, m, n, k) -> None:
         """dX (m, k) = δ W."""
         if m and k:
             dims = (np.int32(m), np.int32(n), np.int32(k))
-            flags = (self._vec_ok(delta, n), self._vec_ok(weight, k))
+            flags = (self._vec4_flag(delta, n), self._vec4_flag(weight, k))
             self._gemm("dense_backward_data", m, k, (delta, weight, dinp, *dims), flags)
 
     def _column_sum(self, a, out) -> None:
@@ -478,17 +480,17 @@ class KernelBackend(Backend):
     # -- standalone activation ------------------------------------------------------------------
     def activation_forward(self, x, activation, alpha=0.01):
         code = check_activation(activation)
-        x = self._float("x", x)
+        x = self._float_operand("x", x)
         if activation == "identity":
             return x, None
         y = self.empty(x.shape, x.dtype)
         if x.size:
-            self._ew(ACTIVATION_FORWARD, x.dtype)(x, np.int32(code), np.float64(alpha), y)
+            self._elementwise(ACTIVATION_FORWARD, x.dtype)(x, np.int32(code), np.float64(alpha), y)
         return y, (y if activation in SAVES_OUTPUT else x)
 
     def activation_backward(self, dout, saved, activation, alpha=0.01):
         code = check_activation(activation)
-        dout = self._float("dout", dout)
+        dout = self._float_operand("dout", dout)
         if activation == "identity":
             return dout
         if saved is None:
@@ -496,22 +498,22 @@ class KernelBackend(Backend):
                 f"saved=None is not accepted for activation={activation!r}; pass "
                 "what the forward returned"
             )
-        saved = self._float("saved", saved, dout.dtype)
+        saved = self._float_operand("saved", saved, dout.dtype)
         self._same_shape("saved", saved, tuple(dout.shape))
         dinp = self.empty(dout.shape, dout.dtype)
         if dout.size:
-            self._ew(ACTIVATION_BACKWARD, dout.dtype)(
+            self._elementwise(ACTIVATION_BACKWARD, dout.dtype)(
                 dout, saved, np.int32(code), np.float64(alpha), dinp
             )
         return dinp
 
     def add(self, a, b):
-        a = self._float("a", a)
-        b = self._float("b", b, a.dtype)
+        a = self._float_operand("a", a)
+        b = self._float_operand("b", b, a.dtype)
         self._same_shape("b", b, tuple(a.shape))
         out = self.empty(a.shape, a.dtype)
         if a.size:
-            self._ew(ADD, a.dtype)(a, b, out)
+            self._elementwise(ADD, a.dtype)(a, b, out)
         return out
 
     # -- reductions -----------------------------------------------------------------------------
@@ -550,15 +552,15 @@ class KernelBackend(Backend):
 
     def sum_of_squares(self, x):
         """Σ x² (reduce.cu: sum_squares_partial + sum_finalize), fixed order."""
-        x = self._float("x", x)
+        x = self._float_operand("x", x)
         return self._sum(
             "reduce.cu", "sum_squares_partial", (x.reshape(-1),), x.size, (), None, x.dtype, 1.0
         )
 
     # -- losses -----------------------------------------------------------------------------------
-    def _pair(self, first: str, a, second: str, b):
-        a = self._float(first, a)
-        b = self._float(second, b, a.dtype)
+    def _float_pair(self, first: str, a, second: str, b):
+        a = self._float_operand(first, a)
+        b = self._float_operand(second, b, a.dtype)
         self._same_shape(second, b, tuple(a.shape))
         return a, b
 
@@ -567,7 +569,7 @@ class KernelBackend(Backend):
         partial sums, sum_finalize scales their total by 1/n ("mean") or 1 ("sum").
         ``grad_scale(scale)`` is the kernel's gradient factor."""
         check_reduction(reduction)
-        a, b = self._pair(first, a, second, b)
+        a, b = self._float_pair(first, a, second, b)
         scale = 1.0 / a.size if reduction == "mean" and a.size else 1.0
         grad = self.empty(a.shape, a.dtype)
         scalars = (a.dtype.type(grad_scale(scale)),)
@@ -603,7 +605,7 @@ class KernelBackend(Backend):
     def softmax_cross_entropy(self, logits, target):
         """Per row: lse(z)·Σp − Σ p z, gradient (softmax(z)·Σp − p)/N, one block per row
         (loss.cu); then the mean over rows (reduce.cu).  A label outside [0, C) gives NaN."""
-        logits = self._float("logits", logits, ndim=2)
+        logits = self._float_operand("logits", logits, ndim=2)
         n, c = logits.shape
         _check_int32("logits.shape", logits.shape)
         if c < 1:
@@ -625,7 +627,7 @@ class KernelBackend(Backend):
             target = self.xp.ascontiguousarray(target, dtype=np.int64)
             kernel = "softmax_xent_labels_forward_backward"
         else:
-            target = self._float("target", target, dtype, ndim=2)
+            target = self._float_operand("target", target, dtype, ndim=2)
             self._same_shape("target", target, (n, c))
             kernel = "softmax_xent_probs_forward_backward"
         grad = self.empty((n, c), dtype)
@@ -647,7 +649,9 @@ class KernelBackend(Backend):
         return loss, grad
 
     # -- optimizers -------------------------------------------------------------------------------
-    def _inplace(self, name: str, a, dtype: np.dtype | None, shape: tuple[int, ...] | None):
+    def _updated_buffer(self, name: str, a, dtype: np.dtype | None, shape: tuple[int, ...] | None):
+        """A buffer an optimizer updates in place: a float array, contiguous, of ``dtype``
+        and ``shape`` (its own when None)."""
         self._array(name, a)
         dtype = a.dtype if dtype is None else dtype
         if a.dtype not in _FLOATS:
@@ -670,16 +674,16 @@ class KernelBackend(Backend):
         first_step,
     ):
         """torch.optim.SGD, one elementwise launch over the flat buffers."""
-        param = self._inplace("param", param, None, None)
-        grad = self._float("grad", grad, param.dtype)
+        param = self._updated_buffer("param", param, None, None)
+        grad = self._float_operand("grad", grad, param.dtype)
         self._same_shape("grad", grad, tuple(param.shape))
         if param.size == 0:
             return
         if momentum != 0:
             if momentum_buf is None:
                 raise ValueError(f"momentum_buf=None is not accepted with momentum={momentum}")
-            self._inplace("momentum_buf", momentum_buf, param.dtype, tuple(param.shape))
-            self._ew(SGD_MOMENTUM, param.dtype)(
+            self._updated_buffer("momentum_buf", momentum_buf, param.dtype, tuple(param.shape))
+            self._elementwise(SGD_MOMENTUM, param.dtype)(
                 grad,
                 np.float64(lr),
                 np.float64(momentum),
@@ -691,7 +695,9 @@ class KernelBackend(Backend):
                 momentum_buf,
             )
         else:
-            self._ew(SGD_PLAIN, param.dtype)(grad, np.float64(lr), np.float64(weight_decay), param)
+            self._elementwise(SGD_PLAIN, param.dtype)(
+                grad, np.float64(lr), np.float64(weight_decay), param
+            )
 
     def adam_step(
         self,
@@ -711,17 +717,17 @@ class KernelBackend(Backend):
         """torch.optim.Adam / AdamW, one elementwise launch over the flat buffers."""
         if step < 1:
             raise ValueError(f"step={step} is not accepted; expected an integer >= 1")
-        param = self._inplace("param", param, None, None)
+        param = self._updated_buffer("param", param, None, None)
         shape = tuple(param.shape)
-        grad = self._float("grad", grad, param.dtype)
+        grad = self._float_operand("grad", grad, param.dtype)
         self._same_shape("grad", grad, shape)
-        self._inplace("exp_avg", exp_avg, param.dtype, shape)
-        self._inplace("exp_avg_sq", exp_avg_sq, param.dtype, shape)
+        self._updated_buffer("exp_avg", exp_avg, param.dtype, shape)
+        self._updated_buffer("exp_avg_sq", exp_avg_sq, param.dtype, shape)
         if param.size == 0:
             return
         bias_correction1 = 1.0 - beta1**step
         bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
-        self._ew(ADAM, param.dtype)(
+        self._elementwise(ADAM, param.dtype)(
             grad,
             np.float64(lr),
             np.float64(beta1),
@@ -737,9 +743,9 @@ class KernelBackend(Backend):
         )
 
     def scale_(self, x, factor):
-        x = self._inplace("x", x, None, None)
+        x = self._updated_buffer("x", x, None, None)
         if x.size:
-            self._ew(SCALE, x.dtype)(np.float64(factor), x)
+            self._elementwise(SCALE, x.dtype)(np.float64(factor), x)
 
 
 def _check_gemm_tiles(kind: str, tiles: dict[str, int]) -> None:
