@@ -5,6 +5,8 @@ and a CPU emulator that runs the same kernels without a GPU."""
 from __future__ import annotations
 
 import logging
+import os
+from typing import Any
 
 from .backends import available_backends, get_backend
 from .callbacks import Callback, EarlyStopping, History, ModelCheckpoint
@@ -12,7 +14,7 @@ from .gradcheck import gradcheck
 from .layers import GELU, Dense, Identity, LeakyReLU, ReLU, Residual, Sigmoid, SiLU, Tanh
 from .losses import BCELoss, BCEWithLogitsLoss, MSELoss, SoftmaxCrossEntropyLoss
 from .model import Sequential
-from .optim import SGD, Adam, AdamW, clip_grad_norm
+from .optim import SGD, Adam, AdamW, Optimizer, clip_grad_norm
 from .parameters import Parameter
 from .random import seed
 
@@ -21,14 +23,24 @@ __version__ = "0.1.0"
 logging.getLogger("gpubackprop").addHandler(logging.NullHandler())
 
 
-def save(path, model, optimizer=None, metadata=None):
+def save(
+    path: str | os.PathLike,
+    model: Sequential,
+    optimizer: Optimizer | None = None,
+    metadata: dict | None = None,
+) -> None:
     """Write ``model`` (and optionally ``optimizer``) to a safetensors checkpoint, atomically."""
     from .checkpoint import save as _save
 
     return _save(path, model, optimizer, metadata=metadata)
 
 
-def load(path, backend=None, dtype=None, with_optimizer=False):
+def load(
+    path: str | os.PathLike,
+    backend: Any = None,
+    dtype: Any = None,
+    with_optimizer: bool = False,
+) -> Sequential | tuple[Sequential, Optimizer | None]:
     """Read a checkpoint written by gb.save; see gpubackprop.checkpoint.load."""
     from .checkpoint import load as _load
 

@@ -11,7 +11,11 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["dtype_of", "shape_of", "to_host"]
+__all__ = ["Array", "dtype_of", "shape_of", "to_host"]
+
+# In annotations: a NumPy array, a CuPy array, an emulator DeviceArray, or (where data comes in
+# from a user) anything np.asarray accepts.  The backends have no common array base class.
+Array = Any
 
 
 def shape_of(array: Any) -> tuple[int, ...]:

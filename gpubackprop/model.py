@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .arrays import dtype_of, shape_of, to_host
+from .arrays import Array, dtype_of, shape_of, to_host
 from .backends import get_backend
 from .callbacks import Callback, History
 from .layers import Dense, Layer, Residual, build_steps, layer_from_config
 from .losses import Loss, SoftmaxCrossEntropyLoss
 from .parameters import FlatStore, Parameter
+
+if TYPE_CHECKING:
+    from .optim import Optimizer
 
 logger = logging.getLogger("gpubackprop")
 DTYPES = ("float32", "float64")
@@ -112,7 +115,7 @@ class Sequential(Layer):
         return sum(p.size for p in self._all_parameters())
 
     # -- forward / backward ------------------------------------------------------------------
-    def prepare_input(self, x: Any, name: str = "x") -> Any:
+    def prepare_input(self, x: Array, name: str = "x") -> Array:
         """``x`` checked (2-D, this model's feature count, at least one row, numbers) and
         returned as an array of this model's backend and dtype (copied only if needed)."""
         self._ensure_placed()
@@ -131,7 +134,7 @@ class Sequential(Layer):
             raise ValueError(f"{name} has dtype {getattr(x, 'dtype', '?')}; expected numbers")
         return self.backend.asarray(x, self.dtype)
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         """Run the plan; each step keeps what its backward needs."""
         return self.run_steps(self.prepare_input(x))
 
@@ -143,7 +146,7 @@ class Sequential(Layer):
 
     __call__ = forward
 
-    def backward(self, dout, need_input_grad: bool = True):
+    def backward(self, dout: Array, need_input_grad: bool = True) -> Array | None:
         """Backpropagate ∂L/∂output through the plan, overwriting every ``p.grad``.
         Returns ∂L/∂x (None when need_input_grad is False, which skips one GEMM)."""
         if not self.steps:
@@ -186,11 +189,11 @@ class Sequential(Layer):
     # -- training loop -------------------------------------------------------------------------
     def fit(
         self,
-        x,
-        y,
+        x: Array,
+        y: Array,
         *,
         loss: Loss,
-        optimizer,
+        optimizer: Optimizer,
         epochs: int = 1,
         batch_size: int = 32,
         shuffle: bool = True,
@@ -219,7 +222,7 @@ class Sequential(Layer):
             callbacks=callbacks or [],
         )
 
-    def predict(self, x, batch_size: int = 1024) -> np.ndarray:
+    def predict(self, x: Array, batch_size: int = 1024) -> np.ndarray:
         """Model outputs for ``x`` as a NumPy array, computed batch by batch."""
         xd = self.prepare_input(x)
         outputs = []
@@ -228,7 +231,9 @@ class Sequential(Layer):
             outputs.append(np.array(self.backend.to_numpy(h)))
         return np.concatenate(outputs, axis=0)
 
-    def evaluate(self, x, y, loss: Loss | None = None, batch_size: int = 1024) -> dict[str, float]:
+    def evaluate(
+        self, x: Array, y: Array, loss: Loss | None = None, batch_size: int = 1024
+    ) -> dict[str, float]:
         """{"loss": mean loss, "accuracy": fraction correct (classification losses)}."""
         from .training import evaluate
 
