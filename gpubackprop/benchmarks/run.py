@@ -18,7 +18,7 @@ from .ceilings import disable_cupy_tf32, measure_ceilings
 from .config import ENV_KEYS, RTOL, SCHEMA, SIZES, TIMING, BenchConfig, TimingSettings
 from .machine import blas_info, cpu_model, device_info, git_commit, library_versions, numpy_threads
 from .report import shape_text
-from .timing import Impl, format_time, measure, speed_ratio
+from .timing import Impl, Stats, format_time, measure, speed_ratio
 
 
 def _device_class(backend: Any) -> str:
@@ -26,7 +26,7 @@ def _device_class(backend: Any) -> str:
 
 
 def _backend_plan(config: BenchConfig) -> tuple[list[tuple[str, Any]], list[dict[str, str]]]:
-    """[(name, backend)] to run and [{"backend", "reason"}] for those skipped."""
+    """[(name, backend)] to run, and {"backend", "name": "*", "reason"} for each skipped."""
     from ..backends import get_backend
 
     names = list(config.backends) if config.backends else ["cupy", "numpy"]
@@ -56,12 +56,18 @@ def copies_for(case: Case, cache_bytes: int) -> int:
     return int(min(1024, math.ceil(3 * cache_bytes / case.working_set)))
 
 
-def _floor_seconds(case: Case, ceilings: dict[str, Any]) -> float | None:
+def _roofline(case: Case, ceilings: dict[str, Any]) -> tuple[float | None, str]:
+    """(floor_s, bound): the time the row's parts take at the measured ceilings, each part at
+    max(FLOPs / GEMM peak, bytes / copy bandwidth), and which of the two sums is larger.
+    Without ceilings: (None, the case's own guess)."""
     peak = ceilings.get("gemm_tflops", 0) * 1e12
     bandwidth = ceilings.get("copy_gbps", 0) * 1e9
-    if not peak or not bandwidth:
-        return None
-    return sum(max(p.flops / peak, p.bytes / bandwidth) for p in case.parts)
+    if not peak or not bandwidth or not case.parts:
+        return None, "memory" if case.memory_bound else "compute"
+    floor = sum(max(p.flops / peak, p.bytes / bandwidth) for p in case.parts)
+    compute = sum(p.flops / peak for p in case.parts)
+    memory = sum(p.bytes / bandwidth for p in case.parts)
+    return floor, "compute" if compute >= memory else "memory"
 
 
 def _progress(config: BenchConfig, message: str) -> None:
@@ -69,11 +75,9 @@ def _progress(config: BenchConfig, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def measure_case(
-    case: Case, ctx: Context, settings: TimingSettings, ceilings: dict[str, Any]
-) -> dict[str, Any]:
-    """Build, check, then time one row.  Returns the row dict (see bench/README.md)."""
-    row: dict[str, Any] = {
+def _new_row(case: Case, ctx: Context, ceilings: dict[str, Any]) -> dict[str, Any]:
+    floor_s, bound = _roofline(case, ceilings)
+    return {
         "name": case.name,
         "backend": ctx.backend.name,
         "shape": case.shape,
@@ -87,8 +91,8 @@ def measure_case(
         "gbps": None,
         "flops": case.flops,
         "bytes": case.bytes,
-        "bound": "memory" if case.memory_bound else "compute",
-        "floor_s": _floor_seconds(case, ceilings),
+        "bound": bound,
+        "floor_s": floor_s,
         "floor_fraction": None,
         "max_rel_error": None,
         "rtol": RTOL[ctx.dtype.name],
@@ -98,12 +102,24 @@ def measure_case(
         "baselines_skipped": {},
         "reason": "",
     }
-    if row["floor_s"] is not None and case.parts:
-        # What limits the row at the ceilings: compute or memory (summed over parts).
-        peak, bandwidth = ceilings["gemm_tflops"] * 1e12, ceilings["copy_gbps"] * 1e9
-        compute = sum(p.flops / peak for p in case.parts)
-        memory = sum(p.bytes / bandwidth for p in case.parts)
-        row["bound"] = "compute" if compute >= memory else "memory"
+
+
+def _timing_fields(stats: Stats) -> dict[str, Any]:
+    return {
+        "median_s": stats.median_s,
+        "q1_s": stats.q1_s,
+        "q3_s": stats.q3_s,
+        "calls": stats.calls,
+    }
+
+
+def measure_case(
+    case: Case, ctx: Context, settings: TimingSettings, ceilings: dict[str, Any]
+) -> dict[str, Any]:
+    """Build, check, then time one row.  Returns the row dict (see bench/README.md): status
+    "failed" (wrong result, not timed) or "error" (an exception) with the reason, else the
+    timings of ours and of each baseline and their ratios."""
+    row = _new_row(case, ctx, ceilings)
     try:
         copies = copies_for(case, ceilings.get("cache_bytes", 32 << 20))
         prepared = case.build(ctx, copies)
@@ -125,21 +141,14 @@ def measure_case(
         row["status"] = "error"
         row["reason"] = f"{type(error).__name__}: {str(error)[:500]}"
         return row
-    ours = stats["ours"]
-    row.update(median_s=ours.median_s, q1_s=ours.q1_s, q3_s=ours.q3_s, calls=ours.calls)
+    ours = stats.pop("ours")
+    row.update(_timing_fields(ours))
     row["gbps"] = case.bytes / ours.median_s / 1e9 if case.bytes else None
     row["tflops"] = case.flops / ours.median_s / 1e12 if case.flops else None
     if row["floor_s"] is not None:
         row["floor_fraction"] = row["floor_s"] / ours.median_s
     for name, stat in stats.items():
-        if name == "ours":
-            continue
-        row["baselines"][name] = {
-            "median_s": stat.median_s,
-            "q1_s": stat.q1_s,
-            "q3_s": stat.q3_s,
-            "calls": stat.calls,
-        }
+        row["baselines"][name] = _timing_fields(stat)
         row["vs"][name] = speed_ratio(stat.median_s, ours.median_s)
     row["baselines_skipped"] = {**prepared.skipped, **failures}
     return row
@@ -158,8 +167,23 @@ def run_benchmarks(config: BenchConfig) -> dict[str, Any]:
         # after each parallel region take the cores from OpenBLAS's threads (and from anyone
         # else on a shared machine).  libgomp reads this once, when torch loads.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    record = _new_record(config, dtype)
+    plan, skipped = _backend_plan(config)
+    record["skipped"].extend(skipped)
+    for entry in skipped:
+        _progress(config, f"skipping backend {entry['backend']}: {entry['reason']}")
+    torch_threads = _set_torch_threads(config)
+    for name, backend in plan:
+        _run_backend(config, record, name, backend, dtype)
+    record["threads"] = {"numpy": numpy_threads(), "torch": torch_threads, "blas": blas_info()}
+    record["complete"] = True
+    return record
+
+
+def _new_record(config: BenchConfig, dtype: np.dtype) -> dict[str, Any]:
+    """The record before any row: what ran where, with which code and settings."""
     commit, dirty = git_commit()
-    record: dict[str, Any] = {
+    return {
         "schema": SCHEMA,
         "timestamp": _datetime.datetime.now(_datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": commit,
@@ -187,53 +211,51 @@ def run_benchmarks(config: BenchConfig) -> dict[str, Any]:
         "skipped": [],
         "complete": False,
     }
-    plan, skipped = _backend_plan(config)
-    record["skipped"].extend(skipped)
-    for entry in skipped:
-        _progress(config, f"skipping backend {entry['backend']}: {entry['reason']}")
-    torch_threads = _set_torch_threads(config, record)
-    for name, backend in plan:
-        device_class = _device_class(backend)
-        if device_class == "gpu":
-            disable_cupy_tf32(backend.xp)
-        ctx = Context(backend, dtype, config, device_class)
-        preset = _preset_for(backend, config)
-        settings = TIMING[preset]
-        record["devices"][name] = device_info(ctx)
-        _progress(config, f"[{name}] {record['devices'][name]['name']}: measuring ceilings")
-        try:
-            ceilings = measure_ceilings(ctx, settings)
-        except Exception as error:
-            ceilings = {"error": f"{type(error).__name__}: {error}"}
-        record["ceilings"][name] = ceilings
-        if ctx.torch is None:
-            record["skipped"].append(
-                {"backend": name, "name": "torch baselines", "reason": ctx.torch_reason}
-            )
-        versions = ()
-        if config.gemm_versions and not config.quick and hasattr(backend, "gemm_version"):
-            from ..backends.kernel_backend import GEMM_VERSIONS
-
-            versions = tuple(v for v in GEMM_VERSIONS if v != backend.gemm_version)
-        cases = cases_for(SIZES[preset], dtype.itemsize, config.only, versions)
-        for i, case in enumerate(cases):
-            row = measure_case(case, ctx, settings, ceilings)
-            record["results"].append(row)
-            _progress(
-                config,
-                f"[{name}] {i + 1}/{len(cases)} {case.name} {shape_text(case.shape)}: "
-                f"{row['status']} {format_time(row['median_s'])}",
-            )
-            if config.on_row is not None:
-                config.on_row(record)
-        if device_class == "gpu":
-            ctx.cupy.get_default_memory_pool().free_all_blocks()
-    record["threads"] = {"numpy": numpy_threads(), "torch": torch_threads, "blas": blas_info()}
-    record["complete"] = True
-    return record
 
 
-def _set_torch_threads(config: BenchConfig, record: dict[str, Any]) -> int | None:
+def _run_backend(
+    config: BenchConfig, record: dict[str, Any], name: str, backend: Any, dtype: np.dtype
+) -> None:
+    """One backend's device facts, ceilings and rows, appended to ``record`` (handed to
+    config.on_row after every row)."""
+    device_class = _device_class(backend)
+    if device_class == "gpu":
+        disable_cupy_tf32(backend.xp)
+    ctx = Context(backend, dtype, config, device_class)
+    preset = _preset_for(backend, config)
+    settings = TIMING[preset]
+    record["devices"][name] = device_info(ctx)
+    _progress(config, f"[{name}] {record['devices'][name]['name']}: measuring ceilings")
+    try:
+        ceilings = measure_ceilings(ctx, settings)
+    except Exception as error:
+        ceilings = {"error": f"{type(error).__name__}: {error}"}
+    record["ceilings"][name] = ceilings
+    if ctx.torch is None:
+        record["skipped"].append(
+            {"backend": name, "name": "torch baselines", "reason": ctx.torch_reason}
+        )
+    versions = ()
+    if config.gemm_versions and not config.quick and hasattr(backend, "gemm_version"):
+        from ..backends.kernel_backend import GEMM_VERSIONS
+
+        versions = tuple(v for v in GEMM_VERSIONS if v != backend.gemm_version)
+    cases = cases_for(SIZES[preset], dtype.itemsize, config.only, versions)
+    for i, case in enumerate(cases):
+        row = measure_case(case, ctx, settings, ceilings)
+        record["results"].append(row)
+        _progress(
+            config,
+            f"[{name}] {i + 1}/{len(cases)} {case.name} {shape_text(case.shape)}: "
+            f"{row['status']} {format_time(row['median_s'])}",
+        )
+        if config.on_row is not None:
+            config.on_row(record)
+    if device_class == "gpu":
+        ctx.cupy.get_default_memory_pool().free_all_blocks()
+
+
+def _set_torch_threads(config: BenchConfig) -> int | None:
     """PyTorch on the CPU gets as many threads as NumPy's BLAS, so the comparison is fair."""
     if not config.torch:
         return None
