@@ -387,6 +387,88 @@ def _final(history: dict[str, list[float]], key: str) -> float | None:
     return float(values[-1]) if values else None
 
 
+def _train_metrics(
+    args: argparse.Namespace,
+    dataset: Any,
+    model: Any,
+    optimizer: Any,
+    optimizer_options: dict[str, float],
+    curves: dict[str, list[float]],
+    test: dict[str, float],
+    train_time: float,
+    augment: bool,
+) -> dict[str, Any]:
+    """What --metrics-json writes: the test result, the final training and validation values,
+    the throughput, and everything needed to reproduce the run."""
+    import gpubackprop as gb
+
+    regression = dataset.task == "regression"
+    metrics: dict[str, Any] = {"dataset": dataset.name, "task": dataset.task}
+    if regression:
+        metrics["test_mse"] = test["loss"]
+    else:
+        metrics["test_accuracy"] = test["accuracy"]
+    metrics.update(
+        {
+            "test_loss": test["loss"],
+            "final_train_loss": _final(curves, "loss"),
+            "final_val_loss": _final(curves, "val_loss"),
+        }
+    )
+    if not regression:
+        metrics["final_train_accuracy"] = _final(curves, "accuracy")
+        metrics["final_val_accuracy"] = _final(curves, "val_accuracy")
+    throughput = curves.get("samples_per_s", [])
+    metrics.update(
+        {
+            # the median epoch: the first one also pays for kernel compilation and warm-up
+            "samples_per_s": float(statistics.median(throughput)) if throughput else None,
+            "epochs": len(curves.get("loss", [])),
+            "backend": model.backend.name,
+            "device": model.backend.device_name(),
+            "dtype": args.dtype,
+            "seed": args.seed,
+            "data_seed": args.data_seed,
+            "train_time_s": train_time,
+            "n_train": len(dataset.x_train),
+            "n_val": 0 if dataset.x_val is None else len(dataset.x_val),
+            "n_test": len(dataset.x_test),
+            "parameters": model.num_parameters(),
+            "model": model.config(),
+            "optimizer": {
+                "type": type(optimizer).__name__,
+                **optimizer_options,
+                "schedule": args.schedule,
+            },
+            "batch_size": args.batch_size,
+            "augment": augment,
+            "history": {key: [float(v) for v in values] for key, values in curves.items()},
+            "gpubackprop_version": gb.__version__,
+        }
+    )
+    return metrics
+
+
+def _summary_line(
+    metrics: dict[str, Any], n_test: int, train_time: float, backend: str, dtype: str
+) -> str:
+    """The line `gpubackprop train` ends with: the test result and the speed."""
+    if "test_mse" in metrics:
+        headline = f"test MSE {metrics['test_mse']:.5g}"
+    else:
+        correct = round(metrics["test_accuracy"] * n_test)
+        headline = (
+            f"test accuracy {metrics['test_accuracy']:.4f} "
+            f"({correct}/{n_test}), test loss {metrics['test_loss']:.4g}"
+        )
+    rate = metrics["samples_per_s"]
+    return (
+        f"{headline}; {metrics['epochs']} epochs in {train_time:.1f} s"
+        + (f" ({rate:,.0f} samples/s)" if rate else "")
+        + f" on {backend}, {dtype}"
+    )
+
+
 @subcommand("train", "train an MLP (default: the embedded digits data set)", _train_arguments)
 def train(args: argparse.Namespace) -> int:
     import gpubackprop as gb
@@ -452,50 +534,9 @@ def train(args: argparse.Namespace) -> int:
     test = model.evaluate(dataset.x_test, dataset.y_test, loss)
 
     curves = history.history
-    metrics: dict[str, Any] = {"dataset": dataset.name, "task": dataset.task}
-    if regression:
-        metrics["test_mse"] = test["loss"]
-    else:
-        metrics["test_accuracy"] = test["accuracy"]
-    metrics.update(
-        {
-            "test_loss": test["loss"],
-            "final_train_loss": _final(curves, "loss"),
-            "final_val_loss": _final(curves, "val_loss"),
-        }
+    metrics = _train_metrics(
+        args, dataset, model, optimizer, optimizer_options, curves, test, train_time, augment
     )
-    if not regression:
-        metrics["final_train_accuracy"] = _final(curves, "accuracy")
-        metrics["final_val_accuracy"] = _final(curves, "val_accuracy")
-    throughput = curves.get("samples_per_s", [])
-    metrics.update(
-        {
-            # the median epoch: the first one also pays for kernel compilation and warm-up
-            "samples_per_s": float(statistics.median(throughput)) if throughput else None,
-            "epochs": len(history.epoch),
-            "backend": model.backend.name,
-            "device": model.backend.device_name(),
-            "dtype": args.dtype,
-            "seed": args.seed,
-            "data_seed": args.data_seed,
-            "train_time_s": train_time,
-            "n_train": len(dataset.x_train),
-            "n_val": 0 if dataset.x_val is None else len(dataset.x_val),
-            "n_test": len(dataset.x_test),
-            "parameters": model.num_parameters(),
-            "model": model.config(),
-            "optimizer": {
-                "type": type(optimizer).__name__,
-                **optimizer_options,
-                "schedule": args.schedule,
-            },
-            "batch_size": args.batch_size,
-            "augment": augment,
-            "history": {key: [float(v) for v in values] for key, values in curves.items()},
-            "gpubackprop_version": gb.__version__,
-        }
-    )
-
     if args.save:
         summary = {k: metrics[k] for k in ("dataset", "test_loss", "epochs", "seed")}
         gb.save(args.save, model, optimizer, metadata=summary)
@@ -513,20 +554,7 @@ def train(args: argparse.Namespace) -> int:
     if args.metrics_json:
         Path(args.metrics_json).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
 
-    if regression:
-        headline = f"test MSE {metrics['test_mse']:.5g}"
-    else:
-        correct = round(metrics["test_accuracy"] * len(dataset.x_test))
-        headline = (
-            f"test accuracy {metrics['test_accuracy']:.4f} "
-            f"({correct}/{len(dataset.x_test)}), test loss {test['loss']:.4g}"
-        )
-    rate = metrics["samples_per_s"]
-    print(
-        f"{headline}; {metrics['epochs']} epochs in {train_time:.1f} s"
-        + (f" ({rate:,.0f} samples/s)" if rate else "")
-        + f" on {model.backend.name}, {args.dtype}"
-    )
+    print(_summary_line(metrics, len(dataset.x_test), train_time, model.backend.name, args.dtype))
     for label, path in (
         ("checkpoint", args.save),
         ("metrics", args.metrics_json),
