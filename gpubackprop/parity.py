@@ -249,6 +249,7 @@ SGD_VARIANTS = [
 
 
 def _optimizer_cases(rng, size):
+    """SGD (every momentum/Nesterov/decay variant, first and later steps), Adam and AdamW."""
     cases = []
     for i, hyper in enumerate(SGD_VARIANTS):
         for first_step in (True, False):
@@ -304,6 +305,12 @@ def _optimizer_cases(rng, size):
                 run,
             )
         )
+    return cases
+
+
+def _flat_buffer_cases(rng, size):
+    """The other ops on flat buffers: Σx² (gradient clipping), x *= c, a + b (residuals)."""
+    cases = []
     cases.append(
         OpCase(
             "sum_of_squares",
@@ -352,6 +359,7 @@ def op_cases(seed: int = 0, quick: bool = False) -> list[OpCase]:
         cases += _loss_cases(rng, n, c)
     for size in FLAT_SIZES[: 3 if quick else None]:
         cases += _optimizer_cases(rng, size)
+        cases += _flat_buffer_cases(rng, size)
     return cases
 
 
