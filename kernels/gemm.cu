@@ -224,14 +224,13 @@ struct TiledShape {
     __device__ static int col_offset(int j) { return (j / 4) * (TILE_N / (MICRO_N / 4)); }
 };
 
+// The output row and column of accumulator acc[i][j] of the tiled version (its TiledShape).
 __device__ __forceinline__ int gemm_row(int i) {
-    return blockIdx.x * TILE_M + (i / 4) * (TILE_M / (MICRO_M / 4))
-           + (threadIdx.x / GEMM_THREADS_N) * 4 + i % 4;
+    return blockIdx.x * TILE_M + TiledShape::row_offset(i) + TiledShape::row_base() + i % 4;
 }
 
 __device__ __forceinline__ int gemm_col(int j) {
-    return blockIdx.y * TILE_N + (j / 4) * (TILE_N / (MICRO_N / 4))
-           + (threadIdx.x % GEMM_THREADS_N) * 4 + j % 4;
+    return blockIdx.y * TILE_N + TiledShape::col_offset(j) + TiledShape::col_base() + j % 4;
 }
 
 __device__ __forceinline__ void gemm_store(real_t* __restrict__ c, int rows, int cols,
