@@ -26,6 +26,7 @@ import numpy as np
 __all__ = [
     "DATASET_NAMES",
     "Dataset",
+    "feature_mean_and_std",
     "load_dataset",
     "load_digits",
     "load_mnist_idx",
@@ -34,7 +35,6 @@ __all__ = [
     "make_spirals",
     "read_idx",
     "shift_digits",
-    "standardization",
     "standardize",
     "train_test_split",
     "write_idx",
@@ -126,7 +126,9 @@ def train_test_split(
     return train, test
 
 
-def standardization(x_train: np.ndarray, per_feature: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def feature_mean_and_std(
+    x_train: np.ndarray, per_feature: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """(μ, σ) of ``x_train`` in float64, per feature or one scalar pair; σ = 0 becomes 1 so
     that a constant feature maps to 0 instead of NaN."""
     train = np.asarray(x_train, dtype=np.float64)
@@ -138,8 +140,8 @@ def standardization(x_train: np.ndarray, per_feature: bool = True) -> tuple[np.n
 def standardize(
     x_train: np.ndarray, x_test: np.ndarray, per_feature: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(x − μ) / σ for both arrays with μ, σ from ``x_train`` only (``standardization``)."""
-    mean, std = standardization(x_train, per_feature=per_feature)
+    """(x − μ) / σ for both arrays with μ, σ from ``x_train`` only (``feature_mean_and_std``)."""
+    mean, std = feature_mean_and_std(x_train, per_feature=per_feature)
     train, test = np.asarray(x_train, np.float64), np.asarray(x_test, np.float64)
     return (train - mean) / std, (test - mean) / std
 
@@ -157,7 +159,7 @@ def _resolve_dtype(dtype: Any) -> np.dtype:
 Augment = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
-def _finish(
+def _split_and_assemble(
     x: np.ndarray,
     y: np.ndarray,
     *,
@@ -216,7 +218,7 @@ def _assemble(
     if augment is not None:
         x_train, y_train = augment(x_train, y_train)
     if standardize_features:
-        mean, std = standardization(x_train, per_feature=per_feature)
+        mean, std = feature_mean_and_std(x_train, per_feature=per_feature)
         x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
         x_val = None if x_val is None else (x_val - mean) / std
 
@@ -285,7 +287,7 @@ def load_digits(
     with np.load(_DIGITS_PATH, allow_pickle=False) as archive:
         images = archive["images"]
         labels = archive["labels"]
-    return _finish(
+    return _split_and_assemble(
         images.reshape(len(images), -1).astype(np.float64),
         labels.astype(np.int64),
         name="digits",
@@ -333,7 +335,7 @@ def make_spirals(
         theta = 2.0 * np.pi * k / n_classes + 4.0 * t + noise * rng.standard_normal(count)
         points.append(np.stack([t * np.sin(theta), t * np.cos(theta)], axis=1))
         labels.append(np.full(count, k, dtype=np.int64))
-    return _finish(
+    return _split_and_assemble(
         np.concatenate(points),
         np.concatenate(labels),
         name="spirals",
@@ -379,7 +381,7 @@ def make_regression(
     y = y + noise * rng.standard_normal(y.shape)
     # x is already zero-mean, unit-variance by construction; standardising again would
     # change the function the targets were drawn from, so it is skipped.
-    return _finish(
+    return _split_and_assemble(
         x,
         y,
         name="regression",
@@ -497,7 +499,7 @@ def load_npz(
         task = _infer_task(y, task, y_key)
         if task == "classification":
             y = _check_labels(y, f"{source}: {y_key}")
-        return _finish(
+        return _split_and_assemble(
             x,
             y,
             name=name,
