@@ -345,8 +345,9 @@ def _parse_params(params: str, where: str) -> list[tuple[str, str]]:
     return out
 
 
-def elementwise_as_kernel_source(spec: Any, dtype: Any) -> str:
-    """An ``extern "C" __global__`` kernel equivalent to the CuPy ElementwiseKernel ``spec``.
+def elementwise_as_kernel_source(spec: Any, dtype: Any, preamble: str | None = None) -> str:
+    """An ``extern "C" __global__`` kernel equivalent to the CuPy ElementwiseKernel ``spec``
+    (with ``preamble`` as given, default ``elementwise_preamble(spec, dtype)``).
 
     Signature: every array parameter (type T) becomes a pointer (const for inputs), every scalar
     keeps its C type, then ``long long n``.  The kernel loops i over [0, n) grid-stride; inside,
@@ -370,7 +371,7 @@ def elementwise_as_kernel_source(spec: Any, dtype: Any) -> str:
                 raise ValueError(f"{spec.name}: parameter type {type_name!r} is not supported")
     signature.append("long long n")
     return (
-        elementwise_preamble(spec, dtype)
+        (elementwise_preamble(spec, dtype) if preamble is None else preamble)
         + f"typedef {ctype} T;\n"
         + f'extern "C" __global__ void {spec.name}({", ".join(signature)}) {{\n'
         + "    const long long stride = (long long)gridDim.x * blockDim.x;\n"

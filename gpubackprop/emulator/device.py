@@ -35,7 +35,7 @@ class EmuSeam:
         self.device_arrays = device_arrays
         self.xp = device_xp if device_arrays else np
         self._modules: dict[str, EmuModule] = {}
-        self._elementwise: dict[tuple[str, str], Any] = {}
+        self._elementwise: dict[tuple, Any] = {}
 
     # -- compile ----------------------------------------------------------------------------
     def compile(self, source_file: str, defines: dict[str, str]) -> EmuModule:
@@ -89,15 +89,16 @@ class EmuSeam:
         return DeviceArray(array) if self.device_arrays else array
 
     # -- elementwise ----------------------------------------------------------------------------
-    def elementwise(self, spec: Any, dtype: Any):
+    def elementwise(self, spec: Any, dtype: Any, preamble: str | None = None):
         """A callable ``f(*inputs[, *outputs])`` running ``spec`` over same-size arrays of
-        ``dtype``; outputs left out are allocated (poisoned); returns the output(s)."""
+        ``dtype``; outputs left out are allocated (poisoned); returns the output(s).
+        ``preamble``: the text before the kernel, if not the one spec.preamble_files make."""
         dtype = np.dtype(dtype)
-        key = (spec.name, dtype.str, spec.in_params, spec.out_params, spec.operation)
+        key = (spec.name, dtype.str, spec.in_params, spec.out_params, spec.operation, preamble)
         if key not in self._elementwise:
             from ..kernels import elementwise_as_kernel_source
 
-            text = elementwise_as_kernel_source(spec, dtype)
+            text = elementwise_as_kernel_source(spec, dtype, preamble)
             module = self.compile_text(text, f"elementwise {spec.name}")
             self._elementwise[key] = _Elementwise(self, spec, dtype, module)
         return self._elementwise[key]

@@ -1,0 +1,150 @@
+"""CupySeam's own code, run on the CPU: a stand-in for the few CuPy entry points it calls,
+implemented with the emulator, under CuPy's calling conventions.
+
+CupySeam (backends/cupy_backend.py) turns kernels/ sources into cupy.RawModule and specs into
+cupy.ElementwiseKernel, looks kernels up, launches them and wraps compile errors.  Without a GPU
+that code never runs.  ``EmulatedCupy`` below gives it what those CuPy calls give on a GPU --
+keyword-only RawModule(code=, options=), compile(), get_function() returning a function called
+as (grid: tuple, block: tuple, args: tuple, shared_mem=), ElementwiseKernel(in_params,
+out_params, operation, name, preamble=, options=), CuPy's CompileException, device arrays that
+refuse implicit conversion -- with the emulator doing the work.  The whole op-parity suite then
+runs through the real CupySeam and the real launchers.  What CuPy itself does (NVRTC, the driver)
+is checked elsewhere: test_kernels_compile.py compiles every source and every ElementwiseKernel
+the way CuPy builds it.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from gpubackprop import kernels
+from gpubackprop.backends import available_backends
+from gpubackprop.backends.base import ACTIVATIONS
+from gpubackprop.backends.kernel_backend import KernelBackend
+from gpubackprop.backends.seam import ElementwiseSpec
+from gpubackprop.emulator import EmuCompileError, EmuSeam
+from gpubackprop.emulator.device_arrays import DeviceArray, device_xp
+from gpubackprop.parity import MODEL_LOSSES, check_case, model_rows, op_cases
+
+pytestmark = pytest.mark.skipif(
+    not available_backends()["emu"][0], reason=f"emu unavailable: {available_backends()['emu'][1]}"
+)
+CompileException = pytest.importorskip("cupy.cuda.compiler").CompileException
+
+
+class _Function:
+    """What RawModule.get_function returns: called as CuPy's (tuple grid, tuple block, args)."""
+
+    def __init__(self, seam: EmuSeam, module, name: str) -> None:
+        self.seam, self.module, self.name = seam, module, name
+
+    def __call__(self, grid, block, args, *, shared_mem=0, stream=None):
+        # cupy/cuda/function.pyx declares ``tuple grid, tuple block``: a list is a TypeError.
+        for what, value in (("grid", grid), ("block", block)):
+            if type(value) is not tuple:
+                raise TypeError(f"{what} must be a tuple, got {type(value).__name__}")
+        self.seam.launch(self.module, self.name, grid, block, tuple(args), shared_mem)
+
+
+class _RawModule:
+    def __init__(self, *, code: str, options: tuple = ()) -> None:
+        if not isinstance(options, tuple):
+            raise TypeError("options must be a tuple of str")
+        self.code, self.options, self.module = code, options, None
+        self.seam = EMULATED_SEAM
+
+    def compile(self, log_stream=None):
+        try:
+            self.module = self.seam.compile_text(self.code, "RawModule")
+        except EmuCompileError as error:  # what CuPy raises for an NVRTC error
+            raise CompileException(str(error), self.code, "RawModule", self.options) from None
+
+    def get_function(self, name: str) -> _Function:
+        if self.module is None:
+            self.compile()
+        if name not in self.module.kernels:
+            raise RuntimeError(f"CUDA_ERROR_NOT_FOUND: named symbol not found ({name})")
+        return _Function(self.seam, self.module, name)
+
+
+class _ElementwiseKernel:
+    def __init__(
+        self, in_params, out_params, operation, name="kernel", reduce_dims=True, preamble="", **kw
+    ):
+        if set(kw) - {"options", "loop_prep", "after_loop", "no_return", "return_tuple"}:
+            raise TypeError(f"unexpected ElementwiseKernel arguments {sorted(kw)}")
+        self.spec = ElementwiseSpec(name, in_params, out_params, operation)
+        self.preamble = preamble
+
+    def __call__(self, *args, size=-1, block_size=128, stream=None):
+        dtype = next(a.dtype for a in args if isinstance(a, DeviceArray))
+        return EMULATED_SEAM.elementwise(self.spec, dtype, self.preamble)(*args)
+
+
+class EmulatedCupy:
+    """The ``cupy`` module CupySeam is given: its own names, and device_xp for the rest."""
+
+    __name__ = "cupy (emulated)"
+    ndarray = DeviceArray
+    RawModule = _RawModule
+    ElementwiseKernel = _ElementwiseKernel
+    cuda = SimpleNamespace(Device=lambda: SimpleNamespace(id=0))
+
+    def __getattr__(self, name):
+        return getattr(device_xp, name)
+
+
+EMULATED_SEAM = EmuSeam(device_arrays=True)
+
+
+@pytest.fixture(scope="module")
+def backend():
+    from gpubackprop.backends.cupy_backend import CupySeam
+
+    return KernelBackend(CupySeam(EmulatedCupy()))
+
+
+def _assert_rows(rows):
+    failures = [r for r in rows if not r.passed]
+    assert not failures, "\n".join(
+        f"{r.op} {r.shape} {r.dtype} {r.tensor} {r.note}" for r in failures
+    )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_every_op_through_the_cupy_seam(backend, dtype):
+    for case in op_cases(seed=11, quick=True):
+        _assert_rows(check_case(case, backend, dtype))
+
+
+@pytest.mark.parametrize("loss_name", MODEL_LOSSES)
+def test_training_through_the_cupy_seam(backend, loss_name):
+    for activation in ("relu", "gelu_tanh"):
+        assert activation in ACTIVATIONS
+        _assert_rows(model_rows(backend, "float32", activation, loss_name))
+
+
+def test_seam_caches_modules_and_names_a_missing_kernel(backend):
+    seam = backend.seam
+    module = seam.compile("reduce.cu", {"REAL_T": "float"})
+    assert seam.compile("reduce.cu", {"REAL_T": "float"}) is module
+    assert module.function("column_sum") is module.function("column_sum")
+    with pytest.raises(ValueError, match=r"'no_such_kernel' is not an entry point of kernels/"):
+        module.function("no_such_kernel")
+    x = device_xp.asarray(np.ones((3, 4), np.float32))
+    seam.check_device("x", x)  # device 0 on both sides
+    assert isinstance(seam.empty((2,), np.float32), DeviceArray)
+
+
+def test_seam_wraps_a_compile_error(tmp_path, monkeypatch):
+    from gpubackprop.backends.cupy_backend import CupySeam
+
+    monkeypatch.setattr(kernels, "kernel_dir", lambda: tmp_path)
+    (tmp_path / "broken.cu").write_text(
+        'extern "C" __global__ void broken_forward(float* out) { out[0] = undefined_name; }\n'
+    )
+    with pytest.raises(kernels.KernelCompileError, match=r"kernels/broken\.cu.*broken_forward"):
+        CupySeam(EmulatedCupy()).compile("broken.cu", {"REAL_T": "float"})
