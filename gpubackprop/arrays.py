@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Array", "dtype_of", "shape_of", "to_host"]
+__all__ = ["Array", "dtype_of", "is_device_array", "shape_of", "to_host"]
 
 # In annotations: a NumPy array, a CuPy array, an emulator DeviceArray, or (where data comes in
 # from a user) anything np.asarray accepts.  The backends have no common array base class.
@@ -33,5 +33,16 @@ def dtype_of(array: Any) -> np.dtype:
 
 
 def to_host(array: Any) -> np.ndarray:
-    """A NumPy array with the values of a NumPy or CuPy array (CuPy arrays copy via .get())."""
-    return array.get() if hasattr(array, "get") else np.asarray(array)
+    """A NumPy array with the values of ``array``: a device array (CuPy's, or the emulator's
+    DeviceArray) is copied with .get(); anything else goes through np.asarray (so a pandas
+    Series, whose .get is a lookup, is converted like any array-like)."""
+    if not isinstance(array, np.ndarray) and is_device_array(array):
+        return array.get()
+    return np.asarray(array)
+
+
+def is_device_array(array: Any) -> bool:
+    """A cupy.ndarray or an emulator DeviceArray (arrays NumPy must not convert implicitly)."""
+    from .emulator.device_arrays import DeviceArray
+
+    return isinstance(array, DeviceArray) or type(array).__module__.split(".")[0] == "cupy"

@@ -29,6 +29,9 @@ import numpy as np
 from .backends.base import ACTIVATIONS
 from .layers import activation_layer
 
+# The CLI's order: "identity" last, so that `gradcheck --activation all` starts with ReLU.
+CLI_ACTIVATIONS = (*(name for name in ACTIVATIONS if name != "identity"), "identity")
+
 __all__ = ["SUBCOMMANDS", "TRAIN_DEFAULTS", "main", "subcommand"]
 
 PROG = "gpubackprop"
@@ -192,7 +195,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     model.add_argument(
         "--activation",
-        choices=ACTIVATIONS,
+        choices=CLI_ACTIVATIONS,
         default=d["activation"],
         help=f"hidden activation (default {d['activation']})",
     )
@@ -694,7 +697,7 @@ def _gradcheck_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--activation",
-        choices=(*ACTIVATIONS, "all"),
+        choices=(*CLI_ACTIVATIONS, "all"),
         default="all",
         help="activation of the hidden blocks (default all: one block each)",
     )
@@ -720,7 +723,7 @@ def _gradcheck_arguments(parser: argparse.ArgumentParser) -> None:
 def gradcheck(args: argparse.Namespace) -> int:
     import gpubackprop as gb
 
-    activations = ACTIVATIONS if args.activation == "all" else (args.activation,)
+    activations = CLI_ACTIVATIONS if args.activation == "all" else (args.activation,)
     n_in, n_out, width = 6, 3, args.width
     gb.seed(args.seed)
     # Dense + activation, then one residual block per activation (y = x + f(Wx + b)), then the

@@ -97,3 +97,19 @@ def test_gradcheck_takes_device_arrays(rng):
     y = rng.integers(0, 3, 4)
     result = gb.gradcheck(model, DeviceArray(x), DeviceArray(y), gb.SoftmaxCrossEntropyLoss())
     assert result.passed
+
+
+def test_to_host_copies_only_device_arrays():
+    class Lookup:
+        """Array-like with a .get that is a lookup (as a pandas Series has)."""
+
+        def get(self, key, default=None):
+            raise AssertionError("to_host must not call a lookup .get()")
+
+        def __array__(self, dtype=None, copy=None):
+            return np.array([1.0, 2.0])
+
+    np.testing.assert_array_equal(to_host(Lookup()), [1.0, 2.0])
+    host = np.arange(3.0)
+    assert to_host(host) is host
+    np.testing.assert_array_equal(to_host(DeviceArray(host)), host)

@@ -364,3 +364,11 @@ def test_parity_refuses_an_unavailable_backend(capsys):
         pytest.skip("cupy is available here")
     assert cli.main(["parity", "--backend", "cupy"]) == 1
     assert "backend 'cupy' is not available" in capsys.readouterr().err
+
+
+def test_cli_activation_order_starts_with_relu_and_ends_with_identity():
+    """`gradcheck --activation all` puts the first one after the first Dense layer."""
+    from gpubackprop.backends.base import ACTIVATIONS
+
+    assert cli.CLI_ACTIVATIONS[0] == "relu" and cli.CLI_ACTIVATIONS[-1] == "identity"
+    assert sorted(cli.CLI_ACTIVATIONS) == sorted(ACTIVATIONS)

@@ -81,7 +81,11 @@ class _ElementwiseKernel:
 
     def __call__(self, *args, size=-1, block_size=128, stream=None):
         dtype = next(a.dtype for a in args if isinstance(a, DeviceArray))
-        return EMULATED_SEAM.elementwise(self.spec, dtype, self.preamble)(*args)
+        try:  # CuPy compiles at the first call, and raises CompileException then
+            kernel = EMULATED_SEAM.elementwise(self.spec, dtype, self.preamble)
+        except EmuCompileError as error:
+            raise CompileException(str(error), self.preamble, self.spec.name, ()) from None
+        return kernel(*args)
 
 
 class EmulatedCupy:
@@ -148,3 +152,16 @@ def test_seam_wraps_a_compile_error(tmp_path, monkeypatch):
     )
     with pytest.raises(kernels.KernelCompileError, match=r"kernels/broken\.cu.*broken_forward"):
         CupySeam(EmulatedCupy()).compile("broken.cu", {"REAL_T": "float"})
+
+
+def test_seam_wraps_an_elementwise_compile_error():
+    import dataclasses
+
+    from gpubackprop.backends.cupy_backend import CupySeam
+    from gpubackprop.backends.kernel_backend import ELEMENTWISE_SPECS
+
+    spec = dataclasses.replace(ELEMENTWISE_SPECS[0], operation="y = undefined_name;")
+    kernel = CupySeam(EmulatedCupy()).elementwise(spec, np.float32)
+    x = device_xp.asarray(np.ones(4, np.float32))
+    with pytest.raises(kernels.KernelCompileError, match=f"ElementwiseKernel {spec.name}"):
+        kernel(x, np.int32(1), np.float64(0.0), device_xp.empty((4,), np.float32))

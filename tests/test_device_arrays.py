@@ -66,6 +66,29 @@ def test_numpy_functions_and_operators_stay_on_the_device():
     assert [row.shape for row in a] == [(2,), (2,)]
 
 
+def test_ufunc_outputs_given_in_part_come_back_with_the_new_ones():
+    a = device_xp.asarray(np.array([7.0, -3.0]))
+    quotient = device_xp.zeros((2,))
+    q, r = np.divmod(a, 2.0, out=(quotient, None))
+    assert q is quotient and isinstance(r, DeviceArray)
+    np.testing.assert_array_equal(q.get(), [3.0, -2.0])
+    np.testing.assert_array_equal(r.get(), [1.0, 1.0])
+
+
+def test_ascontiguousarray_takes_device_arrays_only_and_env_is_validated(monkeypatch):
+    from gpubackprop.emulator import device_arrays_from_env
+
+    with pytest.raises(TypeError, match=r"device_xp\.asarray"):
+        device_xp.ascontiguousarray(np.ones(3))
+    strided = device_xp.asarray(np.arange(12.0).reshape(3, 4))[:, ::2]
+    assert device_xp.ascontiguousarray(strided).flags.c_contiguous
+    monkeypatch.setenv("GPUBACKPROP_EMU_DEVICE_ARRAYS", "yes")
+    with pytest.raises(ValueError, match="GPUBACKPROP_EMU_DEVICE_ARRAYS='yes'"):
+        device_arrays_from_env()
+    monkeypatch.setenv("GPUBACKPROP_EMU_DEVICE_ARRAYS", "1")
+    assert device_arrays_from_env()
+
+
 def test_mixing_with_numpy_arrays_is_refused():
     a = device_xp.zeros((3,), dtype=np.float32)
     host = np.ones(3, dtype=np.float32)
@@ -145,7 +168,9 @@ def test_training_loop_on_device_arrays_equals_plain_emu(device_backend, plain_b
     # Inputs already on the device are taken as they are.
     on_device = device_model.predict(device_xp.asarray(x))
     np.testing.assert_array_equal(on_device, predicted)
-    device_model.evaluate(device_xp.asarray(x), device_xp.asarray(y), gb.SoftmaxCrossEntropyLoss())
+    assert device_model.evaluate(
+        device_xp.asarray(x), device_xp.asarray(y), gb.SoftmaxCrossEntropyLoss()
+    ) == plain_model.evaluate(x, y, gb.SoftmaxCrossEntropyLoss())
 
     gb.save(tmp_path / "latest.safetensors", device_model, device_opt)
     loaded, loaded_opt = gb.load(

@@ -249,6 +249,8 @@ def test_cupy_backend_construction_never_raises_and_keeps_the_reason():
     else:
         assert backend.reason
         assert backend.reason in backend.device_name()
+        with pytest.raises(RuntimeError, match="not available"):
+            backend.with_gemm_version("warptiled")
 
 
 # -- launcher paths the op-parity suite does not reach, on the CPU emulator -------------------

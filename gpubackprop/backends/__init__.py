@@ -30,11 +30,12 @@ def _build(name: str) -> Backend:
 
         return CupyBackend()
     if name == "emu":
+        from ..emulator import device_arrays_from_env
         from .emu_backend import EmuBackend
 
         # CuPy's rules for arrays (no implicit conversion to NumPy) on the CPU, for testing code
         # that will run on a GPU; read once, when the backend is first built.
-        return EmuBackend(device_arrays=os.environ.get("GPUBACKPROP_EMU_DEVICE_ARRAYS") == "1")
+        return EmuBackend(device_arrays=device_arrays_from_env())
     raise AssertionError(name)
 
 

@@ -223,6 +223,8 @@ class KernelBackend(Backend):
     def with_gemm_version(self, gemm_version: str, gemm_tiles: dict | None = None):
         """This backend launching another GEMM version: the same seam (device, kind of array,
         compiled modules), so it takes this backend's arrays.  For benchmarks and sweeps."""
+        if self.seam is None:
+            raise RuntimeError(f"backend {self.name!r} is not available: {self.reason}")
         sibling = copy.copy(self)
         KernelBackend.__init__(sibling, self.seam, gemm_version, gemm_tiles)
         sibling.available, sibling.reason = self.available, self.reason

@@ -23,7 +23,7 @@ Environment variables:
 from __future__ import annotations
 
 from .compiler import EmuCompileError, EmuUnsupportedError, cache_dir, find_compiler
-from .device import EmuSeam
+from .device import EmuSeam, device_arrays_from_env
 from .launch import EmuLaunchError, EmuModule
 
 __all__ = [
@@ -33,5 +33,6 @@ __all__ = [
     "EmuSeam",
     "EmuUnsupportedError",
     "cache_dir",
+    "device_arrays_from_env",
     "find_compiler",
 ]

@@ -13,6 +13,7 @@ kernels do.
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Any
 
 import numpy as np
@@ -185,3 +186,11 @@ def poisoned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     array = np.empty(shape, dtype=dtype)
     poison_fill(array)
     return array
+
+
+def device_arrays_from_env() -> bool:
+    """GPUBACKPROP_EMU_DEVICE_ARRAYS=1: the emu backend hands out DeviceArrays (CuPy's rules)."""
+    value = os.environ.get("GPUBACKPROP_EMU_DEVICE_ARRAYS", "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"GPUBACKPROP_EMU_DEVICE_ARRAYS={value!r}; expected 0 or 1 (unset: 0)")
+    return value == "1"

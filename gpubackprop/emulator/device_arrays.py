@@ -116,9 +116,15 @@ class DeviceArray(NDArrayOperatorsMixin):
         if out is not None:
             kwargs["out"] = _to_host_args(out, where)
         result = getattr(ufunc, method)(*inputs, **kwargs)
-        if out is not None:
-            return out[0] if len(out) == 1 else out
-        return _to_device(result)
+        if out is None:
+            return _to_device(result)
+        # The outputs given are returned as themselves; any left as None come back new.
+        results = result if isinstance(result, tuple) else (result,)
+        returned = tuple(
+            given if given is not None else _to_device(made)
+            for given, made in zip(out, results, strict=True)
+        )
+        return returned[0] if len(returned) == 1 else returned
 
     def __array_function__(self, func: Callable, types: Any, args: Any, kwargs: Any) -> Any:
         where = f"numpy.{func.__name__}"
@@ -183,8 +189,13 @@ class _DeviceNamespace:
 
     @staticmethod
     def ascontiguousarray(a: Any, dtype: Any = None) -> DeviceArray:
-        host = a._host if isinstance(a, DeviceArray) else np.array(a, dtype=dtype)
-        return DeviceArray(np.ascontiguousarray(host, dtype=dtype))
+        """A contiguous device array; like cupy.ascontiguousarray it takes device arrays only."""
+        if not isinstance(a, DeviceArray):
+            raise TypeError(
+                f"ascontiguousarray takes a device array, got {type(a).__name__}; "
+                "use device_xp.asarray for host data"
+            )
+        return DeviceArray(np.ascontiguousarray(a._host, dtype=dtype))
 
     @staticmethod
     def asnumpy(a: Any) -> np.ndarray:
