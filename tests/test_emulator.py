@@ -232,6 +232,12 @@ def test_guard_check_catches_a_read_past_the_end_that_nan_hides(seam, checks, mo
     seam.launch(checks, "warp_sum", (1, 1, 1), (64, 1, 1), (x, partial, np.int64(40)), 8)
     assert partial[0] == x.sum()
 
+    # Shared memory nobody wrote, read through fmaxf: the same check catches it.
+    out = np.zeros(32, np.float32)
+    with pytest.raises(EmuLaunchError, match=r"shared memory nobody wrote"):
+        seam.launch(checks, "unwritten_shared_max", (1, 1, 1), (32, 1, 1), (out,))
+    np.testing.assert_array_equal(out, 0)
+
     monkeypatch.setenv("GPUBACKPROP_EMU_GUARD_CHECK", "yes")
     with pytest.raises(ValueError, match="GPUBACKPROP_EMU_GUARD_CHECK='yes'"):
         seam.launch(checks, "neighbour_max_past_end", (2, 1, 1), (32, 1, 1), (x, out, np.int32(40)))
@@ -277,9 +283,14 @@ def test_device_assert_is_reported(seam, checks):
         seam.launch(checks, "failing_assert", 1, 8, (out, np.int32(5)))
 
 
-def test_uninitialised_shared_memory_and_shuffled_order_expose_a_race(seam, checks):
+def test_uninitialised_shared_memory_and_shuffled_order_expose_a_race(seam, checks, monkeypatch):
     expected = (np.arange(64) + 63) % 64 + 1
     out = np.zeros(64, np.int32)
+    # With the guard check, the read of a slot nobody wrote yet is an error of its own:
+    with pytest.raises(EmuLaunchError, match="shared memory nobody wrote"):
+        seam.launch(checks, "racy_neighbour", 1, 64, (out,))
+    # without it, the 0xFF bytes come through as -1.
+    monkeypatch.delenv("GPUBACKPROP_EMU_GUARD_CHECK", raising=False)
     seam.launch(checks, "racy_neighbour", 1, 64, (out,))
     assert out[0] == -1  # slot[63] read before thread 63 wrote it: 0xFF bytes
     np.testing.assert_array_equal(out[1:], expected[1:])  # thread order hides the rest

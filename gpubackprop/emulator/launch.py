@@ -271,6 +271,7 @@ def launch(
     check_stack_setting()
     run = (info, where, args, grid3, block3, shared_mem, seed)
     groups = _run_once(*run, GUARD_BYTE)
+    changed = []
     if guard_check_from_env():
         second = _run_once(*run, SECOND_GUARD_BYTE)
         changed = [
@@ -278,16 +279,18 @@ def launch(
             for group, other in zip(groups.values(), second.values(), strict=True)
             if not np.array_equal(group.data, other.data)
         ]
-        if changed:
-            raise EmuLaunchError(
-                f"{where}: {', '.join(changed)} changed when the guard zones held 0x7F instead "
-                "of 0xFF bytes: the kernel read out of bounds of an argument and used the value; "
-                "the arguments were left unchanged"
-            )
 
+    # The first run's own findings come first; results are copied back unless the guard check
+    # found them unreliable.
     problems = []
     for group in groups.values():
-        problems += _check_group(group)
+        problems += _check_group(group, copy_back=not changed)
+    if changed:
+        problems.append(
+            f"{', '.join(changed)} changed when the guard zones and shared memory held 0x7F "
+            "instead of 0xFF bytes: the kernel read out of bounds of an argument, or shared "
+            "memory nobody wrote, and used the value; the arguments were left unchanged"
+        )
     if problems:
         raise EmuLaunchError(f"{where}: " + "; ".join(problems))
 
@@ -325,7 +328,12 @@ def _run_once(
     dims = (ctypes.c_longlong * 6)(*grid3, *block3)
     error = ctypes.create_string_buffer(ERROR_BUFFER)
     with _launch_lock:
-        status = info.entry(dims, shared_mem, pointers, seed, error, ERROR_BUFFER)
+        # Shared memory is filled with the same byte as the guard zones (read by the runtime).
+        os.environ["GBEMU_SHARED_FILL"] = f"{guard_byte:02x}"
+        try:
+            status = info.entry(dims, shared_mem, pointers, seed, error, ERROR_BUFFER)
+        finally:
+            del os.environ["GBEMU_SHARED_FILL"]
     if status != 0:
         # The guarded copies are dropped unread: the caller's arrays keep their contents.
         message = error.value.decode(errors="replace")
@@ -439,7 +447,9 @@ def _describe(group: _Group) -> str:
     return f"argument {names!r} ({group.array.dtype}{list(group.array.shape)})"
 
 
-def _check_group(group: _Group) -> list[str]:
+def _check_group(group: _Group, copy_back: bool = True) -> list[str]:
+    """What went wrong with one argument's guarded copy (guard zones, poison, const); its data is
+    copied back to the caller's array when writable and ``copy_back``."""
     problems = []
     before = group.buffer[: group.offset]
     after = group.buffer[group.offset + group.nbytes :]
@@ -472,7 +482,8 @@ def _check_group(group: _Group) -> list[str]:
     if group.nbytes:
         original = group.array.reshape(-1).view(np.uint8)
         if writable:
-            original[:] = group.data
+            if copy_back:
+                original[:] = group.data
         elif not np.array_equal(original, group.data):
             problems.append(f"wrote to read-only (const) {_describe(group)}")
     return problems
