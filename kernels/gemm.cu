@@ -61,26 +61,9 @@ static_assert(TILE_M % MICRO_M == 0 && TILE_N % MICRO_N == 0, "micro-tile must d
 #define LAYOUT_INNER 0  // a[r * ld + p]: rows along the inner dimension are contiguous
 #define LAYOUT_OUTER 1  // a[p * ld + r]
 
-// Four consecutive elements src[0..3]; the first `valid` exist, the rest read as 0.
-__device__ __forceinline__ void gb_load4(const real_t* __restrict__ src, int valid, int vec,
-                                         real_t v[4]) {
-    if (vec && valid >= 4) {
-        if (sizeof(real_t) == 4) {
-            const float4 t = *reinterpret_cast<const float4*>(src);
-            v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w;
-        } else {
-            const double2 t0 = reinterpret_cast<const double2*>(src)[0];
-            const double2 t1 = reinterpret_cast<const double2*>(src)[1];
-            v[0] = t0.x; v[1] = t0.y; v[2] = t1.x; v[3] = t1.y;
-        }
-    } else {
-#pragma unroll
-        for (int q = 0; q < 4; ++q) v[q] = q < valid ? src[q] : (real_t)0;
-    }
-}
-
-// Four consecutive shared-memory elements, 16-byte aligned by construction.
-__device__ __forceinline__ void gb_lds4(const real_t* src, real_t v[4]) {
+// Four consecutive elements at a 16-byte-aligned address (shared memory by construction,
+// global memory when the launcher's vec flag says so): one float4 or two double2 loads.
+__device__ __forceinline__ void gb_ld4_aligned(const real_t* src, real_t v[4]) {
     if (sizeof(real_t) == 4) {
         const float4 t = *reinterpret_cast<const float4*>(src);
         v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w;
@@ -88,6 +71,17 @@ __device__ __forceinline__ void gb_lds4(const real_t* src, real_t v[4]) {
         const double2 t0 = reinterpret_cast<const double2*>(src)[0];
         const double2 t1 = reinterpret_cast<const double2*>(src)[1];
         v[0] = t0.x; v[1] = t0.y; v[2] = t1.x; v[3] = t1.y;
+    }
+}
+
+// Four consecutive elements src[0..3]; the first `valid` exist, the rest read as 0.
+__device__ __forceinline__ void gb_load4(const real_t* __restrict__ src, int valid, int vec,
+                                         real_t v[4]) {
+    if (vec && valid >= 4) {
+        gb_ld4_aligned(src, v);
+    } else {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) v[q] = q < valid ? src[q] : (real_t)0;
     }
 }
 
@@ -195,10 +189,10 @@ __device__ __forceinline__ void gemm_mainloop(const real_t* __restrict__ a, long
             real_t fa[Shape::ROWS], fb[Shape::COLS];
 #pragma unroll
             for (int i = 0; i < Shape::ROWS; i += 4)
-                gb_lds4(sa + p * STRIDE_A + Shape::row_offset(i), fa + i);
+                gb_ld4_aligned(sa + p * STRIDE_A + Shape::row_offset(i), fa + i);
 #pragma unroll
             for (int j = 0; j < Shape::COLS; j += 4)
-                gb_lds4(sb + p * STRIDE_B + Shape::col_offset(j), fb + j);
+                gb_ld4_aligned(sb + p * STRIDE_B + Shape::col_offset(j), fb + j);
 #pragma unroll
             for (int i = 0; i < Shape::ROWS; ++i)
 #pragma unroll
