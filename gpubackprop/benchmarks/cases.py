@@ -148,6 +148,17 @@ class Context:
             return "--torch-compile auto: not on the CPU with --quick (an inductor build per shape)"
         return "--torch-compile auto: elementwise ops only on a GPU without --quick"
 
+    def add_torch_compile(self, prepared: Prepared, what: str, build: Callable[[], Any]) -> None:
+        """The torch.compile baseline ``build()`` (a zero-argument callable to time) when
+        torch.compile is on for ``what``; otherwise, or when building fails, the reason."""
+        if not self.torch_compile_enabled(what):
+            prepared.skipped["torch_compile"] = self.torch_compile_skip_reason(what)
+            return
+        try:
+            prepared.baselines["torch_compile"] = self.torch_impl(build())
+        except Exception as error:
+            prepared.skipped["torch_compile"] = f"{type(error).__name__}: {error}"[:300]
+
     # -- arrays ------------------------------------------------------------------------------
     def host(self, shape: tuple[int, ...], scale: float = 1.0) -> np.ndarray:
         """Random host data rounded to the benchmark dtype, returned in float64 (so that the
@@ -357,13 +368,7 @@ def activation_case(name: str, rows: int, cols: int, direction: str, itemsize: i
             return run_torch
 
         prepared.baselines["torch"] = ctx.torch_impl(call(fn))
-        if ctx.torch_compile_enabled("elementwise"):
-            try:
-                prepared.baselines["torch_compile"] = ctx.torch_impl(call(torch.compile(fn)))
-            except Exception as error:
-                prepared.skipped["torch_compile"] = f"{type(error).__name__}: {error}"[:300]
-        else:
-            prepared.skipped["torch_compile"] = ctx.torch_compile_skip_reason("elementwise")
+        ctx.add_torch_compile(prepared, "elementwise", lambda: call(torch.compile(fn)))
         return prepared
 
     label = f"{name}.{direction}"
@@ -412,22 +417,19 @@ def loss_case(rows: int, classes: int, itemsize: int) -> Case:
             return loss, grad
 
         prepared.baselines["torch"] = ctx.torch_impl(torch_eager)
-        if ctx.torch_compile_enabled("elementwise"):
 
-            def value_and_grad(z, labels):
-                # L = mean(lse(z) − z_y);  ∂L/∂z = (softmax(z) − onehot(y)) / N
-                lse = torch.logsumexp(z, dim=1)
-                loss = (lse - z.gather(1, labels[:, None])[:, 0]).mean()
-                onehot = F.one_hot(labels, z.shape[1]).to(z.dtype)
-                return loss, (torch.softmax(z, dim=1) - onehot) / z.shape[0]
+        def value_and_grad(z, labels):
+            # L = mean(lse(z) − z_y);  ∂L/∂z = (softmax(z) − onehot(y)) / N
+            lse = torch.logsumexp(z, dim=1)
+            loss = (lse - z.gather(1, labels[:, None])[:, 0]).mean()
+            onehot = F.one_hot(labels, z.shape[1]).to(z.dtype)
+            return loss, (torch.softmax(z, dim=1) - onehot) / z.shape[0]
 
-            try:
-                compiled = torch.compile(value_and_grad)
-                prepared.baselines["torch_compile"] = ctx.torch_impl(lambda: compiled(*ttake()))
-            except Exception as error:
-                prepared.skipped["torch_compile"] = f"{type(error).__name__}: {error}"[:300]
-        else:
-            prepared.skipped["torch_compile"] = ctx.torch_compile_skip_reason("elementwise")
+        def compiled_value_and_grad():
+            compiled = torch.compile(value_and_grad)
+            return lambda: compiled(*ttake())
+
+        ctx.add_torch_compile(prepared, "elementwise", compiled_value_and_grad)
         return prepared
 
     return Case(
@@ -641,16 +643,12 @@ def train_case(sizes: Sequence[int], batch: int, itemsize: int) -> Case:
             return step
 
         prepared.baselines["torch"] = ctx.torch_impl(torch_step(*torch_model()))
-        if ctx.torch_compile_enabled("train"):
-            try:
-                net, topt = torch_model()
-                prepared.baselines["torch_compile"] = ctx.torch_impl(
-                    torch_step(torch.compile(net), topt)
-                )
-            except Exception as error:
-                prepared.skipped["torch_compile"] = f"{type(error).__name__}: {error}"[:300]
-        else:
-            prepared.skipped["torch_compile"] = ctx.torch_compile_skip_reason("train")
+
+        def compiled_step():
+            net, topt = torch_model()
+            return torch_step(torch.compile(net), topt)
+
+        ctx.add_torch_compile(prepared, "train", compiled_step)
         return prepared
 
     return Case(
