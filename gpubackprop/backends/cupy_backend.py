@@ -186,8 +186,3 @@ class CupyBackend(KernelBackend):
         if not self.available:
             return f"unavailable ({self.reason})"
         return self._device_name
-
-    def to_numpy(self, a):
-        if self.xp is not None and isinstance(a, self.xp.ndarray):
-            return self.xp.asnumpy(a)
-        return np.asarray(a)

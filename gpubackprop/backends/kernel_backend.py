@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ..arrays import to_host
 from ..kernels import real_type
 from .base import SAVES_OUTPUT, Backend, check_activation, check_reduction
 from .seam import ElementwiseSpec
@@ -236,8 +237,7 @@ class KernelBackend(Backend):
         return self.xp.ascontiguousarray(self.xp.asarray(x, dtype=dtype))
 
     def to_numpy(self, a):
-        get = getattr(a, "get", None)
-        return get() if callable(get) and not isinstance(a, np.ndarray) else np.asarray(a)
+        return to_host(a)
 
     def empty(self, shape, dtype):
         return self.seam.empty(tuple(shape), np.dtype(dtype))

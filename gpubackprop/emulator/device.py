@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import compiler
-from .device_arrays import DeviceArray, device_xp, host_memory
+from .device_arrays import DeviceArray, device_xp, to_host_memory
 from .launch import SCALAR_TYPES, EmuModule, launch, poison_fill
 
 __all__ = ["EmuSeam"]
@@ -72,17 +72,7 @@ class EmuSeam:
     def host_arguments(self, args: tuple[Any, ...], where: str) -> tuple[Any, ...]:
         """The NumPy memory behind each DeviceArray argument.  With device arrays a NumPy array
         is refused, as CuPy refuses host memory in a kernel launch."""
-        if not self.device_arrays:
-            return tuple(args)
-        host = []
-        for value in args:
-            if isinstance(value, np.ndarray):
-                raise TypeError(
-                    f"{where}: argument {len(host)} is a numpy.ndarray {value.shape}; a kernel "
-                    "takes device arrays (backend.asarray copies host data to the device)"
-                )
-            host.append(host_memory(value) if isinstance(value, DeviceArray) else value)
-        return tuple(host)
+        return to_host_memory(tuple(args), where) if self.device_arrays else tuple(args)
 
     def empty(self, shape: tuple[int, ...], dtype: Any) -> Any:
         """An array filled with the poison pattern (a signalling NaN with payload 0xA5...)."""

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from numpy.lib.mixins import NDArrayOperatorsMixin
 
-__all__ = ["DeviceArray", "device_xp", "host_memory"]
+__all__ = ["DeviceArray", "device_xp", "to_host_memory"]
 
 _DEVICE = SimpleNamespace(id=0)
 
@@ -90,11 +90,11 @@ class DeviceArray(NDArrayOperatorsMixin):
         return f"DeviceArray({self._host!r})"
 
     def __getitem__(self, key: Any) -> Any:
-        return _to_device(self._host[_to_host_args(key, "indexing")])
+        return _to_device(self._host[to_host_memory(key, "indexing")])
 
     def __setitem__(self, key: Any, value: Any) -> None:
         # cupy allows a NumPy value here (an explicit host-to-device copy of the right side).
-        self._host[_to_host_args(key, "indexing")] = (
+        self._host[to_host_memory(key, "indexing")] = (
             value._host if isinstance(value, DeviceArray) else value
         )
 
@@ -112,9 +112,9 @@ class DeviceArray(NDArrayOperatorsMixin):
     def __array_ufunc__(self, ufunc: np.ufunc, method: str, *inputs: Any, **kwargs: Any) -> Any:
         where = f"numpy.{ufunc.__name__}"
         out = kwargs.pop("out", None)
-        inputs, kwargs = _to_host_args(inputs, where), _to_host_args(kwargs, where)
+        inputs, kwargs = to_host_memory(inputs, where), to_host_memory(kwargs, where)
         if out is not None:
-            kwargs["out"] = _to_host_args(out, where)
+            kwargs["out"] = to_host_memory(out, where)
         result = getattr(ufunc, method)(*inputs, **kwargs)
         if out is None:
             return _to_device(result)
@@ -128,18 +128,14 @@ class DeviceArray(NDArrayOperatorsMixin):
 
     def __array_function__(self, func: Callable, types: Any, args: Any, kwargs: Any) -> Any:
         where = f"numpy.{func.__name__}"
-        return _to_device(func(*_to_host_args(args, where), **_to_host_args(kwargs, where)))
+        return _to_device(func(*to_host_memory(args, where), **to_host_memory(kwargs, where)))
 
 
-def host_memory(array: DeviceArray) -> np.ndarray:
-    """The NumPy array that holds ``array``'s elements (no copy): what the emulator's kernels
-    read and write.  Not a CuPy API; code meant for a GPU copies with ``.get()``."""
-    return array._host
-
-
-def _to_host_args(value: Any, where: str) -> Any:
-    """DeviceArrays unwrapped to their host memory, through tuples, lists and dicts; a NumPy
-    array among them is refused, as CuPy refuses to mix host and device arrays."""
+def to_host_memory(value: Any, where: str) -> Any:
+    """DeviceArrays replaced by the NumPy arrays holding their elements (no copy: what NumPy
+    and the emulator's kernels work on), through tuples, lists and dicts; a NumPy array among
+    them is refused, as CuPy refuses to mix host and device arrays.  Not a CuPy API: code meant
+    for a GPU copies with ``.get()``."""
     if isinstance(value, DeviceArray):
         return value._host
     if isinstance(value, np.ndarray):
@@ -148,9 +144,9 @@ def _to_host_args(value: Any, where: str) -> Any:
             "device first (backend.asarray), as CuPy requires"
         )
     if isinstance(value, (tuple, list)):
-        return type(value)(_to_host_args(v, where) for v in value)
+        return type(value)(to_host_memory(v, where) for v in value)
     if isinstance(value, dict):
-        return {k: _to_host_args(v, where) for k, v in value.items()}
+        return {k: to_host_memory(v, where) for k, v in value.items()}
     return value
 
 
@@ -168,7 +164,7 @@ def _to_device(value: Any) -> Any:
 
 def _on_device(function: Callable, where: str) -> Callable:
     def call(*args: Any, **kwargs: Any) -> Any:
-        return _to_device(function(*_to_host_args(args, where), **_to_host_args(kwargs, where)))
+        return _to_device(function(*to_host_memory(args, where), **to_host_memory(kwargs, where)))
 
     call.__name__ = getattr(function, "__name__", where)
     return call
