@@ -13,14 +13,13 @@ kernels do.
 from __future__ import annotations
 
 import hashlib
-import os
 from typing import Any
 
 import numpy as np
 
 from . import compiler
 from .device_arrays import DeviceArray, device_xp, to_host_memory
-from .launch import SCALAR_TYPES, EmuModule, launch, poison_fill
+from .launch import SCALAR_TYPES, EmuModule, flag_from_env, launch, poison_fill
 
 __all__ = ["EmuSeam"]
 
@@ -180,7 +179,4 @@ def poisoned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
 
 def device_arrays_from_env() -> bool:
     """GPUBACKPROP_EMU_DEVICE_ARRAYS=1: the emu backend hands out DeviceArrays (CuPy's rules)."""
-    value = os.environ.get("GPUBACKPROP_EMU_DEVICE_ARRAYS", "").strip()
-    if value not in ("", "0", "1"):
-        raise ValueError(f"GPUBACKPROP_EMU_DEVICE_ARRAYS={value!r}; expected 0 or 1 (unset: 0)")
-    return value == "1"
+    return flag_from_env("GPUBACKPROP_EMU_DEVICE_ARRAYS")

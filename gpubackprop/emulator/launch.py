@@ -344,13 +344,18 @@ def _run_once(
     return groups
 
 
+def flag_from_env(name: str) -> bool:
+    """An on/off setting: ``name`` set to 1 (on), 0 or unset (off); anything else is an error."""
+    value = os.environ.get(name, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{name}={value!r}; expected 0 or 1 (unset: 0)")
+    return value == "1"
+
+
 def guard_check_from_env() -> bool:
     """GPUBACKPROP_EMU_GUARD_CHECK=1: run each launch a second time with other guard bytes and
     require identical outputs (catches out-of-bounds reads whose value is used)."""
-    value = os.environ.get("GPUBACKPROP_EMU_GUARD_CHECK", "").strip()
-    if value not in ("", "0", "1"):
-        raise ValueError(f"GPUBACKPROP_EMU_GUARD_CHECK={value!r}; expected 0 or 1 (unset: 0)")
-    return value == "1"
+    return flag_from_env("GPUBACKPROP_EMU_GUARD_CHECK")
 
 
 def _check_pointer(where: str, param: Param, value: Any) -> np.ndarray:
