@@ -405,8 +405,8 @@ def test_cupy_seam_refuses_an_operand_on_another_gpu():
         seam.check_device("x", SimpleNamespace(device=SimpleNamespace(id=1)))
 
 
-def test_every_gemm_tile_configuration_of_the_sweep_is_correct_on_the_emulator():
-    """bench/gemm_sweep.py times these on a GPU; each must first give the right answer."""
+def _gemm_sweep_module():
+    """bench/gemm_sweep.py as a module (it is a script, not part of the package)."""
     import importlib.util
 
     from gpubackprop.backends import available_backends
@@ -417,6 +417,12 @@ def test_every_gemm_tile_configuration_of_the_sweep_is_correct_on_the_emulator()
     spec = importlib.util.spec_from_file_location("gemm_sweep", path)
     sweep = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sweep)
+    return sweep
+
+
+def test_every_gemm_tile_configuration_of_the_sweep_is_correct_on_the_emulator():
+    """bench/gemm_sweep.py times these on a GPU; each must first give the right answer."""
+    sweep = _gemm_sweep_module()
     rng = np.random.default_rng(0)
     assert {version for version, _ in sweep.CONFIGS} == {"tiled", "warptiled"}
     for version, config in sweep.CONFIGS:
@@ -424,16 +430,7 @@ def test_every_gemm_tile_configuration_of_the_sweep_is_correct_on_the_emulator()
 
 
 def test_gemm_sweep_runs_on_the_emulator_and_records_each_version(tmp_path):
-    import importlib.util
-
-    from gpubackprop.backends import available_backends
-
-    if not available_backends()["emu"][0]:
-        pytest.skip(f"emu unavailable: {available_backends()['emu'][1]}")
-    path = Path(__file__).resolve().parents[1] / "bench" / "gemm_sweep.py"
-    spec = importlib.util.spec_from_file_location("gemm_sweep", path)
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    sweep = _gemm_sweep_module()
     configs = [c for c in sweep.CONFIGS if c[1][:2] == (128, 128)][:1] + [
         c for c in sweep.CONFIGS if c[0] == "warptiled"
     ][:1]
