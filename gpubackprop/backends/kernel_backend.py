@@ -218,7 +218,10 @@ class KernelBackend(Backend):
         }
         for kind, tiles in self.gemm_tiles.items():
             _check_gemm_tiles(kind, tiles)
-        self._modules: dict[tuple, Any] = {}
+        self._modules: dict[tuple, Any] = {}  # (file, defines) -> compiled module
+        # (file, dtype) -> (module, gemm tiles): what a launch looks up, without rebuilding the
+        # defines each time (that cost microseconds per launch); this backend's own tiles.
+        self._launch_modules: dict[tuple[str, str], tuple[Any, dict | None]] = {}
         self._elementwise_kernels: dict[tuple, Any] = {}
 
     def with_gemm_version(self, gemm_version: str, gemm_tiles: dict | None = None):
@@ -246,7 +249,7 @@ class KernelBackend(Backend):
         return self.xp.zeros(tuple(shape), dtype=np.dtype(dtype))
 
     # -- compiled code ------------------------------------------------------------------------
-    def _module(self, file: str, dtype: np.dtype, extra: dict[str, Any] | None = None):
+    def _compiled(self, file: str, dtype: np.dtype, extra: dict[str, Any] | None = None):
         values = {**KERNEL_DEFINES.get(file, {}), **(extra or {})}
         defines = {"REAL_T": real_type(dtype), **{k: str(v) for k, v in values.items()}}
         key = (file, tuple(sorted(defines.items())))
@@ -254,13 +257,22 @@ class KernelBackend(Backend):
             self._modules[key] = self.seam.compile(file, defines)
         return self._modules[key]
 
+    def _module(self, file: str, dtype: np.dtype):
+        key = (file, dtype.str)
+        if key not in self._launch_modules:
+            self._launch_modules[key] = (self._compiled(file, dtype), None)
+        return self._launch_modules[key][0]
+
     def _gemm_module(self, dtype: np.dtype):
-        kind = real_type(dtype)
-        tiles = self.gemm_tiles[kind]
-        # gemm.cu holds every version: each is compiled with its tuning values for this type
-        # (the file's defaults are float's), whichever one this backend launches.
-        defines = {**GEMM_TILES[kind], **GEMM_TILES_WARPTILED[kind], **tiles}
-        return self._module("gemm.cu", dtype, defines), tiles
+        key = ("gemm.cu", dtype.str)
+        if key not in self._launch_modules:
+            kind = real_type(dtype)
+            tiles = self.gemm_tiles[kind]
+            # gemm.cu holds every version: each is compiled with its tuning values for this
+            # type (the file's defaults are float's), whichever one this backend launches.
+            defines = {**GEMM_TILES[kind], **GEMM_TILES_WARPTILED[kind], **tiles}
+            self._launch_modules[key] = (self._compiled("gemm.cu", dtype, defines), tiles)
+        return self._launch_modules[key]
 
     def _elementwise(self, spec: ElementwiseSpec, dtype: np.dtype):
         key = (spec.name, dtype.str)
