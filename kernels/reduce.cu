@@ -21,30 +21,31 @@
 #define COLUMN_SUM_ROWS 8
 #endif
 
-// grid (B), block (REDUCE_THREADS); partials has B elements.
-extern "C" __global__ void __launch_bounds__(REDUCE_THREADS)
-sum_squares_partial(const real_t* __restrict__ x, long long n, real_t* __restrict__ partials) {
+// Block b's share of Σ x[i] (or Σ x[i]² with SQUARE): a grid-stride loop in double, then the
+// block's fixed reduction tree; partials[b] holds it.
+template <bool SQUARE>
+__device__ __forceinline__ void gb_partial_sum(const real_t* __restrict__ x, long long n,
+                                               real_t* __restrict__ partials) {
     __shared__ double scratch[32];
     double acc = 0.0;
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         const double v = (double)x[i];
-        acc += v * v;
+        acc += SQUARE ? v * v : v;
     }
     acc = gb_block_sum(acc, scratch);
     if (threadIdx.x == 0) partials[blockIdx.x] = (real_t)acc;
 }
 
+// grid (B), block (REDUCE_THREADS); partials has B elements.
+extern "C" __global__ void __launch_bounds__(REDUCE_THREADS)
+sum_squares_partial(const real_t* __restrict__ x, long long n, real_t* __restrict__ partials) {
+    gb_partial_sum<true>(x, n, partials);
+}
+
 extern "C" __global__ void __launch_bounds__(REDUCE_THREADS)
 sum_partial(const real_t* __restrict__ x, long long n, real_t* __restrict__ partials) {
-    __shared__ double scratch[32];
-    double acc = 0.0;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        acc += (double)x[i];
-    }
-    acc = gb_block_sum(acc, scratch);
-    if (threadIdx.x == 0) partials[blockIdx.x] = (real_t)acc;
+    gb_partial_sum<false>(x, n, partials);
 }
 
 // grid (1), block (REDUCE_THREADS): out[0] = scale · Σ partials[0..count).
