@@ -37,6 +37,19 @@ __device__ __forceinline__ double gb_block_sum(double v, double* scratch) {
     return v;
 }
 
+// Σ term(i) over this block's share of i ∈ [0, n) (a grid-stride loop, accumulated in double),
+// then over the block with gb_block_sum.  term may also write per-element outputs (a loss's
+// gradient).  Thread 0 stores the result as the block's partial sum.
+template <typename Term>
+__device__ __forceinline__ double gb_grid_stride_sum(long long n, double* scratch, Term term) {
+    double acc = 0.0;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        acc += term(i);
+    }
+    return gb_block_sum(acc, scratch);
+}
+
 __device__ __forceinline__ real_t gb_block_max(real_t v, real_t* scratch) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int warps = blockDim.x >> 5;

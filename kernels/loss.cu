@@ -100,15 +100,12 @@ mse_forward_backward(const real_t* __restrict__ pred, const real_t* __restrict__
                      long long n, real_t grad_scale, real_t* __restrict__ grad,
                      real_t* __restrict__ partials) {
     __shared__ double scratch[32];
-    double acc = 0.0;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const double total = gb_grid_stride_sum(n, scratch, [&](long long i) {
         const real_t diff = pred[i] - target[i];
-        acc += (double)diff * (double)diff;
         grad[i] = grad_scale * diff;
-    }
-    acc = gb_block_sum(acc, scratch);
-    if (threadIdx.x == 0) partials[blockIdx.x] = (real_t)acc;
+        return (double)diff * (double)diff;
+    });
+    if (threadIdx.x == 0) partials[blockIdx.x] = (real_t)total;
 }
 
 extern "C" __global__ void __launch_bounds__(LOSS_THREADS)
@@ -116,16 +113,14 @@ bce_with_logits_forward_backward(const real_t* __restrict__ logits,
                                  const real_t* __restrict__ target, long long n, real_t scale,
                                  real_t* __restrict__ grad, real_t* __restrict__ partials) {
     __shared__ double scratch[32];
-    double acc = 0.0;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const double total = gb_grid_stride_sum(n, scratch, [&](long long i) {
         const real_t z = logits[i], y = target[i];
         const real_t positive = z > (real_t)0 ? z : (real_t)0;
-        acc += (double)(positive - z * y + log1p(exp(-fabs(z))));
+        const double loss = (double)(positive - z * y + log1p(exp(-fabs(z))));
         grad[i] = (gb_sigmoid(z) - y) * scale;
-    }
-    acc = gb_block_sum(acc, scratch);
-    if (threadIdx.x == 0) partials[blockIdx.x] = (real_t)acc;
+        return loss;
+    });
+    if (threadIdx.x == 0) partials[blockIdx.x] = (real_t)total;
 }
 
 extern "C" __global__ void __launch_bounds__(LOSS_THREADS)
@@ -133,19 +128,17 @@ bce_forward_backward(const real_t* __restrict__ probs, const real_t* __restrict_
                      long long n, real_t scale, real_t* __restrict__ grad,
                      real_t* __restrict__ partials) {
     __shared__ double scratch[32];
-    double acc = 0.0;
     const real_t one = (real_t)1, floor_log = (real_t)-100;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const double total = gb_grid_stride_sum(n, scratch, [&](long long i) {
         const real_t p = probs[i], y = target[i];
         real_t log_p = log(p), log_1mp = log(one - p);
         log_p = log_p > floor_log ? log_p : floor_log;  // torch clamps log at −100
         log_1mp = log_1mp > floor_log ? log_1mp : floor_log;
-        acc += -(double)(y * log_p + (one - y) * log_1mp);
+        const double loss = -(double)(y * log_p + (one - y) * log_1mp);
         real_t denom = p * (one - p);
         denom = denom > (real_t)1e-12 ? denom : (real_t)1e-12;
         grad[i] = (p - y) / denom * scale;
-    }
-    acc = gb_block_sum(acc, scratch);
-    if (threadIdx.x == 0) partials[blockIdx.x] = (real_t)acc;
+        return loss;
+    });
+    if (threadIdx.x == 0) partials[blockIdx.x] = (real_t)total;
 }

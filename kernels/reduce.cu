@@ -21,20 +21,16 @@
 #define COLUMN_SUM_ROWS 8
 #endif
 
-// Block b's share of Σ x[i] (or Σ x[i]² with SQUARE): a grid-stride loop in double, then the
-// block's fixed reduction tree; partials[b] holds it.
+// Block b's share of Σ x[i] (or Σ x[i]² with SQUARE) into partials[b].
 template <bool SQUARE>
 __device__ __forceinline__ void gb_partial_sum(const real_t* __restrict__ x, long long n,
                                                real_t* __restrict__ partials) {
     __shared__ double scratch[32];
-    double acc = 0.0;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const double total = gb_grid_stride_sum(n, scratch, [&](long long i) {
         const double v = (double)x[i];
-        acc += SQUARE ? v * v : v;
-    }
-    acc = gb_block_sum(acc, scratch);
-    if (threadIdx.x == 0) partials[blockIdx.x] = (real_t)acc;
+        return SQUARE ? v * v : v;
+    });
+    if (threadIdx.x == 0) partials[blockIdx.x] = (real_t)total;
 }
 
 // grid (B), block (REDUCE_THREADS); partials has B elements.
