@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Array", "dtype_of", "is_device_array", "shape_of", "to_host"]
+__all__ = ["Array", "dtype_of", "is_cupy_array", "is_device_array", "shape_of", "to_host"]
 
 # In annotations: a NumPy array, a CuPy array, an emulator DeviceArray, or (where data comes in
 # from a user) anything np.asarray accepts.  The backends have no common array base class.
@@ -45,4 +45,9 @@ def is_device_array(array: Any) -> bool:
     """A cupy.ndarray or an emulator DeviceArray (arrays NumPy must not convert implicitly)."""
     from .emulator.device_arrays import DeviceArray
 
-    return isinstance(array, DeviceArray) or type(array).__module__.split(".")[0] == "cupy"
+    return isinstance(array, DeviceArray) or is_cupy_array(array)
+
+
+def is_cupy_array(array: Any) -> bool:
+    """A cupy.ndarray, recognised without importing CuPy."""
+    return type(array).__module__.split(".")[0] == "cupy"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .arrays import dtype_of, shape_of
+from .arrays import dtype_of, is_cupy_array, shape_of
 from .backends import get_backend
 from .backends.base import check_reduction
 
@@ -14,7 +14,7 @@ from .backends.base import check_reduction
 def _backend_of(array):
     """The backend for an array: CuPy arrays belong to the GPU backend; NumPy arrays to
     the emulator when it is the default (GPUBACKPROP_BACKEND=emu), else to NumPy."""
-    if type(array).__module__.startswith("cupy"):
+    if is_cupy_array(array):
         return get_backend("cupy")
     default = get_backend(None)
     return default if default.xp is np else get_backend("numpy")
