@@ -429,3 +429,75 @@ def test_invalid_optimizer_entry(tmp_path, saved):
     path = _craft(tmp_path, saved, edit_metadata=lambda m: m.update(optimizer='{"type": "Adam"}'))
     with pytest.raises(ValueError, match="invalid 'optimizer' entry"):
         gb.load(path)
+
+
+# -- configs the file's tensors do not back ---------------------------------------------------
+
+
+def _tiny_file_claiming(tmp_path, layers, tensors):
+    """A small checkpoint whose config claims ``layers`` but holds only ``tensors``."""
+    metadata = {
+        "format": checkpoint.FORMAT,
+        "format_version": str(checkpoint.FORMAT_VERSION),
+        "config": json.dumps({"type": "Sequential", "layers": layers}),
+        "dtype": "float32",
+    }
+    path = tmp_path / "claims.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize(
+    "tensors",
+    [
+        {},
+        {"model.0.weight": np.zeros((3, 2), np.float32), "model.0.bias": np.zeros(3, np.float32)},
+        {"model.0.weight": np.zeros(30000, np.float32)},
+    ],
+    ids=["no-tensors", "small-tensors", "one-row"],
+)
+def test_oversized_config_fails_fast_with_bounded_memory(tmp_path, tensors):
+    # Dense(30000, 30000) would need 30000² float64 init weights (7.2 GB) if built first.
+    import tracemalloc
+
+    layers = [{"type": "Dense", "in_features": 30000, "out_features": 30000, "bias": True}]
+    path = _tiny_file_claiming(tmp_path, layers, tensors)
+    assert path.stat().st_size < 200_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"model\.0\.weight.*\(30000, 30000\)"):
+            gb.load(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 2**20, f"load allocated {peak / 2**20:.0f} MiB before failing"
+
+
+def test_oversized_nested_dense_and_other_layer_sizes_are_refused(tmp_path):
+    inner = {"type": "Dense", "in_features": 4, "out_features": 50000, "bias": False}
+    path = _tiny_file_claiming(
+        tmp_path,
+        [{"type": "Residual", "layers": [inner]}],
+        {"model.0.0.weight": np.zeros((4, 4), np.float32)},
+    )
+    with pytest.raises(ValueError, match=r"'model\.0\.0\.weight' has shape \(4, 4\); expected"):
+        gb.load(path)
+    # A layer other than Dense that names a size no tensor in the file comes near.
+    path = _tiny_file_claiming(
+        tmp_path,
+        [
+            {"type": "Dense", "in_features": 2, "out_features": 2, "bias": False},
+            {"type": "ReLU", "width": 10**9},
+        ],
+        {"model.0.weight": np.zeros((2, 2), np.float32)},
+    )
+    with pytest.raises(ValueError, match=r"layer 1 \(ReLU\) has width=1000000000"):
+        gb.load(path)
+
+
+@pytest.mark.parametrize("value", [0, -3, "64", 2.5, True, None])
+def test_dense_sizes_in_the_config_must_be_positive_integers(tmp_path, value):
+    layers = [{"type": "Dense", "in_features": value, "out_features": 2}]
+    path = _tiny_file_claiming(tmp_path, layers, {"model.0.weight": np.zeros((2, 2), np.float32)})
+    with pytest.raises(ValueError, match=r"layer 0 \(Dense\) has in_features=.*integer >= 1"):
+        gb.load(path)
