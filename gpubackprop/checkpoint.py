@@ -12,7 +12,9 @@ No pickle: the file is a safetensors container, so loading one runs no code.  La
 
 Writing is atomic: the bytes go to a temporary file in the target's directory, are flushed and
 fsync'ed, then ``os.replace`` puts them in place, so a crash leaves either the old file or the
-new one, never a mixture.  Loading validates everything (format, version, config, every tensor's
+new one, never a mixture.  A killed save leaves its temporary behind; the next save of the same
+target deletes it (the temporary's name holds its writer's pid, so a concurrent save's file is
+left alone).  Loading validates everything (format, version, config, every tensor's
 name, shape and dtype) before it builds anything the caller sees; the layer sizes in the config
 are checked against the file's tensors before the model is built, so a small file cannot make
 the loader allocate a huge model.
@@ -21,15 +23,19 @@ the loader allocate a huge model.
 from __future__ import annotations
 
 import contextlib
+import glob
+import hashlib
 import json
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "load", "read_metadata", "save"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "load", "read_metadata", "remove_stale_temporaries", "save"]
 
 FORMAT = "gpubackprop-checkpoint"
 FORMAT_VERSION = 1
@@ -116,14 +122,74 @@ def _current_umask() -> int:
     return umask
 
 
+# A temporary file is named .<target name>.<host tag>-<pid>.<random>.tmp, so that a later save of
+# the same target can tell a temporary left by a killed save (its process is gone) from one
+# that a concurrent save is still writing (its process is alive).  The host tag keeps a save on
+# another machine sharing the directory from judging our processes by its own process table.
+_TEMPORARY_SUFFIX = ".tmp"
+# A temporary whose writer cannot be checked (another host, or a name without a pid) counts as
+# stale once it has not been modified for this long: no save takes an hour to write its bytes.
+_UNCHECKABLE_STALE_AFTER_S = 3600.0
+
+
+def _host_tag() -> str:
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name}.{_host_tag()}-{os.getpid()}."
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # alive but someone else's, or cannot tell
+        return True
+    return True
+
+
+def _is_stale_temporary(candidate: Path, now: float) -> bool:
+    """True for a temporary of a save that can no longer finish (see _temporary_prefix)."""
+    owner = candidate.name.split(".")[-3] if candidate.name.count(".") >= 3 else ""
+    host, _, pid = owner.partition("-")
+    if host == _host_tag() and pid.isdigit():
+        return not _process_alive(int(pid))
+    try:
+        age = now - candidate.stat().st_mtime
+    except OSError:
+        return False
+    return age > _UNCHECKABLE_STALE_AFTER_S
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that killed saves of ``path`` left in its directory (their
+    process is gone), never one that a running save is writing.  Returns the deleted paths."""
+    path = Path(path)
+    now = time.time()
+    removed = []
+    with contextlib.suppress(OSError):
+        for candidate in path.parent.glob(f".{glob.escape(path.name)}.*{_TEMPORARY_SUFFIX}"):
+            if candidate.is_file() and _is_stale_temporary(candidate, now):
+                with contextlib.suppress(FileNotFoundError):  # another save removed it first
+                    candidate.unlink()
+                    removed.append(candidate)
+    return removed
+
+
 def _write_atomic(path: Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` so that readers see the old file or the whole new one."""
+    """Write ``payload`` to ``path`` so that readers see the old file or the whole new one.
+    Temporaries that killed saves of ``path`` left behind are removed first."""
     directory = path.parent
     if not directory.is_dir():
         raise FileNotFoundError(
             f"cannot save checkpoint {str(path)!r}: directory {str(directory)!r} does not exist"
         )
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    remove_stale_temporaries(path)
+    fd, temporary = tempfile.mkstemp(
+        prefix=_temporary_prefix(path), suffix=_TEMPORARY_SUFFIX, dir=directory
+    )
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)

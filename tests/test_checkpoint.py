@@ -501,3 +501,66 @@ def test_dense_sizes_in_the_config_must_be_positive_integers(tmp_path, value):
     path = _tiny_file_claiming(tmp_path, layers, {"model.0.weight": np.zeros((2, 2), np.float32)})
     with pytest.raises(ValueError, match=r"layer 0 \(Dense\) has in_features=.*integer >= 1"):
         gb.load(path)
+
+
+# -- temporaries of killed saves ------------------------------------------------------------------
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_next_save_removes_temporaries_of_killed_saves_only(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "m.safetensors"
+    tag = checkpoint._host_tag()
+    dead = _dead_pid()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = [
+            tmp_path / f".m.safetensors.{tag}-{dead}.abc_1234.tmp",  # its writer was killed
+            tmp_path / ".m.safetensors.k3j2_8x0.tmp",  # an older name without a pid, an hour old
+            tmp_path / f".m.safetensors.0000beef-{os.getpid()}.zz.tmp",  # another host, old
+        ]
+        live = [
+            tmp_path / f".m.safetensors.{tag}-{os.getpid()}.other.tmp",  # this process, writing
+            tmp_path / f".m.safetensors.{tag}-{sleeper.pid}.qwe.tmp",  # a concurrent save
+            tmp_path / f".m.safetensors.0000beef-{dead}.new.tmp",  # another host, fresh
+            tmp_path / f".other.safetensors.{tag}-{dead}.abc.tmp",  # another target
+            tmp_path / "m.safetensors.tmp",  # not a temporary of ours
+        ]
+        for planted in stale + live:
+            planted.write_bytes(b"\0" * 1000)
+        hour_ago = time.time() - 2 * checkpoint._UNCHECKABLE_STALE_AFTER_S
+        for old in stale[1:]:
+            os.utime(old, (hour_ago, hour_ago))
+        gb.save(path, _model())
+        left = sorted(p.name for p in tmp_path.iterdir())
+        assert left == sorted([path.name, *(p.name for p in live)])
+        _assert_same_weights(gb.load(path), _model())
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_temporary_names_carry_the_writer(tmp_path, monkeypatch):
+    seen = []
+    real_replace = os.replace
+
+    def spy(source, target):
+        seen.append(os.path.basename(source))
+        return real_replace(source, target)
+
+    monkeypatch.setattr(checkpoint.os, "replace", spy)
+    gb.save(tmp_path / "m.safetensors", _model())
+    (name,) = seen
+    assert name.startswith(f".m.safetensors.{checkpoint._host_tag()}-{os.getpid()}.")
+    assert name.endswith(".tmp")
