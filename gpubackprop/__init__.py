@@ -17,6 +17,7 @@ from .model import Sequential
 from .optim import SGD, Adam, AdamW, Optimizer, clip_grad_norm
 from .parameters import Parameter
 from .random import seed
+from .step import CompiledStep, compile_step
 
 __version__ = "0.1.0"
 
@@ -64,6 +65,7 @@ __all__ = [
     "BCELoss",
     "BCEWithLogitsLoss",
     "Callback",
+    "CompiledStep",
     "Dense",
     "EarlyStopping",
     "History",
@@ -82,6 +84,7 @@ __all__ = [
     "__version__",
     "available_backends",
     "clip_grad_norm",
+    "compile_step",
     "from_torch",
     "get_backend",
     "gradcheck",

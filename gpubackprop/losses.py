@@ -146,8 +146,15 @@ class BCEWithLogitsLoss(Loss):
 class BCELoss(Loss):
     """ℓ = −[y log p + (1 − y) log(1 − p)] on probabilities p ∈ [0, 1] (logs clamped at −100)."""
 
+    def __init__(self, reduction: str = "mean"):
+        super().__init__(reduction)
+        # The range check of pred reads it back (a sync); a compiled step turns it off.
+        self.check_range = True
+
     def _prepare_target(self, backend, pred, target):
         target = super()._prepare_target(backend, pred, target)
+        if not self.check_range:
+            return target
         low, high = _host_min_max(backend, pred)
         if not (0.0 <= low and high <= 1.0):
             raise ValueError(

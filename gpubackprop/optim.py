@@ -3,6 +3,13 @@
 When the parameters are exactly a model's (they share one FlatStore), an optimizer
 updates the flat buffers in one launch; any other subset is updated per parameter
 with the same op.  State buffers match the buffers they update in shape.
+
+Nothing in a step reads the device: the step count, the learning rate and Adam's bias
+corrections live in a small float64 device array per optimizer (``step_scalars``, layout
+backends.base.STEP_SCALARS) that each step advances on the device; ``step_count`` is the host's
+own count of the same steps.  Setting ``lr`` writes the array (between steps), so a schedule
+reaches a captured graph too.  ``clip_grad_norm`` computes the norm and applies the scale on the
+device and returns the norm as a 0-d array.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .arrays import shape_of, to_host
+from .backends.base import STEP_LR, STEP_SCALARS, STEP_T
 from .parameters import Parameter
 
 
@@ -52,6 +60,7 @@ class Optimizer:
         self.step_count = 0
         self._store = None
         self._state: dict[str, list] = {}
+        self._scalars = None  # the step scalars, made on the first step
 
     def __getattr__(self, name: str):
         hyper = self.__dict__.get("hyperparams", {})
@@ -66,6 +75,31 @@ class Optimizer:
     @lr.setter
     def lr(self, value: float) -> None:
         self.hyperparams["lr"] = _check_hyper("lr", value)
+        if self._scalars is not None:
+            self._scalars[STEP_LR] = self.hyperparams["lr"]  # in place: graphs hold this array
+
+    @property
+    def step_scalars(self):
+        """The float64 device array [t, lr, 1 − β₁ᵗ, √(1 − β₂ᵗ)] the updates read (made once,
+        then only written in place, so that a captured graph keeps seeing it)."""
+        if self._scalars is None:
+            host = np.zeros(len(STEP_SCALARS), dtype=np.float64)
+            host[STEP_T] = self.step_count
+            host[STEP_LR] = self.hyperparams["lr"]
+            self._scalars = self.backend.asarray(host, np.float64)
+        return self._scalars
+
+    def _sync_scalars(self) -> None:
+        """Write the host's step count and lr into the step scalars (after a state load)."""
+        if self._scalars is not None:
+            host = np.zeros(len(STEP_SCALARS), dtype=np.float64)
+            host[STEP_T] = self.step_count
+            host[STEP_LR] = self.hyperparams["lr"]
+            self._scalars[...] = self.backend.asarray(host, np.float64)
+
+    # β₁, β₂ of the bias corrections the step scalars carry (Adam's; 0 for SGD, which has none).
+    def _betas(self) -> tuple[float, float]:
+        return 0.0, 0.0
 
     @property
     def backend(self):
@@ -105,13 +139,16 @@ class Optimizer:
         ]
 
     def step(self) -> None:
-        """Apply one update to every parameter from its current ``grad``."""
+        """Apply one update to every parameter from its current ``grad``: the step scalars
+        advance on the device (one launch), then one update launch per segment."""
         segments = self._segments()
+        scalars = self.step_scalars
         self.step_count += 1
+        self.backend.step_scalars_advance(scalars, *self._betas())
         for (data, grad), buffers in zip(segments, self._buffers(segments)):
-            self._update(data, grad, buffers)
+            self._update(data, grad, buffers, scalars)
 
-    def _update(self, data, grad, buffers) -> None:
+    def _update(self, data, grad, buffers, scalars) -> None:
         raise NotImplementedError
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -177,6 +214,7 @@ class Optimizer:
                 self._fill(name, {p.name: buffers[f"{name}.{p.name}"] for p in self.params})
         self.hyperparams = new_hyper
         self.step_count = step
+        self._sync_scalars()
 
     def _fill(self, name: str, per_param: dict[str, np.ndarray]) -> None:
         store = self.params[0].store
@@ -229,18 +267,17 @@ class SGD(Optimizer):
         if momentum == 0:
             self.buffer_names = ()
 
-    def _update(self, data, grad, buffers) -> None:
+    def _update(self, data, grad, buffers, scalars) -> None:
         h = self.hyperparams
-        self.backend.sgd_step(
+        self.backend.sgd_update(
             data,
             grad,
             buffers.get("momentum_buffer"),
-            lr=h["lr"],
+            scalars,
             momentum=h["momentum"],
             dampening=h["dampening"],
             nesterov=h["nesterov"],
             weight_decay=h["weight_decay"],
-            first_step=self.step_count == 1,
         )
 
 
@@ -272,19 +309,21 @@ class Adam(Optimizer):
             weight_decay=float(weight_decay),
         )
 
-    def _update(self, data, grad, buffers) -> None:
+    def _betas(self) -> tuple[float, float]:
+        return self.hyperparams["betas"]
+
+    def _update(self, data, grad, buffers, scalars) -> None:
         h = self.hyperparams
-        self.backend.adam_step(
+        self.backend.adam_update(
             data,
             grad,
             buffers["exp_avg"],
             buffers["exp_avg_sq"],
-            lr=h["lr"],
+            scalars,
             beta1=h["betas"][0],
             beta2=h["betas"][1],
             eps=h["eps"],
             weight_decay=h["weight_decay"],
-            step=self.step_count,
             decoupled=self.decoupled,
         )
 
@@ -323,19 +362,19 @@ def optimizer_from_state_dict(params, state: dict) -> Optimizer:
     return optimizer
 
 
-def clip_grad_norm(params, max_norm: float) -> float:
+def clip_grad_norm(params, max_norm: float) -> Any:
     """Scale all gradients by min(1, max_norm / (‖g‖₂ + 1e-6)) where ‖g‖₂ is the norm of
-    all gradients together (torch.nn.utils.clip_grad_norm_); returns ‖g‖₂ before clipping."""
+    all gradients together (torch.nn.utils.clip_grad_norm_); returns ‖g‖₂ before clipping as
+    a 0-d array on the parameters' backend (as torch returns a tensor): the norm and the scale
+    are computed and applied on the device, so nothing waits for it; ``float(norm)`` reads it."""
     params = list(params)
     max_norm = _check_hyper("max_norm", max_norm)
     if not params:
-        return 0.0
+        return np.asarray(0.0)
     store = params[0].store
-    grads = [store.grad] if store is not None and store.covers(params) else [p.grad for p in params]
-    backend = store.backend
-    total = math.sqrt(sum(float(backend.sum_of_squares(g)) for g in grads))
-    coefficient = max_norm / (total + 1e-6)
-    if coefficient < 1.0:
-        for g in grads:
-            backend.scale_(g, coefficient)
-    return total
+    if store is None:
+        raise RuntimeError(
+            f"parameter {params[0].name!r} is not placed on a backend; call model.to() first"
+        )
+    grads = [store.grad] if store.covers(params) else [p.grad for p in params]
+    return store.backend.clip_grad_norm_(grads, max_norm)

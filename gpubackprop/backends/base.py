@@ -24,6 +24,11 @@ SAVES_OUTPUT = frozenset({"relu", "sigmoid", "tanh"})
 # Integer codes shared with kernels/activations.cuh (ACT_* macros); keep in sync.
 ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
 REDUCTIONS = ("mean", "sum")
+# An optimizer's step scalars: a float64 device array of this layout (kernels/train_step.cu's
+# STEP_* indices), so that a step reads its learning rate and step count from device memory
+# and a captured graph, whose kernel arguments are frozen, still sees them change.
+STEP_SCALARS = ("step", "lr", "bias_correction1", "bias_correction2_sqrt")
+STEP_T, STEP_LR, STEP_BIAS1, STEP_BIAS2_SQRT = range(len(STEP_SCALARS))
 
 
 def check_activation(activation: str) -> int:
@@ -151,6 +156,42 @@ class Backend:
     ) -> None:
         """One torch.optim.Adam step (AdamW's decoupled weight decay when ``decoupled``) on
         flat buffers, in place (param, exp_avg, exp_avg_sq); ``step`` counts from 1."""
+        raise NotImplementedError
+
+    # -- the same updates with step-dependent scalars in device memory (graph-safe) ---------
+    def step_scalars_advance(self, scalars, beta1: float, beta2: float) -> None:
+        """On the device: t ← t + 1, then scalars' bias corrections 1 − β₁ᵗ and √(1 − β₂ᵗ)
+        (``scalars``: float64, layout STEP_SCALARS; the learning rate is left as it is)."""
+        raise NotImplementedError
+
+    def sgd_update(
+        self, param, grad, momentum_buf, scalars, *, momentum, dampening, nesterov, weight_decay
+    ) -> None:
+        """sgd_step with lr = scalars[STEP_LR] and first_step = (scalars[STEP_T] == 1), read on
+        the device."""
+        raise NotImplementedError
+
+    def adam_update(
+        self,
+        param,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        scalars,
+        *,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        decoupled,
+    ) -> None:
+        """adam_step with lr and the bias corrections read from ``scalars`` on the device."""
+        raise NotImplementedError
+
+    def clip_grad_norm_(self, grads: list, max_norm: float):
+        """‖g‖ = √(Σ over every array of Σ g²); each g ← g · c where c = max_norm / (‖g‖ + 1e−6)
+        is below 1 (torch.nn.utils.clip_grad_norm_).  Returns ‖g‖ as a 0-d array of the
+        gradients' dtype, computed and applied without reading anything back to the host."""
         raise NotImplementedError
 
     def sum_of_squares(self, x):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import platform
 
 from ..emulator import EmuSeam, find_compiler
+from ..emulator.capture import refuse_during_capture
 from ..emulator.compiler import compile_flags, compiler_identity
 from .kernel_backend import KernelBackend
 
@@ -52,6 +53,18 @@ class EmuBackend(KernelBackend):
             self.reason = str(error)
             return
         self.available = True
+
+    def synchronize(self) -> None:
+        refuse_during_capture(
+            "backend.synchronize()", "a host synchronisation cannot be captured in a graph"
+        )
+
+    def to_numpy(self, a):
+        refuse_during_capture(
+            "backend.to_numpy() (a device-to-host copy, which synchronises)",
+            "return the device array and read it after the step",
+        )
+        return super().to_numpy(a)
 
     def device_name(self) -> str:
         if not self.available:

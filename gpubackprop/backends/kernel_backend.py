@@ -21,7 +21,7 @@ import numpy as np
 
 from ..arrays import to_host
 from ..kernels import real_type
-from .base import SAVES_OUTPUT, Backend, check_activation, check_reduction
+from .base import SAVES_OUTPUT, STEP_SCALARS, Backend, check_activation, check_reduction
 from .seam import ElementwiseSpec
 
 __all__ = ["ELEMENTWISE_SPECS", "GEMM_VERSIONS", "KERNEL_DEFINES", "KernelBackend"]
@@ -170,6 +170,7 @@ _MAX_REDUCE_BLOCKS = 1024  # partial sums per reduction: fixed by n alone, so re
 _COLUMN_SUM = (32, 8)  # COLUMN_SUM_COLS, COLUMN_SUM_ROWS
 _COLUMN_SUM_MAX_CHUNKS = 256
 _ELEMENTWISE_THREADS = 256
+_MAX_GRID_STRIDE_BLOCKS = 1024  # grid-stride kernels (train_step.cu): blocks at most
 # The launch geometry reduce.cu and loss.cu are compiled for (their __launch_bounds__ and
 # shared arrays), passed as defines so that the numbers above are the only ones that count.
 KERNEL_DEFINES: dict[str, dict[str, int]] = {
@@ -179,6 +180,7 @@ KERNEL_DEFINES: dict[str, dict[str, int]] = {
         "COLUMN_SUM_ROWS": _COLUMN_SUM[1],
     },
     "loss.cu": {"LOSS_THREADS": _REDUCE_THREADS},
+    "train_step.cu": {"REDUCE_THREADS": _REDUCE_THREADS},
 }
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _INT32_MAX = 2**31 - 1
@@ -186,6 +188,10 @@ _INT32_MAX = 2**31 - 1
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _reduce_blocks(n: int) -> int:
+    return max(1, min(_MAX_REDUCE_BLOCKS, _ceil_div(n, _REDUCE_THREADS * 4)))
 
 
 def _check_int32(shape_name: str, shape: tuple[int, ...]) -> None:
@@ -762,6 +768,130 @@ class KernelBackend(Backend):
         x = self._updated_buffer("x", x, None, None)
         if x.size:
             self._elementwise(SCALE, x.dtype)(np.float64(factor), x)
+
+    # -- graph-safe step: step scalars and clipping on the device (kernels/train_step.cu) ------
+    def _step_scalars(self, scalars) -> None:
+        self._output("scalars", scalars, np.dtype(np.float64), (len(STEP_SCALARS),))
+
+    def _grid_stride(self, n: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        """Grid and block of a grid-stride loop over n elements (the grid capped, so that
+        large buffers take several elements per thread)."""
+        blocks = max(1, min(_MAX_GRID_STRIDE_BLOCKS, _ceil_div(n, _ELEMENTWISE_THREADS)))
+        return (blocks, 1, 1), (_ELEMENTWISE_THREADS, 1, 1)
+
+    def step_scalars_advance(self, scalars, beta1, beta2):
+        """t ← t + 1 and the bias corrections, one thread (train_step.cu)."""
+        self._step_scalars(scalars)
+        module = self._module("train_step.cu", np.dtype(np.float64))
+        args = (scalars, np.float64(beta1), np.float64(beta2))
+        self._launch(module, "step_scalars_advance", (1, 1, 1), (1, 1, 1), args)
+
+    def sgd_update(
+        self, param, grad, momentum_buf, scalars, *, momentum, dampening, nesterov, weight_decay
+    ):
+        """torch.optim.SGD, one launch over the flat buffers, lr and the first step read from
+        ``scalars`` (train_step.cu: sgd_update)."""
+        param = self._updated_buffer("param", param, None, None)
+        grad = self._float_operand("grad", grad, param.dtype)
+        self._same_shape("grad", grad, tuple(param.shape))
+        self._step_scalars(scalars)
+        if momentum != 0:
+            if momentum_buf is None:
+                raise ValueError(f"momentum_buf=None is not accepted with momentum={momentum}")
+            self._updated_buffer("momentum_buf", momentum_buf, param.dtype, tuple(param.shape))
+        if param.size == 0:
+            return
+        grid, block = self._grid_stride(param.size)
+        args = (
+            param,
+            grad,
+            momentum_buf if momentum != 0 else param,
+            np.int64(param.size),
+            scalars,
+            np.float64(momentum),
+            np.float64(dampening),
+            np.int32(bool(nesterov)),
+            np.float64(weight_decay),
+            np.int32(momentum != 0),
+        )
+        self._launch(self._module("train_step.cu", param.dtype), "sgd_update", grid, block, args)
+
+    def adam_update(
+        self,
+        param,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        scalars,
+        *,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        decoupled,
+    ):
+        """torch.optim.Adam / AdamW, one launch over the flat buffers, lr and the bias
+        corrections read from ``scalars`` (train_step.cu: adam_update)."""
+        param = self._updated_buffer("param", param, None, None)
+        shape = tuple(param.shape)
+        grad = self._float_operand("grad", grad, param.dtype)
+        self._same_shape("grad", grad, shape)
+        self._updated_buffer("exp_avg", exp_avg, param.dtype, shape)
+        self._updated_buffer("exp_avg_sq", exp_avg_sq, param.dtype, shape)
+        self._step_scalars(scalars)
+        if param.size == 0:
+            return
+        grid, block = self._grid_stride(param.size)
+        args = (
+            param,
+            grad,
+            exp_avg,
+            exp_avg_sq,
+            np.int64(param.size),
+            scalars,
+            np.float64(beta1),
+            np.float64(beta2),
+            np.float64(eps),
+            np.float64(weight_decay),
+            np.int32(bool(decoupled)),
+        )
+        self._launch(self._module("train_step.cu", param.dtype), "adam_update", grid, block, args)
+
+    def clip_grad_norm_(self, grads, max_norm):
+        """Σ g² per block of every gradient (reduce.cu: sum_squares_partial, into one partials
+        buffer), ‖g‖ and c in one block (train_step.cu: clip_coefficient), then g ← c·g where
+        c < 1 (clip_scale), read from device memory: no host synchronisation."""
+        if not grads:
+            raise ValueError("grads=[] is not accepted; expected at least one gradient array")
+        dtype = None
+        checked = []
+        for i, g in enumerate(grads):
+            g = self._updated_buffer(f"grads[{i}]", g, dtype, None)
+            dtype = g.dtype
+            checked.append(g)
+        counts = [
+            max(1, min(_MAX_REDUCE_BLOCKS, _ceil_div(g.size, _REDUCE_THREADS * 4))) for g in checked
+        ]
+        partials = self.empty((sum(counts),), dtype)
+        norm = self.empty((1,), dtype)
+        coefficient = self.empty((1,), np.dtype(np.float64))
+        reduce = self._module("reduce.cu", dtype)
+        step = self._module("train_step.cu", dtype)
+        threads = (_REDUCE_THREADS, 1, 1)
+        offset = 0
+        for g, count in zip(checked, counts):
+            part = partials[offset : offset + count]
+            args = (g.reshape(-1), np.int64(g.size), part)
+            self._launch(reduce, "sum_squares_partial", (count, 1, 1), threads, args)
+            offset += count
+        args = (partials, np.int32(offset), np.float64(max_norm), norm, coefficient)
+        self._launch(step, "clip_coefficient", (1, 1, 1), threads, args)
+        for g in checked:
+            if g.size:
+                grid, block = self._grid_stride(g.size)
+                args = (g.reshape(-1), np.int64(g.size), coefficient)
+                self._launch(step, "clip_scale", grid, block, args)
+        return norm.reshape(())
 
 
 def _check_gemm_tiles(kind: str, tiles: dict[str, int]) -> None:

@@ -15,7 +15,16 @@ import math
 
 import numpy as np
 
-from .base import SAVES_OUTPUT, Backend, check_activation, check_reduction
+from .base import (
+    SAVES_OUTPUT,
+    STEP_BIAS1,
+    STEP_BIAS2_SQRT,
+    STEP_LR,
+    STEP_T,
+    Backend,
+    check_activation,
+    check_reduction,
+)
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
@@ -279,6 +288,64 @@ class NumpyBackend(Backend):
         np.divide(exp_avg, step_buffer, out=step_buffer)
         step_buffer *= lr / bias_correction1
         param -= step_buffer
+
+    def step_scalars_advance(self, scalars, beta1, beta2):
+        t = scalars[STEP_T] + 1.0
+        scalars[STEP_T] = t
+        scalars[STEP_BIAS1] = 1.0 - beta1**t  # 1 − β₁ᵗ
+        scalars[STEP_BIAS2_SQRT] = math.sqrt(1.0 - beta2**t)  # √(1 − β₂ᵗ)
+
+    def sgd_update(
+        self, param, grad, momentum_buf, scalars, *, momentum, dampening, nesterov, weight_decay
+    ):
+        self.sgd_step(
+            param,
+            grad,
+            momentum_buf,
+            lr=float(scalars[STEP_LR]),
+            momentum=momentum,
+            dampening=dampening,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            first_step=bool(scalars[STEP_T] == 1.0),
+        )
+
+    def adam_update(
+        self,
+        param,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        scalars,
+        *,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        decoupled,
+    ):
+        self.adam_step(
+            param,
+            grad,
+            exp_avg,
+            exp_avg_sq,
+            lr=float(scalars[STEP_LR]),
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            step=int(scalars[STEP_T]),
+            decoupled=decoupled,
+        )
+
+    def clip_grad_norm_(self, grads, max_norm):
+        # ‖g‖ = √Σ g² over every gradient; c = max_norm / (‖g‖ + 1e−6); g ← c·g when c < 1
+        total = math.sqrt(sum(float(np.dot(g.ravel(), g.ravel())) for g in grads))
+        coefficient = max_norm / (total + 1e-6)
+        if coefficient < 1.0:
+            for g in grads:
+                self.scale_(g, coefficient)
+        return np.asarray(total, dtype=grads[0].dtype)
 
     def sum_of_squares(self, x):
         return np.asarray(np.dot(x.ravel(), x.ravel()), dtype=x.dtype)

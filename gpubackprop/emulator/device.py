@@ -13,10 +13,13 @@ kernels do.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
+from . import capture as _capture
 from . import compiler
 from .device_arrays import DeviceArray, device_xp, to_host_memory
 from .launch import SCALAR_TYPES, EmuModule, flag_from_env, launch, poison_fill
@@ -36,6 +39,8 @@ class EmuSeam:
         self.xp = device_xp if device_arrays else np
         self._modules: dict[str, EmuModule] = {}
         self._elementwise: dict[tuple, Any] = {}
+        self._pool: list[Any] | None = None  # a graph's warm-up allocations, while recorded
+        self._capture: _capture.Capture | None = None
 
     # -- compile ----------------------------------------------------------------------------
     def compile(self, source_file: str, defines: dict[str, str]) -> EmuModule:
@@ -51,6 +56,7 @@ class EmuSeam:
         """Compile a source text; ``label`` names it in messages.  For tests and tools."""
         key = hashlib.sha256(text.encode()).hexdigest() + compiler.compile_flags().__repr__()
         if key not in self._modules:
+            _refuse_compile(label)
             path, decls = compiler.build(text, label)
             self._modules[key] = EmuModule(path, label, decls)
         return self._modules[key]
@@ -65,6 +71,10 @@ class EmuSeam:
         args: tuple[Any, ...],
         shared_mem: int = 0,
     ) -> None:
+        if self._capture is not None:
+            # Captured, not run: replay resolves the arrays' memory then, as a GPU graph does.
+            self._capture.entries.append(("launch", module, kernel, grid, block, args, shared_mem))
+            return
         args = self.host_arguments(args, f"kernel {kernel!r}")
         launch(module, kernel, grid, block, args, shared_mem, self.shuffle_seed)
 
@@ -74,9 +84,89 @@ class EmuSeam:
         return to_host_memory(tuple(args), where) if self.device_arrays else tuple(args)
 
     def empty(self, shape: tuple[int, ...], dtype: Any) -> Any:
-        """An array filled with the poison pattern (a signalling NaN with payload 0xA5...)."""
+        """An array filled with the poison pattern (a signalling NaN with payload 0xA5...).
+        During a capture: the next array the warm-up allocated (see capture.py)."""
+        if self._capture is not None:
+            return self._serve_from_pool(tuple(shape), np.dtype(dtype))
         array = poisoned_empty(shape, dtype)
-        return DeviceArray(array) if self.device_arrays else array
+        made = DeviceArray(array) if self.device_arrays else array
+        if self._pool is not None:
+            self._pool.append(made)
+        return made
+
+    # -- graphs -------------------------------------------------------------------------------
+    def new_pool(self) -> list[Any]:
+        """A graph's memory pool: here the list of the warm-up's allocations."""
+        return []
+
+    @contextmanager
+    def allocating_from(self, pool: list[Any]) -> Iterator[None]:
+        """Allocations inside are kept in ``pool`` (a list): the warm-up step before a
+        capture, whose memory the captured graph then owns (a private pool on a GPU)."""
+        saved, self._pool = self._pool, pool
+        try:
+            yield
+        finally:
+            self._pool = saved
+
+    @contextmanager
+    def capture(self, static: list[Any], pool: list[Any]) -> Iterator[dict[str, Any]]:
+        """Record the launches made inside into a graph (``holder["graph"]`` afterwards); see
+        capture.py for what is refused.  ``static``: the buffers inputs are copied into;
+        ``pool``: the warm-up's allocations, served in order to the capture's."""
+        if _capture.active_capture() is not None:
+            raise _capture.GraphCaptureError("a graph capture is already in progress")
+        state = _capture.Capture(list(static), pool)
+        holder: dict[str, Any] = {}
+        self._capture = state
+        _capture.set_active(state)
+        try:
+            yield holder
+        finally:
+            self._capture = None
+            _capture.set_active(None)
+        holder["graph"] = EmuGraph(state.entries)
+
+    def launch_graph(self, graph: EmuGraph) -> None:
+        """Replay: every captured launch, in order, with the checks of an ordinary launch."""
+        _capture.refuse_during_capture("launching a graph", "graphs do not nest here")
+        for entry in graph.entries:
+            if entry[0] == "launch":
+                self.launch(*entry[1:])
+            elif entry[0] == "elementwise":
+                entry[1](*entry[2])
+            else:  # "copy"
+                self.copy_in(entry[1], entry[2])
+
+    def copy_in(self, dst: Any, src: Any) -> None:
+        """dst[...] = src: host data or a device array copied into device memory.  In a
+        capture only into a static buffer (then recorded: replay copies what src holds then)."""
+        if self._capture is not None:
+            if id(dst) not in self._capture.static_ids:
+                raise _capture.GraphCaptureError(
+                    f"a host-to-device copy into an array of shape {tuple(dst.shape)} during "
+                    "graph capture: it is not one of the static buffers the capture was given, "
+                    "so the graph would copy into memory it does not own"
+                )
+            self._capture.entries.append(("copy", dst, src))
+            return
+        target = dst._host if isinstance(dst, DeviceArray) else dst
+        target[...] = src._host if isinstance(src, DeviceArray) else src
+
+    def _serve_from_pool(self, shape: tuple[int, ...], dtype: np.dtype) -> Any:
+        state = self._capture
+        assert state is not None
+        index = state.served
+        if index < len(state.pool):
+            candidate = state.pool[index]
+            if tuple(candidate.shape) == shape and candidate.dtype == dtype:
+                state.served += 1
+                return candidate
+        raise _capture.GraphCaptureError(
+            f"a device allocation empty({shape}, {dtype}) during graph capture that the "
+            f"warm-up step did not make (allocation {index} of the capture; the warm-up made "
+            f"{len(state.pool)}): the step must allocate the same buffers every time"
+        )
 
     # -- elementwise ----------------------------------------------------------------------------
     def elementwise(self, spec: Any, dtype: Any, preamble: str | None = None):
@@ -86,6 +176,7 @@ class EmuSeam:
         dtype = np.dtype(dtype)
         key = (spec.name, dtype.str, spec.in_params, spec.out_params, spec.operation, preamble)
         if key not in self._elementwise:
+            _refuse_compile(f"elementwise {spec.name}")
             from ..kernels import elementwise_as_kernel_source
 
             text = elementwise_as_kernel_source(spec, dtype, preamble)
@@ -106,6 +197,17 @@ class _Elementwise:
 
     def __call__(self, *device_args: Any) -> Any:
         name = self.spec.name
+        capture = self.seam._capture
+        if capture is not None:
+            n_inputs = len(self.params) - self.n_outputs
+            if len(device_args) != len(self.params):
+                raise _capture.GraphCaptureError(
+                    f"elementwise {name!r} without its outputs during graph capture: it would "
+                    "allocate them; pass preallocated outputs"
+                )
+            capture.entries.append(("elementwise", self, device_args))
+            outputs = device_args[n_inputs:]
+            return outputs[0] if len(outputs) == 1 else tuple(outputs)
         args = self.seam.host_arguments(device_args, f"elementwise {name!r}")
         n_inputs = len(self.params) - self.n_outputs
         if len(args) not in (n_inputs, len(self.params)):
@@ -167,6 +269,26 @@ def _scalar(name: str, param: Any, value: Any) -> Any:
         return expected(value)
     raise TypeError(
         f"elementwise {name!r}: scalar {param.name!r} ({param.c_type}) got {type(value).__name__}"
+    )
+
+
+class EmuGraph:
+    """A captured step: the launches, elementwise calls and static copies, in order."""
+
+    def __init__(self, entries: list[tuple[Any, ...]]) -> None:
+        self.entries = list(entries)
+
+    @property
+    def kernels(self) -> int:
+        """Kernel launches in the graph (copies not counted)."""
+        return sum(1 for entry in self.entries if entry[0] != "copy")
+
+
+def _refuse_compile(label: str) -> None:
+    _capture.refuse_during_capture(
+        f"compiling {label}",
+        "a kernel compile and module load cannot be captured; the warm-up step builds every "
+        "kernel the step launches",
     )
 
 

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 from numpy.lib.mixins import NDArrayOperatorsMixin
 
+from . import capture as _capture
+
 __all__ = ["DeviceArray", "device_xp", "to_host_memory"]
 
 _DEVICE = SimpleNamespace(id=0)
@@ -50,6 +52,7 @@ class DeviceArray(NDArrayOperatorsMixin):
 
     def get(self) -> np.ndarray:
         """A NumPy copy (cupy.ndarray.get)."""
+        _refuse_read("DeviceArray.get()")
         return self._host.copy()
 
     def __dlpack__(self, **kwargs: Any) -> Any:
@@ -84,12 +87,15 @@ class DeviceArray(NDArrayOperatorsMixin):
         return len(self._host)
 
     def __float__(self) -> float:
+        _refuse_read("float(DeviceArray)")
         return float(self._host)
 
     def __int__(self) -> int:
+        _refuse_read("int(DeviceArray)")
         return int(self._host)
 
     def __bool__(self) -> bool:
+        _refuse_read("bool(DeviceArray)")
         return bool(self._host)
 
     def __iter__(self):
@@ -102,6 +108,11 @@ class DeviceArray(NDArrayOperatorsMixin):
         return _to_device(self._host[to_host_memory(key, "indexing")])
 
     def __setitem__(self, key: Any, value: Any) -> None:
+        _capture.refuse_during_capture(
+            "DeviceArray.__setitem__ (a copy into device memory)",
+            "it would run once now instead of at every replay; copy inputs into the static "
+            "buffers before launching the graph",
+        )
         # cupy allows a NumPy value here (an explicit host-to-device copy of the right side).
         self._host[to_host_memory(key, "indexing")] = (
             value._host if isinstance(value, DeviceArray) else value
@@ -115,11 +126,12 @@ class DeviceArray(NDArrayOperatorsMixin):
         attribute = getattr(self._host, name)
         if not callable(attribute):
             return _to_device(attribute)
-        return _on_device(attribute, f"DeviceArray.{name}")
+        return _on_device(attribute, f"DeviceArray.{name}", view_only=name in _VIEW_METHODS)
 
     # -- NumPy's dispatch protocols -------------------------------------------------------------
     def __array_ufunc__(self, ufunc: np.ufunc, method: str, *inputs: Any, **kwargs: Any) -> Any:
         where = f"numpy.{ufunc.__name__}"
+        _refuse_compute(where)
         out = kwargs.pop("out", None)
         inputs, kwargs = to_host_memory(inputs, where), to_host_memory(kwargs, where)
         if out is not None:
@@ -137,6 +149,7 @@ class DeviceArray(NDArrayOperatorsMixin):
 
     def __array_function__(self, func: Callable, types: Any, args: Any, kwargs: Any) -> Any:
         where = f"numpy.{func.__name__}"
+        _refuse_compute(where)
         return _to_device(func(*to_host_memory(args, where), **to_host_memory(kwargs, where)))
 
 
@@ -171,9 +184,35 @@ def _to_device(value: Any) -> Any:
     return value
 
 
-def _on_device(function: Callable, where: str) -> Callable:
+# Methods that give a view of the same memory: a captured step may take them (launchers
+# reshape and slice their operands); anything that computes is refused during a capture.
+_VIEW_METHODS = frozenset({"reshape", "view", "ravel", "squeeze", "transpose"})
+
+
+def _refuse_read(what: str) -> None:
+    _capture.refuse_during_capture(
+        f"{what} (a device-to-host copy, which synchronises)",
+        "a captured step cannot read device memory on the host: return the 0-d device array "
+        "and read it after the step",
+    )
+
+
+def _refuse_compute(where: str) -> None:
+    _capture.refuse_during_capture(
+        f"{where} on device arrays",
+        "the emulator records only kernel launches through the device seam; this would run "
+        "once, now, and be missing from every replay",
+    )
+
+
+def _on_device(function: Callable, where: str, view_only: bool = False) -> Callable:
     def call(*args: Any, **kwargs: Any) -> Any:
-        return _to_device(function(*to_host_memory(args, where), **to_host_memory(kwargs, where)))
+        if not view_only:
+            _refuse_compute(where)
+        result = function(*to_host_memory(args, where), **to_host_memory(kwargs, where))
+        if isinstance(result, np.ndarray) and result.flags.owndata:
+            _refuse_compute(where)  # a copy, not a view
+        return _to_device(result)
 
     call.__name__ = getattr(function, "__name__", where)
     return call
@@ -190,6 +229,10 @@ class _DeviceNamespace:
         """A device array: ``a`` itself (cast if ``dtype`` differs) or a copy of host data."""
         if isinstance(a, DeviceArray):
             return a if dtype is None or np.dtype(dtype) == a.dtype else a.astype(dtype)
+        _capture.refuse_during_capture(
+            "device_xp.asarray of host data (an allocation and a host-to-device copy)",
+            "copy inputs into the static buffers before launching the graph",
+        )
         return DeviceArray(np.array(a, dtype=dtype))
 
     @staticmethod
@@ -200,7 +243,10 @@ class _DeviceNamespace:
                 f"ascontiguousarray takes a device array, got {type(a).__name__}; "
                 "use device_xp.asarray for host data"
             )
-        return DeviceArray(np.ascontiguousarray(a._host, dtype=dtype))
+        contiguous = np.ascontiguousarray(a._host, dtype=dtype)
+        if contiguous is not a._host:
+            _refuse_compute("device_xp.ascontiguousarray (a copy)")
+        return DeviceArray(contiguous)
 
     @staticmethod
     def asnumpy(a: Any) -> np.ndarray:
@@ -209,7 +255,7 @@ class _DeviceNamespace:
     def __getattr__(self, name: str) -> Any:
         attribute = getattr(np, name)
         if callable(attribute) and not isinstance(attribute, type):
-            return _on_device(attribute, f"device_xp.{name}")
+            return _on_device(attribute, f"device_xp.{name}", view_only=name in _VIEW_METHODS)
         return attribute
 
 

@@ -1,0 +1,105 @@
+// train_step.cu: what a training step keeps on the device, so that no kernel argument changes
+// from one step to the next (a CUDA graph freezes the arguments its kernels were captured with)
+// and nothing has to be read back to the host inside a step.
+//
+//   step_scalars_advance  t ← t + 1, bias corrections 1 − β₁ᵗ and √(1 − β₂ᵗ)     (one thread)
+//   clip_coefficient      ‖g‖ = √(Σ partials), c = max_norm / (‖g‖ + 1e−6)           (one block)
+//   clip_scale            g ← g · c where c < 1 (torch.nn.utils.clip_grad_norm_)    (grid-stride)
+//   sgd_update, adam_update  torch.optim.SGD / Adam / AdamW over a flat buffer, lr and bias
+//                         corrections read from the step scalars                    (grid-stride)
+//
+// The step scalars are a double[STEP_SCALARS] array per optimizer (gpubackprop/optim.py):
+//   [STEP_T] steps taken, [STEP_LR] learning rate (the host writes it when a schedule changes
+//   it, between steps), [STEP_BIAS1] 1 − β₁ᵗ, [STEP_BIAS2_SQRT] √(1 − β₂ᵗ).
+// Versions: one each; the library uses all of them.
+#include "common.cuh"
+#include "block_reduce.cuh"
+
+#define STEP_T 0
+#define STEP_LR 1
+#define STEP_BIAS1 2
+#define STEP_BIAS2_SQRT 3
+
+#ifndef REDUCE_THREADS
+#define REDUCE_THREADS 256
+#endif
+
+// grid (1), block (1).  beta1 and beta2 are Adam's (0 for SGD, whose bias terms go unused).
+extern "C" __global__ void step_scalars_advance(double* __restrict__ scalars, double beta1,
+                                                double beta2) {
+    if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    const double t = scalars[STEP_T] + 1.0;
+    scalars[STEP_T] = t;
+    scalars[STEP_BIAS1] = 1.0 - pow(beta1, t);
+    scalars[STEP_BIAS2_SQRT] = sqrt(1.0 - pow(beta2, t));
+}
+
+// grid (1), block (REDUCE_THREADS).  partials: the per-block Σ g² of reduce.cu's
+// sum_squares_partial over every gradient segment.  Writes the total norm (norm[0], the dtype
+// of the gradients, as torch returns it) and the clip coefficient c (coefficient[0], double).
+extern "C" __global__ void __launch_bounds__(REDUCE_THREADS)
+clip_coefficient(const real_t* __restrict__ partials, int count, double max_norm,
+                 real_t* __restrict__ norm, double* __restrict__ coefficient) {
+    __shared__ double scratch[32];
+    double acc = 0.0;
+    for (int i = threadIdx.x; i < count; i += blockDim.x) acc += (double)partials[i];
+    acc = gb_block_sum(acc, scratch);
+    if (threadIdx.x == 0) {
+        const double total = sqrt(acc);
+        norm[0] = (real_t)total;
+        coefficient[0] = max_norm / (total + 1e-6);
+    }
+}
+
+// g ← g · (real_t)c when c < 1, else g unchanged (the clip only shrinks).
+extern "C" __global__ void clip_scale(real_t* __restrict__ grad, long long n,
+                                     const double* __restrict__ coefficient) {
+    const double c = coefficient[0];
+    if (!(c < 1.0)) return;
+    const real_t factor = (real_t)c;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        grad[i] = grad[i] * factor;
+    }
+}
+
+// The optimizer updates with their step-dependent scalars read from device memory; the update
+// of one element is optimizers.cuh's device function, as in the elementwise kernels.
+#include "optimizers.cuh"
+
+// torch.optim.SGD over n elements; lr = scalars[STEP_LR], first step when t = 1.
+// momentum_buf is unused (may alias param) when use_momentum is 0.
+extern "C" __global__ void sgd_update(real_t* __restrict__ param, const real_t* __restrict__ grad,
+                                      real_t* momentum_buf, long long n,
+                                      const double* __restrict__ scalars, double momentum,
+                                      double dampening, int nesterov, double weight_decay,
+                                      int use_momentum) {
+    const double lr = scalars[STEP_LR];
+    const int first_step = scalars[STEP_T] == 1.0;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        if (use_momentum) {
+            gb_sgd_momentum_element(grad[i], lr, momentum, dampening, nesterov, weight_decay,
+                                    first_step, param[i], momentum_buf[i]);
+        } else {
+            gb_sgd_plain_element(grad[i], lr, weight_decay, param[i]);
+        }
+    }
+}
+
+// torch.optim.Adam / AdamW over n elements; lr and the bias corrections from scalars.
+extern "C" __global__ void adam_update(real_t* __restrict__ param, const real_t* __restrict__ grad,
+                                       real_t* __restrict__ exp_avg,
+                                       real_t* __restrict__ exp_avg_sq, long long n,
+                                       const double* __restrict__ scalars, double beta1,
+                                       double beta2, double eps, double weight_decay,
+                                       int decoupled) {
+    const double lr = scalars[STEP_LR];
+    const double bias1 = scalars[STEP_BIAS1];
+    const double bias2_sqrt = scalars[STEP_BIAS2_SQRT];
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        gb_adam_element(grad[i], lr, beta1, beta2, eps, weight_decay, decoupled, bias1,
+                        bias2_sqrt, param[i], exp_avg[i], exp_avg_sq[i]);
+    }
+}
