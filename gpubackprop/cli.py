@@ -146,6 +146,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "metrics_json": None,
     "plot": None,
     "verbose": 1,
+    "graph": False,
 }
 OPTIMIZER_DEFAULTS = {
     "sgd": {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.0},
@@ -263,6 +264,13 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         help="a JSON file whose keys are any of these options (e.g. "
         '{"epochs": 5, "hidden": [64, 32]}); flags on the command line '
         "override it",
+    )
+    run.add_argument(
+        "--graph",
+        action="store_true",
+        default=d["graph"],
+        help="train with the whole step captured as one CUDA graph per batch shape "
+        "(gb.compile_step; on numpy the same step runs eagerly)",
     )
     run.add_argument("--save", metavar="PATH", help="write a checkpoint (model and optimizer)")
     run.add_argument("--metrics-json", metavar="PATH", help="write the final metrics as JSON")
@@ -532,6 +540,7 @@ def train(args: argparse.Namespace) -> int:
         validation_data=validation,
         verbose=args.verbose,
         callbacks=callbacks,
+        graph=args.graph,
     )
     train_time = time.perf_counter() - train_started
     test = model.evaluate(dataset.x_test, dataset.y_test, loss)

@@ -202,12 +202,15 @@ class Sequential(Layer):
         validation_data: tuple | None = None,
         verbose: int = 1,
         callbacks: list[Callback] | None = None,
+        graph: bool = False,
     ) -> History:
         """Mini-batch training: for each batch, forward, loss, backward, optimizer step.
 
         Data is copied to the backend once; batches are drawn in a fresh order every
         epoch (the generator seeded by gb.seed).  verbose: 0 silent, 1 a progress bar
-        (loss, accuracy, samples/s), 2 one line per epoch.  Returns a History."""
+        (loss, accuracy, samples/s), 2 one line per epoch.  graph: run each step through
+        gb.compile_step (one CUDA graph per batch shape on a GPU; the same results).
+        Returns a History."""
         from .training import run_fit
 
         return run_fit(
@@ -222,6 +225,7 @@ class Sequential(Layer):
             validation_data=validation_data,
             verbose=verbose,
             callbacks=callbacks or [],
+            graph=graph,
         )
 
     def to_torch(self, device: Any = None) -> Any:

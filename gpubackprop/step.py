@@ -84,6 +84,7 @@ class CompiledStep:
         seam = getattr(self.backend, "seam", None)
         self._seam = seam if seam is not None and hasattr(seam, "capture") else None
         self.graphs: dict[tuple, _Graph] = {}
+        self._checked: dict[tuple, tuple] = {}
         self.prediction: Any = None  # the model output of the last call
         self.last_norm: Any = None  # the gradient norm of the last call (with max_norm)
 
@@ -111,14 +112,21 @@ class CompiledStep:
 
     def __call__(self, x, y):
         """One step on the batch (x, y); returns the loss as a 0-d array on the backend."""
-        x_shape, y_shape, y_dtype = self._check_batch(x, y)
+        # The batch is validated once per kind of input (type, shape, dtype), not every call.
+        signature = (type(x), shape_of(x), dtype_of(x), type(y), shape_of(y), dtype_of(y))
+        checked = self._checked.get(signature)
+        if checked is None:
+            checked = self._checked[signature] = self._check_batch(x, y)
+        x_shape, y_shape, y_dtype, host_labels = checked
+        if host_labels:
+            self._check_host_labels(y)
         if self._seam is None:
             xd = self.model.prepare_input(x)
             yd = self.backend.asarray(y, y_dtype)
             return self.run_eager(xd, yd)
-        self.loss_fn.backend = self.backend
         optimizer = self.optimizer
-        optimizer._buffers(optimizer._segments())  # state exists before the first capture
+        if optimizer.buffer_names and not optimizer._state:
+            optimizer._buffers(optimizer._segments())  # its state exists before any capture
         key = (x_shape, y_shape, y_dtype.str, self._state_key())
         entry = self.graphs.get(key)
         if entry is None:
@@ -137,6 +145,7 @@ class CompiledStep:
     def _capture(self, x, y, x_shape, y_shape, y_dtype) -> tuple[Any, _Graph]:
         """Warm up (this call's step, run for real), then capture the same step."""
         seam, backend = self._seam, self.backend
+        self.loss_fn.backend = backend
         x_static = backend.empty(x_shape, self.model.dtype)
         y_static = backend.empty(y_shape, y_dtype)
         seam.copy_in(x_static, self._source(x, self.model.dtype))
@@ -158,8 +167,8 @@ class CompiledStep:
         """What a captured graph has frozen besides the batch shape: the buffers it reads and
         writes, and the hyper-parameters passed as kernel arguments (all but lr)."""
         optimizer, store = self.optimizer, self.model.store
-        buffers = tuple(id(a) for arrays in optimizer._state.values() for a in arrays)
-        hyper = tuple(sorted((k, repr(v)) for k, v in optimizer.hyperparams.items() if k != "lr"))
+        buffers = tuple([id(a) for arrays in optimizer._state.values() for a in arrays])
+        hyper = tuple([v for k, v in optimizer.hyperparams.items() if k != "lr"])
         return (
             id(store.data),
             id(store.grad),
@@ -167,12 +176,13 @@ class CompiledStep:
             buffers,
             hyper,
             self.max_norm,
-            type(self.loss_fn).__name__,
-            repr(self.loss_fn.config()),
+            self.loss_fn.reduction,
         )
 
     # -- inputs ----------------------------------------------------------------------------------
-    def _check_batch(self, x, y) -> tuple[tuple[int, ...], tuple[int, ...], np.dtype]:
+    def _check_batch(self, x, y) -> tuple[tuple[int, ...], tuple[int, ...], np.dtype, bool]:
+        """(x shape, y shape, the dtype y is uploaded as, whether y holds host labels to
+        range-check each call), or ValueError naming what is wrong."""
         x_shape, y_shape = shape_of(x), shape_of(y)
         if len(x_shape) != 2:
             raise ValueError(f"x has shape {x_shape}; expected (batch, features)")
@@ -194,14 +204,22 @@ class CompiledStep:
                     f"y has dtype {dtype_of(y)}; SoftmaxCrossEntropyLoss expects integer labels "
                     "(batch,) or probabilities (batch, classes)"
                 )
-            if not is_device_array(y):
-                # Checked on the host, before the upload: a device check would be a sync.
-                from .backends import get_backend
-                from .losses import check_label_range
+            self._classes_count = self._classes()
+            # Host labels are checked on the host, before the upload (a device check would
+            # be a sync); device labels are the caller's (fit checks its data once).
+            host = not (is_device_array(y) or isinstance(y, self.backend.xp.ndarray))
+            return x_shape, y_shape, np.dtype(np.int64), host
+        return x_shape, y_shape, self.model.dtype, False
 
-                check_label_range(get_backend("numpy"), np.asarray(y), self._classes())
-            return x_shape, y_shape, np.dtype(np.int64)
-        return x_shape, y_shape, self.model.dtype
+    def _check_host_labels(self, y) -> None:
+        labels = np.asarray(y)
+        low, high = labels.min(), labels.max()
+        if low < 0 or high >= self._classes_count:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"y holds label {int(bad)}; expected labels in [0, {self._classes_count - 1}] "
+                f"for a model with {self._classes_count} outputs"
+            )
 
     def _classes(self) -> int:
         from .layers import Dense
@@ -214,6 +232,8 @@ class CompiledStep:
     def _source(self, a, dtype: np.dtype):
         """``a`` as what copy_in takes: host data as a contiguous NumPy array of ``dtype``, a
         backend array cast to ``dtype`` when it differs."""
+        if type(a) is np.ndarray and a.dtype == dtype and a.flags.c_contiguous:
+            return a
         if is_device_array(a) or isinstance(a, self.backend.xp.ndarray):
             return a if a.dtype == dtype else self.backend.asarray(a, dtype)
         return np.ascontiguousarray(np.asarray(a), dtype=dtype)

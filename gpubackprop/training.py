@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from .arrays import dtype_of, import_array, shape_of
+from .arrays import dtype_of, import_array, is_device_array, shape_of
+from .backends import get_backend
 from .callbacks import Callback, History
 from .layers import check_positive_int
 from .losses import (
@@ -141,6 +142,7 @@ def run_fit(
     validation_data,
     verbose: int,
     callbacks: list[Callback],
+    graph: bool = False,
 ) -> History:
     epochs = check_positive_int("epochs", epochs)
     batch_size = check_positive_int("batch_size", batch_size)
@@ -152,6 +154,13 @@ def run_fit(
     n = xd.shape[0]
     if _rows(y) != n:
         raise ValueError(f"y has {_rows(y)} rows but x has {n}")
+    # Integer labels are range-checked once for the whole set, not per batch (a sync each):
+    # on the host before the upload when they come from the host, else once on the device.
+    labels_unchecked = isinstance(loss, SoftmaxCrossEntropyLoss) and dtype_of(y).kind in "iub"
+    labels_unchecked = labels_unchecked and len(shape_of(y)) == 1
+    if labels_unchecked and not is_device_array(y):
+        check_label_range(get_backend("numpy"), np.asarray(y), _classes(model, xd))
+        labels_unchecked = False
     yd = _targets_on(model, loss, y)
     if validation_data is not None and len(validation_data) != 2:
         raise ValueError("validation_data must be a pair (x_val, y_val)")
@@ -161,9 +170,9 @@ def run_fit(
     model.stop_training = False
     for callback in callbacks:
         callback.on_train_begin(model, optimizer)
-    # Integer labels are range-checked once for the whole set, not per batch (a sync each).
-    labels_unchecked = isinstance(loss, SoftmaxCrossEntropyLoss) and yd.ndim == 1
     saved_check = getattr(loss, "check_labels", None)
+    if saved_check is not None and not labels_unchecked:
+        loss.check_labels = False  # checked on the host above (or not labels at all)
     try:
         logs = _epochs(
             _Run(
@@ -178,6 +187,7 @@ def run_fit(
                 validation_data,
                 verbose,
                 callbacks,
+                graph,
             ),
             labels_unchecked,
         )
@@ -224,6 +234,18 @@ class _Run:
     validation_data: Any
     verbose: int
     callbacks: list[Callback]
+    graph: bool = False
+
+
+def _classes(model, xd) -> int:
+    """The model's output width (what labels index): the last top-level Dense's, since the
+    activations and residual blocks after it keep the width; else one row's forward."""
+    from .layers import Dense
+
+    for layer in reversed(model.layers):
+        if isinstance(layer, Dense):
+            return layer.out_features
+    return int(model.run_steps(xd[:1]).shape[1])
 
 
 def _epochs(run: _Run, labels_unchecked: bool) -> dict[str, float]:
@@ -232,6 +254,11 @@ def _epochs(run: _Run, labels_unchecked: bool) -> dict[str, float]:
     validation_data, callbacks, n = run.validation_data, run.callbacks, run.xd.shape[0]
     xp = model.backend.xp
     read_every_batch = not reading_syncs(model.backend)
+    step = None
+    if run.graph:
+        from .step import compile_step
+
+        step = compile_step(model, loss, optimizer)
     logs: dict[str, float] = {}
     for epoch in range(1, epochs + 1):
         order = generator().permutation(n) if shuffle else None
@@ -246,11 +273,16 @@ def _epochs(run: _Run, labels_unchecked: bool) -> dict[str, float]:
                 xb, yb = xd[rows], yd[rows]
             else:
                 xb, yb = xd[start:stop], yd[start:stop]
-            pred = model.forward(xb)
             if labels_unchecked:
-                check_label_range(model.backend, yd, pred.shape[1])
+                check_label_range(model.backend, yd, _classes(model, xd))
                 loss.check_labels = labels_unchecked = False
-            value = loss.forward(pred, yb)
+            if step is not None:
+                # forward, loss, backward and update in one call (one graph launch on a GPU)
+                value = step(xb, yb)
+                pred = step.prediction
+            else:
+                pred = model.forward(xb)
+                value = loss.forward(pred, yb)
             totals.add(value, correct_count(xp, loss, pred, yb), stop - start)
             now = time.perf_counter()
             # Reading the totals syncs: every batch on the CPU (free), else for the bar.
@@ -262,8 +294,9 @@ def _epochs(run: _Run, labels_unchecked: bool) -> dict[str, float]:
                     _bar_postfix(
                         bar, loss_sum, correct, totals.seen, _per_row(loss, yb), now - start_time
                     )
-            model.backward(loss.backward(), need_input_grad=False)
-            optimizer.step()
+            if step is None:
+                model.backward(loss.backward(), need_input_grad=False)
+                optimizer.step()
             if bar is not None:
                 bar.update(stop - start)
         loss_sum, correct = totals.read()

@@ -11,6 +11,8 @@ or a driver the backend reports ``available = False`` and keeps the reason.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -95,6 +97,47 @@ class CupySeam:
     def empty(self, shape: tuple[int, ...], dtype: Any) -> Any:
         return self.cupy.empty(shape, dtype=dtype)
 
+    # -- graphs (gpubackprop/step.py) -------------------------------------------------------------
+    def new_pool(self) -> Any:
+        """A private memory pool for one graph: the warm-up's and the capture's allocations
+        come from it and nobody else's do, so the memory the graph writes stays its own."""
+        return self.cupy.cuda.MemoryPool()
+
+    @contextmanager
+    def allocating_from(self, pool: Any) -> Iterator[None]:
+        with self.cupy.cuda.using_allocator(pool.malloc):
+            yield
+
+    @contextmanager
+    def capture(self, static: list[Any], pool: Any) -> Iterator[dict[str, Any]]:
+        """Capture the launches made inside on a side stream (a capture cannot run on the
+        legacy default stream) into a CUDA graph, ``holder["graph"]`` afterwards.  CuPy's
+        relaxed capture mode lets the private pool grow if it must."""
+        cupy = self.cupy
+        outer = cupy.cuda.get_current_stream()
+        stream = cupy.cuda.Stream(non_blocking=True)
+        stream.wait_event(outer.record())  # the capture sees the work queued before it
+        holder: dict[str, Any] = {}
+        with cupy.cuda.using_allocator(pool.malloc), stream:
+            stream.begin_capture()
+            try:
+                yield holder
+            finally:
+                graph = stream.end_capture()  # ends the capture even when the step raised
+        holder["graph"] = _CupyGraph(graph, stream, list(static))
+
+    def launch_graph(self, graph: _CupyGraph) -> None:
+        """Launch on the current stream, after the copies into the static inputs."""
+        graph.graph.launch(stream=self.cupy.cuda.get_current_stream())
+
+    def copy_in(self, dst: Any, src: Any) -> None:
+        """dst[...] = src on the current stream: host data (a NumPy array of dst's dtype) or a
+        device array."""
+        if isinstance(src, self.cupy.ndarray):
+            self.cupy.copyto(dst, src)
+        else:
+            dst.set(src)
+
     def check_device(self, name: str, array: Any) -> None:
         """Kernels launch on the current device; an operand elsewhere would be misread."""
         current = self._device()
@@ -117,6 +160,16 @@ class CupySeam:
             )
             self._elementwise[key] = _Elementwise(kernel, spec)
         return self._elementwise[key]
+
+
+class _CupyGraph:
+    """A captured cupy.cuda.Graph with what it must outlive: its capture stream and static
+    inputs (the private pool is kept by the compiled step)."""
+
+    def __init__(self, graph: Any, stream: Any, static: list[Any]) -> None:
+        self.graph = graph
+        self.stream = stream
+        self.static = static
 
 
 class _Elementwise:

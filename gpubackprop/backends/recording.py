@@ -10,6 +10,8 @@ Nothing is computed: outputs hold whatever ``numpy.empty`` gave.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -72,8 +74,44 @@ class RecordingSeam:
     def empty(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         return np.empty(shape, dtype=dtype)
 
+    # -- graphs: the capture keeps the launches, a replay costs the host one call ----------------
+    def new_pool(self) -> None:
+        return None
+
+    @contextmanager
+    def allocating_from(self, pool: Any) -> Iterator[None]:
+        yield
+
+    @contextmanager
+    def capture(self, static: list[Any], pool: Any) -> Iterator[dict[str, Any]]:
+        before = len(self.launches)
+        holder: dict[str, Any] = {}
+        try:
+            yield holder
+        finally:
+            captured = self.launches[before:]
+            del self.launches[before:]
+        holder["graph"] = RecordedGraph(captured)
+
+    def launch_graph(self, graph: RecordedGraph) -> None:
+        """Nothing runs; a replay records nothing either (its launches are the graph's)."""
+
+    def copy_in(self, dst: np.ndarray, src: Any) -> None:
+        np.copyto(dst, src)
+
     def elementwise(self, spec: ElementwiseSpec, dtype: Any):
         return _RecordedElementwise(self, spec, np.dtype(dtype))
+
+
+class RecordedGraph:
+    """The launches a capture recorded."""
+
+    def __init__(self, launches: list[Launch]) -> None:
+        self.launches = launches
+
+    @property
+    def kernels(self) -> int:
+        return len(self.launches)
 
 
 class _RecordedElementwise:

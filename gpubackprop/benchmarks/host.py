@@ -124,10 +124,13 @@ def _adam_step(backend, rng):
     )
 
 
-def _train_case(sizes: Sequence[int], batch: int) -> Case:
+def _train_case(sizes: Sequence[int], batch: int, graph: bool = False) -> Case:
     """One training step of an MLP through the public API (forward, cross-entropy, backward,
-    SGD with momentum), launches recorded."""
+    SGD with momentum), launches recorded; with ``graph``, the step of gb.compile_step after
+    its capture: two copies into the static inputs and one graph launch, ``launches`` the
+    kernels the graph holds."""
     label = "-".join(str(s) for s in sizes)
+    suffix = ".graph" if graph else ""
 
     def build(ctx: Context, copies: int) -> Prepared:
         from .. import SGD, SoftmaxCrossEntropyLoss
@@ -140,6 +143,24 @@ def _train_case(sizes: Sequence[int], batch: int) -> Case:
         opt = SGD(model.parameters(), lr=1e-3, momentum=0.9)
         x = ctx.rng.standard_normal((batch, sizes[0])).astype(np.float32)
         labels = ctx.rng.integers(0, sizes[-1], batch)
+        if graph:
+            from .. import compile_step
+
+            step = compile_step(model, loss, opt)
+            step(x, labels)  # warm-up and capture
+            (captured,) = step.graphs.values()
+
+            def run_graph():
+                seam.clear()
+                return step(x, labels)
+
+            def check_graph():
+                run_graph()
+                if seam.launches:
+                    raise AssertionError(f"a graph replay launched {len(seam.launches)} kernels")
+                return _check_launches(f"train_step.mlp_{label}.graph", captured.graph.launches)
+
+            return Prepared(run_graph, check_graph, launches=captured.kernels)
 
         def run():
             seam.clear()
@@ -157,7 +178,7 @@ def _train_case(sizes: Sequence[int], batch: int) -> Case:
         return Prepared(run, check, launches=len(seam.launches))
 
     shape = {"layers": list(sizes), "batch": batch}
-    return Case(f"host.train_step.mlp_{label}", shape, [], 0.0, False, build)
+    return Case(f"host.train_step.mlp_{label}{suffix}", shape, [], 0.0, False, build)
 
 
 def host_cases(only: Sequence[str] = ()) -> list[Case]:
@@ -173,6 +194,7 @@ def host_cases(only: Sequence[str] = ()) -> list[Case]:
         _op_case("sgd_momentum.step", {"n": n}, _sgd_step),
         _op_case("adam.step", {"n": n}, _adam_step),
         _train_case(HOST_MLP, HOST_BATCH),
+        _train_case(HOST_MLP, HOST_BATCH, graph=True),
     ]
     if only:
         cases = [c for c in cases if any(word in c.name for word in only)]
