@@ -109,6 +109,11 @@ def compile_flags() -> tuple[str, ...]:
     return tuple(flags)
 
 
+def include_flags() -> list[str]:
+    """The emulator's headers, and its CUDA headers for a kernel's ``#include <cuda_fp16.h>``."""
+    return [f"-I{HERE}", f"-I{INCLUDE_DIR}"]
+
+
 # ---- reading the source -------------------------------------------------------------------
 
 _TOKEN = re.compile(r'//[^\n]*|/\*.*?\*/|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'', re.DOTALL)
@@ -195,7 +200,7 @@ def directives_applied(cxx: str, flags: tuple[str, ...], text: str, label: str) 
     when the compiler sees them, as NVRTC does on a GPU."""
     language = [f for f in flags if f.startswith(("-std", "-D", "-U"))]
     source = f'#include "cuda_emu.h"\n{_SOURCE_STARTS}\n{text}'
-    command = [cxx, *language, f"-I{HERE}", "-E", "-fdirectives-only", "-x", "c++", "-"]
+    command = [cxx, *language, *include_flags(), "-E", "-fdirectives-only", "-x", "c++", "-"]
     result = subprocess.run(command, input=source, capture_output=True, text=True)
     if result.returncode != 0:
         raise EmuCompileError(_compile_message(label, result.stderr, command))
@@ -258,7 +263,7 @@ def build(text: str, label: str) -> tuple[Path, list[KernelDecl]]:
     source.write_text(unit)
     handle, temporary = tempfile.mkstemp(suffix=".so.tmp", dir=directory)
     os.close(handle)
-    command = [cxx, *flags, f"-I{HERE}", f"-I{INCLUDE_DIR}", str(source), "-o", temporary]
+    command = [cxx, *flags, *include_flags(), str(source), "-o", temporary]
     result = subprocess.run(command, capture_output=True, text=True)
     stats["compiles"] += 1
     if result.returncode != 0:
