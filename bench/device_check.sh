@@ -47,9 +47,12 @@ step info 10 python3 -m gpubackprop.cli info
 # --maxfail rather than -x: on a first run one failure must not hide which others fail.
 pytest_gpu=(env GPUBACKPROP_REQUIRE_GPU=1 COLUMNS=240 python3 -m pytest -q -rfE -m gpu --maxfail=25 -p no:cacheprovider)
 step parity 60 "${pytest_gpu[@]}" tests/test_parity.py
-# Every other GPU test: captured training steps, tensor-core GEMMs, the one-rank NCCL
-# all-reduce, the emulator conformance kernels on the real device.
-step gpu_tests 40 "${pytest_gpu[@]}" tests --ignore=tests/test_parity.py
+# The captured training step (gb.compile_step as a CUDA graph) bitwise equal to the eager one.
+step graph 30 "${pytest_gpu[@]}" tests/test_compiled_step.py
+# Every other GPU test: tensor-core GEMMs, the one-rank NCCL all-reduce, the emulator
+# conformance kernels on the real device.
+step gpu_tests 40 "${pytest_gpu[@]}" tests --ignore=tests/test_parity.py \
+    --ignore=tests/test_compiled_step.py
 # torch.compile is off: its compile time is unbounded.  Rows run training steps first, then the
 # GEMMs and the rest; --json is rewritten after every row, so a stopped step keeps its rows.
 step bench 75 python3 -m gpubackprop.cli bench --quick --backend cupy --torch-compile off \

@@ -67,6 +67,7 @@ def test_device_check_runs_every_step_and_returns_its_files(tmp_path):
     assert list(steps) == [
         "info",
         "parity",
+        "graph",
         "gpu_tests",
         "bench",
         "memcheck",
@@ -79,7 +80,7 @@ def test_device_check_runs_every_step_and_returns_its_files(tmp_path):
         assert "Device not supported" in steps[tool]["last_lines"][-1]
     # Without a GPU: the GPU tests fail (cupy required, a skip is a failure), the sweep and the
     # bench measure nothing and say so with a non-zero exit; none of them hangs.
-    for name in ("parity", "gpu_tests", "gemm_sweep", "bench"):
+    for name in ("parity", "graph", "gpu_tests", "gemm_sweep", "bench"):
         assert steps[name]["status"] == "failed", (name, steps[name])
     assert steps["parity"]["failing_tests"], steps["parity"]
     assert all("cupy" in line for line in steps["parity"]["failing_tests"][:3])

@@ -563,11 +563,12 @@ def build_mlp(sizes: Sequence[int]):
     return Sequential(*layers)
 
 
-def train_case(sizes: Sequence[int], batch: int, itemsize: int) -> Case:
+def train_case(sizes: Sequence[int], batch: int, itemsize: int, graph: bool = False) -> Case:
     """One training step through the public API: forward, softmax cross-entropy, backward
-    (no input gradient), SGD with momentum 0.9."""
+    (no input gradient), SGD with momentum 0.9; with ``graph``, the same step through
+    gb.compile_step (one CUDA graph launch per step on a GPU, eager on numpy)."""
     parts = train_parts(sizes, batch, itemsize)
-    label = "-".join(str(s) for s in sizes)
+    label = "-".join(str(s) for s in sizes) + (".graph" if graph else "")
 
     def build(ctx: Context, copies: int) -> Prepared:
         from .. import SGD, SoftmaxCrossEntropyLoss
@@ -587,8 +588,15 @@ def train_case(sizes: Sequence[int], batch: int, itemsize: int) -> Case:
         model, loss, opt = make(ctx.backend, ctx.dtype)
         x = ctx.ours(x_h)
         labels = ctx.backend.asarray(labels_h, np.int64)
+        steps: dict[int, Any] = {}
 
         def one_step(model, loss, opt, x, labels):
+            if graph:
+                from .. import compile_step
+
+                if id(model) not in steps:
+                    steps[id(model)] = compile_step(model, loss, opt)
+                return steps[id(model)](x, labels)
             pred = model.forward(x)
             value = loss.forward(pred, labels)
             model.backward(loss.backward(), need_input_grad=False)
@@ -659,11 +667,21 @@ def train_case(sizes: Sequence[int], batch: int, itemsize: int) -> Case:
 
 
 def cases_for(
-    sizes: Sizes, itemsize: int, only: Sequence[str] = (), gemm_versions: Sequence[str] = ()
+    sizes: Sizes,
+    itemsize: int,
+    only: Sequence[str] = (),
+    gemm_versions: Sequence[str] = (),
+    graph_rows: bool = False,
 ) -> list[Case]:
+    """The rows of one backend; ``graph_rows``: also each training step through
+    gb.compile_step (for backends that capture it; on numpy it is the same eager step)."""
     # Whole training steps first, then the GEMMs: the headline rows, kept by a run that is
     # stopped by a time limit (the JSON record is rewritten after every row).
-    cases: list[Case] = [train_case(layers, batch, itemsize) for layers, batch in sizes.train]
+    cases: list[Case] = []
+    for layers, batch in sizes.train:
+        cases.append(train_case(layers, batch, itemsize))
+        if graph_rows:
+            cases.append(train_case(layers, batch, itemsize, graph=True))
     for m, n, k in sizes.gemm:
         for layout in ("forward", "dW", "dX+dW"):
             cases.append(gemm_case(m, n, k, layout, itemsize))

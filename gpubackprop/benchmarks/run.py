@@ -237,7 +237,8 @@ def _run_backend(
             from ..backends.kernel_backend import GEMM_VERSIONS
 
             versions = tuple(v for v in GEMM_VERSIONS if v != backend.gemm_version)
-        cases = cases_for(SIZES[preset], dtype.itemsize, config.only, versions)
+        graph_rows = hasattr(getattr(backend, "seam", None), "capture")
+        cases = cases_for(SIZES[preset], dtype.itemsize, config.only, versions, graph_rows)
     if not cases:
         return  # --only left this backend no row: no ceilings to measure either
     if device_class == "gpu":
