@@ -16,6 +16,11 @@
 //             where the launcher found the operand 16-byte aligned with a leading dimension
 //             that is a multiple of 4 (flags vec_*), guarded scalar loads elsewhere.  Any
 //             M, N, K ≥ 0 (edges zero-filled; K = 0 gives Y = f(b)).
+//   *_splitk  dense_forward_splitk / dense_backward_data_splitk / dense_backward_weight_splitk:
+//             the tiled version over one slice of the inner dimension per blockIdx.z into a
+//             partial buffer, then gemm_splitk_reduce adds the slices in a fixed order and
+//             applies the epilogue (deterministic; for outputs with few tiles and a long inner
+//             dimension, see gemm_plan in gpubackprop/backends).
 //   *_warptiled  dense_forward_warptiled / dense_backward_data_warptiled /
 //             dense_backward_weight_warptiled, same parameters and results: adds a warp level
 //             to the tiled design.  The WT_BM×WT_BN block tile is cut into WT_WM×WT_WN warp
@@ -300,7 +305,77 @@ dense_backward_weight(const real_t* __restrict__ delta, const real_t* __restrict
     gemm_store(dw, N, K, acc);
 }
 
+// ---- deterministic split-K (tiled version) ----------------------------------------------------
+//
+// When the output has too few block tiles to fill the GPU and the inner dimension is long, the
+// inner dimension is cut into gridDim.z slices of `chunk` (a multiple of 4, so that 16-byte
+// loads stay aligned): block (x, y, s) computes its tile's partial product over slice s into
+// partial[s] (rows × cols), and gemm_splitk_reduce adds the slices in the fixed order
+// s = 0, 1, ... and applies the epilogue.  No atomics: the same shapes give the same bits.
+// The operand pointers are advanced to the slice's first inner index (by p for an operand whose
+// inner index is contiguous, by p·ld for one whose rows are).
+
+// Y's partial products: X (M,K) · W (N,K)ᵀ over inner slice blockIdx.z.
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS)
+dense_forward_splitk(const real_t* __restrict__ x, const real_t* __restrict__ w,
+                     real_t* __restrict__ partial, int M, int N, int K, int chunk, int vec_x,
+                     int vec_w) {
+    const int begin = blockIdx.z * chunk;
+    const int length = min(chunk, K - begin);
+    real_t acc[MICRO_M][MICRO_N];
+    gemm_mainloop<LAYOUT_INNER, LAYOUT_INNER, TiledShape>(x + begin, K, vec_x, w + begin, K, vec_w,
+                                                          M, N, length, acc);
+    gemm_store(partial + (long long)blockIdx.z * M * N, M, N, acc);
+}
+
+// dX's partial products: δ (M,N) · W (N,K) over inner (N) slice blockIdx.z.
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS)
+dense_backward_data_splitk(const real_t* __restrict__ delta, const real_t* __restrict__ w,
+                           real_t* __restrict__ partial, int M, int N, int K, int chunk,
+                           int vec_delta, int vec_w) {
+    const int begin = blockIdx.z * chunk;
+    const int length = min(chunk, N - begin);
+    real_t acc[MICRO_M][MICRO_N];
+    gemm_mainloop<LAYOUT_INNER, LAYOUT_OUTER, TiledShape>(
+        delta + begin, N, vec_delta, w + (long long)begin * K, K, vec_w, M, K, length, acc);
+    gemm_store(partial + (long long)blockIdx.z * M * K, M, K, acc);
+}
+
+// dW's partial products: δᵀ (N,M) · X (M,K) over inner (M, the batch) slice blockIdx.z.
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS)
+dense_backward_weight_splitk(const real_t* __restrict__ delta, const real_t* __restrict__ x,
+                             real_t* __restrict__ partial, int M, int N, int K, int chunk,
+                             int vec_delta, int vec_x) {
+    const int begin = blockIdx.z * chunk;
+    const int length = min(chunk, M - begin);
+    real_t acc[MICRO_M][MICRO_N];
+    gemm_mainloop<LAYOUT_OUTER, LAYOUT_OUTER, TiledShape>(delta + (long long)begin * N, N,
+                                                          vec_delta, x + (long long)begin * K, K,
+                                                          vec_x, N, K, length, acc);
+    gemm_store(partial + (long long)blockIdx.z * N * K, N, K, acc);
+}
+
 #endif  // GEMM_TILED
+
+// out[r, c] = f(Σ_{s < splits} partial[s][r, c] + b[c]) (Z the sum when write_z), the slices
+// added in order.  A grid-stride loop over the rows × cols outputs; without bias and with the
+// identity (act_code 0) it is the plain sum the backward GEMMs need.
+extern "C" __global__ void gemm_splitk_reduce(const real_t* __restrict__ partial, int splits,
+                                              int rows, int cols,
+                                              const real_t* __restrict__ bias,
+                                              real_t* __restrict__ y, real_t* __restrict__ z,
+                                              int has_bias, int write_z, int act_code,
+                                              real_t alpha) {
+    const long long total = (long long)rows * cols;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride) {
+        real_t sum = partial[i];
+        for (int s = 1; s < splits; ++s) sum += partial[(long long)s * total + i];
+        if (has_bias) sum += bias[i % cols];
+        if (write_z) z[i] = sum;
+        y[i] = act_forward(act_code, sum, alpha);
+    }
+}
 
 #if GEMM_WARPTILED
 // ---- warp-tiled version ------------------------------------------------------------------------
