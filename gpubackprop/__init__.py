@@ -8,6 +8,7 @@ import logging
 import os
 from typing import Any
 
+from . import distributed
 from .backends import available_backends, get_backend
 from .callbacks import Callback, EarlyStopping, History, ModelCheckpoint
 from .gradcheck import gradcheck
@@ -73,6 +74,7 @@ __all__ = [
     "__version__",
     "available_backends",
     "clip_grad_norm",
+    "distributed",
     "get_backend",
     "gradcheck",
     "load",
