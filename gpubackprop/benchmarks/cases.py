@@ -52,13 +52,15 @@ class Prepared:
     check: runs our op once on fresh inputs and returns (outputs, float64 references).
     baselines: name -> (callable, timer) for the same work in another implementation.
     skipped: name -> why a baseline is absent.
-    copies: how many input copies ``run`` rotates through."""
+    copies: how many input copies ``run`` rotates through.
+    launches: kernel launches one ``run`` makes (the host rows, which record them)."""
 
     run: Callable[[], Any]
     check: Callable[[], tuple[list[Any], list[np.ndarray]]]
     baselines: dict[str, Impl] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     copies: int = 1
+    launches: int | None = None
 
 
 @dataclass
