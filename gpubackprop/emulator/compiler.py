@@ -215,6 +215,23 @@ def parse_kernels(text: str) -> list[KernelDecl]:
     return kernels
 
 
+_SOURCE_STARTS = "gbemu_kernel_source_starts_here"
+
+
+def directives_applied(cxx: str, flags: tuple[str, ...], text: str, label: str) -> str:
+    """``text`` with its preprocessor conditionals decided as the emulator's build decides
+    them (cuda_emu.h's macros, such as __CUDA_ARCH__, included), macros left unexpanded: the
+    kernels a source defines under #if (gemm.cu's GEMM_TILED, say) are then found exactly
+    when the compiler sees them, as NVRTC does on a GPU."""
+    language = [f for f in flags if f.startswith(("-std", "-D", "-U"))]
+    source = f'#include "cuda_emu.h"\n{_SOURCE_STARTS}\n{text}'
+    command = [cxx, *language, f"-I{HERE}", "-E", "-fdirectives-only", "-x", "c++", "-"]
+    result = subprocess.run(command, input=source, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise EmuCompileError(_compile_message(label, result.stderr, command))
+    return result.stdout[result.stdout.rfind(_SOURCE_STARTS) + len(_SOURCE_STARTS) :]
+
+
 def translation_unit(text: str, label: str, kernels: list[KernelDecl]) -> str:
     parts = ['#include "cuda_emu.h"', f'#line 1 "{label}"', text, f'#line 1 "{TRAMPOLINE_LABEL}"']
     for kernel in kernels:
@@ -246,13 +263,13 @@ def build(text: str, label: str) -> tuple[Path, list[KernelDecl]]:
     Raises EmuUnsupportedError for inline PTX and EmuCompileError with g++'s diagnostics.
     """
     check_supported(text, label)
-    kernels = parse_kernels(text)
     cxx = find_compiler()
     if cxx is None:
         raise EmuCompileError(
             "no C++ compiler found (set CXX or GPUBACKPROP_EMU_CXX, or install g++)"
         )
     flags = compile_flags()
+    kernels = parse_kernels(directives_applied(cxx, flags, text, label))
     unit = translation_unit(text, label, kernels)
     digest = hashlib.sha256()
     for part in (unit, _header_text(), " ".join(flags), compiler_identity(cxx)):
