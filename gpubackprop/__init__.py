@@ -47,6 +47,15 @@ def load(
     return _load(path, backend=backend, dtype=dtype, with_optimizer=with_optimizer)
 
 
+def from_torch(module: Any, backend: Any = None, dtype: Any = None) -> Sequential:
+    """A model with the layers and weights of a ``torch.nn.Sequential`` (Linear, the activations,
+    nested Sequential, torch_interop.Residual); other modules are refused by name.  See
+    gpubackprop.torch_interop.from_torch.  Needs PyTorch."""
+    from .torch_interop import from_torch as _from_torch
+
+    return _from_torch(module, backend=backend, dtype=dtype)
+
+
 __all__ = [
     "GELU",
     "SGD",
@@ -73,6 +82,7 @@ __all__ = [
     "__version__",
     "available_backends",
     "clip_grad_norm",
+    "from_torch",
     "get_backend",
     "gradcheck",
     "load",
