@@ -7,6 +7,7 @@ forward pass written from those alone in NumPy gives model.predict's outputs."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import sys
@@ -22,10 +23,15 @@ README = ROOT / "README.md"
 
 
 def _readme_snippet() -> str:
+    """The README's lines that read a checkpoint with safetensors: its import, and the with
+    statement and its body, as written."""
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
-    matching = [block for block in blocks if "safe_open" in block]
-    assert len(matching) == 1, "README.md should show one safetensors snippet"
-    return matching[0]
+    lines = next(block for block in blocks if "safe_open(" in block).splitlines()
+    imports = [line for line in lines if line.startswith("from safetensors import")]
+    start = next(i for i, line in enumerate(lines) if line.startswith("with safe_open("))
+    body = lines[start : start + 2]  # the with statement and its one-line body
+    assert len(imports) == 1 and body[1].startswith("    "), "README.md: the safetensors snippet"
+    return "\n".join([*imports, *body]) + "\n"
 
 
 def _forward_from_file(config: dict, weights: dict, x: np.ndarray) -> np.ndarray:
@@ -72,10 +78,15 @@ def test_readme_snippet_reads_a_checkpoint_without_gpubackprop(tmp_path, monkeyp
     exec(compile(_readme_snippet(), "README.md", "exec"), namespace)
     monkeypatch.undo()
 
-    config, weights = namespace["config"], namespace["weights"]
+    config = json.loads(namespace["config"])
+    tensors = namespace["tensors"]
+    weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    assert set(tensors) - {f"model.{k}" for k in weights} == {
+        f"optimizer.{buffer}.{name}" for buffer in ("exp_avg", "exp_avg_sq") for name in weights
+    }  # the rest is the optimizer's state
     assert config == model.config()
     state = model.state_dict()
-    assert weights.keys() == state.keys()  # the optimizer's tensors are not among them
+    assert weights.keys() == state.keys()
     for name, value in state.items():
         assert weights[name].dtype == np.float64
         np.testing.assert_array_equal(weights[name], value, err_msg=name)
@@ -100,3 +111,5 @@ def test_interop_page_examples_run_in_order(tmp_path, monkeypatch):
     back = namespace["back"]
     np.testing.assert_allclose(back.predict(x), expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(namespace["onnx_logits"], expected, rtol=1e-5, atol=1e-6)
+    assert namespace["config"] == model.config()
+    assert namespace["weights"].keys() == model.state_dict().keys()
