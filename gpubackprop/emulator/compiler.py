@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-HEADERS = ("cuda_emu.h", "cuda_emu_runtime.h")
+HEADERS = ("cuda_emu.h", "cuda_emu_runtime.h", "ptx_twins.h")
 # The emulator's versions of CUDA's own headers (cuda_fp16.h, cuda_bf16.h, ...), found by a
 # kernel's `#include <...>` as NVRTC finds the toolkit's.
 INCLUDE_DIR = HERE / "include"
@@ -153,19 +153,52 @@ def origin(text: str, position: int, default_file: str) -> tuple[str, int]:
 
 
 _ASM = re.compile(r"\b(?:asm|__asm__|__asm)\b(?:\s+(?:volatile|__volatile__))?\s*\(")
+_TEMPLATE = re.compile(r'\s*"((?:\\.|[^"\\\n])*)"')
+
+# The one kernels/ header whose inline PTX the emulator accepts, and the instructions in it:
+# each sits in a device function whose emulator body (GPUBACKPROP_EMULATOR) is the twin in
+# ptx_twins.h, so g++ never sees the asm.
+PTX_TWINS_HEADER = "ptx_twins.cuh"
+PTX_TWINS = frozenset(
+    {
+        "cvt.rn.bf16x2.f32",
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32",
+        "ldmatrix.sync.aligned.m8n8.x4.shared.b16",
+        "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16",
+        "cp.async.cg.shared.global",
+        "cp.async.commit_group",
+        "cp.async.wait_group",
+    }
+)
+
+
+def ptx_instruction(code: str, position: int) -> str:
+    """The first PTX instruction (opcode and modifiers) of the asm template that starts after
+    ``position`` in ``code`` (comments blanked, strings kept); "" if there is no string."""
+    string = _TEMPLATE.match(code, position)
+    if string is None:
+        return ""
+    words = string.group(1).replace("\\n", " ").replace("\\t", " ").split()
+    return words[0].rstrip(";") if words else ""
 
 
 def check_supported(text: str, label: str) -> None:
-    """Refuse what the emulator would run differently from a GPU, naming file and line."""
-    code = strip_comments(text, keep_strings=False)
-    match = _ASM.search(code)
-    if match:
+    """Refuse what the emulator would run differently from a GPU, naming file and line: inline
+    PTX, except the instructions of PTX_TWINS in kernels/ptx_twins.cuh."""
+    code = strip_comments(text, keep_strings=True)
+    for match in _ASM.finditer(strip_comments(text, keep_strings=False)):
         file, line = origin(text, match.start(), label)
+        instruction = ptx_instruction(code, match.end())
+        if file == PTX_TWINS_HEADER and instruction in PTX_TWINS:
+            continue
         snippet = text[match.start() : text.find("\n", match.start())].strip()
         raise EmuUnsupportedError(
-            f"{file}:{line}: inline PTX assembly ({snippet[:60]!r}) cannot run on the CPU "
-            "emulator; give the kernel a plain CUDA C++ path for it (the emulator defines "
-            "GPUBACKPROP_EMULATOR) or test this kernel on a GPU only"
+            f"{file}:{line}: inline PTX assembly ({instruction or snippet[:60]!r}) cannot run "
+            "on the CPU emulator; give the kernel a plain CUDA C++ path for it (the emulator "
+            "defines GPUBACKPROP_EMULATOR), use a device function of kernels/"
+            f"{PTX_TWINS_HEADER} (instructions with an emulator twin: "
+            f"{', '.join(sorted(PTX_TWINS))}), or test this kernel on a GPU only"
         )
 
 
