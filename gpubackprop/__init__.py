@@ -56,6 +56,14 @@ def from_torch(module: Any, backend: Any = None, dtype: Any = None) -> Sequentia
     return _from_torch(module, backend=backend, dtype=dtype)
 
 
+def export_onnx(model: Sequential, path: str | os.PathLike) -> None:
+    """Write ``model`` as an ONNX model (opset 17, its input preprocessing included); see
+    gpubackprop.onnx_export.  Needs the onnx package (extra ``onnx``)."""
+    from .onnx_export import export_onnx as _export_onnx
+
+    _export_onnx(model, path)
+
+
 __all__ = [
     "GELU",
     "SGD",
@@ -82,6 +90,7 @@ __all__ = [
     "__version__",
     "available_backends",
     "clip_grad_norm",
+    "export_onnx",
     "from_torch",
     "get_backend",
     "gradcheck",
