@@ -14,13 +14,9 @@ import numpy as np
 import pytest
 
 from gpubackprop import kernels
-from gpubackprop.backends.kernel_backend import (
-    ELEMENTWISE_SPECS,
-    GEMM_TILES,
-    GEMM_TILES_WARPTILED,
-    GEMM_VERSIONS,
-    KERNEL_DEFINES,
-)
+from gpubackprop.backends.elementwise import ELEMENTWISE_HEADERS, elementwise_specs
+from gpubackprop.backends.gemm_config import GEMM_TILES, GEMM_TILES_WARPTILED, GEMM_VERSIONS
+from gpubackprop.backends.kernel_backend import KERNEL_DEFINES
 from gpubackprop.kernels import (
     KernelCompileError,
     elementwise_as_kernel_source,
@@ -69,6 +65,8 @@ LIBRARY_DEFINES = {
     "gemm.cu": {real: {**GEMM_TILES[real], **GEMM_TILES_WARPTILED[real]} for real in REAL_TYPES},
     **{file: dict.fromkeys(REAL_TYPES, values) for file, values in KERNEL_DEFINES.items()},
 }
+
+ELEMENTWISE_SPECS = elementwise_specs()
 
 _compiled_cache: dict[tuple, tuple[bytes, str]] = {}
 
@@ -158,6 +156,36 @@ def test_elementwise_spec_compiles(spec, dtype):
     cubin, log = nvrtc_compile(text, "sm_80", verbose=True)
     assert cubin
     assert spec.name in ptxas_report(log)
+
+
+def test_every_elementwise_function_is_a_kernel():
+    """Each GB_ELEMENTWISE function of the headers became a spec, typed from its signature."""
+    defined = []
+    for header in ELEMENTWISE_HEADERS:
+        text = (kernels.kernel_dir() / header).read_text()
+        defined += re.findall(r"^GB_ELEMENTWISE (\w+)_element\(", text, flags=re.M)
+    assert defined and defined == [spec.name for spec in ELEMENTWISE_SPECS]
+    adam = next(s for s in ELEMENTWISE_SPECS if s.name == "gb_adam")
+    assert adam.in_params.startswith("T grad, float64 lr, float64 beta1")
+    assert adam.out_params == "T param, T exp_avg, T exp_avg_sq"
+    assert adam.operation.startswith("gb_adam_element(grad, lr,")
+
+
+def test_an_elementwise_signature_that_is_not_understood_is_refused(tmp_path, monkeypatch):
+    from gpubackprop.backends import elementwise
+
+    (tmp_path / "elementwise.cuh").write_text(
+        "GB_ELEMENTWISE gb_bad_element(real_t x, real_t& y) { y = x; }\n"
+    )
+    (tmp_path / "optimizers.cuh").write_text("")
+    monkeypatch.setattr(elementwise, "kernel_dir", lambda: tmp_path)
+    elementwise._specs.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="input 'x' of gb_bad must be const"):
+            elementwise.elementwise_specs()
+    finally:
+        monkeypatch.undo()
+        elementwise._specs.cache_clear()
 
 
 def test_elementwise_wrapper_signature():
@@ -559,7 +587,7 @@ def test_cupy_elementwise_compile_error_points_at_the_operation():
         launcher(types.SimpleNamespace())
     message = str(info.value)
     assert f"ElementwiseKernel {spec.name}" in message
-    assert "activations.cuh" in message  # the preamble files are named
+    assert "elementwise.cuh" in message  # the preamble files are named
     assert re.search(r">\s+\d+ \|\s+y = undefined_name;", message), message
     assert info.value.file == f"{spec.name}.elementwise"
 
