@@ -143,6 +143,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "backend": None,  # GPUBACKPROP_BACKEND or "auto"
     "dtype": "float32",
     "save": None,
+    "export_onnx": None,
     "metrics_json": None,
     "plot": None,
     "verbose": 1,
@@ -265,6 +266,11 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         "override it",
     )
     run.add_argument("--save", metavar="PATH", help="write a checkpoint (model and optimizer)")
+    run.add_argument(
+        "--export-onnx",
+        metavar="PATH",
+        help="write the trained model as ONNX (needs the onnx package: extra 'onnx')",
+    )
     run.add_argument("--metrics-json", metavar="PATH", help="write the final metrics as JSON")
     run.add_argument(
         "--plot", metavar="PATH", help="draw loss and accuracy curves to a PNG (needs matplotlib)"
@@ -480,10 +486,15 @@ def train(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     for option, path in (
         ("--save", args.save),
+        ("--export-onnx", args.export_onnx),
         ("--metrics-json", args.metrics_json),
         ("--plot", args.plot),
     ):
         _check_output_path(option, path)
+    if args.export_onnx:
+        from gpubackprop.onnx_export import require_onnx
+
+        require_onnx()  # fail before training, not after
     if args.plot:
         from gpubackprop.plotting import require_matplotlib
 
@@ -543,6 +554,8 @@ def train(args: argparse.Namespace) -> int:
     if args.save:
         summary = {k: metrics[k] for k in ("dataset", "test_loss", "epochs", "seed")}
         gb.save(args.save, model, optimizer, metadata=summary)
+    if args.export_onnx:
+        gb.export_onnx(model, args.export_onnx)
     if args.plot:
         from gpubackprop.plotting import plot_history
 
@@ -560,6 +573,7 @@ def train(args: argparse.Namespace) -> int:
     print(_summary_line(metrics, len(dataset.x_test), train_time, model.backend.name, args.dtype))
     for label, path in (
         ("checkpoint", args.save),
+        ("ONNX model", args.export_onnx),
         ("metrics", args.metrics_json),
         ("plot", args.plot),
     ):

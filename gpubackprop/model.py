@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .arrays import Array, dtype_of, shape_of, to_host
+from .arrays import Array, dtype_of, import_array, shape_of, to_host
 from .backends import get_backend
 from .callbacks import Callback, History
 from .layers import Dense, Layer, Residual, build_steps, layer_from_config
@@ -117,8 +117,10 @@ class Sequential(Layer):
     # -- forward / backward ------------------------------------------------------------------
     def prepare_input(self, x: Array, name: str = "x") -> Array:
         """``x`` checked (2-D, this model's feature count, at least one row, numbers) and
-        returned as an array of this model's backend and dtype (copied only if needed)."""
+        returned as an array of this model's backend and dtype (copied only if needed).
+        ``x`` may be any array arrays.import_array reads (DLPack, the NumPy array protocol)."""
         self._ensure_placed()
+        x = import_array(x, self.backend.xp, name)
         shape = shape_of(x)
         if len(shape) != 2:
             raise ValueError(f"{name} has shape {shape}; expected (batch, features)")
@@ -221,6 +223,14 @@ class Sequential(Layer):
             verbose=verbose,
             callbacks=callbacks or [],
         )
+
+    def to_torch(self, device: Any = None) -> Any:
+        """A ``torch.nn.Sequential`` with copies of this model's weights that computes the same
+        function (Linear for Dense, the same activations and parameters, Residual blocks as a
+        small module); see gpubackprop.torch_interop.  Needs PyTorch."""
+        from .torch_interop import to_torch
+
+        return to_torch(self, device)
 
     def predict(self, x: Array, batch_size: int = 1024) -> np.ndarray:
         """Model outputs for ``x`` as a NumPy array, computed batch by batch."""

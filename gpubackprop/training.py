@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .arrays import dtype_of, shape_of
+from .arrays import dtype_of, import_array, shape_of
 from .callbacks import Callback, History
 from .layers import check_positive_int
 from .losses import (
@@ -29,6 +29,7 @@ def _rows(a) -> int:
 
 def _targets_on(model, loss: Loss, y):
     """Targets on the model's backend: int64 labels for cross-entropy, else model dtype."""
+    y = import_array(y, model.backend.xp, "y")
     kind = dtype_of(y).kind
     if isinstance(loss, SoftmaxCrossEntropyLoss) and kind in "iub":
         return model.backend.asarray(y, np.int64)

@@ -88,9 +88,12 @@ class GemmConfig:
         self._blocks = {kind: _gemm_block(table) for kind, table in self.tiles.items()}
 
     def defines(self, kind: str) -> dict[str, int]:
-        """gemm.cu's #defines for scalar type ``kind``: it holds every version, and each is
-        compiled with its tuning values for this type, whichever one this config launches."""
-        return {**GEMM_TILES[kind], **GEMM_TILES_WARPTILED[kind], **self.tiles[kind]}
+        """gemm.cu's #defines for scalar type ``kind``: it holds every version, and only the
+        one this config launches is compiled (GEMM_TILED / GEMM_WARPTILED / GEMM_NAIVE), with
+        the tuning values of both tiled versions for this type (the file's defaults are
+        float's)."""
+        only = {f"GEMM_{v.upper()}": int(v == self.version) for v in GEMM_VERSIONS}
+        return {**GEMM_TILES[kind], **GEMM_TILES_WARPTILED[kind], **self.tiles[kind], **only}
 
     def launch(self, kernel: str, kind: str, rows: int, cols: int) -> GemmLaunch:
         """The launch of gemm.cu's ``kernel`` over a (rows, cols) output of type ``kind``:

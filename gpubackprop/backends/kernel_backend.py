@@ -54,13 +54,20 @@ class KernelBackend(Backend):
 
     ``gemm_version`` and ``gemm_tiles`` choose the GEMM kernels (gemm_config.GemmConfig)."""
 
+    name = ""  # a subclass names its backend; a plain KernelBackend takes its seam's name
+
     def __init__(
-        self, seam: DeviceSeam, gemm_version: str = "tiled", gemm_tiles: dict | None = None
+        self,
+        seam: DeviceSeam,
+        gemm_version: str = "tiled",
+        gemm_tiles: dict | None = None,
+        *,
+        name: str | None = None,
     ) -> None:
         self.gemm = GemmConfig(gemm_version, gemm_tiles)
         self.seam = seam
         self.xp = seam.xp
-        self.name = seam.name
+        self.name = name or self.name or seam.name
         self.available = True  # subclasses that probe their device set it again
         self.reason = ""
         # (kernels/ file or elementwise kernel name, dtype.str) -> what the seam compiled: a
@@ -81,7 +88,7 @@ class KernelBackend(Backend):
         another GEMM version, so it takes this backend's arrays.  For benchmarks and sweeps."""
         if not self.available:
             raise RuntimeError(f"backend {self.name!r} is not available: {self.reason}")
-        return KernelBackend(self.seam, gemm_version, gemm_tiles)
+        return KernelBackend(self.seam, gemm_version, gemm_tiles, name=self.name)
 
     def synchronize(self) -> None:
         self.seam.synchronize()
