@@ -8,6 +8,7 @@ import logging
 import os
 from typing import Any
 
+from . import distributed
 from .backends import available_backends, get_backend
 from .callbacks import Callback, EarlyStopping, History, ModelCheckpoint
 from .gradcheck import gradcheck
@@ -57,6 +58,14 @@ def from_torch(module: Any, backend: Any = None, dtype: Any = None) -> Sequentia
     return _from_torch(module, backend=backend, dtype=dtype)
 
 
+def export_onnx(model: Sequential, path: str | os.PathLike) -> None:
+    """Write ``model`` as an ONNX model (opset 17, its input preprocessing included); see
+    gpubackprop.onnx_export.  Needs the onnx package (extra ``onnx``)."""
+    from .onnx_export import export_onnx as _export_onnx
+
+    _export_onnx(model, path)
+
+
 __all__ = [
     "GELU",
     "SGD",
@@ -85,6 +94,8 @@ __all__ = [
     "available_backends",
     "clip_grad_norm",
     "compile_step",
+    "distributed",
+    "export_onnx",
     "from_torch",
     "get_backend",
     "gradcheck",

@@ -309,6 +309,7 @@ GBEMU_ATOMIC_CAS(unsigned short)
 #undef GBEMU_ATOMIC_CAS
 
 #include "cuda_emu_runtime.h"
+#include "ptx_twins.h"  // the emulator bodies of kernels/ptx_twins.cuh
 
 // ---- barriers, warp exchange and dynamic shared memory (implemented in the runtime) ------
 static inline void __syncthreads() { gbemu::block_barrier(0, 0); }

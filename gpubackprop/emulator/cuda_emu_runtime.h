@@ -132,6 +132,7 @@ struct State {
     char message[2048];
     void (*body)(void*) = nullptr;
     void* body_context = nullptr;
+    unsigned long long block_serial = 0;  // counts blocks run, for per-block state (ptx_twins.h)
 #if GBEMU_ASM_SWITCH
     void* scheduler_sp = nullptr;
 #else
@@ -670,6 +671,7 @@ __attribute__((noinline)) static int run_blocks(const long long* dims, long long
         for (unsigned int by = 0; by < grid_y; ++by)
             for (unsigned int bx = 0; bx < grid_x; ++bx) {
                 blockIdx = make_uint3(bx, by, bz);
+                ++g.block_serial;
                 // Shared memory is uninitialised on a GPU: NaN bytes make a read-before-write
                 // visible in the result (and the guard-check run's 0x7F bytes one that fmaxf
                 // would hide).
