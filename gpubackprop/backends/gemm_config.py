@@ -86,6 +86,7 @@ class GemmConfig:
         for kind, table in self.tiles.items():
             check_gemm_tiles(kind, table)
         self._blocks = {kind: _gemm_block(table) for kind, table in self.tiles.items()}
+        self._launches: dict[tuple[str, str, int, int], GemmLaunch] = {}
 
     def defines(self, kind: str) -> dict[str, int]:
         """gemm.cu's #defines for scalar type ``kind``: it holds every version, and only the
@@ -97,7 +98,15 @@ class GemmConfig:
 
     def launch(self, kernel: str, kind: str, rows: int, cols: int) -> GemmLaunch:
         """The launch of gemm.cu's ``kernel`` over a (rows, cols) output of type ``kind``:
-        ``kernel`` (tiled), ``<kernel>_warptiled`` or ``<kernel>_naive``."""
+        ``kernel`` (tiled), ``<kernel>_warptiled`` or ``<kernel>_naive``.  Cached per
+        (kernel, kind, rows, cols): a layer asks for the same one every step."""
+        key = (kernel, kind, rows, cols)
+        cached = self._launches.get(key)
+        if cached is None:
+            cached = self._launches[key] = self._launch(kernel, kind, rows, cols)
+        return cached
+
+    def _launch(self, kernel: str, kind: str, rows: int, cols: int) -> GemmLaunch:
         if self.version == "naive":
             grid = (_ceil_div(cols, NAIVE_BLOCK), _ceil_div(rows, NAIVE_BLOCK), 1)
             return GemmLaunch(f"{kernel}_naive", grid, (NAIVE_BLOCK, NAIVE_BLOCK, 1), False)

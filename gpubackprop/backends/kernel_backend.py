@@ -141,14 +141,9 @@ class KernelBackend(Backend):
         return kernel
 
     def _launch(self, module, kernel, grid, block, args, shared_mem=0):
-        self.seam.launch(
-            module,
-            kernel,
-            tuple(int(g) for g in grid),
-            tuple(int(b) for b in block),
-            tuple(args),
-            shared_mem,
-        )
+        # grid and block are tuples of Python ints here (shapes and their ceil-divisions):
+        # no conversion per launch, which cost a microsecond of the few a launch may take.
+        self.seam.launch(module, kernel, grid, block, args, shared_mem)
 
     # -- argument checks (operands.py) ------------------------------------------------------------
     def _float_operand(self, name: str, a, dtype: np.dtype | None = None, ndim: int | None = None):

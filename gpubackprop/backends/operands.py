@@ -98,7 +98,7 @@ def same_shape(name: str, a: Any, shape: tuple[int, ...]) -> None:
 
 def check_int32(shape_name: str, shape: tuple[int, ...]) -> None:
     """The GEMM and loss kernels take each dimension as a C int (products are 64-bit)."""
-    if any(d > INT32_MAX for d in shape):
+    if shape and max(shape) > INT32_MAX:
         raise ValueError(
             f"{shape_name}={tuple(shape)} is not accepted; each dimension must be "
             f"at most {INT32_MAX}"
@@ -108,11 +108,16 @@ def check_int32(shape_name: str, shape: tuple[int, ...]) -> None:
 def vec4_flag(a: Any, leading: int) -> np.int32:
     """1 when 16-byte loads of 4 consecutive elements are aligned: base address a multiple
     of 16 and a leading dimension that is a multiple of 4."""
-    return np.int32(leading % 4 == 0 and data_address(a) % 16 == 0)
+    return _VEC4[leading % 4 == 0 and data_address(a) % 16 == 0]
+
+
+_VEC4 = (np.int32(0), np.int32(1))  # made once: a NumPy scalar costs a microsecond to build
 
 
 def data_address(a: Any) -> int:
     """Device (or host) address of a's first element."""
+    if type(a) is np.ndarray:
+        return a.ctypes.data
     data = getattr(a, "data", None)
     ptr = getattr(data, "ptr", None)
     if ptr is not None:

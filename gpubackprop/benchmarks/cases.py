@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .config import LEAKY_ALPHA, BenchConfig, Sizes
-from .timing import CpuTimer, CupyEventTimer, Impl, TorchCudaTimer
+from .timing import CpuTimer, CupyEventTimer, Impl, ThreadTimeTimer, TorchCudaTimer
 
 
 def max_rel_error(outputs: Sequence[Any], references: Sequence[np.ndarray]) -> float:
@@ -109,6 +109,8 @@ class Context:
     def _our_timer(self):
         if self.backend.name == "cupy":
             return CupyEventTimer(self.backend.xp)
+        if self.backend.name == "host":
+            return ThreadTimeTimer()
         return CpuTimer(self.backend.synchronize)
 
     def _torch(self) -> tuple[Any, str | None, str]:
