@@ -155,6 +155,10 @@ class CupySeam:
     def empty(self, shape: tuple[int, ...], dtype: Any) -> Any:
         return self.cupy.empty(shape, dtype=dtype)
 
+    def multiprocessors(self) -> int:
+        """SMs of the current device (the GEMM plan sizes its tiles and splits by them)."""
+        return int(self.cupy.cuda.Device().attributes["MultiProcessorCount"])
+
     # -- graphs (gpubackprop/step.py) -------------------------------------------------------------
     def new_pool(self) -> Any:
         """A private memory pool for one graph: the warm-up's and the capture's allocations

@@ -18,8 +18,10 @@ __all__ = [
     "GEMM_TILES",
     "GEMM_TILES_WARPTILED",
     "GEMM_VERSIONS",
+    "SMALL_TILES",
     "GemmConfig",
     "GemmLaunch",
+    "GemmPlan",
     "check_gemm_tiles",
 ]
 
@@ -58,6 +60,19 @@ GEMM_TILES_WARPTILED = {
 _VERSION_TILES = {"tiled": GEMM_TILES, "warptiled": GEMM_TILES_WARPTILED, "naive": GEMM_TILES}
 NAIVE_BLOCK = 16  # the naive kernels' block is NAIVE_BLOCK × NAIVE_BLOCK threads
 
+# Smaller block tiles of the tiled version, for outputs that the 128×128 tile cuts into too few
+# blocks to fill the GPU (a batch-256 layer of width 1024: 16 blocks on a 132-SM GPU).  Same
+# kernels, compiled with these #defines (256 and 128 threads per block).
+SMALL_TILES = {
+    "64x64": {"TILE_M": 64, "TILE_N": 64, "TILE_K": 8, "MICRO_M": 4, "MICRO_N": 4},
+    "32x128": {"TILE_M": 32, "TILE_N": 128, "TILE_K": 8, "MICRO_M": 4, "MICRO_N": 8},
+}
+# The SM count the plan assumes where the seam has no GPU to ask (emulator, recording seam):
+# an H100's / H200's, so that the CPU runs the configurations such a GPU gets.
+DEFAULT_MULTIPROCESSORS = 132
+MAX_SPLITS = 8  # split-K slices at most
+SPLIT_MIN_CHUNK = 256  # inner indices per slice at least (each slice is a full GEMM's work)
+
 
 class GemmLaunch(NamedTuple):
     """One GEMM launch: the entry point of gemm.cu, its grid and block, and whether it takes
@@ -67,6 +82,18 @@ class GemmLaunch(NamedTuple):
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
     takes_vector_flags: bool
+
+
+class GemmPlan(NamedTuple):
+    """How one GEMM runs (GemmConfig.plan): ``variant`` names the compiled tile configuration
+    ("" for the configured tiles, else a SMALL_TILES key); with ``splits`` > 1 the launch is
+    the ``<kernel>_splitk`` one (grid z = splits, inner slices of ``chunk``) followed by
+    gemm_splitk_reduce."""
+
+    launch: GemmLaunch
+    variant: str
+    splits: int
+    chunk: int
 
 
 class GemmConfig:
@@ -87,6 +114,53 @@ class GemmConfig:
             check_gemm_tiles(kind, table)
         self._blocks = {kind: _gemm_block(table) for kind, table in self.tiles.items()}
         self._launches: dict[tuple[str, str, int, int], GemmLaunch] = {}
+        self._plans: dict[tuple, GemmPlan] = {}
+        # Small tiles and split-K apply to the library's default tiled configuration; explicit
+        # tiles (a sweep, a test) are launched as given.
+        self.adaptive = version == "tiled" and not tiles
+
+    def plan(
+        self, kernel: str, kind: str, rows: int, cols: int, inner: int, multiprocessors: int
+    ) -> GemmPlan:
+        """The tile and split of gemm.cu's ``kernel`` for a (rows, cols) output over ``inner``
+        products on a GPU of ``multiprocessors`` SMs, cached per arguments.  The rule:
+
+        1. The configured tile (128×128) when it gives at least one block per SM, or when
+           the config is not adaptive.
+        2. Otherwise the SMALL_TILES entry that wastes the least padding (rows and columns
+           rounded up to the tile), 64×64 on a tie: 32×128 for short, wide outputs (a small
+           batch), 64×64 otherwise.
+        3. Then split-K when that still leaves half the SMs idle and the inner dimension is
+           long: s = min(MAX_SPLITS, SMs // blocks, inner // SPLIT_MIN_CHUNK) slices of a
+           multiple of TILE_K, added in a fixed order (deterministic).
+        """
+        key = (kernel, kind, rows, cols, inner, multiprocessors)
+        cached = self._plans.get(key)
+        if cached is not None:
+            return cached
+        launch, variant, splits, chunk = self.launch(kernel, kind, rows, cols), "", 1, 0
+        big_rows, big_cols, _ = self._blocks[kind]
+        blocks = _ceil_div(rows, big_rows) * _ceil_div(cols, big_cols)
+        if self.adaptive and blocks < multiprocessors:
+            variant = min(SMALL_TILES, key=lambda name: _padding(SMALL_TILES[name], rows, cols))
+            tiles = SMALL_TILES[variant]
+            tile_rows, tile_cols, threads = _gemm_block(tiles)
+            blocks = _ceil_div(rows, tile_rows) * _ceil_div(cols, tile_cols)
+            splits = min(MAX_SPLITS, multiprocessors // max(blocks, 1), inner // SPLIT_MIN_CHUNK)
+            if blocks * 2 <= multiprocessors and splits >= 2:
+                chunk = _ceil_div(_ceil_div(inner, splits), tiles["TILE_K"]) * tiles["TILE_K"]
+                splits = _ceil_div(inner, chunk)
+                kernel = f"{kernel}_splitk"
+            else:
+                splits = 1
+            grid = (_ceil_div(rows, tile_rows), _ceil_div(cols, tile_cols), splits)
+            launch = GemmLaunch(kernel, grid, (threads, 1, 1), True)
+        cached = self._plans[key] = GemmPlan(launch, variant, splits, chunk)
+        return cached
+
+    def variant_defines(self, kind: str, variant: str) -> dict[str, int]:
+        """defines() with a SMALL_TILES variant's tiles ("" is the configured one)."""
+        return {**self.defines(kind), **(SMALL_TILES[variant] if variant else {})}
 
     def defines(self, kind: str) -> dict[str, int]:
         """gemm.cu's #defines for scalar type ``kind``: it holds every version, and only the
@@ -118,6 +192,14 @@ class GemmConfig:
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _padding(tiles: dict[str, int], rows: int, cols: int) -> tuple[int, int]:
+    """(padded output elements, preference): what a tile computes beyond the output, 64×64
+    first on a tie."""
+    padded = _ceil_div(rows, tiles["TILE_M"]) * tiles["TILE_M"]
+    padded *= _ceil_div(cols, tiles["TILE_N"]) * tiles["TILE_N"]
+    return padded, tiles["TILE_M"] != 64
 
 
 def check_gemm_tiles(kind: str, tiles: dict[str, int]) -> None:

@@ -23,7 +23,7 @@ from ..kernels import real_type
 from . import operands
 from .base import SAVES_OUTPUT, STEP_SCALARS, Backend, check_activation, check_reduction
 from .elementwise import elementwise_spec
-from .gemm_config import GEMM_VERSIONS, GemmConfig
+from .gemm_config import DEFAULT_MULTIPROCESSORS, GEMM_VERSIONS, GemmConfig
 from .operands import check_int32, same_shape
 from .seam import DeviceSeam
 
@@ -44,6 +44,7 @@ KERNEL_DEFINES: dict[str, dict[str, int]] = {
     "loss.cu": {"LOSS_THREADS": _REDUCE_THREADS},
     "train_step.cu": {"REDUCE_THREADS": _REDUCE_THREADS},
 }
+_INT32_ZERO = np.int32(0)
 _GRID_STRIDE_THREADS = 256  # grid-stride kernels of train_step.cu: threads per block
 _MAX_GRID_STRIDE_BLOCKS = 1024  # and blocks at most (then several elements per thread)
 
@@ -174,28 +175,16 @@ class KernelBackend(Backend):
         y = self.empty((m, n), dtype)
         z = self.empty((m, n), dtype) if needs_z else None
         if m and n:
-            real = dtype.type
-            common = (
-                x,
-                weight,
+            epilogue = (
                 bias if bias is not None else x,
-                y,
                 z if needs_z else y,
-                np.int32(m),
-                np.int32(n),
-                np.int32(k),
                 np.int32(bias is not None),
                 np.int32(needs_z),
                 np.int32(code),
-                real(alpha),
+                dtype.type(alpha),
             )
-            self._gemm(
-                "dense_forward",
-                m,
-                n,
-                common,
-                (operands.vec4_flag(x, k), operands.vec4_flag(weight, k)),
-            )
+            flags = (operands.vec4_flag(x, k), operands.vec4_flag(weight, k))
+            self._gemm("dense_forward", (m, n, k), x, weight, y, flags, epilogue)
         if activation == "identity":
             return y, None
         return y, (y if activation in SAVES_OUTPUT else z)
@@ -237,28 +226,96 @@ class KernelBackend(Backend):
         self._gemm_backward_data(delta, weight, dinp, m, n, k)
         return dinp
 
-    def _gemm(self, kernel: str, rows: int, cols: int, args: tuple, vec_flags: tuple) -> None:
-        """Launch gemm.cu's ``kernel`` over a (rows, cols) output in this backend's GEMM version
-        (gemm_config.GemmConfig.launch); the tiled versions also take the 16-byte-load flags."""
-        dtype = args[0].dtype
-        launch = self.gemm.launch(kernel, real_type(dtype), rows, cols)
+    def _gemm(
+        self,
+        kernel: str,
+        shape: tuple[int, int, int],
+        a,
+        b,
+        out,
+        vec_flags: tuple,
+        epilogue: tuple | None = None,
+    ) -> None:
+        """Launch gemm.cu's ``kernel`` for ``out`` (rows, cols) = a·b over ``inner`` products,
+        ``shape`` = (rows, cols, inner), with the plan gemm_config.GemmConfig.plan gives it:
+        this backend's GEMM version, a smaller tile for an output with few blocks, and a
+        deterministic split-K (``<kernel>_splitk`` into a partial buffer, then
+        gemm_splitk_reduce with the epilogue) when the inner dimension is long.
+        ``epilogue``: dense_forward's (bias, z, has_bias, write_z, act_code, alpha)."""
+        dtype = a.dtype
+        rows, cols, inner = shape
+        dims = self._dims(kernel, shape)
+        plan = self.gemm.plan(kernel, real_type(dtype), rows, cols, inner, self._multiprocessors())
+        launch = plan.launch
+        module = self._gemm_module(dtype, plan.variant)
+        if plan.splits > 1:
+            partial = self.empty((plan.splits, rows, cols), dtype)
+            args = (a, b, partial, *dims, np.int32(plan.chunk), *vec_flags)
+            self._launch(module, launch.kernel, launch.grid, launch.block, args)
+            bias, z, has_bias, write_z, code, alpha = epilogue or (
+                partial,
+                out,
+                _INT32_ZERO,
+                _INT32_ZERO,
+                _INT32_ZERO,
+                dtype.type(0),
+            )
+            grid, block = self._grid_stride(rows * cols)
+            args = (partial, np.int32(plan.splits), np.int32(rows), np.int32(cols), bias, out, z)
+            args += (has_bias, write_z, code, alpha)
+            self._launch(module, "gemm_splitk_reduce", grid, block, args)
+            return
+        if epilogue is None:
+            args = (a, b, out, *dims)
+        else:
+            bias, z, has_bias, write_z, code, alpha = epilogue
+            args = (a, b, bias, out, z, *dims, has_bias, write_z, code, alpha)
         if launch.takes_vector_flags:
             args = (*args, *vec_flags)
-        self._launch(self._module("gemm.cu", dtype), launch.kernel, launch.grid, launch.block, args)
+        self._launch(module, launch.kernel, launch.grid, launch.block, args)
+
+    def _dims(self, kernel: str, shape: tuple[int, int, int]) -> tuple:
+        """(M, N, K) as the kernel takes them, from the output (rows, cols) and inner size."""
+        rows, cols, inner = shape
+        if kernel == "dense_forward":
+            m, n, k = rows, cols, inner
+        elif kernel == "dense_backward_data":
+            m, n, k = rows, inner, cols
+        else:  # dense_backward_weight: dW (n, k) over the batch m
+            m, n, k = inner, rows, cols
+        return np.int32(m), np.int32(n), np.int32(k)
+
+    def _multiprocessors(self) -> int:
+        count = self.__dict__.get("_sm_count")
+        if count is None:
+            probe = getattr(self.seam, "multiprocessors", None)
+            count = self._sm_count = int(probe()) if probe else DEFAULT_MULTIPROCESSORS
+        return count
+
+    def _gemm_module(self, dtype: np.dtype, variant: str):
+        """gemm.cu compiled for ``dtype`` with a GemmPlan's tiles ("" the configured ones)."""
+        if not variant:
+            return self._module("gemm.cu", dtype)
+        key = (f"gemm.cu:{variant}", dtype.str)
+        module = self._kernels.get(key)
+        if module is None:
+            kind = real_type(dtype)
+            values = self.gemm.variant_defines(kind, variant)
+            defines = {"REAL_T": kind, **{k: str(v) for k, v in values.items()}}
+            module = self._kernels[key] = self.seam.compile("gemm.cu", defines)
+        return module
 
     def _gemm_backward_weight(self, delta, x, dweight, m, n, k) -> None:
         """dW (n, k) = δᵀ x."""
         if n and k:
-            dims = (np.int32(m), np.int32(n), np.int32(k))
             flags = (operands.vec4_flag(delta, n), operands.vec4_flag(x, k))
-            self._gemm("dense_backward_weight", n, k, (delta, x, dweight, *dims), flags)
+            self._gemm("dense_backward_weight", (n, k, m), delta, x, dweight, flags)
 
     def _gemm_backward_data(self, delta, weight, dinp, m, n, k) -> None:
         """dX (m, k) = δ W."""
         if m and k:
-            dims = (np.int32(m), np.int32(n), np.int32(k))
             flags = (operands.vec4_flag(delta, n), operands.vec4_flag(weight, k))
-            self._gemm("dense_backward_data", m, k, (delta, weight, dinp, *dims), flags)
+            self._gemm("dense_backward_data", (m, k, n), delta, weight, dinp, flags)
 
     def _column_sum(self, a, out) -> None:
         """out[j] = Σ_i a[i, j], deterministic: rows are cut into chunks (by the shape alone),

@@ -1,0 +1,87 @@
+"""The GEMM plan (gemm_config.GemmConfig.plan): smaller tiles and a deterministic split-K for
+outputs with few blocks, each checked on the emulator at odd shapes against NumPy float64."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gpubackprop.backends import get_backend
+from gpubackprop.backends.gemm_config import GemmConfig
+
+RTOL = 2e-5  # float32 against float64, inner dimensions up to ~1100
+
+
+@pytest.mark.parametrize(
+    ("rows", "cols", "inner", "sms", "variant", "splits"),
+    [
+        (4096, 4096, 64, 132, "", 1),  # 1024 blocks of 128×128: the configured tile
+        # 16 blocks of 128×128 -> 64 of 64×64, still under half the SMs: 2 slices of 392
+        (256, 1024, 784, 132, "64x64", 2),
+        (32, 1024, 128, 132, "32x128", 1),  # a small batch: short, wide output
+        (10, 64, 4096, 132, "64x64", 8),  # one block, a long inner dimension: split-K
+        (10, 64, 4096, 1, "", 1),  # one SM: one block fills it
+    ],
+)
+def test_the_plan_follows_the_documented_rule(rows, cols, inner, sms, variant, splits):
+    plan = GemmConfig().plan("dense_forward", "float", rows, cols, inner, sms)
+    assert (plan.variant, plan.splits) == (variant, splits)
+    if splits > 1:
+        assert plan.chunk % 8 == 0 and (splits - 1) * plan.chunk < inner <= splits * plan.chunk
+        assert plan.launch.kernel == "dense_forward_splitk" and plan.launch.grid[2] == splits
+    # Explicit tiles (a sweep) and other versions are launched as configured.
+    fixed = GemmConfig(tiles={"float": {"TILE_K": 8}}).plan(
+        "dense_forward", "float", 10, 64, 4096, 132
+    )
+    assert (fixed.variant, fixed.splits) == ("", 1)
+    assert GemmConfig("naive").plan("dense_forward", "float", 10, 64, 4096, 132).splits == 1
+
+
+@pytest.fixture(scope="module")
+def emu():
+    backend = get_backend("emu")
+    return backend
+
+
+# (M, N, K) = (batch, out_features, in_features) of a dense layer, and the SM count that makes
+# the plan pick each path for it.
+CASES = {
+    "128x128": ((37, 19, 23), 1),
+    "64x64": ((67, 45, 29), 132),
+    "32x128": ((9, 133, 21), 132),
+    "64x64+splitk": ((7, 5, 1031), 132),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_each_plan_matches_float64_at_odd_shapes(emu, name):
+    (m, n, k), sms = CASES[name]
+    backend = emu.with_gemm_version("tiled")
+    backend._sm_count = sms
+    rng = np.random.default_rng(7)
+    x, w = rng.standard_normal((m, k)), rng.standard_normal((n, k))
+    b = rng.standard_normal(n)
+    # dW's inner dimension is the batch: give it a long one for the split-K case.
+    big_batch = 1031 if "splitk" in name else m
+    xb, doutb = rng.standard_normal((big_batch, k)), rng.standard_normal((big_batch, n))
+    f32 = lambda a: backend.asarray(a, np.float32)  # noqa: E731
+    as64 = lambda a: np.asarray(backend.to_numpy(a), np.float64)  # noqa: E731
+
+    _, z = backend.dense_forward(f32(x), f32(w), f32(b), "gelu")
+    ref_z = x @ w.T + b
+    np.testing.assert_allclose(as64(z), ref_z, rtol=RTOL, atol=RTOL * np.abs(ref_z).max())
+    dw = backend.empty((n, k), np.float32)
+    dx = backend.dense_backward(f32(doutb), f32(xb), f32(w), None, "identity", 0.0, dw, None, True)
+    ref_dw, ref_dx = doutb.T @ xb, doutb @ w
+    np.testing.assert_allclose(as64(dw), ref_dw, rtol=RTOL, atol=RTOL * np.abs(ref_dw).max())
+    np.testing.assert_allclose(as64(dx), ref_dx, rtol=RTOL, atol=RTOL * np.abs(ref_dx).max())
+    # Deterministic: the same call gives the same bits.
+    again = backend.dense_forward(f32(x), f32(w), f32(b), "gelu")[1]
+    assert np.array_equal(backend.to_numpy(again), backend.to_numpy(z))
+    plans = {key[0]: plan for key, plan in backend.gemm._plans.items()}
+    if name == "128x128":
+        assert all(p.variant == "" and p.splits == 1 for p in plans.values())
+    elif "splitk" in name:
+        assert plans["dense_forward"].splits > 1 and plans["dense_backward_weight"].splits > 1
+    else:
+        assert plans["dense_forward"].variant == name
