@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpubackprop.emulator import EmuSeam, find_compiler
+from gpubackprop.emulator import EmuCompileError, EmuSeam, EmuUnsupportedError, find_compiler
 
 CONFORMANCE = Path(__file__).resolve().parent / "emu_conformance"
 SOURCES = sorted(path.name for path in CONFORMANCE.glob("*.cu"))
@@ -371,3 +371,92 @@ def test_16bit_parameters_take_matching_arrays_only(seam):
     half_in = np.zeros(4, np.float16)
     with pytest.raises(TypeError, match=r"'a' is const __half\*, got an array of dtype uint16"):
         seam.launch(mod, "half_arithmetic", 1, 4, (a, half_in, half_in, out, np.int32(4)))
+
+
+# ---- dynamic shared memory and templates (dynamic_shared_and_templates.cu) -------------------
+
+TEMPLATES = ("block_sum<float, 128>", "block_sum<double, 64>", "demo::affine_fill<3>")
+
+
+@pytest.fixture(scope="module")
+def templates(seam):
+    text = (CONFORMANCE / "dynamic_shared_and_templates.cu").read_text()
+    return seam.compile_text(text, "dynamic_shared_and_templates.cu", TEMPLATES)
+
+
+@needs_compiler
+@pytest.mark.parametrize("n,block", [(1, 32), (100, 32), (257, 64)])
+def test_extern_shared_at_file_scope_is_sized_by_the_launch(seam, templates, n, block):
+    x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    out = seam.empty((n,), np.float32)
+    blocks = -(-n // block)
+    seam.launch(
+        templates, "reverse_each_block", blocks, block, (x, out, np.int32(n)), shared_mem=4 * block
+    )
+    padded = np.concatenate([x, np.zeros(blocks * block - n, np.float32)])
+    np.testing.assert_array_equal(out, padded.reshape(blocks, block)[:, ::-1].reshape(-1)[:n])
+
+
+@needs_compiler
+@pytest.mark.parametrize(
+    "expression,dtype,block",
+    [("block_sum<float, 128>", np.float32, 128), ("block_sum<double, 64>", np.float64, 64)],
+)
+def test_templated_kernel_launched_by_name_expression(seam, templates, expression, dtype, block):
+    n, blocks = 5000, 7
+    x = np.random.default_rng(7).standard_normal(n).astype(dtype)
+    partial = seam.empty((blocks,), dtype)
+    seam.launch(
+        templates,
+        expression,
+        blocks,
+        block,
+        (x, partial, np.int32(n)),
+        shared_mem=block * np.dtype(dtype).itemsize,
+    )
+    expected = [
+        x.reshape(-1)[np.arange(n) % (block * blocks) // block == b].astype(np.float64).sum()
+        for b in range(blocks)
+    ]
+    np.testing.assert_allclose(partial, expected, rtol=1e-5 if dtype == np.float32 else 1e-12)
+    # The parameter types come from the instantiation: float* for one, double* for the other.
+    other = np.float64 if dtype == np.float32 else np.float32
+    with pytest.raises(TypeError, match=r"parameter 'x' is const (float|double)\*"):
+        seam.launch(templates, expression, 1, block, (x.astype(other), partial, np.int32(n)))
+
+
+@needs_compiler
+def test_namespaced_template_and_unlisted_instantiations(seam, templates):
+    out = seam.empty((40,), np.int32)
+    seam.launch(templates, "demo::affine_fill<3>", 2, 32, (out, np.int32(-5), np.int32(40)))
+    np.testing.assert_array_equal(out, 3 * np.arange(40) - 5)
+    # As in CuPy, only the listed instantiations exist.
+    with pytest.raises(ValueError, match=r"block_sum<float, 32>.*name expression"):
+        seam.launch(templates, "block_sum<float, 32>", 1, 32, (out, out, np.int32(1)))
+
+
+@needs_compiler
+@pytest.mark.parametrize("cols", [1, 33, 700])
+def test_dynamic_shared_row_buffer(seam, templates, cols):
+    rows = 3
+    x = np.random.default_rng(cols).standard_normal((rows, cols)).astype(np.float32) * 4
+    y = seam.empty((rows, cols), np.float32)
+    seam.launch(templates, "row_softmax", rows, 64, (x, y, np.int32(cols)), shared_mem=4 * cols)
+    e = np.exp(x.astype(np.float64) - x.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(y, e / e.sum(axis=1, keepdims=True), rtol=2e-6, atol=1e-7)
+
+
+@needs_compiler
+def test_a_name_expression_naming_no_kernel_is_a_compile_error_naming_it(seam):
+    text = (CONFORMANCE / "dynamic_shared_and_templates.cu").read_text()
+    with pytest.raises(EmuCompileError, match=r"name expression no_such_kernel<int>"):
+        seam.compile_text(text, "dynamic_shared_and_templates.cu", ("no_such_kernel<int>",))
+    with pytest.raises(ValueError, match=r"'kern\{\}' is not a kernel name expression"):
+        seam.compile_text(text, "dynamic_shared_and_templates.cu", ("kern{}",))
+
+
+@needs_compiler
+def test_an_extern_shared_form_the_emulator_cannot_read_is_refused_with_its_line(seam):
+    text = "\n\nextern __shared__ float rows[][4];\n" + 'extern "C" __global__ void k() {}\n'
+    with pytest.raises(EmuUnsupportedError, match=r"odd.cu:3: .*extern __shared__ T name\[\];"):
+        seam.compile_text(text, "odd.cu")

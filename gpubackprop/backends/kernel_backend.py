@@ -249,12 +249,22 @@ class KernelBackend(Backend):
         return self.xp.zeros(tuple(shape), dtype=np.dtype(dtype))
 
     # -- compiled code ------------------------------------------------------------------------
-    def _compiled(self, file: str, dtype: np.dtype, extra: dict[str, Any] | None = None):
+    def _compiled(
+        self,
+        file: str,
+        dtype: np.dtype,
+        extra: dict[str, Any] | None = None,
+        name_expressions: tuple[str, ...] = (),
+    ):
         values = {**KERNEL_DEFINES.get(file, {}), **(extra or {})}
         defines = {"REAL_T": real_type(dtype), **{k: str(v) for k, v in values.items()}}
-        key = (file, tuple(sorted(defines.items())))
+        key = (file, tuple(sorted(defines.items())), tuple(name_expressions))
         if key not in self._modules:
-            self._modules[key] = self.seam.compile(file, defines)
+            if name_expressions:
+                module = self.seam.compile(file, defines, tuple(name_expressions))
+            else:
+                module = self.seam.compile(file, defines)
+            self._modules[key] = module
         return self._modules[key]
 
     def _module(self, file: str, dtype: np.dtype):
