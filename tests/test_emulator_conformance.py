@@ -460,3 +460,110 @@ def test_an_extern_shared_form_the_emulator_cannot_read_is_refused_with_its_line
     text = "\n\nextern __shared__ float rows[][4];\n" + 'extern "C" __global__ void k() {}\n'
     with pytest.raises(EmuUnsupportedError, match=r"odd.cu:3: .*extern __shared__ T name\[\];"):
         seam.compile_text(text, "odd.cu")
+
+
+# ---- cooperative groups (cooperative_groups.cu) ---------------------------------------------
+
+COOPERATIVE = ("tile_collectives<32>", "tile_collectives<16>", "tile_collectives<4>")
+
+
+@pytest.fixture(scope="module")
+def cooperative(seam):
+    text = (CONFORMANCE / "cooperative_groups.cu").read_text()
+    return seam.compile_text(text, "cooperative_groups.cu", COOPERATIVE)
+
+
+def _butterfly_sum(values: np.ndarray) -> np.float32:
+    """The float32 sum in cg::reduce's order: v = v + shfl_xor(v, m) for m = 16, 8, 4, 2, 1."""
+    v = values.astype(np.float32).copy()
+    lanes = np.arange(v.size)
+    m = v.size // 2
+    while m:
+        v = (v + v[lanes ^ m]).astype(np.float32)
+        m //= 2
+    return v[0]
+
+
+@needs_compiler
+@pytest.mark.parametrize("n,block,blocks", [(1, 32, 1), (1000, 128, 3), (4099, 256, 2)])
+def test_block_sum_with_tiles_and_cg_reduce(seam, cooperative, n, block, blocks):
+    x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    partial = seam.empty((blocks,), np.float32)
+    seam.launch(cooperative, "block_sum_tiles", blocks, block, (x, partial, np.int32(n)))
+    slices = np.arange(n) % (block * blocks) // block
+    expected = [x[slices == b].astype(np.float64).sum() for b in range(blocks)]
+    np.testing.assert_allclose(partial, expected, rtol=1e-5, atol=1e-5)
+    if n == 1000:  # one tile's cg::reduce adds in the GPU's butterfly order, bit for bit
+        one = seam.empty((1,), np.float32)
+        seam.launch(cooperative, "block_sum_tiles", 1, 32, (x[:32].copy(), one, np.int32(32)))
+        tile = x[:32]
+        assert one[0] == _butterfly_sum(np.concatenate([[_butterfly_sum(tile)], np.zeros(31)]))
+
+
+@needs_compiler
+@pytest.mark.parametrize("tile", [32, 16, 4])
+def test_tile_shuffles_reduce_and_meta_group(seam, cooperative, tile):
+    block, n = 64, 120  # the last block's threads past n still take part in the collectives
+    x = np.random.default_rng(tile).integers(-1000, 1000, n).astype(np.int32)
+    out = seam.empty((4 * n,), np.int32)
+    blocks = -(-n // block)
+    seam.launch(cooperative, f"tile_collectives<{tile}>", blocks, block, (x, out, np.int32(n)))
+    out = out.reshape(n, 4)
+    padded = np.concatenate([x, np.zeros(blocks * block - n, np.int32)])
+    groups = padded.reshape(-1, tile)
+    valid = (np.arange(blocks * block) < n).reshape(-1, tile)
+    sums = np.repeat(groups.sum(axis=1), tile)[:n]
+    peaks = np.repeat(np.where(valid, groups, np.iinfo(np.int32).min).max(axis=1), tile)[:n]
+    np.testing.assert_array_equal(out[:, 0], sums)
+    np.testing.assert_array_equal(out[:, 1], peaks)
+    np.testing.assert_array_equal(out[:, 2], np.arange(n) % block // tile)
+    np.testing.assert_array_equal(out[:, 3], np.full(n, block // tile))
+
+
+@needs_compiler
+def test_cg_reduce_with_a_lambda_over_a_struct_and_ballot(seam, cooperative):
+    n = 100
+    x = np.random.default_rng(11).standard_normal(n).astype(np.float32)
+    x[37] = x[45] = 5.0  # a tie: the lower index wins
+    warps = -(-n // 32)
+    value, index = seam.empty((warps,), np.float32), seam.empty((warps,), np.int32)
+    lanes = seam.empty((warps,), np.uint32)
+    seam.launch(cooperative, "tile_argmax", 2, 64, (x, value, index, lanes, np.int32(n)))
+    padded = np.concatenate([x, np.full(warps * 32 - n, -np.inf, np.float32)]).reshape(warps, 32)
+    np.testing.assert_array_equal(value, padded.max(axis=1))
+    np.testing.assert_array_equal(index, padded.argmax(axis=1) + 32 * np.arange(warps))
+    assert index[1] == 37
+    bits = (padded > 0) * (np.uint64(1) << np.arange(32, dtype=np.uint64))
+    np.testing.assert_array_equal(lanes, bits.sum(axis=1).astype(np.uint32))
+
+
+@needs_compiler
+def test_a_tile_of_a_tile(seam, cooperative):
+    x = np.random.default_rng(12).standard_normal(64) * 2
+    sums, flags = seam.empty((64,), np.float64), seam.empty((128,), np.int32)
+    seam.launch(cooperative, "nested_tiles", 1, 64, (x, sums, flags))
+    groups = x.reshape(8, 8)
+    np.testing.assert_allclose(sums, np.repeat(groups.sum(axis=1), 8), rtol=1e-14)
+    flags = flags.reshape(64, 2)
+    np.testing.assert_array_equal(flags[:, 0], np.repeat((groups > 1).any(axis=1), 8))
+    meta = np.arange(64) % 32 // 8
+    np.testing.assert_array_equal(flags[:, 1], np.repeat((groups > -1).all(axis=1), 8) + 2 * meta)
+
+
+@needs_compiler
+@pytest.mark.parametrize(
+    "use,named",
+    [
+        ("cg::this_grid();", "this_grid"),
+        ("cg::coalesced_threads();", "coalesced_threads"),
+        ("float s = cg::reduce(cg::this_thread_block(), 1.0f, cg::plus<float>());", "reduce"),
+    ],
+)
+def test_cooperative_groups_the_emulator_refuses_are_named_with_their_line(seam, use, named):
+    text = (
+        "#include <cooperative_groups.h>\n#include <cooperative_groups/reduce.h>\n"
+        "namespace cg = cooperative_groups;\n"
+        f'extern "C" __global__ void k(float* out) {{\n    {use}\n}}\n'
+    )
+    with pytest.raises(EmuCompileError, match=rf"(?s)refused\.cu:5.*{named}"):
+        seam.compile_text(text, "refused.cu")
