@@ -9,11 +9,23 @@ import os
 from typing import Any
 
 from .backends import available_backends, get_backend
-from .callbacks import Callback, EarlyStopping, History, ModelCheckpoint
+from .callbacks import Callback, CosineSchedule, EarlyStopping, History, ModelCheckpoint
 from .gradcheck import gradcheck
-from .layers import GELU, Dense, Identity, LeakyReLU, ReLU, Residual, Sigmoid, SiLU, Tanh
+from .layers import (
+    GELU,
+    Dense,
+    Identity,
+    LeakyReLU,
+    ReLU,
+    Residual,
+    Sigmoid,
+    SiLU,
+    Standardize,
+    Tanh,
+    init_for_activation,
+)
 from .losses import BCELoss, BCEWithLogitsLoss, MSELoss, SoftmaxCrossEntropyLoss
-from .model import Sequential
+from .model import Sequential, mlp
 from .optim import SGD, Adam, AdamW, Optimizer, clip_grad_norm
 from .parameters import Parameter
 from .random import seed
@@ -55,6 +67,7 @@ __all__ = [
     "BCELoss",
     "BCEWithLogitsLoss",
     "Callback",
+    "CosineSchedule",
     "Dense",
     "EarlyStopping",
     "History",
@@ -69,13 +82,16 @@ __all__ = [
     "SiLU",
     "Sigmoid",
     "SoftmaxCrossEntropyLoss",
+    "Standardize",
     "Tanh",
     "__version__",
     "available_backends",
     "clip_grad_norm",
     "get_backend",
     "gradcheck",
+    "init_for_activation",
     "load",
+    "mlp",
     "save",
     "seed",
 ]
