@@ -1,72 +1,79 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: device facts, the parity suite on "cupy", compute-sanitizer
-# memcheck and racecheck over every kernel, and the quick benchmarks.  Logs and a JSON
-# summary go to the folder given as $1, or $OUT.  Designed to finish in under 8 minutes.
+# One call on a GPU machine, ordered by the value of what each step proves: the parity suite on
+# "cupy", the other GPU tests (captured steps, tensor cores, NCCL, emulator conformance), the
+# benchmarks (training steps against PyTorch first, then the per-op rows), compute-sanitizer
+# where the sandbox allows it, and last the GEMM tile sweep.  Every step has its own time limit
+# and the whole check a budget (BUDGET_S, default 270 s; the sanitizer probe adds at most 15), so it ends in under 5 minutes.
 #   device tool:  GPUBACKPROP_COMMIT=<sha> bash bench/device_check.sh   (PYTHONPATH=. is set here)
+# Files under $1 (or $OUT): <date>_<gpu>_<commit>_device_check.json (the summary: each step's
+# outcome, each failing test), <date>_<gpu>_<commit>.json (the benchmark record), gemm_sweep.json,
+# bench.png and logs.tar.gz (every step's log): copy the first two into bench/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-bench/device_check_out}}"
 mkdir -p "$out"
-# The device tool returns at most 8 files: step logs go to a scratch folder and come back as one
-# archive, beside summary.json, bench.json and bench.png.
 logs="$(mktemp -d)"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+budget="${BUDGET_S:-270}"
 start=$(date +%s)
-step() {  # step NAME TIMEOUT_S COMMAND...: run with a time limit, log, record the exit code
-    local name=$1 limit=$2; shift 2
-    echo "== $name (limit ${limit}s)"
-    timeout "$limit" "$@" >"$logs/$name.log" 2>&1
-    local rc=$?
-    echo "$name $rc $(( $(date +%s) - start ))" >>"$logs/steps.txt"
-    tail -n 5 "$logs/$name.log"
-}
 : >"$logs/steps.txt"
-nvidia-smi >"$logs/nvidia-smi.log" 2>&1
-# Step limits add up to 470 s, inside the 8 minutes this check promises.
-step info 20 python3 -m gpubackprop.cli info
-# GPUBACKPROP_REQUIRE_GPU turns "cupy unavailable" from a skip into a failure.
-# --maxfail rather than -x: on a first run one failure must not hide which others fail.
-step parity 110 env GPUBACKPROP_REQUIRE_GPU=1 python3 -m pytest -q -rfE -m gpu tests/test_parity.py --maxfail=25 -p no:cacheprovider
-sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n1)
-if [ -n "$sanitizer" ]; then
-    step memcheck 55 "$sanitizer" --tool memcheck --error-exitcode 3 python3 bench/run_all_kernels.py
-    step racecheck 65 "$sanitizer" --tool racecheck --error-exitcode 3 python3 bench/run_all_kernels.py
-else
-    echo "memcheck 127 0" >>"$logs/steps.txt"; echo "compute-sanitizer not found" >"$logs/memcheck.log"
-fi
-step gemm_sweep 110 python3 bench/gemm_sweep.py --size 4096 --repeats 10 --json "$out/gemm_sweep.json"
-# torch.compile is off here: its compile time is unbounded and would put the time limit at risk.
-# Only the GPU backend: the CPU rows are measured on any machine, device time is scarce.  --json
-# is rewritten after every row, so a step stopped by its limit still returns what it measured.
-step bench 110 python3 -m gpubackprop.cli bench --quick --backend cupy --torch-compile off --json "$out/bench.json" --plot "$out/bench.png"
-python3 - "$out" "$logs" <<'PY'
-import json, os, pathlib, subprocess, sys
-out, logs = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
-steps = {}
-for line in (logs / "steps.txt").read_text().splitlines():
-    name, rc, elapsed = line.split()
-    steps[name] = {"exit_code": int(rc), "elapsed_s": int(elapsed), "passed": rc == "0"}
-def run(cmd):
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip()
-    except Exception as error:
-        return f"unavailable: {error}"
-summary = {
-    "kind": "device_check",
-    # The device copy of the tree may have no .git: the caller can pass the commit in.
-    "commit": os.environ.get("GPUBACKPROP_COMMIT") or run(["git", "rev-parse", "HEAD"]),
-    "gpu": run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]),
-    "steps": steps,
-    "parity_tail": (logs / "parity.log").read_text().splitlines()[-40:]
-    if (logs / "parity.log").exists() else [],
+
+record() {  # record NAME STATUS EXIT_CODE LIMIT_S ELAPSED_S: one line of steps.txt
+    echo "$1 $2 $3 $4 ${5:-0}" >>"$logs/steps.txt"
 }
-sweep = out / "gemm_sweep.json"
-if sweep.exists():
-    summary["gemm_sweep"] = json.loads(sweep.read_text())
-bench = out / "bench.json"
-if bench.exists():
-    summary["bench"] = json.loads(bench.read_text())
-(out / "summary.json").write_text(json.dumps(summary, indent=2))
-print(json.dumps({k: v for k, v in summary.items() if k != "bench"}, indent=2))
-PY
+
+step() {  # step NAME LIMIT_S COMMAND...: run within min(LIMIT_S, what is left of the budget)
+    local name=$1 limit=$2; shift 2
+    local left=$(( budget - ($(date +%s) - start) ))
+    (( left < limit )) && limit=$left
+    if (( limit < 5 )); then
+        echo "not run: the check's ${budget} s budget was spent" >"$logs/$name.log"
+        record "$name" not_run -1 0
+        return
+    fi
+    echo "== $name (limit ${limit}s)"
+    local began=$(date +%s)
+    timeout -k 5 "$limit" "$@" >"$logs/$name.log" 2>&1
+    local rc=$? status=failed
+    (( rc == 0 )) && status=passed
+    (( rc == 124 || rc == 137 )) && status=timed_out
+    record "$name" "$status" "$rc" "$limit" $(( $(date +%s) - began ))
+    tail -n 3 "$logs/$name.log"
+}
+
+nvidia-smi >"$logs/nvidia-smi.log" 2>&1
+step info 10 python3 -m gpubackprop.cli info
+# GPUBACKPROP_REQUIRE_GPU turns a skipped gpu test (cupy unavailable) into a failure.
+# --maxfail rather than -x: on a first run one failure must not hide which others fail.
+pytest_gpu=(env GPUBACKPROP_REQUIRE_GPU=1 COLUMNS=240 python3 -m pytest -q -rfE -m gpu --maxfail=25 -p no:cacheprovider)
+step parity 60 "${pytest_gpu[@]}" tests/test_parity.py
+# Every other GPU test: captured training steps, tensor-core GEMMs, the one-rank NCCL
+# all-reduce, the emulator conformance kernels on the real device.
+step gpu_tests 40 "${pytest_gpu[@]}" tests --ignore=tests/test_parity.py
+# torch.compile is off: its compile time is unbounded.  Rows run training steps first, then the
+# GEMMs and the rest; --json is rewritten after every row, so a stopped step keeps its rows.
+step bench 75 python3 -m gpubackprop.cli bench --quick --backend cupy --torch-compile off \
+    --json "$out/bench.json" --plot "$out/bench.png"
+
+# compute-sanitizer: sandboxed runtimes refuse it ("Device not supported", then error 999).  A
+# probe of a few seconds tells; a refusal is recorded as "unavailable", not as a kernel failure.
+sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n1)
+if [ -z "$sanitizer" ]; then
+    for tool in memcheck racecheck; do
+        echo "compute-sanitizer not found" >"$logs/$tool.log"; record "$tool" unavailable 127 0
+    done
+elif ! timeout -k 2 15 "$sanitizer" --tool memcheck --error-exitcode 3 \
+        python3 -c "import cupy; assert int(cupy.arange(8).sum()) == 28" >"$logs/sanitizer_probe.log" 2>&1; then
+    for tool in memcheck racecheck; do
+        cp "$logs/sanitizer_probe.log" "$logs/$tool.log"; record "$tool" unavailable 125 0
+    done
+else
+    step memcheck 25 "$sanitizer" --tool memcheck --error-exitcode 3 python3 bench/run_all_kernels.py
+    step racecheck 25 "$sanitizer" --tool racecheck --error-exitcode 3 python3 bench/run_all_kernels.py
+fi
+# Last: the tile sweep (each version's library default first; rows written as they are timed).
+step gemm_sweep 45 python3 bench/gemm_sweep.py --size 4096 --repeats 10 --budget-s 40 \
+    --json "$out/gemm_sweep.json"
+
+python3 bench/device_check_summary.py "$out" "$logs"
 tar -czf "$out/logs.tar.gz" -C "$logs" .

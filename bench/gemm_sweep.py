@@ -26,9 +26,11 @@ TILE_KEYS = {
     "tiled": ("TILE_M", "TILE_N", "TILE_K", "MICRO_M", "MICRO_N"),
     "warptiled": ("WT_BM", "WT_BN", "WT_BK", "WT_WM", "WT_WN", "WT_WNITER", "WT_TM", "WT_TN"),
 }
-# (version, tuning values): each version's library default first.
+# (version, tuning values): the library's default of each version first (a sweep stopped by its
+# time limit has then measured what the library runs now), then the alternatives.
 CONFIGS = [
     ("tiled", (128, 128, 8, 8, 8)),
+    ("warptiled", (128, 128, 16, 64, 64, 4, 8, 4)),
     ("tiled", (128, 128, 16, 8, 8)),
     ("tiled", (128, 64, 8, 8, 4)),
     ("tiled", (64, 128, 8, 4, 8)),
@@ -36,8 +38,7 @@ CONFIGS = [
     ("tiled", (64, 64, 16, 4, 4)),
     ("tiled", (128, 256, 8, 8, 8)),
     ("tiled", (256, 128, 8, 8, 8)),
-    # 4 warps of 64×64, 8×16 outputs per thread
-    ("warptiled", (128, 128, 16, 64, 64, 4, 8, 4)),
+    # 4 warps of 64×64, 8×16 outputs per thread (the default above, with 8-deep slices)
     ("warptiled", (128, 128, 8, 64, 64, 4, 8, 4)),
     # 8 warps of 32×64 (256 threads), 4×16 outputs per thread
     ("warptiled", (128, 128, 16, 32, 64, 4, 4, 4)),
@@ -143,16 +144,29 @@ def _write(path: str | None, record: dict) -> None:
 
 
 def sweep(
-    backend_name: str, size: int, repeats: int, configs, json_path: str | None = None
+    backend_name: str,
+    size: int,
+    repeats: int,
+    configs,
+    json_path: str | None = None,
+    budget_s: float | None = None,
 ) -> dict:
     """Check and time every configuration; with ``json_path`` the rows so far are written after
-    each one, so a run stopped by a time limit still leaves its measurements."""
+    each one, so a run stopped by a time limit still leaves its measurements.  With
+    ``budget_s``, configurations that would start after that many seconds are listed as "not
+    run" and the record is completed, so the sweep ends before the limit of its caller."""
     rng = np.random.default_rng(0)
     flops = 2.0 * size**3
     rows = []
     cublas = None
+    began = time.perf_counter()
     for version, config in configs:
         row = {"version": version, "tiles": _tiles(version, config)}
+        if budget_s is not None and time.perf_counter() - began > budget_s:
+            row["status"] = f"not run: the {budget_s:g} s budget was spent"
+            rows.append(row)
+            _write(json_path, {"kind": "gemm_sweep", "partial": True, "size": size, "rows": rows})
+            continue
         rows.append(row)
         try:
             backend = _backend(backend_name, version, config)
@@ -199,9 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--json", help="write the record here")
+    parser.add_argument(
+        "--budget-s", type=float, default=None, help="start no configuration after this many s"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("CUPY_TF32", "0")
-    record = sweep(args.backend, args.size, args.repeats, CONFIGS, args.json)
+    record = sweep(args.backend, args.size, args.repeats, CONFIGS, args.json, args.budget_s)
     for row in record["rows"]:
         tiles = row["version"] + " " + "x".join(str(v) for v in row["tiles"].values())
         if row.get("status") != "ok":

@@ -8,6 +8,7 @@ import logging
 import os
 from typing import Any
 
+from . import distributed
 from .backends import available_backends, get_backend
 from .callbacks import Callback, CosineSchedule, EarlyStopping, History, ModelCheckpoint
 from .gradcheck import gradcheck
@@ -59,6 +60,23 @@ def load(
     return _load(path, backend=backend, dtype=dtype, with_optimizer=with_optimizer)
 
 
+def from_torch(module: Any, backend: Any = None, dtype: Any = None) -> Sequential:
+    """A model with the layers and weights of a ``torch.nn.Sequential`` (Linear, the activations,
+    nested Sequential, torch_interop.Residual); other modules are refused by name.  See
+    gpubackprop.torch_interop.from_torch.  Needs PyTorch."""
+    from .torch_interop import from_torch as _from_torch
+
+    return _from_torch(module, backend=backend, dtype=dtype)
+
+
+def export_onnx(model: Sequential, path: str | os.PathLike) -> None:
+    """Write ``model`` as an ONNX model (opset 17, its input preprocessing included); see
+    gpubackprop.onnx_export.  Needs the onnx package (extra ``onnx``)."""
+    from .onnx_export import export_onnx as _export_onnx
+
+    _export_onnx(model, path)
+
+
 __all__ = [
     "GELU",
     "SGD",
@@ -87,6 +105,9 @@ __all__ = [
     "__version__",
     "available_backends",
     "clip_grad_norm",
+    "distributed",
+    "export_onnx",
+    "from_torch",
     "get_backend",
     "gradcheck",
     "init_for_activation",

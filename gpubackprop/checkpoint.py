@@ -13,22 +13,30 @@ No pickle: the file is a safetensors container, so loading one runs no code.  La
 
 Writing is atomic: the bytes go to a temporary file in the target's directory, are flushed and
 fsync'ed, then ``os.replace`` puts them in place, so a crash leaves either the old file or the
-new one, never a mixture.  Loading validates everything (format, version, config, every tensor's
-name, shape and dtype) before it builds anything the caller sees.
+new one, never a mixture.  A killed save leaves its temporary behind; the next save of the same
+target deletes it (the temporary's name holds its writer's pid, so a concurrent save's file is
+left alone).  Loading validates everything (format, version, config, every tensor's
+name, shape and dtype) before it builds anything the caller sees; the layer sizes in the config
+are checked against the file's tensors before the model is built, so a small file cannot make
+the loader allocate a huge model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
+import hashlib
 import json
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "load", "read_metadata", "save"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "load", "read_metadata", "remove_stale_temporaries", "save"]
 
 FORMAT = "gpubackprop-checkpoint"
 FORMAT_VERSION = 1
@@ -115,14 +123,74 @@ def _current_umask() -> int:
     return umask
 
 
+# A temporary file is named .<target name>.<host tag>-<pid>.<random>.tmp, so that a later save of
+# the same target can tell a temporary left by a killed save (its process is gone) from one
+# that a concurrent save is still writing (its process is alive).  The host tag keeps a save on
+# another machine sharing the directory from judging our processes by its own process table.
+_TEMPORARY_SUFFIX = ".tmp"
+# A temporary whose writer cannot be checked (another host, or a name without a pid) counts as
+# stale once it has not been modified for this long: no save takes an hour to write its bytes.
+_UNCHECKABLE_STALE_AFTER_S = 3600.0
+
+
+def _host_tag() -> str:
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name}.{_host_tag()}-{os.getpid()}."
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # alive but someone else's, or cannot tell
+        return True
+    return True
+
+
+def _is_stale_temporary(candidate: Path, now: float) -> bool:
+    """True for a temporary of a save that can no longer finish (see _temporary_prefix)."""
+    owner = candidate.name.split(".")[-3] if candidate.name.count(".") >= 3 else ""
+    host, _, pid = owner.partition("-")
+    if host == _host_tag() and pid.isdigit():
+        return not _process_alive(int(pid))
+    try:
+        age = now - candidate.stat().st_mtime
+    except OSError:
+        return False
+    return age > _UNCHECKABLE_STALE_AFTER_S
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that killed saves of ``path`` left in its directory (their
+    process is gone), never one that a running save is writing.  Returns the deleted paths."""
+    path = Path(path)
+    now = time.time()
+    removed = []
+    with contextlib.suppress(OSError):
+        for candidate in path.parent.glob(f".{glob.escape(path.name)}.*{_TEMPORARY_SUFFIX}"):
+            if candidate.is_file() and _is_stale_temporary(candidate, now):
+                with contextlib.suppress(FileNotFoundError):  # another save removed it first
+                    candidate.unlink()
+                    removed.append(candidate)
+    return removed
+
+
 def _write_atomic(path: Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` so that readers see the old file or the whole new one."""
+    """Write ``payload`` to ``path`` so that readers see the old file or the whole new one.
+    Temporaries that killed saves of ``path`` left behind are removed first."""
     directory = path.parent
     if not directory.is_dir():
         raise FileNotFoundError(
             f"cannot save checkpoint {str(path)!r}: directory {str(directory)!r} does not exist"
         )
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    remove_stale_temporaries(path)
+    fd, temporary = tempfile.mkstemp(
+        prefix=_temporary_prefix(path), suffix=_TEMPORARY_SUFFIX, dir=directory
+    )
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
@@ -265,6 +333,73 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+_CONTAINER_TYPES = ("Sequential", "Residual")
+
+
+def _config_backed_by_tensors(config: Any, shapes: dict[str, tuple[int, ...]], where: str) -> None:
+    """Refuse a config whose layer sizes the file's own tensors do not back, before anything
+    is allocated: every Dense(in, out) needs ``model.<name>.weight`` of shape (out, in) (and
+    its bias of shape (out,)) in the file, and no other layer may name a size larger than the
+    largest dimension of any tensor in it.  Building the model from an unchecked config could
+    allocate gigabytes for a 1 KB file."""
+    if not isinstance(config, dict) or config.get("type") != "Sequential":
+        raise ValueError(
+            f"{where} has an invalid model config: expected a dict with type 'Sequential', "
+            f"got {config!r:.200}"
+        )
+    largest = max((max(shape, default=1) for shape in shapes.values()), default=0)
+
+    def need(name: str, shape: tuple[int, ...]) -> None:
+        key = f"{MODEL_PREFIX}{name}"
+        if key not in shapes:
+            raise ValueError(
+                f"{where} is missing tensor {key!r}, of shape {shape} by the model config"
+            )
+        if shapes[key] != shape:
+            raise ValueError(
+                f"{where}: tensor {key!r} has shape {shapes[key]}; expected {shape} "
+                "(from the model config)"
+            )
+
+    def walk(layers: Any, prefix: str) -> None:
+        if not isinstance(layers, list):
+            raise ValueError(
+                f"{where} has an invalid model config: 'layers' is {layers!r:.100}; expected a list"
+            )
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, dict):
+                raise ValueError(
+                    f"{where} has an invalid model config: layer {prefix}{i} is {layer!r:.100}; "
+                    "expected a dict with a 'type' key"
+                )
+            kind = layer.get("type")
+            if kind in _CONTAINER_TYPES:
+                walk(layer.get("layers", []), f"{prefix}{i}.")
+            elif kind == "Dense":
+                sizes = []
+                for key in ("in_features", "out_features"):
+                    value = layer.get(key)
+                    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                        raise ValueError(
+                            f"{where} has an invalid model config: layer {prefix}{i} (Dense) has "
+                            f"{key}={value!r}; expected an integer >= 1"
+                        )
+                    sizes.append(value)
+                need(f"{prefix}{i}.weight", (sizes[1], sizes[0]))
+                if layer.get("bias", True):
+                    need(f"{prefix}{i}.bias", (sizes[1],))
+            else:
+                for key, value in layer.items():
+                    if isinstance(value, int) and not isinstance(value, bool) and value > largest:
+                        raise ValueError(
+                            f"{where} has an invalid model config: layer {prefix}{i} ({kind}) "
+                            f"has {key}={value}, larger than any tensor in the file "
+                            f"(largest dimension {largest})"
+                        )
+
+    walk(config.get("layers", []), "")
+
+
 def _build_model(config: Any, where: str):
     """Sequential.from_config without disturbing gb.seed()'s stream (init draws from it)."""
     from .model import Sequential
@@ -304,6 +439,15 @@ def load(
         names = list(handle.keys())
         dtypes = {name: handle.get_slice(name).get_dtype() for name in names}
         shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in names}
+        saved_dtype = header["dtype"]
+        for name in names:
+            found = _SAFETENSORS_DTYPES.get(dtypes[name], dtypes[name])
+            if found != saved_dtype:
+                raise ValueError(
+                    f"{where}: tensor {name!r} has dtype {found}; expected {saved_dtype} "
+                    "(the checkpoint's dtype)"
+                )
+        _config_backed_by_tensors(header["config"], shapes, where)
 
         model = _build_model(header["config"], where)
         target_dtype = header["dtype"] if dtype is None else dtype
@@ -342,14 +486,7 @@ def load(
                 + (f" (and {unexpected[1:]})" if len(unexpected) > 1 else "")
                 + "; the model config does not have it"
             )
-        saved_dtype = header["dtype"]
         for name in names:
-            found = _SAFETENSORS_DTYPES.get(dtypes[name], dtypes[name])
-            if found != saved_dtype:
-                raise ValueError(
-                    f"{where}: tensor {name!r} has dtype {found}; expected {saved_dtype} "
-                    "(the checkpoint's dtype)"
-                )
             if shapes[name] != tuple(expected[name]):
                 raise ValueError(
                     f"{where}: tensor {name!r} has shape {shapes[name]}; expected "

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from .arrays import dtype_of, is_cupy_array, shape_of
+from .arrays import DLPACK_CUDA, dlpack_device_type, dtype_of, import_array, is_cupy_array, shape_of
 from .backends import get_backend
 from .backends.base import check_reduction
 
 
 def _backend_of(array):
-    """The backend for an array: CuPy arrays belong to the GPU backend; NumPy arrays to
-    the emulator when it is the default (GPUBACKPROP_BACKEND=emu), else to NumPy."""
-    if is_cupy_array(array):
+    """The backend for an array: CuPy arrays and other arrays on a CUDA GPU (DLPack) belong to
+    the GPU backend; host arrays to the emulator when it is the default
+    (GPUBACKPROP_BACKEND=emu), else to NumPy."""
+    if is_cupy_array(array) or dlpack_device_type(array) == DLPACK_CUDA:
         return get_backend("cupy")
     default = get_backend(None)
     return default if default.xp is np else get_backend("numpy")
@@ -52,7 +53,11 @@ class Loss:
         return self
 
     def forward(self, pred, target):
+        """The loss of ``pred`` against ``target`` (any arrays import_array reads: a foreign
+        array is imported through DLPack or the NumPy array protocol, copied only if needed)."""
         backend = self.backend or _backend_of(pred)
+        pred = backend.asarray(import_array(pred, backend.xp, "pred"))
+        target = import_array(target, backend.xp, "target")
         if shape_of(pred) and len(shape_of(pred)) != 2:
             raise ValueError(f"pred has shape {shape_of(pred)}; expected (batch, features)")
         target = self._prepare_target(backend, pred, target)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .arrays import Array, dtype_of, shape_of, to_host
+from .arrays import Array, dtype_of, import_array, shape_of, to_host
 from .backends import get_backend
 from .callbacks import Callback, History
 from .layers import (
@@ -132,8 +132,10 @@ class Sequential(Container):
     # -- forward / backward ------------------------------------------------------------------
     def prepare_input(self, x: Array, name: str = "x") -> Array:
         """``x`` checked (2-D, this model's feature count, at least one row, numbers) and
-        returned as an array of this model's backend and dtype (copied only if needed)."""
+        returned as an array of this model's backend and dtype (copied only if needed).
+        ``x`` may be any array arrays.import_array reads (DLPack, the NumPy array protocol)."""
         self._ensure_placed()
+        x = import_array(x, self.backend.xp, name)
         shape = shape_of(x)
         if len(shape) != 2:
             raise ValueError(f"{name} has shape {shape}; expected (batch, features)")
@@ -228,12 +230,20 @@ class Sequential(Container):
         validation_data: tuple | None = None,
         verbose: int = 1,
         callbacks: list[Callback] | None = None,
+        distributed: bool = False,
     ) -> History:
         """Mini-batch training: for each batch, forward, loss, backward, optimizer step.
 
         Data is copied to the backend once; batches are drawn in a fresh order every
         epoch (the generator seeded by gb.seed).  verbose: 0 silent, 1 a progress bar
-        (loss, accuracy, samples/s), 2 one line per epoch.  Returns a History."""
+        (loss, accuracy, samples/s), 2 one line per epoch.  Returns a History.
+
+        distributed=True trains data-parallel over the ranks of ``gb.distributed.init()``
+        (docs/distributed.md): ``batch_size`` stays the GLOBAL batch, split into one disjoint
+        shard per rank (sizes ⌊B/N⌋ or ⌈B/N⌉), and the flat gradient buffer is averaged
+        across the ranks in one all-reduce after backward, so the same script optimises the
+        same way on any number of ranks.  The metrics are reduced over the ranks; only rank 0
+        prints, shows the bar and runs file-writing callbacks (ModelCheckpoint)."""
         from .training import run_fit
 
         return run_fit(
@@ -248,7 +258,16 @@ class Sequential(Container):
             validation_data=validation_data,
             verbose=verbose,
             callbacks=callbacks or [],
+            distributed=distributed,
         )
+
+    def to_torch(self, device: Any = None) -> Any:
+        """A ``torch.nn.Sequential`` with copies of this model's weights that computes the same
+        function (Linear for Dense, the same activations and parameters, Residual blocks as a
+        small module); see gpubackprop.torch_interop.  Needs PyTorch."""
+        from .torch_interop import to_torch
+
+        return to_torch(self, device)
 
     def predict(self, x: Array, batch_size: int = 1024) -> np.ndarray:
         """Model outputs for ``x`` as a NumPy array, computed batch by batch."""

@@ -318,3 +318,41 @@ def test_source_root_is_the_checkout_that_holds_the_package():
     if expected is not None:
         assert bench.run_benchmarks.__module__ == "gpubackprop.benchmarks.run"
         assert report.default_results_dir() == expected / "bench" / "results"
+
+
+def test_host_rows_record_their_launches(tmp_path):
+    """`bench --only host`: the host rows alone, each with the kernel launches it made (a fused
+    dense forward is one GEMM launch; a training step launches every layer's kernels)."""
+    path = tmp_path / "host.json"
+    status = cli.main(["--only", "host", "--no-torch", "--quiet", "--json", str(path)])
+    assert status == 0
+    record = json.loads(path.read_text())
+    rows = {r["name"]: r for r in record["results"]}
+    assert set(rows) >= {
+        "host.dense_forward",
+        "host.dense_backward",
+        "host.softmax_cross_entropy",
+        "host.adam.step",
+        "host.train_step.mlp_64-128-128-10",
+    }
+    assert all(r["backend"] == "host" and r["status"] == "ok" for r in rows.values())
+    assert all(r["median_s"] > 0 for r in rows.values())
+    assert rows["host.dense_forward"]["launches"] == 1
+    assert rows["host.adam.step"]["launches"] == 1
+    step = rows["host.train_step.mlp_64-128-128-10"]["launches"]
+    ops = sum(rows[f"host.{op}"]["launches"] for op in ("dense_backward", "softmax_cross_entropy"))
+    assert step > 3 + ops  # three forward GEMMs, the loss, three backwards and the update
+    assert "numpy" not in record["ceilings"]  # --only host ran no other backend
+
+
+def test_recording_seam_records_without_running():
+    from gpubackprop.backends.recording import HostBackend
+
+    backend = HostBackend()
+    x = np.ones((5, 3), np.float32)
+    w = np.ones((7, 3), np.float32)
+    y, _ = backend.dense_forward(x, w, None, "relu")
+    assert y.shape == (5, 7)
+    (launch,) = backend.seam.launches
+    assert launch.file == "gemm.cu" and launch.kernel == "dense_forward"
+    assert launch.grid == (1, 1, 1) and launch.args[0] is x and launch.args[1] is w

@@ -429,3 +429,138 @@ def test_invalid_optimizer_entry(tmp_path, saved):
     path = _craft(tmp_path, saved, edit_metadata=lambda m: m.update(optimizer='{"type": "Adam"}'))
     with pytest.raises(ValueError, match="invalid 'optimizer' entry"):
         gb.load(path)
+
+
+# -- configs the file's tensors do not back ---------------------------------------------------
+
+
+def _tiny_file_claiming(tmp_path, layers, tensors):
+    """A small checkpoint whose config claims ``layers`` but holds only ``tensors``."""
+    metadata = {
+        "format": checkpoint.FORMAT,
+        "format_version": str(checkpoint.FORMAT_VERSION),
+        "config": json.dumps({"type": "Sequential", "layers": layers}),
+        "dtype": "float32",
+    }
+    path = tmp_path / "claims.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize(
+    "tensors",
+    [
+        {},
+        {"model.0.weight": np.zeros((3, 2), np.float32), "model.0.bias": np.zeros(3, np.float32)},
+        {"model.0.weight": np.zeros(30000, np.float32)},
+    ],
+    ids=["no-tensors", "small-tensors", "one-row"],
+)
+def test_oversized_config_fails_fast_with_bounded_memory(tmp_path, tensors):
+    # Dense(30000, 30000) would need 30000² float64 init weights (7.2 GB) if built first.
+    import tracemalloc
+
+    layers = [{"type": "Dense", "in_features": 30000, "out_features": 30000, "bias": True}]
+    path = _tiny_file_claiming(tmp_path, layers, tensors)
+    assert path.stat().st_size < 200_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"model\.0\.weight.*\(30000, 30000\)"):
+            gb.load(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 2**20, f"load allocated {peak / 2**20:.0f} MiB before failing"
+
+
+def test_oversized_nested_dense_and_other_layer_sizes_are_refused(tmp_path):
+    inner = {"type": "Dense", "in_features": 4, "out_features": 50000, "bias": False}
+    path = _tiny_file_claiming(
+        tmp_path,
+        [{"type": "Residual", "layers": [inner]}],
+        {"model.0.0.weight": np.zeros((4, 4), np.float32)},
+    )
+    with pytest.raises(ValueError, match=r"'model\.0\.0\.weight' has shape \(4, 4\); expected"):
+        gb.load(path)
+    # A layer other than Dense that names a size no tensor in the file comes near.
+    path = _tiny_file_claiming(
+        tmp_path,
+        [
+            {"type": "Dense", "in_features": 2, "out_features": 2, "bias": False},
+            {"type": "ReLU", "width": 10**9},
+        ],
+        {"model.0.weight": np.zeros((2, 2), np.float32)},
+    )
+    with pytest.raises(ValueError, match=r"layer 1 \(ReLU\) has width=1000000000"):
+        gb.load(path)
+
+
+@pytest.mark.parametrize("value", [0, -3, "64", 2.5, True, None])
+def test_dense_sizes_in_the_config_must_be_positive_integers(tmp_path, value):
+    layers = [{"type": "Dense", "in_features": value, "out_features": 2}]
+    path = _tiny_file_claiming(tmp_path, layers, {"model.0.weight": np.zeros((2, 2), np.float32)})
+    with pytest.raises(ValueError, match=r"layer 0 \(Dense\) has in_features=.*integer >= 1"):
+        gb.load(path)
+
+
+# -- temporaries of killed saves ------------------------------------------------------------------
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_next_save_removes_temporaries_of_killed_saves_only(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "m.safetensors"
+    tag = checkpoint._host_tag()
+    dead = _dead_pid()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = [
+            tmp_path / f".m.safetensors.{tag}-{dead}.abc_1234.tmp",  # its writer was killed
+            tmp_path / ".m.safetensors.k3j2_8x0.tmp",  # an older name without a pid, an hour old
+            tmp_path / f".m.safetensors.0000beef-{os.getpid()}.zz.tmp",  # another host, old
+        ]
+        live = [
+            tmp_path / f".m.safetensors.{tag}-{os.getpid()}.other.tmp",  # this process, writing
+            tmp_path / f".m.safetensors.{tag}-{sleeper.pid}.qwe.tmp",  # a concurrent save
+            tmp_path / f".m.safetensors.0000beef-{dead}.new.tmp",  # another host, fresh
+            tmp_path / f".other.safetensors.{tag}-{dead}.abc.tmp",  # another target
+            tmp_path / "m.safetensors.tmp",  # not a temporary of ours
+        ]
+        for planted in stale + live:
+            planted.write_bytes(b"\0" * 1000)
+        hour_ago = time.time() - 2 * checkpoint._UNCHECKABLE_STALE_AFTER_S
+        for old in stale[1:]:
+            os.utime(old, (hour_ago, hour_ago))
+        gb.save(path, _model())
+        left = sorted(p.name for p in tmp_path.iterdir())
+        assert left == sorted([path.name, *(p.name for p in live)])
+        _assert_same_weights(gb.load(path), _model())
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_temporary_names_carry_the_writer(tmp_path, monkeypatch):
+    seen = []
+    real_replace = os.replace
+
+    def spy(source, target):
+        seen.append(os.path.basename(source))
+        return real_replace(source, target)
+
+    monkeypatch.setattr(checkpoint.os, "replace", spy)
+    gb.save(tmp_path / "m.safetensors", _model())
+    (name,) = seen
+    assert name.startswith(f".m.safetensors.{checkpoint._host_tag()}-{os.getpid()}.")
+    assert name.endswith(".tmp")

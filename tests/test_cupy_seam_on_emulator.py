@@ -165,3 +165,119 @@ def test_seam_wraps_an_elementwise_compile_error():
     x = device_xp.asarray(np.ones(4, np.float32))
     with pytest.raises(kernels.KernelCompileError, match=f"ElementwiseKernel {spec.name}"):
         kernel(x, np.int32(1), np.float64(0.0), device_xp.empty((4,), np.float32))
+
+
+# -- a machine with the driver but not the CUDA toolkit, and one with no GPU at all -------------
+
+
+class _NoToolkitRawModule(_RawModule):
+    def compile(self, log_stream=None):
+        raise RuntimeError("Failed to find CUDA headers; set CUDA_PATH")
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        RuntimeError("Failed to find CUDA headers; set CUDA_PATH"),
+        CompileException(
+            'kernel.cu(1): catastrophic error: cannot open source file "cuda_fp16.h"',
+            "",
+            "RawModule",
+            (),
+        ),
+    ],
+    ids=["cupy-message", "nvrtc-log"],
+)
+def test_seam_says_what_to_install_without_the_cuda_toolkit(monkeypatch, failure):
+    from gpubackprop.backends.cupy_backend import CupySeam
+
+    def fail(self, log_stream=None):
+        raise failure
+
+    monkeypatch.setattr(_RawModule, "compile", fail)
+    with pytest.raises(kernels.KernelCompileError) as caught:
+        CupySeam(EmulatedCupy()).compile("reduce.cu", {"REAL_T": "float"})
+    message = str(caught.value)
+    assert "kernels/reduce.cu" in message
+    assert "cupy-cuda13x[ctk]" in message and "gpubackprop[cuda13]" in message
+
+
+def test_elementwise_says_what_to_install_without_the_cuda_toolkit(monkeypatch):
+    from gpubackprop.backends.cupy_backend import CupySeam
+    from gpubackprop.backends.kernel_backend import ELEMENTWISE_SPECS
+
+    def fail(self, *args, **kwargs):
+        raise RuntimeError("Failed to find CUDA headers")
+
+    kernel = CupySeam(EmulatedCupy()).elementwise(ELEMENTWISE_SPECS[0], np.float32)
+    monkeypatch.setattr(type(kernel.kernel), "__call__", fail)
+    with pytest.raises(kernels.KernelCompileError, match=r"cupy-cuda13x\[ctk\]"):
+        kernel(device_xp.asarray(np.ones(4, np.float32)))
+
+
+def test_other_seam_errors_pass_through(monkeypatch):
+    from gpubackprop.backends.cupy_backend import CupySeam
+
+    def fail(self, log_stream=None):
+        raise MemoryError("out of host memory")
+
+    monkeypatch.setattr(_RawModule, "compile", fail)
+    with pytest.raises(MemoryError, match="out of host memory"):
+        CupySeam(EmulatedCupy()).compile("reduce.cu", {"REAL_T": "float"})
+
+
+class _RuntimeError(Exception):
+    """Stands in for cupy.cuda.runtime.CUDARuntimeError."""
+
+
+def _fake_cupy(error: Exception | None, count: int = 0):
+    import types
+
+    def device_count():
+        if error is not None:
+            raise error
+        return count
+
+    runtime = types.SimpleNamespace(CUDARuntimeError=_RuntimeError, getDeviceCount=device_count)
+    return types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime))
+
+
+@pytest.mark.parametrize("driver_present", [False, True])
+def test_cupy_backend_without_a_gpu_names_the_cpu_backends(monkeypatch, driver_present):
+    import sys
+
+    from gpubackprop.backends import cupy_backend
+
+    insufficient = _RuntimeError(
+        "cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA runtime version"
+    )
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(insufficient))
+    monkeypatch.setattr(cupy_backend, "nvidia_driver_present", lambda: driver_present)
+    backend = cupy_backend.CupyBackend()
+    assert not backend.available
+    if driver_present:  # a real driver that is too old: the runtime's words are the right ones
+        assert "insufficient" in backend.reason
+    else:
+        assert backend.reason.startswith("no NVIDIA GPU found")
+        assert "insufficient" not in backend.reason
+        assert "'numpy'" in backend.reason and "'emu'" in backend.reason
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(None, count=0))
+    reason = cupy_backend.CupyBackend().reason
+    assert "no CUDA device" in reason and "'numpy'" in reason and "'emu'" in reason
+
+
+def test_cli_backend_cupy_without_a_gpu_says_so(monkeypatch, capsys):
+    import sys
+
+    from gpubackprop import backends, cli
+    from gpubackprop.backends import cupy_backend
+
+    insufficient = _RuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient")
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(insufficient))
+    monkeypatch.setattr(cupy_backend, "nvidia_driver_present", lambda: False)
+    monkeypatch.setattr(backends, "_instances", {})
+    status = cli.main(["train", "--backend", "cupy", "--epochs", "1", "--verbose", "0"])
+    error = capsys.readouterr().err
+    assert status == 1
+    assert error.count("\n") == 1 and "no NVIDIA GPU found" in error
+    assert "'numpy'" in error and "'emu'" in error

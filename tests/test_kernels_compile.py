@@ -7,6 +7,7 @@ GB_DYNAMIC_SHARED, no system includes) and that the library's kernels do not spi
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -598,3 +599,36 @@ def test_cupy_seam_compile_error_names_file_and_line(tmp_path, monkeypatch):
     message = str(info.value)
     assert "kernels/broken.cu" in message and "broken_forward" in message
     assert re.search(r">\s+2 \|\s+out\[0\] = undefined_name;", message), message
+
+
+def test_gemm_sweep_measures_the_library_defaults_first():
+    """A sweep stopped by its time limit has then timed what the library runs now."""
+    from gpubackprop.backends.kernel_backend import GEMM_TILES, GEMM_TILES_WARPTILED
+
+    sweep = _gemm_sweep_module()
+    (v1, c1), (v2, c2) = sweep.CONFIGS[:2]
+    assert (v1, sweep._tiles(v1, c1)) == ("tiled", GEMM_TILES["float"])
+    assert (v2, sweep._tiles(v2, c2)) == ("warptiled", GEMM_TILES_WARPTILED["float"])
+
+
+def test_gemm_sweep_past_its_budget_lists_the_rest_as_not_run(tmp_path):
+    sweep = _gemm_sweep_module()
+    path = tmp_path / "sweep.json"
+    record = sweep.sweep("emu", 40, 1, sweep.CONFIGS[:2], str(path), budget_s=0.0)
+    assert [row["status"] for row in record["rows"]] == ["not run: the 0 s budget was spent"] * 2
+    assert record["best"] is None
+    assert json.loads(path.read_text())["rows"] == record["rows"]
+
+
+@pytest.mark.parametrize("version", ["tiled", "warptiled", "naive"])
+def test_a_backend_compiles_only_the_gemm_version_it_launches(version):
+    """gemm.cu's GEMM_<VERSION> switches: a compile holds one version's kernels (faster NVRTC
+    and g++), and the emulator finds exactly the kernels the compiler kept."""
+    from gpubackprop.backends.emu_backend import EmuSeam
+    from gpubackprop.backends.kernel_backend import KernelBackend
+
+    backend = KernelBackend(EmuSeam(), gemm_version=version)
+    module, _ = backend._gemm_module(np.dtype(np.float32))
+    suffix = "" if version == "tiled" else f"_{version}"
+    layouts = ("dense_forward", "dense_backward_data", "dense_backward_weight")
+    assert set(module.kernels) == {f"{name}{suffix}" for name in layouts}

@@ -11,6 +11,9 @@ or a driver the backend reports ``available = False`` and keeps the reason.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import sys
 from typing import Any
 
 import numpy as np
@@ -27,7 +30,56 @@ from ..kernels import (
 from .kernel_backend import KernelBackend
 from .seam import ElementwiseSpec
 
-__all__ = ["CupyBackend", "CupySeam"]
+__all__ = ["CPU_BACKENDS_HINT", "CupyBackend", "CupySeam", "nvidia_driver_present"]
+
+CPU_BACKENDS_HINT = (
+    "use backend 'numpy' (the NumPy reference) or 'emu' (the same CUDA kernels on the CPU "
+    "emulator) on this machine"
+)
+_DRIVER_LIBRARY = "nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1"
+
+
+# CuPy 14 compiles against the CUDA toolkit's headers and loads cuBLAS and friends at run time;
+# a machine with only the NVIDIA driver has neither, and CuPy says "Failed to find CUDA headers"
+# (or NVRTC cannot open cuda_runtime.h / vector_types.h).  The [ctk] extra of CuPy's wheel
+# installs them from PyPI.
+TOOLKIT_HINT = (
+    "CuPy cannot find the CUDA toolkit headers and libraries it compiles kernels with; install "
+    "them with pip install 'gpubackprop[cuda13]' (or [cuda12]), which pulls "
+    "cupy-cuda13x[ctk] (cupy-cuda12x[ctk]), or install the CUDA toolkit"
+)
+_MISSING_TOOLKIT_SIGNS = (
+    "failed to find cuda headers",
+    'cannot open source file "cuda',
+    'cannot open source file "vector_types.h"',
+    'cannot open source file "cuda_fp16',
+)
+
+
+def missing_toolkit_error(error: BaseException, what: str) -> KernelCompileError | None:
+    """A KernelCompileError saying what to install when ``error`` (raised compiling ``what``)
+    comes from a missing CUDA toolkit; None for any other error."""
+    text = str(error)
+    get_message = getattr(error, "get_message", None)
+    if callable(get_message):
+        with contextlib.suppress(Exception):
+            text += "\n" + str(get_message())
+    if not any(sign in text.lower() for sign in _MISSING_TOOLKIT_SIGNS):
+        return None
+    first_line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return KernelCompileError(
+        f"CUDA compile of {what} failed: {TOOLKIT_HINT} ({first_line})", what, text
+    )
+
+
+def nvidia_driver_present() -> bool:
+    """Whether the NVIDIA driver's CUDA library loads: without it there is no usable NVIDIA
+    GPU, whatever error the CUDA runtime gives."""
+    try:
+        ctypes.CDLL(_DRIVER_LIBRARY)
+    except OSError:
+        return False
+    return True
 
 
 class _Module:
@@ -72,7 +124,12 @@ class CupySeam:
             raw = self.cupy.RawModule(code=source.text, options=NVRTC_OPTIONS)
             try:
                 raw.compile()
-            except CompileException as error:
+            except Exception as error:
+                missing = missing_toolkit_error(error, f"kernels/{source.file}")
+                if missing is not None:
+                    raise missing from None
+                if not isinstance(error, CompileException):
+                    raise
                 log = error.get_message()
                 raise KernelCompileError(
                     format_compile_error(source.file, source.text, log), source.file, log
@@ -132,7 +189,12 @@ class _Elementwise:
 
         try:
             return self.kernel(*args)
-        except CompileException as error:
+        except Exception as error:
+            missing = missing_toolkit_error(error, elementwise_label(self.spec))
+            if missing is not None:
+                raise missing from None
+            if not isinstance(error, CompileException):
+                raise
             log = error.get_message()
             files = list(self.spec.preamble_files)
             label = f"ElementwiseKernel {self.spec.name} (preamble {files})"
@@ -164,11 +226,19 @@ class CupyBackend(KernelBackend):
         try:
             count = cupy.cuda.runtime.getDeviceCount()
             if count < 1:
-                self.reason = "CuPy found no CUDA device"
+                self.reason = f"CuPy found no CUDA device; {CPU_BACKENDS_HINT}"
                 return
             props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
         except cupy.cuda.runtime.CUDARuntimeError as error:
-            self.reason = f"no usable CUDA GPU or driver: {error}"
+            if not nvidia_driver_present():
+                # Without libcuda the CUDA runtime reports "driver version is insufficient",
+                # which would send the user to upgrade a driver the machine does not have.
+                self.reason = (
+                    f"no NVIDIA GPU found (the NVIDIA driver library {_DRIVER_LIBRARY} is not "
+                    f"installed); {CPU_BACKENDS_HINT}"
+                )
+            else:
+                self.reason = f"no usable CUDA GPU or driver: {error}"
             return
         except Exception as error:
             self.reason = f"CUDA initialisation failed: {type(error).__name__}: {error}"

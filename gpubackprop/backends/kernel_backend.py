@@ -271,9 +271,11 @@ class KernelBackend(Backend):
         if key not in self._launch_modules:
             kind = real_type(dtype)
             tiles = self.gemm_tiles[kind]
-            # gemm.cu holds every version: each is compiled with its tuning values for this
-            # type (the file's defaults are float's), whichever one this backend launches.
-            defines = {**GEMM_TILES[kind], **GEMM_TILES_WARPTILED[kind], **tiles}
+            # gemm.cu holds every version; only the one this backend launches is compiled,
+            # with the tuning values of both tiled versions for this type (the file's
+            # defaults are float's).
+            only = {f"GEMM_{v.upper()}": int(v == self.gemm_version) for v in GEMM_VERSIONS}
+            defines = {**GEMM_TILES[kind], **GEMM_TILES_WARPTILED[kind], **tiles, **only}
             self._launch_modules[key] = (self._compiled("gemm.cu", dtype, defines), tiles)
         return self._launch_modules[key]
 

@@ -52,13 +52,15 @@ class Prepared:
     check: runs our op once on fresh inputs and returns (outputs, float64 references).
     baselines: name -> (callable, timer) for the same work in another implementation.
     skipped: name -> why a baseline is absent.
-    copies: how many input copies ``run`` rotates through."""
+    copies: how many input copies ``run`` rotates through.
+    launches: kernel launches one ``run`` makes (the host rows, which record them)."""
 
     run: Callable[[], Any]
     check: Callable[[], tuple[list[Any], list[np.ndarray]]]
     baselines: dict[str, Impl] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     copies: int = 1
+    launches: int | None = None
 
 
 @dataclass
@@ -659,16 +661,14 @@ def train_case(sizes: Sequence[int], batch: int, itemsize: int) -> Case:
 def cases_for(
     sizes: Sizes, itemsize: int, only: Sequence[str] = (), gemm_versions: Sequence[str] = ()
 ) -> list[Case]:
-    # The GEMMs and whole training steps first: the headline rows, kept by a run that is
+    # Whole training steps first, then the GEMMs: the headline rows, kept by a run that is
     # stopped by a time limit (the JSON record is rewritten after every row).
-    cases: list[Case] = []
+    cases: list[Case] = [train_case(layers, batch, itemsize) for layers, batch in sizes.train]
     for m, n, k in sizes.gemm:
         for layout in ("forward", "dW", "dX+dW"):
             cases.append(gemm_case(m, n, k, layout, itemsize))
             for version in gemm_versions:
                 cases.append(gemm_case(m, n, k, layout, itemsize, version))
-    for layer_sizes, batch in sizes.train:
-        cases.append(train_case(layer_sizes, batch, itemsize))
     for name in sizes.activation_names:
         for rows, cols in sizes.activation:
             for direction in ("forward", "backward"):

@@ -174,6 +174,10 @@ TIMING: dict[str, TimingSettings] = {
     "emu": TimingSettings(
         warmup_calls=1, warmup_s=0.0, batch_s=0.0, min_rounds=3, max_rounds=5, budget_s=0.05
     ),
+    # The host rows: microseconds per call, timed in rounds of ~5 ms.
+    "host": TimingSettings(
+        warmup_calls=20, warmup_s=0.02, batch_s=0.005, min_rounds=9, max_rounds=100, budget_s=0.2
+    ),
     "tiny": TimingSettings(
         warmup_calls=1, warmup_s=0.0, batch_s=0.0002, min_rounds=3, max_rounds=5, budget_s=0.005
     ),

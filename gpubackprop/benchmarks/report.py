@@ -37,8 +37,11 @@ def format_table(record: dict[str, Any]) -> str:
     """The rows as a text table; ratios are baseline_time / our_time (>1: we are faster)."""
     rows = record["results"]
     names = [b for b in BASELINE_ORDER if any(b in r["vs"] for r in rows)]
+    # Host rows (host.*) record their kernel launches: the host time per launch is the goal.
+    launches = any(r.get("launches") for r in rows)
     header = (
         ["op", "backend", "shape", "median", "TFLOP/s", "GB/s", "floor", "of floor", "max rel err"]
+        + (["launches", "per launch"] if launches else [])
         + [f"vs {b}" for b in names]
         + ["status"]
     )
@@ -55,6 +58,10 @@ def format_table(record: dict[str, Any]) -> str:
             f"{100 * r['floor_fraction']:.0f}%" if r["floor_fraction"] else "-",
             f"{r['max_rel_error']:.1e}" if r["max_rel_error"] is not None else "-",
         ]
+        if launches:
+            count = r.get("launches")
+            per = r["median_s"] / count if count and r["median_s"] else None
+            line += [str(count) if count else "-", format_time(per)]
         line += [f"{r['vs'][b]:.2f}x" if r["vs"].get(b) else "-" for b in names]
         line.append(r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason'][:60]}")
         lines.append(line)

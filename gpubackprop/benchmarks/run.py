@@ -9,6 +9,7 @@ import math
 import os
 import platform
 import sys
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ import numpy as np
 from .cases import Case, Context, cases_for, max_rel_error
 from .ceilings import disable_cupy_tf32, measure_ceilings
 from .config import ENV_KEYS, RTOL, SCHEMA, SIZES, TIMING, BenchConfig, TimingSettings
+from .host import host_cases
 from .machine import blas_info, cpu_model, device_info, git_commit, library_versions, numpy_threads
 from .report import shape_text
 from .timing import Impl, Stats, format_time, measure, speed_ratio
@@ -28,18 +30,22 @@ def _device_class(backend: Any) -> str:
 def _backend_plan(config: BenchConfig) -> tuple[list[tuple[str, Any]], list[dict[str, str]]]:
     """[(name, backend)] to run, and {"backend", "name": "*", "reason"} for each skipped."""
     from ..backends import get_backend
+    from ..backends.recording import HostBackend
 
-    names = list(config.backends) if config.backends else ["cupy", "numpy"]
+    names = list(config.backends) if config.backends else ["cupy", "numpy", "host"]
     plan, skipped = [], []
     for name in names:
         try:
-            plan.append((name, get_backend(name)))
+            # "host": the launchers over a seam that records launches (the host.* rows).
+            plan.append((name, HostBackend() if name == "host" else get_backend(name)))
         except (RuntimeError, ValueError) as error:
             skipped.append({"backend": name, "name": "*", "reason": str(error)})
     return plan, skipped
 
 
 def _preset_for(backend: Any, config: BenchConfig) -> str:
+    if backend.name == "host":
+        return "host"
     if config.preset:
         return config.preset
     if backend.name == "emu":
@@ -97,6 +103,7 @@ def _new_row(case: Case, ctx: Context, ceilings: dict[str, Any]) -> dict[str, An
         "max_rel_error": None,
         "rtol": RTOL[ctx.dtype.name],
         "input_copies": 1,
+        "launches": None,
         "vs": {},
         "baselines": {},
         "baselines_skipped": {},
@@ -124,6 +131,7 @@ def measure_case(
         copies = copies_for(case, ceilings.get("cache_bytes", 32 << 20))
         prepared = case.build(ctx, copies)
         row["input_copies"] = prepared.copies
+        row["launches"] = prepared.launches
         outputs, references = prepared.check()
         error = max_rel_error([ctx.backend.to_numpy(o) for o in outputs], references)
         row["max_rel_error"] = error
@@ -219,28 +227,42 @@ def _run_backend(
     """One backend's device facts, ceilings and rows, appended to ``record`` (handed to
     config.on_row after every row)."""
     device_class = _device_class(backend)
-    if device_class == "gpu":
-        disable_cupy_tf32(backend.xp)
-    ctx = Context(backend, dtype, config, device_class)
     preset = _preset_for(backend, config)
     settings = TIMING[preset]
+    if backend.name == "host":
+        cases = host_cases(config.only)
+    else:
+        versions = ()
+        if config.gemm_versions and not config.quick and hasattr(backend, "gemm_version"):
+            from ..backends.kernel_backend import GEMM_VERSIONS
+
+            versions = tuple(v for v in GEMM_VERSIONS if v != backend.gemm_version)
+        cases = cases_for(SIZES[preset], dtype.itemsize, config.only, versions)
+    if not cases:
+        return  # --only left this backend no row: no ceilings to measure either
+    if device_class == "gpu":
+        disable_cupy_tf32(backend.xp)
+    # The host rows time the host alone: no torch baselines, no ceilings (no device).
+    ctx = Context(
+        backend,
+        dtype,
+        replace(config, torch=False) if backend.name == "host" else config,
+        device_class,
+    )
     record["devices"][name] = device_info(ctx)
-    _progress(config, f"[{name}] {record['devices'][name]['name']}: measuring ceilings")
-    try:
-        ceilings = measure_ceilings(ctx, settings)
-    except Exception as error:
-        ceilings = {"error": f"{type(error).__name__}: {error}"}
+    if backend.name == "host":
+        ceilings: dict[str, Any] = {}
+    else:
+        _progress(config, f"[{name}] {record['devices'][name]['name']}: measuring ceilings")
+        try:
+            ceilings = measure_ceilings(ctx, settings)
+        except Exception as error:
+            ceilings = {"error": f"{type(error).__name__}: {error}"}
     record["ceilings"][name] = ceilings
-    if ctx.torch is None:
+    if ctx.torch is None and backend.name != "host":
         record["skipped"].append(
             {"backend": name, "name": "torch baselines", "reason": ctx.torch_reason}
         )
-    versions = ()
-    if config.gemm_versions and not config.quick and hasattr(backend, "gemm_version"):
-        from ..backends.kernel_backend import GEMM_VERSIONS
-
-        versions = tuple(v for v in GEMM_VERSIONS if v != backend.gemm_version)
-    cases = cases_for(SIZES[preset], dtype.itemsize, config.only, versions)
     for i, case in enumerate(cases):
         row = measure_case(case, ctx, settings, ceilings)
         record["results"].append(row)

@@ -25,7 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-HEADERS = ("cuda_emu.h", "cuda_emu_runtime.h")
+HEADERS = ("cuda_emu.h", "cuda_emu_runtime.h", "ptx_twins.h")
+# The emulator's versions of CUDA's own headers (cuda_fp16.h, cuda_bf16.h, ...), found by a
+# kernel's `#include <...>` as NVRTC finds the toolkit's.
+INCLUDE_DIR = HERE / "include"
 # -O2 over -O1, measured on kernels/gemm.cu (2 cores): compile 2.65 s vs 2.35 s, the tiled
 # 129x129x129 dense_forward 7 ms vs 24 ms (register tiles stay in registers only at -O2).
 BASE_FLAGS = (
@@ -106,6 +109,11 @@ def compile_flags() -> tuple[str, ...]:
     return tuple(flags)
 
 
+def include_flags() -> list[str]:
+    """The emulator's headers, and its CUDA headers for a kernel's ``#include <cuda_fp16.h>``."""
+    return [f"-I{HERE}", f"-I{INCLUDE_DIR}"]
+
+
 # ---- reading the source -------------------------------------------------------------------
 
 _TOKEN = re.compile(r'//[^\n]*|/\*.*?\*/|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'', re.DOTALL)
@@ -142,19 +150,52 @@ def origin(text: str, position: int, default_file: str) -> tuple[str, int]:
 
 
 _ASM = re.compile(r"\b(?:asm|__asm__|__asm)\b(?:\s+(?:volatile|__volatile__))?\s*\(")
+_TEMPLATE = re.compile(r'\s*"((?:\\.|[^"\\\n])*)"')
+
+# The one kernels/ header whose inline PTX the emulator accepts, and the instructions in it:
+# each sits in a device function whose emulator body (GPUBACKPROP_EMULATOR) is the twin in
+# ptx_twins.h, so g++ never sees the asm.
+PTX_TWINS_HEADER = "ptx_twins.cuh"
+PTX_TWINS = frozenset(
+    {
+        "cvt.rn.bf16x2.f32",
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32",
+        "ldmatrix.sync.aligned.m8n8.x4.shared.b16",
+        "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16",
+        "cp.async.cg.shared.global",
+        "cp.async.commit_group",
+        "cp.async.wait_group",
+    }
+)
+
+
+def ptx_instruction(code: str, position: int) -> str:
+    """The first PTX instruction (opcode and modifiers) of the asm template that starts after
+    ``position`` in ``code`` (comments blanked, strings kept); "" if there is no string."""
+    string = _TEMPLATE.match(code, position)
+    if string is None:
+        return ""
+    words = string.group(1).replace("\\n", " ").replace("\\t", " ").split()
+    return words[0].rstrip(";") if words else ""
 
 
 def check_supported(text: str, label: str) -> None:
-    """Refuse what the emulator would run differently from a GPU, naming file and line."""
-    code = strip_comments(text, keep_strings=False)
-    match = _ASM.search(code)
-    if match:
+    """Refuse what the emulator would run differently from a GPU, naming file and line: inline
+    PTX, except the instructions of PTX_TWINS in kernels/ptx_twins.cuh."""
+    code = strip_comments(text, keep_strings=True)
+    for match in _ASM.finditer(strip_comments(text, keep_strings=False)):
         file, line = origin(text, match.start(), label)
+        instruction = ptx_instruction(code, match.end())
+        if file == PTX_TWINS_HEADER and instruction in PTX_TWINS:
+            continue
         snippet = text[match.start() : text.find("\n", match.start())].strip()
         raise EmuUnsupportedError(
-            f"{file}:{line}: inline PTX assembly ({snippet[:60]!r}) cannot run on the CPU "
-            "emulator; give the kernel a plain CUDA C++ path for it (the emulator defines "
-            "GPUBACKPROP_EMULATOR) or test this kernel on a GPU only"
+            f"{file}:{line}: inline PTX assembly ({instruction or snippet[:60]!r}) cannot run "
+            "on the CPU emulator; give the kernel a plain CUDA C++ path for it (the emulator "
+            "defines GPUBACKPROP_EMULATOR), use a device function of kernels/"
+            f"{PTX_TWINS_HEADER} (instructions with an emulator twin: "
+            f"{', '.join(sorted(PTX_TWINS))}), or test this kernel on a GPU only"
         )
 
 
@@ -182,6 +223,23 @@ def parse_kernels(text: str) -> list[KernelDecl]:
     return kernels
 
 
+_SOURCE_STARTS = "gbemu_kernel_source_starts_here"
+
+
+def directives_applied(cxx: str, flags: tuple[str, ...], text: str, label: str) -> str:
+    """``text`` with its preprocessor conditionals decided as the emulator's build decides
+    them (cuda_emu.h's macros, such as __CUDA_ARCH__, included), macros left unexpanded: the
+    kernels a source defines under #if (gemm.cu's GEMM_TILED, say) are then found exactly
+    when the compiler sees them, as NVRTC does on a GPU."""
+    language = [f for f in flags if f.startswith(("-std", "-D", "-U"))]
+    source = f'#include "cuda_emu.h"\n{_SOURCE_STARTS}\n{text}'
+    command = [cxx, *language, *include_flags(), "-E", "-fdirectives-only", "-x", "c++", "-"]
+    result = subprocess.run(command, input=source, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise EmuCompileError(_compile_message(label, result.stderr, command))
+    return result.stdout[result.stdout.rfind(_SOURCE_STARTS) + len(_SOURCE_STARTS) :]
+
+
 def translation_unit(text: str, label: str, kernels: list[KernelDecl]) -> str:
     parts = ['#include "cuda_emu.h"', f'#line 1 "{label}"', text, f'#line 1 "{TRAMPOLINE_LABEL}"']
     for kernel in kernels:
@@ -203,7 +261,9 @@ def translation_unit(text: str, label: str, kernels: list[KernelDecl]) -> str:
 
 @functools.cache
 def _header_text() -> str:
-    return "".join((HERE / name).read_text() for name in HEADERS)
+    """Every emulator header, in a fixed order: part of the cache key."""
+    paths = [HERE / name for name in HEADERS] + sorted(INCLUDE_DIR.rglob("*.h"))
+    return "".join(f"{path.relative_to(HERE)}\0{path.read_text()}" for path in paths)
 
 
 def build(text: str, label: str) -> tuple[Path, list[KernelDecl]]:
@@ -213,13 +273,13 @@ def build(text: str, label: str) -> tuple[Path, list[KernelDecl]]:
     Raises EmuUnsupportedError for inline PTX and EmuCompileError with g++'s diagnostics.
     """
     check_supported(text, label)
-    kernels = parse_kernels(text)
     cxx = find_compiler()
     if cxx is None:
         raise EmuCompileError(
             "no C++ compiler found (set CXX or GPUBACKPROP_EMU_CXX, or install g++)"
         )
     flags = compile_flags()
+    kernels = parse_kernels(directives_applied(cxx, flags, text, label))
     unit = translation_unit(text, label, kernels)
     digest = hashlib.sha256()
     for part in (unit, _header_text(), " ".join(flags), compiler_identity(cxx)):
@@ -236,7 +296,7 @@ def build(text: str, label: str) -> tuple[Path, list[KernelDecl]]:
     source.write_text(unit)
     handle, temporary = tempfile.mkstemp(suffix=".so.tmp", dir=directory)
     os.close(handle)
-    command = [cxx, *flags, f"-I{HERE}", str(source), "-o", temporary]
+    command = [cxx, *flags, *include_flags(), str(source), "-o", temporary]
     result = subprocess.run(command, capture_output=True, text=True)
     stats["compiles"] += 1
     if result.returncode != 0:

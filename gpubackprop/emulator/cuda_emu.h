@@ -16,9 +16,9 @@
 //
 // __CUDA_ARCH__ is defined (GBEMU_CUDA_ARCH, default 800): every kernel source is device code,
 // and code guarded by it must take the device path here as it does under NVRTC.  Inline PTX
-// (asm) is refused before compiling (launch.py names the file and line); anything else this
-// header does not provide (textures, cooperative groups, half precision) is a compile error,
-// never a silently different path.
+// (asm) is refused before compiling (compiler.py names the file and line); anything else this
+// header and the emulator's CUDA headers (include/: cuda_fp16.h, cuda_bf16.h) do not provide
+// (textures, ...) is a compile error, never a silently different path.
 #ifndef GBEMU_CUDA_EMU_H
 #define GBEMU_CUDA_EMU_H
 
@@ -309,6 +309,7 @@ GBEMU_ATOMIC_CAS(unsigned short)
 #undef GBEMU_ATOMIC_CAS
 
 #include "cuda_emu_runtime.h"
+#include "ptx_twins.h"  // the emulator bodies of kernels/ptx_twins.cuh
 
 // ---- barriers, warp exchange and dynamic shared memory (implemented in the runtime) ------
 static inline void __syncthreads() { gbemu::block_barrier(0, 0); }

@@ -132,6 +132,7 @@ struct State {
     char message[2048];
     void (*body)(void*) = nullptr;
     void* body_context = nullptr;
+    unsigned long long block_serial = 0;  // counts blocks run, for per-block state (ptx_twins.h)
 #if GBEMU_ASM_SWITCH
     void* scheduler_sp = nullptr;
 #else
@@ -670,6 +671,7 @@ __attribute__((noinline)) static int run_blocks(const long long* dims, long long
         for (unsigned int by = 0; by < grid_y; ++by)
             for (unsigned int bx = 0; bx < grid_x; ++bx) {
                 blockIdx = make_uint3(bx, by, bz);
+                ++g.block_serial;
                 // Shared memory is uninitialised on a GPU: NaN bytes make a read-before-write
                 // visible in the result (and the guard-check run's 0x7F bytes one that fmaxf
                 // would hide).
@@ -735,10 +737,18 @@ static int launch(void (*kernel)(A...), const long long* dims, long long shared_
 // Parameter types as the compiler sees them (real_t and typedefs resolved), for the checks in
 // launch.py: "p" pointer or "s" scalar, "c" const pointee or "m" mutable, then a NumPy-like
 // code: f4 f8 i4 i8 u4 ... b1 (bool), v0 (void), x<size> (a struct).
+// A type whose code is not derived from its kind: specialised by the emulator's cuda_fp16.h
+// ("f2", NumPy's float16) and cuda_bf16.h ("bf2").
+template <class T> struct type_code {
+    static constexpr const char* value = nullptr;
+};
+
 template <class T> static void append_type_code(char* out, size_t size) {
     typedef typename std::remove_cv<T>::type U;
     char code[32];
-    if constexpr (std::is_same<U, bool>::value) {
+    if constexpr (type_code<U>::value != nullptr) {
+        snprintf(code, sizeof(code), "%s", type_code<U>::value);
+    } else if constexpr (std::is_same<U, bool>::value) {
         snprintf(code, sizeof(code), "b1");
     } else if constexpr (std::is_floating_point<U>::value) {
         snprintf(code, sizeof(code), "f%zu", sizeof(U));

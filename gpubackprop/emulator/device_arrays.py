@@ -52,6 +52,15 @@ class DeviceArray(NDArrayOperatorsMixin):
         """A NumPy copy (cupy.ndarray.get)."""
         return self._host.copy()
 
+    def __dlpack__(self, **kwargs: Any) -> Any:
+        """DLPack export, as cupy.ndarray has (``torch.from_dlpack(a)`` shares the memory).  The
+        emulated device's memory is host memory, so the capsule says CPU where CuPy's says CUDA;
+        the consumer gets the same elements without a copy either way."""
+        return self._host.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return self._host.__dlpack_device__()
+
     @property
     def data(self) -> SimpleNamespace:
         return SimpleNamespace(ptr=self._host.ctypes.data)

@@ -69,6 +69,7 @@ SCALAR_TYPES = {
     "i8": np.int64,
     "u8": np.uint64,
     "b1": np.bool_,
+    "f2": np.float16,  # __half (cuda_fp16.h)
 }
 _C_NAMES = {
     "f4": "float",
@@ -83,7 +84,12 @@ _C_NAMES = {
     "u8": "unsigned long long",
     "b1": "bool",
     "v0": "void",
+    "f2": "__half",
+    "bf2": "__nv_bfloat16",
 }
+# dtypes an array may have for a pointer to __nv_bfloat16: its bit patterns, or a bfloat16 dtype
+# (ml_dtypes, as JAX uses).
+BFLOAT16_DTYPE_NAMES = ("uint16", "int16", "bfloat16")
 
 
 class EmuLaunchError(RuntimeError):
@@ -97,7 +103,7 @@ class Param:
     name: str
     pointer: bool
     const: bool
-    code: str  # f4, i8, ..., v0 (void), x<size> (struct)
+    code: str  # f4, i8, ..., f2 (__half), bf2 (__nv_bfloat16), v0 (void), x<size> (struct)
 
     @property
     def c_type(self) -> str:
@@ -372,7 +378,14 @@ def _check_pointer(where: str, param: Param, value: Any) -> np.ndarray:
     code = f"{value.dtype.kind}{value.dtype.itemsize}"
     if value.dtype.kind not in "fiub":
         code = f"x{value.dtype.itemsize}"
-    if param.code not in ("v0", code) and not param.code.startswith("x"):
+    if param.code == "bf2":
+        if value.dtype.itemsize != 2 or value.dtype.name not in BFLOAT16_DTYPE_NAMES:
+            raise TypeError(
+                f"{where}: parameter {param.name!r} is {param.c_type}, got an array of dtype "
+                f"{value.dtype}; pass the bfloat16 bit patterns as a uint16 array (or an "
+                "ml_dtypes.bfloat16 array)"
+            )
+    elif param.code not in ("v0", code) and not param.code.startswith("x"):
         raise TypeError(
             f"{where}: parameter {param.name!r} is {param.c_type}, got an array of dtype "
             f"{value.dtype} ({_C_NAMES.get(code, code)} elements)"
