@@ -140,6 +140,28 @@ class StandardizeStep(Step):
         return self.backend.standardize_backward(dout, self.std)
 
 
+@dataclass(eq=False)
+class UnsupportedStep(Step):
+    """A layer the plan cannot run (a Layer subclass of the user's own).  The model can still
+    be placed, saved or exported (the exporters say what they support); running it says why
+    it cannot."""
+
+    backend: Any = field(repr=False)
+    layer: Layer
+
+    def _refuse(self):
+        raise TypeError(
+            f"layer {self.layer!r} has no execution step; the plan runs Dense, Standardize, "
+            "the activations, Residual and Sequential"
+        )
+
+    def forward(self, x):
+        self._refuse()
+
+    def backward(self, dout, need_dinp: bool = True):
+        self._refuse()
+
+
 def _inline_containers(layers: list[Layer]) -> list[Layer]:
     """``layers`` with every container that is not a Residual replaced by its own layers,
     recursively: a nested Sequential is the same computation as its layers in its place."""
@@ -180,10 +202,7 @@ def build_steps(layers: list[Layer], backend, dtype) -> list[Step]:
                 )
             )
         else:
-            raise TypeError(
-                f"layer {layer!r} has no execution step; the plan runs Dense, Standardize, "
-                "the activations, Residual and Sequential"
-            )
+            steps.append(UnsupportedStep(backend, layer))
         i += 1
     return steps
 

@@ -218,10 +218,10 @@ def test_plan_steps_for_every_layer_kind():
     assert isinstance(inner, DenseStep) and inner.activation == "sigmoid"
 
 
-def test_a_foreign_layer_is_refused_when_the_plan_is_built():
+def test_a_foreign_layer_is_refused_when_the_model_runs():
     class Custom(gb.Dense.__mro__[1]):  # a Layer the plan cannot run
         pass
 
-    model = gb.Sequential(gb.Dense(2, 2), Custom())
-    with pytest.raises(TypeError, match="has no execution step"):
-        model.to("numpy")
+    model = gb.Sequential(gb.Dense(2, 2), Custom()).to("numpy")
+    with pytest.raises(TypeError, match=r"layer Custom\(\) has no execution step"):
+        model.forward(np.zeros((1, 2)))
