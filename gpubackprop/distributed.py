@@ -272,7 +272,8 @@ class NcclTransport:
         self.cupy = cupy
         self.nccl = nccl
         unique_id = nccl.get_unique_id() if group.rank == 0 else None
-        unique_id = group.comm.bcast(unique_id, root=0)
+        if group.size > 1:  # a one-rank group (a test, a benchmark) needs no MPI
+            unique_id = group.comm.bcast(unique_id, root=0)
         self.comm = nccl.NcclCommunicator(group.size, unique_id, group.rank)
         self.datatypes = {
             np.dtype(np.float32): nccl.NCCL_FLOAT32,

@@ -95,7 +95,11 @@ class EmulatedCupy:
     ndarray = DeviceArray
     RawModule = _RawModule
     ElementwiseKernel = _ElementwiseKernel
-    cuda = SimpleNamespace(Device=lambda: SimpleNamespace(id=0))
+    # The emulator runs each launch to completion, so the stream has nothing left to wait for.
+    cuda = SimpleNamespace(
+        Device=lambda: SimpleNamespace(id=0),
+        get_current_stream=lambda: SimpleNamespace(synchronize=lambda: None),
+    )
 
     def __getattr__(self, name):
         return getattr(device_xp, name)
@@ -158,9 +162,9 @@ def test_seam_wraps_an_elementwise_compile_error():
     import dataclasses
 
     from gpubackprop.backends.cupy_backend import CupySeam
-    from gpubackprop.backends.kernel_backend import ELEMENTWISE_SPECS
+    from gpubackprop.backends.elementwise import elementwise_specs
 
-    spec = dataclasses.replace(ELEMENTWISE_SPECS[0], operation="y = undefined_name;")
+    spec = dataclasses.replace(elementwise_specs()[0], operation="y = undefined_name;")
     kernel = CupySeam(EmulatedCupy()).elementwise(spec, np.float32)
     x = device_xp.asarray(np.ones(4, np.float32))
     with pytest.raises(kernels.KernelCompileError, match=f"ElementwiseKernel {spec.name}"):
@@ -204,12 +208,12 @@ def test_seam_says_what_to_install_without_the_cuda_toolkit(monkeypatch, failure
 
 def test_elementwise_says_what_to_install_without_the_cuda_toolkit(monkeypatch):
     from gpubackprop.backends.cupy_backend import CupySeam
-    from gpubackprop.backends.kernel_backend import ELEMENTWISE_SPECS
+    from gpubackprop.backends.elementwise import elementwise_specs
 
     def fail(self, *args, **kwargs):
         raise RuntimeError("Failed to find CUDA headers")
 
-    kernel = CupySeam(EmulatedCupy()).elementwise(ELEMENTWISE_SPECS[0], np.float32)
+    kernel = CupySeam(EmulatedCupy()).elementwise(elementwise_specs()[0], np.float32)
     monkeypatch.setattr(type(kernel.kernel), "__call__", fail)
     with pytest.raises(kernels.KernelCompileError, match=r"cupy-cuda13x\[ctk\]"):
         kernel(device_xp.asarray(np.ones(4, np.float32)))

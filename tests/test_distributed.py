@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -305,7 +306,43 @@ def test_cli_train_distributed_matches_one_process(tmp_path):
         np.testing.assert_allclose(distributed[key], single[key], rtol=RTOL, err_msg=key)
 
 
+def test_bench_data_parallel_row():
+    """`gpubackprop bench` row: 1- and 2-rank step times, the all-reduce time and the scaling
+    efficiency, with the 2-rank parameters checked against the 1-rank ones."""
+    _mpiexec()
+    from gpubackprop import benchmarks as bench
+    from gpubackprop.benchmarks.report import format_table
+
+    config = bench.BenchConfig(
+        backends=["numpy"], preset="tiny", only=("data_parallel",), verbose=False, torch=False
+    )
+    record = bench.run_benchmarks(config)
+    (row,) = record["results"]
+    assert row["name"] == "data_parallel.step" and row["status"] == "ok", row["reason"]
+    assert row["max_rel_error"] <= row["rtol"]
+    assert row["median_s"] == row["step_s_by_ranks"]["2"] > 0
+    assert row["step_s_by_ranks"]["1"] > 0 and 0 < row["allreduce_s"]
+    expected = row["step_s_by_ranks"]["1"] / (2 * row["step_s_by_ranks"]["2"])
+    assert row["scaling_efficiency"] == pytest.approx(expected)
+    model = gb.Sequential(gb.Dense(64, 512), gb.Dense(512, 256), gb.Dense(256, 10)).to("numpy")
+    assert row["flat_elements"] == model.store.size
+    assert "scaling efficiency" in format_table(record)
+
+
 # -- single-process tests -------------------------------------------------------------------------
+
+
+def test_docs_example_runs_on_one_rank(tmp_path, monkeypatch):
+    """docs/distributed.md's script, as written, in this process (an MPI job of one rank)."""
+    pytest.importorskip("mpi4py")
+    page = (ROOT / "docs" / "distributed.md").read_text(encoding="utf-8")
+    (block,) = re.findall(r"```python\n(.*?)```", page, re.S)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GPUBACKPROP_BACKEND", "numpy")
+    namespace: dict = {}
+    exec(compile(block, "docs/distributed.md", "exec"), namespace)
+    assert namespace["history"]["accuracy"][-1] > 0.9
+    assert (tmp_path / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4, 7])
@@ -383,10 +420,8 @@ def test_nccl_one_rank_allreduce_and_broadcast_on_the_gpu():
         pytest.skip(f"backend 'cupy' is unavailable here: {reason}")
     import cupy
 
-    pytest.importorskip("mpi4py")
-    group = dist.init()
-    if group.size != 1:
-        pytest.skip("run this test in a one-rank job")
+    # a one-rank group needs no MPI (the GPU machine may lack the mpi extra)
+    group = dist.ProcessGroup(comm=None, rank=0, size=1, local_rank=0, local_size=1)
     transport = dist.NcclTransport(group)
     for dtype in (np.float32, np.float64):
         host = np.random.default_rng(0).standard_normal(1000 * 64 + 17).astype(dtype)

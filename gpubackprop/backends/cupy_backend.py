@@ -106,9 +106,10 @@ class CupySeam:
 
     name = "cupy"
 
-    def __init__(self, cupy: Any) -> None:
+    def __init__(self, cupy: Any, device_name: str = "") -> None:
         self.cupy = cupy
         self.xp = cupy
+        self._device_name = device_name
         self._modules: dict[tuple[str, int], _Module] = {}
         self._elementwise: dict[tuple[str, str, int], Any] = {}
 
@@ -160,6 +161,12 @@ class CupySeam:
                 f"{name} is on GPU {array.device.id} but the kernels run on GPU {current}; "
                 f"copy it there first (with cupy.cuda.Device({current}): cupy.asarray(...))"
             )
+
+    def synchronize(self) -> None:
+        self.cupy.cuda.get_current_stream().synchronize()
+
+    def device_name(self) -> str:
+        return self._device_name
 
     def elementwise(self, spec: ElementwiseSpec, dtype: Any):
         key = (spec.name, np.dtype(dtype).str, self._device())
@@ -244,15 +251,10 @@ class CupyBackend(KernelBackend):
             self.reason = f"CUDA initialisation failed: {type(error).__name__}: {error}"
             return
         name = props.get("name", b"")
-        self._device_name = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
-        super().__init__(CupySeam(cupy), gemm_version=gemm_version, gemm_tiles=gemm_tiles)
+        name = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+        super().__init__(CupySeam(cupy, name), gemm_version=gemm_version, gemm_tiles=gemm_tiles)
         self.available = True
 
     def synchronize(self) -> None:
-        if self.xp is not None:
-            self.xp.cuda.get_current_stream().synchronize()
-
-    def device_name(self) -> str:
-        if not self.available:
-            return f"unavailable ({self.reason})"
-        return self._device_name
+        if self.seam is not None:
+            self.seam.synchronize()

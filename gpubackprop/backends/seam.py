@@ -34,6 +34,8 @@ class CompiledModule(Protocol):
 
 
 class DeviceSeam(Protocol):
+    """Everything a launcher (kernel_backend.py, operands.py) calls on a device."""
+
     name: str
     xp: Any  # array module whose arrays the seam accepts (numpy for emu, cupy for cupy)
 
@@ -59,6 +61,19 @@ class DeviceSeam(Protocol):
         element no kernel wrote is caught after the launch."""
         ...
 
-    def elementwise(self, spec: ElementwiseSpec, dtype: Any):
+    def elementwise(self, spec: ElementwiseSpec, dtype: Any) -> Any:
         """Return a callable ``f(*inputs, *outputs)`` running spec over same-size arrays."""
+        ...
+
+    def check_device(self, name: str, array: Any) -> None:
+        """Raise ValueError naming ``name`` when ``array`` (of kind xp.ndarray) lives on
+        another device than the one kernels launch on."""
+        ...
+
+    def synchronize(self) -> None:
+        """Block until all queued work has finished."""
+        ...
+
+    def device_name(self) -> str:
+        """The device kernels run on, in words (for `gpubackprop info` and benchmark records)."""
         ...

@@ -13,6 +13,7 @@ kernels do.
 from __future__ import annotations
 
 import hashlib
+import platform
 from typing import Any
 
 import numpy as np
@@ -72,6 +73,24 @@ class EmuSeam:
         """The NumPy memory behind each DeviceArray argument.  With device arrays a NumPy array
         is refused, as CuPy refuses host memory in a kernel launch."""
         return to_host_memory(tuple(args), where) if self.device_arrays else tuple(args)
+
+    def check_device(self, name: str, array: Any) -> None:
+        """One emulated device: every array of the seam's kind is on it."""
+
+    def synchronize(self) -> None:
+        """Launches run to completion before they return."""
+
+    def device_name(self) -> str:
+        compiler_path = compiler.find_compiler()
+        try:
+            identity = compiler.compiler_identity(compiler_path)
+        except Exception as error:  # a compiler that cannot report its version still names it
+            identity = f"{compiler_path} ({type(error).__name__})"
+        ucontext = "-DGBEMU_USE_UCONTEXT" in compiler.compile_flags()
+        x86 = platform.machine() in ("x86_64", "AMD64")
+        switch = "x86-64 context switch" if x86 and not ucontext else "ucontext"
+        arrays = "; CuPy-like device arrays" if self.device_arrays else ""
+        return f"CPU emulator ({identity}; fibers: {switch}{arrays})"
 
     def empty(self, shape: tuple[int, ...], dtype: Any) -> Any:
         """An array filled with the poison pattern (a signalling NaN with payload 0xA5...)."""
