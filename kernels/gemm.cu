@@ -16,6 +16,9 @@
 //             where the launcher found the operand 16-byte aligned with a leading dimension
 //             that is a multiple of 4 (flags vec_*), guarded scalar loads elsewhere.  Any
 //             M, N, K ≥ 0 (edges zero-filled; K = 0 gives Y = f(b)).
+//   *_act     dense_backward_weight_act / dense_backward_data_act: the tiled backward GEMMs
+//             taking ∂L/∂y and the saved y or z, forming δ = ∂L/∂y ⊙ f' as they load it; the
+//             weight one also gives the bias gradient (the library's dense backward: 2 launches).
 //   *_splitk  dense_forward_splitk / dense_backward_data_splitk / dense_backward_weight_splitk:
 //             the tiled version over one slice of the inner dimension per blockIdx.z into a
 //             partial buffer, then gemm_splitk_reduce adds the slices in a fixed order and
@@ -115,10 +118,17 @@ struct GemmChunks {
 
 // Global → registers: the slice starting at (r0, p0) of an operand with `rows` × `inner`
 // logical elements.
-template <int LAYOUT, int TILE_R, int TILE_P, int THREADS>
+// With ACT the operand is δ = a ⊙ f'(act.saved), formed here (act.saved read at a's offsets).
+struct GemmAct {
+    const real_t* saved;
+    int code;
+    real_t alpha;
+};
+
+template <int LAYOUT, int TILE_R, int TILE_P, int THREADS, bool ACT = false>
 __device__ __forceinline__ void gemm_fetch(const real_t* __restrict__ a, long long ld, int rows,
                                            int inner, int r0, int p0, int vec,
-                                           real_t regs[][4]) {
+                                           real_t regs[][4], GemmAct act = GemmAct{}) {
     typedef GemmChunks<TILE_R, TILE_P, THREADS> Chunks;
 #pragma unroll
     for (int s = 0; s < Chunks::per_thread; ++s) {
@@ -138,6 +148,13 @@ __device__ __forceinline__ void gemm_fetch(const real_t* __restrict__ a, long lo
             offset = (long long)(p0 + p) * ld + (r0 + r);
         }
         gb_load4(valid > 0 ? a + offset : a, valid, vec, regs[s]);
+        if (ACT) {  // δ = ∂L/∂y ⊙ f'(saved), exactly as the elementwise backward computes it
+            real_t saved[4];
+            gb_load4(valid > 0 ? act.saved + offset : act.saved, valid, vec, saved);
+#pragma unroll
+            for (int q = 0; q < 4; ++q)
+                regs[s][q] = regs[s][q] * act_derivative(act.code, saved[q], act.alpha);
+        }
     }
 }
 
@@ -170,11 +187,16 @@ __device__ __forceinline__ void gemm_stash(real_t* smem, real_t regs[][4]) {
 // (ROWS, COLS) and where in a slice row the thread's rows and columns lie: row i (a multiple of
 // 4) starts at row_base() + row_offset(i), columns likewise — the only difference between the
 // tiled and the warp-tiled version.
-template <int LAYOUT_A, int LAYOUT_B, class Shape>
+// With ACT_A the A operand is δ = a ⊙ f'(act.saved) (gemm_fetch); with ROW_SUMS and
+// want_sums, row_sums[i] += Σ_p A(row(i), p) as well (a bias gradient, summed in p order).
+template <int LAYOUT_A, int LAYOUT_B, class Shape, bool ACT_A = false, bool ROW_SUMS = false>
 __device__ __forceinline__ void gemm_mainloop(const real_t* __restrict__ a, long long lda,
                                               int vec_a, const real_t* __restrict__ b,
                                               long long ldb, int vec_b, int rows, int cols,
-                                              int inner, real_t acc[Shape::ROWS][Shape::COLS]) {
+                                              int inner, real_t acc[Shape::ROWS][Shape::COLS],
+                                              GemmAct act = GemmAct{},
+                                              real_t* row_sums = nullptr,
+                                              bool want_sums = false) {
     constexpr int BM = Shape::BM, BN = Shape::BN, BK = Shape::BK, THREADS = Shape::THREADS;
     constexpr int STRIDE_A = gemm_smem_stride(BM), STRIDE_B = gemm_smem_stride(BN);
     __shared__ __align__(16) real_t smem_a[2][BK * STRIDE_A];
@@ -188,7 +210,7 @@ __device__ __forceinline__ void gemm_mainloop(const real_t* __restrict__ a, long
 
     real_t regs_a[GemmChunks<BM, BK, THREADS>::per_thread][4];
     real_t regs_b[GemmChunks<BN, BK, THREADS>::per_thread][4];
-    gemm_fetch<LAYOUT_A, BM, BK, THREADS>(a, lda, rows, inner, r0, 0, vec_a, regs_a);
+    gemm_fetch<LAYOUT_A, BM, BK, THREADS, ACT_A>(a, lda, rows, inner, r0, 0, vec_a, regs_a, act);
     gemm_fetch<LAYOUT_B, BN, BK, THREADS>(b, ldb, cols, inner, c0, 0, vec_b, regs_b);
     gemm_stash<LAYOUT_A, BM, BK, THREADS>(smem_a[0], regs_a);
     gemm_stash<LAYOUT_B, BN, BK, THREADS>(smem_b[0], regs_b);
@@ -198,7 +220,8 @@ __device__ __forceinline__ void gemm_mainloop(const real_t* __restrict__ a, long
     for (int p0 = 0; p0 < inner; p0 += BK) {
         const bool more = p0 + BK < inner;
         if (more) {  // in flight while this slice is multiplied
-            gemm_fetch<LAYOUT_A, BM, BK, THREADS>(a, lda, rows, inner, r0, p0 + BK, vec_a, regs_a);
+            gemm_fetch<LAYOUT_A, BM, BK, THREADS, ACT_A>(a, lda, rows, inner, r0, p0 + BK, vec_a,
+                                                         regs_a, act);
             gemm_fetch<LAYOUT_B, BN, BK, THREADS>(b, ldb, cols, inner, c0, p0 + BK, vec_b, regs_b);
         }
         const real_t* sa = smem_a[buffer] + Shape::row_base();
@@ -212,6 +235,10 @@ __device__ __forceinline__ void gemm_mainloop(const real_t* __restrict__ a, long
 #pragma unroll
             for (int j = 0; j < Shape::COLS; j += 4)
                 gb_ld4_aligned(sb + p * STRIDE_B + Shape::col_offset(j), fb + j);
+            if (ROW_SUMS && want_sums) {
+#pragma unroll
+                for (int i = 0; i < Shape::ROWS; ++i) row_sums[i] += fa[i];
+            }
 #pragma unroll
             for (int i = 0; i < Shape::ROWS; ++i)
 #pragma unroll
@@ -303,6 +330,49 @@ dense_backward_weight(const real_t* __restrict__ delta, const real_t* __restrict
     real_t acc[MICRO_M][MICRO_N];
     gemm_mainloop<LAYOUT_OUTER, LAYOUT_OUTER, TiledShape>(delta, N, vec_delta, x, K, vec_x, N, K, M, acc);
     gemm_store(dw, N, K, acc);
+}
+
+// ---- the backward GEMMs with δ formed on load (tiled version) ---------------------------------
+//
+// δ = ∂L/∂y ⊙ f'(saved) is computed as each slice of ∂L/∂y is fetched (gemm_fetch's ACT), so
+// a layer's backward needs no elementwise pass, and the bias gradient Σ_m δ comes out of the
+// dW GEMM: its A operand is δᵀ, whose row sums the blocks of column tile 0 accumulate as they
+// multiply (in the inner dimension's order: deterministic).  A dense backward is then two
+// launches.  vec_delta is 1 only when ∂L/∂y and saved both allow 16-byte loads.
+
+// dW (N,K) = δᵀ X and, with has_bias, db (N) = Σ_m δ.  grid (⌈N/TILE_M⌉, ⌈K/TILE_N⌉), K ≥ 1.
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS)
+dense_backward_weight_act(const real_t* __restrict__ dout, const real_t* __restrict__ saved,
+                          const real_t* __restrict__ x, real_t* __restrict__ dw,
+                          real_t* __restrict__ db, int M, int N, int K, int act_code,
+                          real_t alpha, int has_bias, int vec_delta, int vec_x) {
+    real_t acc[MICRO_M][MICRO_N];
+    real_t sums[MICRO_M];
+#pragma unroll
+    for (int i = 0; i < MICRO_M; ++i) sums[i] = (real_t)0;
+    const bool want_sums = has_bias && blockIdx.y == 0;
+    gemm_mainloop<LAYOUT_OUTER, LAYOUT_OUTER, TiledShape, true, true>(
+        dout, N, vec_delta, x, K, vec_x, N, K, M, acc, GemmAct{saved, act_code, alpha}, sums,
+        want_sums);
+    gemm_store(dw, N, K, acc);
+    if (want_sums && TiledShape::col_base() == 0) {  // one thread per row of the tile
+#pragma unroll
+        for (int i = 0; i < MICRO_M; ++i) {
+            const int r = gemm_row(i);
+            if (r < N) db[r] = sums[i];
+        }
+    }
+}
+
+// dX (M,K) = δ (M,N) · W (N,K).  grid (⌈M/TILE_M⌉, ⌈K/TILE_N⌉).
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS)
+dense_backward_data_act(const real_t* __restrict__ dout, const real_t* __restrict__ saved,
+                        const real_t* __restrict__ w, real_t* __restrict__ dx, int M, int N,
+                        int K, int act_code, real_t alpha, int vec_delta, int vec_w) {
+    real_t acc[MICRO_M][MICRO_N];
+    gemm_mainloop<LAYOUT_INNER, LAYOUT_OUTER, TiledShape, true>(
+        dout, N, vec_delta, w, K, vec_w, M, K, N, acc, GemmAct{saved, act_code, alpha});
+    gemm_store(dx, M, K, acc);
 }
 
 // ---- deterministic split-K (tiled version) ----------------------------------------------------

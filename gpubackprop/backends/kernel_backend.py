@@ -209,9 +209,7 @@ class KernelBackend(Backend):
         self._output("dweight", dweight, dtype, (n, k))
         if dbias is not None:
             self._output("dbias", dbias, dtype, (n,))
-        if activation == "identity":
-            delta = dout
-        else:
+        if activation != "identity":
             if saved is None:
                 raise ValueError(
                     f"saved=None is not accepted for activation={activation!r}; "
@@ -219,6 +217,13 @@ class KernelBackend(Backend):
                 )
             saved = self._float_operand("saved", saved, dtype)
             same_shape("saved", saved, (m, n))
+        if self._fused_backward(m, n, k, dtype):
+            return self._dense_backward_act(
+                dout, x, weight, saved, activation, alpha, dweight, dbias, need_dinp
+            )
+        if activation == "identity":
+            delta = dout
+        else:
             delta = self.activation_backward(dout, saved, activation, alpha)
         self._gemm_backward_weight(delta, x, dweight, m, n, k)
         if dbias is not None:
@@ -276,6 +281,48 @@ class KernelBackend(Backend):
         if launch.takes_vector_flags:
             args = (*args, *vec_flags)
         self._launch(module, launch.kernel, launch.grid, launch.block, args)
+
+    def _fused_backward(self, m: int, n: int, k: int, dtype: np.dtype) -> bool:
+        """True when the backward runs as gemm.cu's *_act kernels (δ formed on load, db from
+        the dW GEMM): the tiled version, with both GEMMs unsplit."""
+        if self.gemm.version != "tiled" or not (n and k):
+            return False
+        kind, sms = real_type(dtype), self._multiprocessors()
+        weight = self.gemm.plan("dense_backward_weight", kind, n, k, m, sms)
+        data = self.gemm.plan("dense_backward_data", kind, m, k, n, sms)
+        return weight.splits == 1 and data.splits == 1
+
+    def _dense_backward_act(
+        self, dout, x, weight, saved, activation, alpha, dweight, dbias, need_dinp
+    ):
+        """dW = δᵀx with db = Σ_rows δ in one launch, dX = δW in another, δ = dout ⊙ f'(saved)
+        formed as the GEMMs load it (gemm.cu: dense_backward_weight_act, _data_act)."""
+        m, n = dout.shape
+        k = x.shape[1]
+        dtype = dout.dtype
+        kind, sms = real_type(dtype), self._multiprocessors()
+        code = np.int32(check_activation(activation))
+        saved = dout if saved is None else saved  # identity: f' = 1, saved unread in effect
+        real_alpha = dtype.type(alpha)
+        vec_delta = operands.vec4_flag(dout, n) & operands.vec4_flag(saved, n)
+        plan = self.gemm.plan("dense_backward_weight", kind, n, k, m, sms)
+        args = (dout, saved, x, dweight, dbias if dbias is not None else dweight)
+        args += (np.int32(m), np.int32(n), np.int32(k), code, real_alpha)
+        args += (np.int32(dbias is not None), vec_delta, operands.vec4_flag(x, k))
+        module = self._gemm_module(dtype, plan.variant)
+        grid, block = plan.launch.grid, plan.launch.block
+        self._launch(module, "dense_backward_weight_act", grid, block, args)
+        if not need_dinp:
+            return None
+        dinp = self.empty((m, k), dtype)
+        if m:
+            plan = self.gemm.plan("dense_backward_data", kind, m, k, n, sms)
+            args = (dout, saved, weight, dinp, np.int32(m), np.int32(n), np.int32(k), code)
+            args += (real_alpha, vec_delta, operands.vec4_flag(weight, k))
+            module = self._gemm_module(dtype, plan.variant)
+            grid, block = plan.launch.grid, plan.launch.block
+            self._launch(module, "dense_backward_data_act", grid, block, args)
+        return dinp
 
     def _dims(self, kernel: str, shape: tuple[int, int, int]) -> tuple:
         """(M, N, K) as the kernel takes them, from the output (rows, cols) and inner size."""
