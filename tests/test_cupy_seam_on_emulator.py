@@ -99,7 +99,7 @@ class EmulatedCupy:
     ElementwiseKernel = _ElementwiseKernel
     # The emulator runs each launch to completion, so the stream has nothing left to wait for.
     cuda = SimpleNamespace(
-        Device=lambda: SimpleNamespace(id=0),
+        Device=lambda: SimpleNamespace(id=0, attributes={"MultiProcessorCount": 132}),
         get_current_stream=lambda: SimpleNamespace(synchronize=lambda: None),
     )
 
