@@ -86,6 +86,7 @@ class KernelBackend(Backend):
         # launch looks its kernel up by these two alone, without rebuilding defines or source
         # keys (that cost microseconds per launch).  The seam caches compiles per source text.
         self._kernels: dict[tuple[str, str], Any] = {}
+        self._dims_made: dict[tuple, tuple] = {}
 
     @property
     def gemm_version(self) -> str:
@@ -217,9 +218,10 @@ class KernelBackend(Backend):
                 )
             saved = self._float_operand("saved", saved, dtype)
             same_shape("saved", saved, (m, n))
-        if self._fused_backward(m, n, k, dtype):
+        plans = self._fused_backward(m, n, k, dtype)
+        if plans:
             return self._dense_backward_act(
-                dout, x, weight, saved, activation, alpha, dweight, dbias, need_dinp
+                plans, dout, x, weight, saved, activation, alpha, dweight, dbias, need_dinp
             )
         if activation == "identity":
             delta = dout
@@ -282,32 +284,32 @@ class KernelBackend(Backend):
             args = (*args, *vec_flags)
         self._launch(module, launch.kernel, launch.grid, launch.block, args)
 
-    def _fused_backward(self, m: int, n: int, k: int, dtype: np.dtype) -> bool:
-        """True when the backward runs as gemm.cu's *_act kernels (δ formed on load, db from
-        the dW GEMM): the tiled version, with both GEMMs unsplit."""
+    def _fused_backward(self, m: int, n: int, k: int, dtype: np.dtype) -> tuple | None:
+        """The (dW, dX) plans when the backward runs as gemm.cu's *_act kernels (δ formed on
+        load, db from the dW GEMM): the tiled version, with both GEMMs unsplit; else None."""
         if self.gemm.version != "tiled" or not (n and k):
-            return False
+            return None
         kind, sms = real_type(dtype), self._multiprocessors()
         weight = self.gemm.plan("dense_backward_weight", kind, n, k, m, sms)
         data = self.gemm.plan("dense_backward_data", kind, m, k, n, sms)
-        return weight.splits == 1 and data.splits == 1
+        return (weight, data) if weight.splits == 1 and data.splits == 1 else None
 
     def _dense_backward_act(
-        self, dout, x, weight, saved, activation, alpha, dweight, dbias, need_dinp
+        self, plans, dout, x, weight, saved, activation, alpha, dweight, dbias, need_dinp
     ):
         """dW = δᵀx with db = Σ_rows δ in one launch, dX = δW in another, δ = dout ⊙ f'(saved)
         formed as the GEMMs load it (gemm.cu: dense_backward_weight_act, _data_act)."""
         m, n = dout.shape
         k = x.shape[1]
         dtype = dout.dtype
-        kind, sms = real_type(dtype), self._multiprocessors()
         code = np.int32(check_activation(activation))
         saved = dout if saved is None else saved  # identity: f' = 1, saved unread in effect
         real_alpha = dtype.type(alpha)
         vec_delta = operands.vec4_flag(dout, n) & operands.vec4_flag(saved, n)
-        plan = self.gemm.plan("dense_backward_weight", kind, n, k, m, sms)
+        plan = plans[0]
+        dims = self._dims("dense_forward", (m, n, k))
         args = (dout, saved, x, dweight, dbias if dbias is not None else dweight)
-        args += (np.int32(m), np.int32(n), np.int32(k), code, real_alpha)
+        args += (*dims, code, real_alpha)
         args += (np.int32(dbias is not None), vec_delta, operands.vec4_flag(x, k))
         module = self._gemm_module(dtype, plan.variant)
         grid, block = plan.launch.grid, plan.launch.block
@@ -316,8 +318,8 @@ class KernelBackend(Backend):
             return None
         dinp = self.empty((m, k), dtype)
         if m:
-            plan = self.gemm.plan("dense_backward_data", kind, m, k, n, sms)
-            args = (dout, saved, weight, dinp, np.int32(m), np.int32(n), np.int32(k), code)
+            plan = plans[1]
+            args = (dout, saved, weight, dinp, *dims, code)
             args += (real_alpha, vec_delta, operands.vec4_flag(weight, k))
             module = self._gemm_module(dtype, plan.variant)
             grid, block = plan.launch.grid, plan.launch.block
@@ -325,7 +327,15 @@ class KernelBackend(Backend):
         return dinp
 
     def _dims(self, kernel: str, shape: tuple[int, int, int]) -> tuple:
-        """(M, N, K) as the kernel takes them, from the output (rows, cols) and inner size."""
+        """(M, N, K) as the kernel takes them, from the output (rows, cols) and inner size;
+        made once per shape (a NumPy scalar costs a few hundred nanoseconds to build)."""
+        key = (kernel, shape)
+        dims = self._dims_made.get(key)
+        if dims is None:
+            dims = self._dims_made[key] = self._make_dims(kernel, shape)
+        return dims
+
+    def _make_dims(self, kernel: str, shape: tuple[int, int, int]) -> tuple:
         rows, cols, inner = shape
         if kernel == "dense_forward":
             m, n, k = rows, cols, inner

@@ -9,6 +9,7 @@ value and what is accepted.
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
 
 import numpy as np
@@ -117,6 +118,8 @@ _VEC4 = (np.int32(0), np.int32(1))  # made once: a NumPy scalar costs a microsec
 def data_address(a: Any) -> int:
     """Device (or host) address of a's first element."""
     if type(a) is np.ndarray:
+        if a.flags.writeable and a.flags.c_contiguous and a.size:
+            return ctypes.addressof(ctypes.c_char.from_buffer(a))  # cheaper than a.ctypes
         return a.ctypes.data
     data = getattr(a, "data", None)
     ptr = getattr(data, "ptr", None)
