@@ -830,9 +830,7 @@ def parity(args: argparse.Namespace) -> int:
     report = parity_report(
         backends, dtypes=tuple(args.dtype or ["float32"]), quick=not args.full, seed=args.seed
     )
-    if args.failures_only:
-        report.rows = [row for row in report.rows if not row.passed]
-    print(report.format())
+    print(report.format(failures_only=args.failures_only))
     return 0 if report.passed else 1
 
 
@@ -863,6 +861,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing what is still buffered at exit cannot raise
+    BrokenPipeError again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (the console script exits with it)."""
     parser = build_parser()
@@ -877,7 +886,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             tokens = _config_to_argv(args.config, sub_parser)
             # config first, then the user's flags: argparse keeps the last value given.
             args = parser.parse_args([args.command, *tokens, *argv[argv.index(args.command) + 1 :]])
-        return args.run(args)
+        status = args.run(args)
+        sys.stdout.flush()  # a closed pipe shows up here, not at interpreter exit
+        return status
+    except BrokenPipeError:
+        # The reader went away (`gpubackprop info | head -1`): stop quietly, as Unix tools do.
+        _silence_stdout()
+        return 0
     except (
         UsageError,
         ValueError,
