@@ -910,6 +910,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
         return 1
+    except MemoryError as error:
+        if os.environ.get("GPUBACKPROP_DEBUG"):
+            raise
+        # NumPy's message names the allocation ("Unable to allocate 1.9 TiB for an array with
+        # shape (4000000000, 64) ..."), which is the size the user asked for.
+        detail = str(error) or "an allocation failed"
+        print(
+            f"{PROG} {args.command}: error: out of memory: {detail} (smaller layer widths, "
+            "batches or data sets need less)",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
         return 130

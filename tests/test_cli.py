@@ -434,3 +434,38 @@ def test_empty_backend_variable_means_not_set(monkeypatch, capsys):
     assert get_backend().name == get_backend("auto").name
     status, _, err = _run(["train", *QUICK[:-2], "--epochs", "1"], capsys)
     assert status == 0, err
+
+
+def test_a_layer_too_large_for_memory_is_one_line(capsys):
+    # 4e9 × 64 float64 weights are about 2 TB: no machine allocates that.
+    status, _, err = _run(
+        [
+            "train",
+            "--hidden",
+            "4000000000",
+            "--epochs",
+            "1",
+            "--verbose",
+            "0",
+            "--backend",
+            "numpy",
+        ],
+        capsys,
+    )
+    assert status == 1
+    assert err.count("\n") == 1, err
+    assert err.startswith("gpubackprop train: error: out of memory") and "4000000000" in err
+
+
+def test_a_huge_npz_label_is_one_line(tmp_path, capsys):
+    path = tmp_path / "labels.npz"
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 40)
+    y[7] = 10**9  # 10⁹ + 1 classes: an output layer of 256 × (10⁹ + 1) weights, 2 TB
+    np.savez(path, x=rng.standard_normal((40, 3)), y=y)
+    status, _, err = _run(
+        ["train", "--dataset", f"npz:{path}", "--epochs", "1", "--verbose", "0"], capsys
+    )
+    assert status in (1, 2)
+    assert err.count("\n") == 1, err
+    assert "1000000001" in err
