@@ -8,6 +8,7 @@ import logging
 import os
 from typing import Any
 
+from . import distributed
 from .backends import available_backends, get_backend
 from .callbacks import Callback, EarlyStopping, History, ModelCheckpoint
 from .gradcheck import gradcheck
@@ -90,6 +91,7 @@ __all__ = [
     "__version__",
     "available_backends",
     "clip_grad_norm",
+    "distributed",
     "export_onnx",
     "from_torch",
     "get_backend",

@@ -11,6 +11,9 @@ class Callback:
     """Hooks called by Sequential.fit.  ``logs`` holds the epoch's metrics
     (loss, accuracy, val_loss, val_accuracy, samples_per_s, ...)."""
 
+    # In a distributed fit, a callback that only writes files runs on rank 0 alone.
+    main_process_only: bool = False
+
     def on_train_begin(self, model, optimizer) -> None:
         self.model, self.optimizer = model, optimizer
 
@@ -102,6 +105,8 @@ class EarlyStopping(Callback):
 class ModelCheckpoint(Callback):
     """Save a checkpoint (gb.save, atomic) after each epoch, or only when ``monitor``
     improves with save_best_only.  ``path`` may contain ``{epoch}``."""
+
+    main_process_only = True
 
     def __init__(
         self,

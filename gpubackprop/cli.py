@@ -147,6 +147,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "metrics_json": None,
     "plot": None,
     "verbose": 1,
+    "distributed": False,
 }
 OPTIMIZER_DEFAULTS = {
     "sgd": {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.0},
@@ -281,6 +282,14 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         choices=(0, 1, 2),
         default=d["verbose"],
         help="0 the summary only, 1 a progress bar (default), 2 a line per epoch",
+    )
+    run.add_argument(
+        "--distributed",
+        action=argparse.BooleanOptionalAction,
+        default=d["distributed"],
+        help="data-parallel over the ranks of mpiexec -n N / srun (needs gpubackprop[mpi]); "
+        "--batch-size is the global batch; rank 0 prints and writes the outputs "
+        "(docs/distributed.md)",
     )
 
 
@@ -516,6 +525,8 @@ def train(args: argparse.Namespace) -> int:
     loss = gb.MSELoss() if regression else gb.SoftmaxCrossEntropyLoss()
 
     gb.seed(args.seed)
+    # Data-parallel: the rank's GPU is chosen before the model is placed; rank 0 alone talks.
+    main_rank = gb.distributed.init().is_main if args.distributed else True
     model = _build_model(dataset.n_features, args.hidden, args.activation, dataset.n_outputs)
     model.to(args.backend, dtype=args.dtype)
     optimizer = _build_optimizer(args.optimizer, model.parameters(), optimizer_options)
@@ -523,7 +534,7 @@ def train(args: argparse.Namespace) -> int:
     if args.schedule == "cosine":
         callbacks.append(_cosine_schedule(optimizer_options["lr"], args.epochs))
     validation = None if dataset.x_val is None else (dataset.x_val, dataset.y_val)
-    if args.verbose:
+    if args.verbose and main_rank:
         print(
             f"{dataset.name}: {len(dataset.x_train)} train, "
             f"{0 if validation is None else len(dataset.x_val)} validation, "
@@ -543,6 +554,7 @@ def train(args: argparse.Namespace) -> int:
         validation_data=validation,
         verbose=args.verbose,
         callbacks=callbacks,
+        distributed=args.distributed,
     )
     train_time = time.perf_counter() - train_started
     test = model.evaluate(dataset.x_test, dataset.y_test, loss)
@@ -551,6 +563,10 @@ def train(args: argparse.Namespace) -> int:
     metrics = _train_metrics(
         args, dataset, model, optimizer, optimizer_options, curves, test, train_time, augment
     )
+    if not main_rank:
+        return 0
+    if args.distributed:
+        metrics["ranks"] = gb.distributed.world_size()
     if args.save:
         summary = {k: metrics[k] for k in ("dataset", "test_loss", "epochs", "seed")}
         gb.save(args.save, model, optimizer, metadata=summary)

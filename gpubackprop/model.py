@@ -202,12 +202,20 @@ class Sequential(Layer):
         validation_data: tuple | None = None,
         verbose: int = 1,
         callbacks: list[Callback] | None = None,
+        distributed: bool = False,
     ) -> History:
         """Mini-batch training: for each batch, forward, loss, backward, optimizer step.
 
         Data is copied to the backend once; batches are drawn in a fresh order every
         epoch (the generator seeded by gb.seed).  verbose: 0 silent, 1 a progress bar
-        (loss, accuracy, samples/s), 2 one line per epoch.  Returns a History."""
+        (loss, accuracy, samples/s), 2 one line per epoch.  Returns a History.
+
+        distributed=True trains data-parallel over the ranks of ``gb.distributed.init()``
+        (docs/distributed.md): ``batch_size`` stays the GLOBAL batch, split into one disjoint
+        shard per rank (sizes ⌊B/N⌋ or ⌈B/N⌉), and the flat gradient buffer is averaged
+        across the ranks in one all-reduce after backward, so the same script optimises the
+        same way on any number of ranks.  The metrics are reduced over the ranks; only rank 0
+        prints, shows the bar and runs file-writing callbacks (ModelCheckpoint)."""
         from .training import run_fit
 
         return run_fit(
@@ -222,6 +230,7 @@ class Sequential(Layer):
             validation_data=validation_data,
             verbose=verbose,
             callbacks=callbacks or [],
+            distributed=distributed,
         )
 
     def to_torch(self, device: Any = None) -> Any:

@@ -141,8 +141,9 @@ def to_onnx(model: Any) -> Any:
         raise TypeError(f"model is {type(model).__name__}; expected a gpubackprop Sequential")
     if model.in_features is None:
         raise ValueError("the model's input width is unknown (no Dense or Standardize layer)")
-    model._ensure_placed()
-    dtype = np.dtype(model.dtype)
+    # The model's dtype once placed; an unplaced model's float64 weights are exported as float32,
+    # the dtype `to()` would give them.
+    dtype = np.dtype(model.dtype or np.float32)
     element_type = onnx.helper.np_dtype_to_tensor_dtype(dtype)
     graph = _GraphBuilder(onnx, dtype)
     output = _emit(graph, model, "input", "")

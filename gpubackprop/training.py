@@ -141,6 +141,7 @@ def run_fit(
     validation_data,
     verbose: int,
     callbacks: list[Callback],
+    distributed: bool = False,
 ) -> History:
     epochs = check_positive_int("epochs", epochs)
     batch_size = check_positive_int("batch_size", batch_size)
@@ -156,6 +157,12 @@ def run_fit(
     if validation_data is not None and len(validation_data) != 2:
         raise ValueError("validation_data must be a pair (x_val, y_val)")
     loss.backend = model.backend
+    parallel = _data_parallel(model, loss, optimizer, n, batch_size, epochs, shuffle, distributed)
+    if parallel is not None and not parallel.is_main:
+        # Only rank 0 prints and writes files; every rank keeps the callbacks that steer
+        # training (the same reduced metrics give the same decisions everywhere).
+        verbose = 0
+        callbacks = [c for c in callbacks if not getattr(c, "main_process_only", False)]
     history = History()
     callbacks = [history, *callbacks]
     model.stop_training = False
@@ -178,9 +185,16 @@ def run_fit(
                 validation_data,
                 verbose,
                 callbacks,
+                parallel,
             ),
             labels_unchecked,
         )
+    except BaseException as error:
+        if parallel is not None:
+            from .distributed import guard
+
+            guard(parallel.group, error)
+        raise
     finally:
         if saved_check is not None:
             loss.check_labels = saved_check
@@ -224,12 +238,27 @@ class _Run:
     validation_data: Any
     verbose: int
     callbacks: list[Callback]
+    parallel: Any = None  # distributed.DataParallel when fit(distributed=True)
+
+
+def _data_parallel(model, loss, optimizer, n, batch_size, epochs, shuffle, distributed):
+    """The DataParallel of a distributed fit, started (ranks checked, rank 0's state
+    broadcast), or None."""
+    if not distributed:
+        return None
+    from . import distributed as dist
+
+    parallel = dist.DataParallel(dist.init(), model, loss, optimizer)
+    setup = dist.training_setup(model, optimizer, loss, n, batch_size)
+    parallel.start({**setup, "epochs": epochs, "shuffle": shuffle})
+    return parallel
 
 
 def _epochs(run: _Run, labels_unchecked: bool) -> dict[str, float]:
     model, xd, yd, loss, optimizer = run.model, run.xd, run.yd, run.loss, run.optimizer
     epochs, batch_size, shuffle, verbose = run.epochs, run.batch_size, run.shuffle, run.verbose
     validation_data, callbacks, n = run.validation_data, run.callbacks, run.xd.shape[0]
+    parallel = run.parallel
     xp = model.backend.xp
     read_every_batch = not reading_syncs(model.backend)
     logs: dict[str, float] = {}
@@ -241,17 +270,25 @@ def _epochs(run: _Run, labels_unchecked: bool) -> dict[str, float]:
         start_time = last_read = time.perf_counter()
         for batch_index, start in enumerate(range(0, n, batch_size)):
             stop = min(start + batch_size, n)
+            # Data-parallel: this rank's share [lo, hi) of the global batch [start, stop).
+            lo, hi = (start, stop) if parallel is None else parallel.shard(start, stop)
+            if hi == lo:  # fewer rows than ranks: this rank adds a zero gradient
+                parallel.average_gradients(0, stop - start)
+                optimizer.step()
+                if bar is not None:
+                    bar.update(stop - start)
+                continue
             if shuffle:
-                rows = order_d[start:stop]
+                rows = order_d[lo:hi]
                 xb, yb = xd[rows], yd[rows]
             else:
-                xb, yb = xd[start:stop], yd[start:stop]
+                xb, yb = xd[lo:hi], yd[lo:hi]
             pred = model.forward(xb)
             if labels_unchecked:
                 check_label_range(model.backend, yd, pred.shape[1])
                 loss.check_labels = labels_unchecked = False
             value = loss.forward(pred, yb)
-            totals.add(value, correct_count(xp, loss, pred, yb), stop - start)
+            totals.add(value, correct_count(xp, loss, pred, yb), hi - lo)
             now = time.perf_counter()
             # Reading the totals syncs: every batch on the CPU (free), else for the bar.
             if read_every_batch or (bar is not None and now - last_read > _BAR_REFRESH_S):
@@ -263,19 +300,28 @@ def _epochs(run: _Run, labels_unchecked: bool) -> dict[str, float]:
                         bar, loss_sum, correct, totals.seen, _per_row(loss, yb), now - start_time
                     )
             model.backward(loss.backward(), need_input_grad=False)
+            if parallel is not None:
+                parallel.average_gradients(hi - lo, stop - start)
             optimizer.step()
             if bar is not None:
                 bar.update(stop - start)
         loss_sum, correct = totals.read()
-        _check_finite(loss_sum, f"in epoch {epoch}", optimizer)
         model.backend.synchronize()
         elapsed = max(time.perf_counter() - start_time, 1e-9)
+        if parallel is not None:
+            loss_sum, correct, _, elapsed = parallel.reduce_epoch(
+                loss_sum, correct, totals.seen, elapsed
+            )
+        _check_finite(loss_sum, f"in epoch {epoch}", optimizer)
         logs = {"loss": loss_sum / n}
         if correct is not None:
             logs["accuracy"] = correct / (n * _per_row(loss, yd))
         logs["samples_per_s"] = n / elapsed
         if validation_data is not None:
-            val = evaluate(model, validation_data[0], validation_data[1], loss)
+            if parallel is None:
+                val = evaluate(model, validation_data[0], validation_data[1], loss)
+            else:
+                val = parallel.evaluate(validation_data[0], validation_data[1], loss)
             logs.update({f"val_{k}": v for k, v in val.items()})
             _check_finite(val["loss"], f"on the validation data after epoch {epoch}", optimizer)
         if bar is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -638,6 +639,126 @@ def test_disk_cache_skips_the_compiler(tmp_path, monkeypatch):
     out = np.zeros(4, np.float32)
     EmuSeam().launch(module, "write_even", 1, 32, (out, np.int32(3)))
     np.testing.assert_array_equal(out, [0, 0, 2, 0])
+
+
+# A kernel small enough that several processes compile it at once in a few seconds.
+TINY_KERNEL = """
+extern "C" __global__ void scale_by_index(float* out, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = 2.0f * i;
+}
+"""
+
+_RACE_SCRIPT = """
+import os, sys, time
+import numpy as np
+from gpubackprop.emulator import EmuSeam
+start = sys.argv[1]
+while not os.path.exists(start):
+    time.sleep(0.005)
+seam = EmuSeam()
+module = seam.compile_text(sys.argv[2], "tiny.cu")
+out = np.zeros(70, np.float32)
+seam.launch(module, "scale_by_index", 3, 32, (out, np.int32(70)))
+assert (out == 2.0 * np.arange(70)).all(), out
+print("ok")
+"""
+
+
+def test_processes_starting_at_once_on_an_empty_cache_all_load_a_whole_library(tmp_path):
+    """Issue 10 item 4: 8 processes on an empty cache crashed with 'undefined symbol' because
+    one rewrote the shared <key>.cpp while another compiled it."""
+    env = {**os.environ, "GPUBACKPROP_CACHE_DIR": str(tmp_path / "cache")}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), *sys.path])
+    go = tmp_path / "go"
+    text = TINY_KERNEL + f"// {tmp_path.name}\n"  # a key no other test has built
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RACE_SCRIPT, str(go), text],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    time.sleep(1.0)  # let every interpreter start and wait at the line
+    go.write_text("")
+    results = [(p.wait(timeout=300), *p.communicate()) for p in processes]
+    for status, out, err in results:
+        assert status == 0 and out.strip() == "ok", err[-2000:]
+    entries = sorted(path.name for path in (tmp_path / "cache" / "emu").iterdir())
+    assert [Path(name).suffix for name in entries] == [".cpp", ".json", ".so"], entries
+
+
+def test_a_source_rewritten_during_a_compile_does_not_reach_the_library(tmp_path, monkeypatch):
+    """The race of item 4 made deterministic: while g++ runs, another process writes the
+    published <key>.cpp (here: empties it).  The compile reads only its private copy."""
+    monkeypatch.setenv("GPUBACKPROP_CACHE_DIR", str(tmp_path))
+    real_run = compiler.subprocess.run
+
+    def run_while_another_process_writes(command, **kwargs):
+        if "-E" not in command:  # the compile itself: empty the published <key>.cpp
+            (tmp_path / "emu" / Path(command[-3]).name).write_text("")
+        return real_run(command, **kwargs)
+
+    monkeypatch.setattr(compiler.subprocess, "run", run_while_another_process_writes)
+    _, kernels = compiler.build(TINY_KERNEL, "tiny.cu")
+    assert [k.name for k in kernels] == ["scale_by_index"]
+    module = EmuSeam().compile_text(TINY_KERNEL, "tiny.cu")
+    out = np.zeros(5, np.float32)
+    EmuSeam().launch(module, "scale_by_index", 1, 32, (out, np.int32(5)))
+    np.testing.assert_array_equal(out, [0, 2, 4, 6, 8])
+
+
+@pytest.fixture(scope="module")
+def tiny_cache_entry(tmp_path_factory):
+    """A cache folder holding one built (never loaded) entry for TINY_KERNEL."""
+    root = tmp_path_factory.mktemp("tiny_cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("GPUBACKPROP_CACHE_DIR", str(root))
+    compiler.build(TINY_KERNEL + "// damage\n", "tiny.cu")
+    mp.undo()
+    return root / "emu"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["truncated", "empty", "one byte changed", "record missing", "record garbled"],
+)
+def test_a_damaged_cached_library_is_rebuilt_not_loaded(
+    tmp_path, monkeypatch, tiny_cache_entry, damage
+):
+    """Issue 10 item 5: a truncated cached .so killed the process with SIGBUS, an empty one
+    failed with 'file too short' and was never rebuilt."""
+    shutil.copytree(tiny_cache_entry, tmp_path / "emu")
+    monkeypatch.setenv("GPUBACKPROP_CACHE_DIR", str(tmp_path))
+    text = TINY_KERNEL + "// damage\n"
+    (library,) = (tmp_path / "emu").glob("*.so")
+    record = library.with_suffix(".json")
+    data = library.read_bytes()
+    if damage == "truncated":
+        library.write_bytes(data[: len(data) // 2])
+    elif damage == "empty":
+        library.write_bytes(b"")
+    elif damage == "one byte changed":
+        middle = len(data) // 2
+        library.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :])
+    elif damage == "record missing":
+        record.unlink()
+    else:
+        record.write_text("{not json")
+    before = dict(compiler.stats)
+    with pytest.warns(RuntimeWarning, match=r"cached library .* is damaged .*; rebuilding it"):
+        module = EmuSeam().compile_text(text, "tiny.cu")
+    assert compiler.stats["compiles"] == before["compiles"] + 1
+    assert library.read_bytes() == data  # the same bytes as the first build
+    out = np.zeros(3, np.float32)
+    EmuSeam().launch(module, "scale_by_index", 1, 32, (out, np.int32(3)))
+    np.testing.assert_array_equal(out, [0, 2, 4])
+    # and the rebuilt entry is a cache hit again
+    EmuSeam().compile_text(text, "tiny.cu")
+    assert compiler.stats["compiles"] == before["compiles"] + 1
 
 
 def test_emu_backend_reports_availability():

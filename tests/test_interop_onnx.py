@@ -127,7 +127,7 @@ def test_layer_without_export_is_refused(tmp_path):
     class Doubling(Layer):
         pass
 
-    model = gb.Sequential(gb.Dense(3, 3), gb.Residual(Doubling())).to("numpy")
+    model = gb.Sequential(gb.Dense(3, 3), gb.Residual(Doubling()))
     with pytest.raises(TypeError, match=r"layer '1\.0' \(Doubling\(\)\) has no ONNX export"):
         gb.export_onnx(model, tmp_path / "model.onnx")
     assert not (tmp_path / "model.onnx").exists()
@@ -158,3 +158,14 @@ def test_train_without_onnx_fails_before_training(tmp_path, capsys, monkeypatch)
     err = capsys.readouterr().err
     assert "pip install 'gpubackprop[onnx]'" in err and "epoch" not in err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_unplaced_model_exports_as_float32(tmp_path):
+    gb.seed(6)
+    model = gb.Sequential(gb.Dense(5, 7), gb.SiLU(), gb.Dense(7, 2))  # not placed: float64 weights
+    path = tmp_path / "model.onnx"
+    gb.export_onnx(model, path)
+    x = _inputs(6, np.float32)
+    out = _run_onnxruntime(path, x)
+    model.to("numpy", dtype="float32")  # what to() makes of the same weights
+    np.testing.assert_allclose(out, model.predict(x), rtol=1e-5, atol=2e-6)

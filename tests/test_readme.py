@@ -45,3 +45,15 @@ def test_derivation_page_names_only_functions_and_kernels_that_exist():
     for method in re.findall(r"`NumpyBackend\.(\w+)`|\| `(\w+)` \|", page):
         name = next(m for m in method if m)
         assert hasattr(NumpyBackend, name), f"NumpyBackend has no {name}"
+
+
+def test_readme_is_a_short_front_page_whose_links_resolve():
+    """A newcomer's page (detail lives in docs/): at most 160 lines, and every relative link
+    and picture it shows exists in the checkout."""
+    text = README.read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 160
+    targets = re.findall(r"\]\(([^)#\s]+)\)", text)
+    assert "LICENSE" in targets and "docs/images/digits_training.png" in targets
+    for target in targets:
+        if "://" not in target:
+            assert (README.parent / target).exists(), f"README links to missing {target}"

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .data_parallel import notes as data_parallel_notes
 from .machine import source_root
 from .timing import format_time
 
@@ -80,6 +81,7 @@ def format_table(record: dict[str, Any]) -> str:
         notes.append(f"threads: numpy {threads.get('numpy')}, torch {threads.get('torch')}")
     for entry in record["skipped"]:
         notes.append(f"skipped [{entry['backend']}] {entry['name']}: {entry['reason']}")
+    notes += data_parallel_notes(rows)
     return "\n".join([*out, "", *notes])
 
 

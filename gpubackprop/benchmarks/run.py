@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from . import data_parallel
 from .cases import Case, Context, cases_for, max_rel_error
 from .ceilings import disable_cupy_tf32, measure_ceilings
 from .config import ENV_KEYS, RTOL, SCHEMA, SIZES, TIMING, BenchConfig, TimingSettings
@@ -183,6 +184,7 @@ def run_benchmarks(config: BenchConfig) -> dict[str, Any]:
     torch_threads = _set_torch_threads(config)
     for name, backend in plan:
         _run_backend(config, record, name, backend, dtype)
+        data_parallel.append_rows(config, record, name)
     record["threads"] = {"numpy": numpy_threads(), "torch": torch_threads, "blas": blas_info()}
     record["complete"] = True
     return record

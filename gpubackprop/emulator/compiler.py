@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import re
 import shutil
 import subprocess
 import tempfile
+import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -271,6 +274,12 @@ def build(text: str, label: str) -> tuple[Path, list[KernelDecl]]:
 
     ``label`` names the source in messages.  Returns the library path and its kernels.
     Raises EmuUnsupportedError for inline PTX and EmuCompileError with g++'s diagnostics.
+
+    The cache entry for a key is ``<key>.so`` with ``<key>.json`` beside it (the library's size
+    and SHA-256, and its kernels).  Several processes may build one key at once: each compiles
+    in a private folder and publishes by atomic rename, the record before the library, so a
+    reader never sees a half-written file; an entry that does not match its record (a truncated
+    or empty library, a killed copy) is rebuilt instead of loaded.
     """
     check_supported(text, label)
     cxx = find_compiler()
@@ -279,31 +288,94 @@ def build(text: str, label: str) -> tuple[Path, list[KernelDecl]]:
             "no C++ compiler found (set CXX or GPUBACKPROP_EMU_CXX, or install g++)"
         )
     flags = compile_flags()
-    kernels = parse_kernels(directives_applied(cxx, flags, text, label))
-    unit = translation_unit(text, label, kernels)
     digest = hashlib.sha256()
-    for part in (unit, _header_text(), " ".join(flags), compiler_identity(cxx)):
+    for part in (text, label, _header_text(), " ".join(flags), compiler_identity(cxx)):
         digest.update(part.encode())
         digest.update(b"\0")
     key = digest.hexdigest()[:32]
     directory = cache_dir()
-    library = directory / f"{key}.so"
-    if library.exists():
+    library, record = directory / f"{key}.so", directory / f"{key}.json"
+    kernels = _verified_entry(library, record)
+    if kernels is not None:
         stats["cache_hits"] += 1
         return library, kernels
+    kernels = parse_kernels(directives_applied(cxx, flags, text, label))
+    unit = translation_unit(text, label, kernels)
     directory.mkdir(parents=True, exist_ok=True)
-    source = directory / f"{key}.cpp"
-    source.write_text(unit)
-    handle, temporary = tempfile.mkstemp(suffix=".so.tmp", dir=directory)
-    os.close(handle)
-    command = [cxx, *flags, *include_flags(), str(source), "-o", temporary]
-    result = subprocess.run(command, capture_output=True, text=True)
-    stats["compiles"] += 1
-    if result.returncode != 0:
-        os.unlink(temporary)
-        raise EmuCompileError(_compile_message(label, result.stderr, command))
-    os.replace(temporary, library)  # atomic: a concurrent reader sees all or nothing
+    _remove_stale_builds(directory)
+    with tempfile.TemporaryDirectory(prefix=f"{BUILD_PREFIX}{key}-", dir=directory) as private:
+        source, output = Path(private) / f"{key}.cpp", Path(private) / f"{key}.so"
+        source.write_text(unit)
+        # The private folder's name must not reach the library (it would differ per process).
+        command = [
+            cxx,
+            *flags,
+            f"-frandom-seed={key}",
+            *include_flags(),
+            source.name,
+            "-o",
+            output.name,
+        ]
+        result = subprocess.run(command, capture_output=True, text=True, cwd=private)
+        stats["compiles"] += 1
+        if result.returncode != 0:
+            raise EmuCompileError(_compile_message(label, result.stderr, command))
+        data = output.read_bytes()
+        entry = {
+            "size": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "label": label,
+            "kernels": [[k.name, list(k.param_names)] for k in kernels],
+        }
+        written = Path(private) / "record.json"
+        written.write_text(json.dumps(entry))
+        # Each rename is atomic; the source is kept for reading (the library's #line targets).
+        os.replace(source, directory / f"{key}.cpp")
+        os.replace(written, record)
+        os.replace(output, library)
     return library, kernels
+
+
+BUILD_PREFIX = ".build-"
+STALE_BUILD_SECONDS = 3600.0  # a build folder older than this belongs to a killed process
+
+
+def _verified_entry(library: Path, record: Path) -> list[KernelDecl] | None:
+    """The kernels of a cache entry whose library matches its record (size, then SHA-256);
+    None if there is no entry or it is damaged (then it is rebuilt, with a warning)."""
+    if not library.exists():
+        return None
+    problem = ""
+    try:
+        entry = json.loads(record.read_text())
+        size = library.stat().st_size
+        if size != entry["size"]:
+            problem = f"{size} bytes instead of {entry['size']}"
+        elif hashlib.sha256(library.read_bytes()).hexdigest() != entry["sha256"]:
+            problem = "its checksum does not match the one recorded after the build"
+        else:
+            return [KernelDecl(name, tuple(params)) for name, params in entry["kernels"]]
+    except FileNotFoundError:
+        problem = f"its record {record.name} is missing"
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        problem = f"its record {record.name} is unreadable ({type(error).__name__}: {error})"
+    warnings.warn(
+        f"the emulator's cached library {library} is damaged ({problem}); rebuilding it",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return None
+
+
+def _remove_stale_builds(directory: Path) -> None:
+    """Private build folders left by killed processes (a live build is younger)."""
+    now = time.time()
+    for folder in directory.glob(f"{BUILD_PREFIX}*"):
+        try:
+            if now - folder.stat().st_mtime > STALE_BUILD_SECONDS:
+                shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            pass  # another process removed it first
 
 
 def _compile_message(label: str, log: str, command: list[str]) -> str:

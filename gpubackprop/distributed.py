@@ -1,0 +1,480 @@
+"""Data-parallel training: N processes (MPI ranks), one model replica each, one all-reduce of
+the flat gradient buffer per step.
+
+Launch with ``mpiexec -n N python train.py`` (or ``srun``), call ``gb.distributed.init()`` and
+train with ``model.fit(..., distributed=True)``.  What happens in a step (docs/distributed.md):
+
+- every rank starts from rank 0's parameters and rank 0's shuffling generator (broadcast once
+  when fit starts), so all ranks draw the same permutation of the rows each epoch;
+- the global batch of B rows is split into N disjoint contiguous shards of that permutation,
+  ⌊B·r/N⌋ ≤ row < ⌊B·(r+1)/N⌋ for rank r (sizes differ by at most one when N does not divide B);
+- each rank runs forward and backward on its shard; its gradient g_r is the gradient of its
+  shard's loss.  For a "mean" loss, g = Σ_r (n_r / B) · g_r is the gradient of the mean over the
+  whole batch (for a "sum" loss g = Σ_r g_r): each rank scales its flat gradient buffer by its
+  weight and ONE all-reduce (sum) leaves g on every rank;
+- every rank then clips and applies the same optimizer step to the same numbers, so the
+  parameters stay bitwise identical on every rank.
+
+Transports: the numpy and emu backends all-reduce the host buffer with MPI (mpi4py); the cupy
+backend all-reduces the device buffer with NCCL (``cupy.cuda.nccl``) on the current stream, one
+GPU per rank chosen from the node-local rank.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+MPI_INSTALL_HINT = 'pip install "gpubackprop[mpi]" (mpi4py and the mpich wheel)'
+
+
+@dataclass
+class ProcessGroup:
+    """The ranks of one data-parallel job: the MPI communicator, this process's rank among
+    ``size``, and its rank among the ranks on the same node (``local_rank`` of
+    ``local_size``), which picks its GPU."""
+
+    comm: Any
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    device: int | None = None  # the CUDA device this rank uses (None: no GPU chosen)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def allreduce_host(self, values, op: str = "sum") -> np.ndarray:
+        """Element-wise sum (or max) of a small float64 vector over the ranks."""
+        from mpi4py import MPI
+
+        buffer = np.array(values, dtype=np.float64)
+        self.comm.Allreduce(MPI.IN_PLACE, buffer, op=MPI.SUM if op == "sum" else MPI.MAX)
+        return buffer
+
+    def abort(self, error: BaseException | None = None, code: int = 1) -> None:
+        """Stop every rank: the others may be waiting in a collective that this rank will never
+        join, and would otherwise hang.  Prints the error first (MPI_Abort prints nothing)."""
+        if error is not None:
+            print(
+                f"gpubackprop: rank {self.rank} of {self.size} failed; aborting all ranks:\n"
+                + "".join(traceback.format_exception(error)),
+                file=sys.stderr,
+                flush=True,
+            )
+        self.comm.Abort(code)
+
+
+_group: ProcessGroup | None = None
+
+
+def _import_mpi():
+    try:
+        from mpi4py import MPI
+    except ImportError as error:
+        raise ImportError(
+            f"distributed training needs mpi4py and an MPI library: {MPI_INSTALL_HINT}; "
+            f"then launch with mpiexec -n N ({error})"
+        ) from error
+    return MPI
+
+
+def init(abort_on_uncaught: bool = True) -> ProcessGroup:
+    """Set up the process group from MPI (``mpiexec -n N`` or ``srun`` started the ranks).
+
+    Callable before or after the model is built, and again (it returns the same group).  On a
+    machine with GPUs it makes the rank's GPU (chosen from the node-local rank, see
+    ``select_device``) the current CUDA device, so call it before ``model.to("cupy")``.
+    With ``abort_on_uncaught`` an exception that nobody catches on one rank aborts every rank
+    (MPI_Abort) instead of leaving the others waiting forever in a collective."""
+    global _group
+    if _group is not None:
+        return _group
+    MPI = _import_mpi()
+    comm = MPI.COMM_WORLD
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    group = ProcessGroup(
+        comm=comm,
+        rank=comm.Get_rank(),
+        size=comm.Get_size(),
+        local_rank=node.Get_rank(),
+        local_size=node.Get_size(),
+    )
+    node.Free()
+    count = _cuda_device_count()
+    if count > 0:
+        group.device = select_device(group.local_rank, group.local_size, count)
+        import cupy
+
+        cupy.cuda.Device(group.device).use()
+    if abort_on_uncaught and group.size > 1:
+        _install_abort_hook(group)
+    _group = group
+    return group
+
+
+def _cuda_device_count() -> int:
+    """Visible CUDA devices, 0 without CuPy or a driver (no error: the CPU backends need none)."""
+    try:
+        import cupy
+
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except Exception:
+        return 0
+
+
+def select_device(local_rank: int, local_size: int, device_count: int) -> int:
+    """The CUDA device of the rank ``local_rank`` of ``local_size`` ranks on its node.
+
+    One GPU per rank: rank i on a node takes device i.  When each rank sees exactly one device
+    (``srun --gpus-per-task=1`` or a per-rank CUDA_VISIBLE_DEVICES), that device is the rank's
+    own: device 0.  More ranks on a node than GPUs is refused (NCCL needs distinct GPUs)."""
+    if device_count < 1:
+        raise ValueError(f"device_count={device_count} but a GPU rank needs at least one device")
+    if local_rank < device_count:
+        return local_rank
+    if device_count == 1:
+        return 0
+    raise RuntimeError(
+        f"{local_size} ranks run on this node but only {device_count} GPUs are visible; start "
+        f"at most {device_count} ranks per node (one GPU per rank)"
+    )
+
+
+def _install_abort_hook(group: ProcessGroup) -> None:
+    previous = sys.excepthook
+
+    def abort_all_ranks(kind, value, tb):
+        previous(kind, value, tb)
+        sys.stderr.flush()
+        group.comm.Abort(1)
+
+    sys.excepthook = abort_all_ranks
+
+
+def is_initialized() -> bool:
+    return _group is not None
+
+
+def group() -> ProcessGroup:
+    """The process group set up by ``init()``."""
+    if _group is None:
+        raise RuntimeError("gb.distributed.init() has not been called in this process")
+    return _group
+
+
+def rank() -> int:
+    """This process's rank (0 when not distributed)."""
+    return 0 if _group is None else _group.rank
+
+
+def world_size() -> int:
+    """The number of ranks (1 when not distributed)."""
+    return 1 if _group is None else _group.size
+
+
+def is_main_process() -> bool:
+    """True on rank 0, and in a process that is not distributed: the one that prints and
+    writes files."""
+    return _group is None or _group.rank == 0
+
+
+# -- the batch split -----------------------------------------------------------------------------
+
+
+def shard_bounds(start: int, stop: int, rank: int, size: int) -> tuple[int, int]:
+    """This rank's rows [lo, hi) of the global batch [start, stop): contiguous, disjoint,
+    covering, sizes ⌊B/N⌋ or ⌈B/N⌉ (B = stop − start).  A rank gets no rows when B < N."""
+    rows = stop - start
+    return start + rows * rank // size, start + rows * (rank + 1) // size
+
+
+# -- transports ----------------------------------------------------------------------------------
+
+
+class MpiTransport:
+    """MPI collectives on the host memory of a buffer (numpy: the array itself; emu: the
+    emulated device array's host memory, the memory its kernels write)."""
+
+    name = "mpi"
+
+    def __init__(self, group: ProcessGroup):
+        self.group = group
+
+    @staticmethod
+    def host_view(flat) -> np.ndarray:
+        """The buffer's own memory as a NumPy array (a view, never a copy: MPI writes it)."""
+        host = flat if isinstance(flat, np.ndarray) else getattr(flat, "_host", None)
+        if not isinstance(host, np.ndarray) or not host.flags.c_contiguous:
+            raise TypeError(
+                f"MPI all-reduce needs a contiguous host buffer; got {type(flat).__name__}"
+            )
+        return host
+
+    def allreduce_sum_(self, flat) -> None:
+        from mpi4py import MPI
+
+        self.group.comm.Allreduce(MPI.IN_PLACE, self.host_view(flat), op=MPI.SUM)
+
+    def broadcast_(self, flat, root: int = 0) -> None:
+        self.group.comm.Bcast(self.host_view(flat), root=root)
+
+    def synchronize(self) -> None:
+        pass
+
+
+def nccl_install_hint(cuda_major: int | None) -> str:
+    """The pip command that brings NCCL for the CUDA major version CuPy was built for."""
+    major = cuda_major if cuda_major in (12, 13) else 13
+    return f'pip install "nvidia-nccl-cu{major}>=2.27.7,<3"'
+
+
+def require_nccl():
+    """CuPy's NCCL module, or a RuntimeError naming the package to install."""
+    try:
+        import cupy
+        from cupy.cuda import nccl
+    except ImportError as error:
+        raise RuntimeError(
+            f"the cupy backend all-reduces with NCCL through CuPy, which is not importable "
+            f"({error}); install CuPy (gpubackprop[cuda13] or [cuda12]) and NCCL"
+        ) from error
+    if not getattr(nccl, "available", False):
+        try:
+            major = int(cupy.cuda.runtime.runtimeGetVersion()) // 1000
+        except Exception:
+            major = None
+        raise RuntimeError(
+            "NCCL is not available to CuPy, and the cupy backend all-reduces gradients with "
+            f"it: {nccl_install_hint(major)} (or put libnccl.so.2 on LD_LIBRARY_PATH)"
+        )
+    return nccl
+
+
+class NcclTransport:
+    """NCCL collectives on device buffers, in place, on CuPy's current stream.
+
+    Rank 0 draws the NCCL unique id and MPI broadcasts it; each rank then joins the NCCL
+    communicator with its MPI rank on its own GPU (the current device, set by init())."""
+
+    name = "nccl"
+
+    def __init__(self, group: ProcessGroup):
+        import cupy
+
+        nccl = require_nccl()
+        self.group = group
+        self.cupy = cupy
+        self.nccl = nccl
+        unique_id = nccl.get_unique_id() if group.rank == 0 else None
+        if group.size > 1:  # a one-rank group (a test, a benchmark) needs no MPI
+            unique_id = group.comm.bcast(unique_id, root=0)
+        self.comm = nccl.NcclCommunicator(group.size, unique_id, group.rank)
+        self.datatypes = {
+            np.dtype(np.float32): nccl.NCCL_FLOAT32,
+            np.dtype(np.float64): nccl.NCCL_FLOAT64,
+        }
+
+    def _datatype(self, flat) -> int:
+        try:
+            return self.datatypes[np.dtype(flat.dtype)]
+        except KeyError:
+            raise TypeError(f"NCCL all-reduce of dtype {flat.dtype} is not supported") from None
+
+    def allreduce_sum_(self, flat) -> None:
+        stream = self.cupy.cuda.get_current_stream().ptr
+        pointer = flat.data.ptr
+        self.comm.allReduce(
+            pointer, pointer, flat.size, self._datatype(flat), self.nccl.NCCL_SUM, stream
+        )
+
+    def broadcast_(self, flat, root: int = 0) -> None:
+        stream = self.cupy.cuda.get_current_stream().ptr
+        pointer = flat.data.ptr
+        self.comm.broadcast(pointer, pointer, flat.size, self._datatype(flat), root, stream)
+
+    def synchronize(self) -> None:
+        self.cupy.cuda.get_current_stream().synchronize()
+
+
+_transports: dict[tuple[int, str], Any] = {}
+
+
+def transport_for(group: ProcessGroup, backend) -> MpiTransport | NcclTransport:
+    """NCCL for the cupy backend, MPI on host memory for numpy and emu (built once)."""
+    key = (id(group), backend.name)
+    if key not in _transports:
+        _transports[key] = NcclTransport(group) if backend.name == "cupy" else MpiTransport(group)
+    return _transports[key]
+
+
+# -- the same setup on every rank --------------------------------------------------------------
+
+
+def first_difference(a: Any, b: Any, path: str = "") -> tuple[str, Any, Any] | None:
+    """(path, a's value, b's value) of the first place where two JSON-like values differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            where = f"{path}.{key}" if path else str(key)
+            if key not in a or key not in b:
+                return where, a.get(key, "<missing>"), b.get(key, "<missing>")
+            found = first_difference(a[key], b[key], where)
+            if found:
+                return found
+        return None
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        for i, (x, y) in enumerate(zip(a, b)):
+            found = first_difference(x, y, f"{path}[{i}]")
+            if found:
+                return found
+        if len(a) != len(b):
+            return f"{path} length", len(a), len(b)
+        return None
+    return None if a == b else (path, a, b)
+
+
+def check_same_setup(group: ProcessGroup, setup: dict[str, Any]) -> None:
+    """Raise ValueError on every rank when any rank's ``setup`` differs from rank 0's, naming
+    the first difference.  Collective: every rank must call it."""
+    setups = group.comm.allgather(setup)
+    for other in range(1, group.size):
+        found = first_difference(setups[0], setups[other])
+        if found:
+            where, on_zero, on_other = found
+            raise ValueError(
+                f"distributed ranks disagree: {where} is {on_zero!r} on rank 0 but "
+                f"{on_other!r} on rank {other}; every rank must build the same model, "
+                "optimizer and loss and call fit with the same data and arguments"
+            )
+
+
+def training_setup(model, optimizer, loss, x_rows: int, batch_size: int, **extra) -> dict:
+    """What must be the same on every rank for data-parallel training."""
+    return {
+        "model": model.config(),
+        "backend": model.backend.name,
+        "dtype": str(model.dtype),
+        "flat_size": int(model.store.size),
+        "optimizer": {
+            "type": type(optimizer).__name__,
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in optimizer.hyperparams.items()},
+            "step": optimizer.step_count,
+        },
+        "loss": loss.config(),
+        "rows": int(x_rows),
+        "batch_size": int(batch_size),
+        **extra,
+    }
+
+
+# -- what fit calls ------------------------------------------------------------------------------
+
+
+class DataParallel:
+    """The data-parallel pieces of one training run on ``group``: start every rank from rank
+    0's parameters and shuffling generator, split batches, average the flat gradient buffer,
+    reduce metrics."""
+
+    def __init__(self, group: ProcessGroup, model, loss, optimizer):
+        self.group = group
+        self.model = model
+        self.loss = loss
+        self.optimizer = optimizer
+        self._check_device()
+        self.transport = transport_for(group, model.backend)
+        self.sum_reduction = getattr(loss, "reduction", "mean") == "sum"
+
+    @property
+    def is_main(self) -> bool:
+        return self.group.is_main
+
+    def _check_device(self) -> None:
+        if self.model.backend.name != "cupy":
+            return
+        device = int(self.model.store.data.device.id)
+        if self.group.device is not None and device != self.group.device:
+            raise RuntimeError(
+                f"rank {self.group.rank}'s model is on GPU {device} but its GPU is "
+                f"{self.group.device}: call gb.distributed.init() before model.to('cupy')"
+            )
+
+    def start(self, setup: dict[str, Any]) -> None:
+        """Check that every rank has the same setup, then broadcast rank 0's parameters,
+        optimizer state and shuffling generator (collective)."""
+        check_same_setup(self.group, setup)
+        store = self.model.store
+        self.transport.broadcast_(store.data)
+        for buffers in self.optimizer._state.values():
+            for buffer in buffers:
+                self.transport.broadcast_(buffer)
+        from . import random
+
+        state = self.group.comm.bcast(random.generator().bit_generator.state, root=0)
+        random.generator().bit_generator.state = state
+        self.transport.synchronize()
+
+    def shard(self, start: int, stop: int) -> tuple[int, int]:
+        return shard_bounds(start, stop, self.group.rank, self.group.size)
+
+    def average_gradients(self, local_rows: int, global_rows: int) -> None:
+        """g = Σ_r w_r g_r in place in the flat gradient buffer, w_r = n_r / B for a mean loss
+        (1 for a sum loss): scale, then one all-reduce (sum).  A rank without rows adds 0."""
+        store = self.model.store
+        backend = self.model.backend
+        if local_rows == 0:
+            store.grad[...] = 0
+        elif not self.sum_reduction and local_rows != global_rows:
+            backend.scale_(store.grad, local_rows / global_rows)
+        self.transport.allreduce_sum_(store.grad)
+
+    def reduce_epoch(
+        self, loss_sum: float, correct: int | None, seen: int, elapsed: float
+    ) -> tuple[float, int | None, int, float]:
+        """Σ over ranks of the loss sum, correct count and rows; the slowest rank's time."""
+        sums = self.group.allreduce_host([loss_sum, correct or 0, seen])
+        slowest = float(self.group.allreduce_host([elapsed], op="max")[0])
+        return (
+            float(sums[0]),
+            None if correct is None else round(sums[1]),
+            round(sums[2]),
+            slowest,
+        )
+
+    def evaluate(self, x, y, loss, batch_size: int = 1024) -> dict[str, float]:
+        """``evaluate`` on this rank's share of the rows, reduced over the ranks: the same
+        numbers on every rank, each rank evaluating 1/N of the rows."""
+        from .training import evaluate
+
+        n = int(x.shape[0])
+        lo, hi = shard_bounds(0, n, self.group.rank, self.group.size)
+        if hi > lo:
+            local = evaluate(self.model, x[lo:hi], y[lo:hi], loss, batch_size)
+        else:
+            local = {"loss": 0.0}
+        rows = hi - lo
+        has_accuracy = self.group.comm.allreduce("accuracy" in local, op=_any_op())
+        totals = self.group.allreduce_host(
+            [local["loss"] * rows, local.get("accuracy", 0.0) * rows, rows]
+        )
+        metrics = {"loss": float(totals[0] / totals[2])}
+        if has_accuracy:
+            metrics["accuracy"] = float(totals[1] / totals[2])
+        return metrics
+
+
+def _any_op():
+    from mpi4py import MPI
+
+    return MPI.LOR
+
+
+def guard(group: ProcessGroup, error: BaseException) -> None:
+    """Abort every rank when one rank fails inside a data-parallel run (the others would wait
+    in the next all-reduce forever); a one-rank job just raises."""
+    if group.size > 1:
+        group.abort(error)
