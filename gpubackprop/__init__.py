@@ -10,11 +10,23 @@ from typing import Any
 
 from . import distributed
 from .backends import available_backends, get_backend
-from .callbacks import Callback, EarlyStopping, History, ModelCheckpoint
+from .callbacks import Callback, CosineSchedule, EarlyStopping, History, ModelCheckpoint
 from .gradcheck import gradcheck
-from .layers import GELU, Dense, Identity, LeakyReLU, ReLU, Residual, Sigmoid, SiLU, Tanh
+from .layers import (
+    GELU,
+    Dense,
+    Identity,
+    LeakyReLU,
+    ReLU,
+    Residual,
+    Sigmoid,
+    SiLU,
+    Standardize,
+    Tanh,
+    init_for_activation,
+)
 from .losses import BCELoss, BCEWithLogitsLoss, MSELoss, SoftmaxCrossEntropyLoss
-from .model import Sequential
+from .model import Sequential, mlp
 from .optim import SGD, Adam, AdamW, Optimizer, clip_grad_norm
 from .parameters import Parameter
 from .random import seed
@@ -73,6 +85,7 @@ __all__ = [
     "BCELoss",
     "BCEWithLogitsLoss",
     "Callback",
+    "CosineSchedule",
     "Dense",
     "EarlyStopping",
     "History",
@@ -87,6 +100,7 @@ __all__ = [
     "SiLU",
     "Sigmoid",
     "SoftmaxCrossEntropyLoss",
+    "Standardize",
     "Tanh",
     "__version__",
     "available_backends",
@@ -96,7 +110,9 @@ __all__ = [
     "from_torch",
     "get_backend",
     "gradcheck",
+    "init_for_activation",
     "load",
+    "mlp",
     "save",
     "seed",
 ]

@@ -493,13 +493,17 @@ def train(args: argparse.Namespace) -> int:
     from gpubackprop.data import load_dataset
 
     started = time.perf_counter()
+    # Data-parallel: join the ranks first (a failure from here on ends them all, see main), and
+    # pick this rank's GPU before the model is placed; rank 0 alone prints and writes.
+    main_rank = gb.distributed.init().is_main if args.distributed else True
     for option, path in (
         ("--save", args.save),
         ("--export-onnx", args.export_onnx),
         ("--metrics-json", args.metrics_json),
         ("--plot", args.plot),
     ):
-        _check_output_path(option, path)
+        if main_rank:  # only rank 0 writes them (other nodes may not have the directory)
+            _check_output_path(option, path)
     if args.export_onnx:
         from gpubackprop.onnx_export import require_onnx
 
@@ -525,8 +529,6 @@ def train(args: argparse.Namespace) -> int:
     loss = gb.MSELoss() if regression else gb.SoftmaxCrossEntropyLoss()
 
     gb.seed(args.seed)
-    # Data-parallel: the rank's GPU is chosen before the model is placed; rank 0 alone talks.
-    main_rank = gb.distributed.init().is_main if args.distributed else True
     model = _build_model(dataset.n_features, args.hidden, args.activation, dataset.n_outputs)
     model.to(args.backend, dtype=args.dtype)
     optimizer = _build_optimizer(args.optimizer, model.parameters(), optimizer_options)
@@ -888,6 +890,14 @@ def _silence_stdout() -> None:
         pass
 
 
+def _stop_other_ranks(code: int) -> None:
+    """After `train --distributed` failed on this rank: end every rank (the others would wait
+    in their next collective for this one)."""
+    from gpubackprop import distributed
+
+    distributed.abort_other_ranks(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (the console script exits with it)."""
     parser = build_parser()
@@ -920,11 +930,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("GPUBACKPROP_DEBUG"):
             raise
         print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
+        _stop_other_ranks(2)
         return 2
     except (RuntimeError, FloatingPointError, OSError) as error:
         if os.environ.get("GPUBACKPROP_DEBUG"):
             raise
         print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
+        _stop_other_ranks(1)
         return 1
     except MemoryError as error:
         if os.environ.get("GPUBACKPROP_DEBUG"):
@@ -937,6 +949,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "batches or data sets need less)",
             file=sys.stderr,
         )
+        _stop_other_ranks(1)
         return 1
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)

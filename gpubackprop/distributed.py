@@ -22,6 +22,7 @@ GPU per rank chosen from the node-local rank.
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from dataclasses import dataclass
@@ -59,7 +60,7 @@ class ProcessGroup:
 
     def abort(self, error: BaseException | None = None, code: int = 1) -> None:
         """Stop every rank: the others may be waiting in a collective that this rank will never
-        join, and would otherwise hang.  Prints the error first (MPI_Abort prints nothing)."""
+        join, and would otherwise hang.  Prints the error first (MPI_Abort prints no traceback)."""
         if error is not None:
             print(
                 f"gpubackprop: rank {self.rank} of {self.size} failed; aborting all ranks:\n"
@@ -67,7 +68,12 @@ class ProcessGroup:
                 file=sys.stderr,
                 flush=True,
             )
+        sys.stdout.flush()
+        sys.stderr.flush()
         self.comm.Abort(code)
+        # MPICH's MPI_Abort can return to the caller once the launcher has been told (the
+        # launcher then kills every rank): this rank must not go on running meanwhile.
+        os._exit(code)
 
 
 _group: ProcessGroup | None = None
@@ -151,10 +157,17 @@ def _install_abort_hook(group: ProcessGroup) -> None:
 
     def abort_all_ranks(kind, value, tb):
         previous(kind, value, tb)
-        sys.stderr.flush()
-        group.comm.Abort(1)
+        group.abort()
 
     sys.excepthook = abort_all_ranks
+
+
+def abort_other_ranks(code: int) -> None:
+    """In a job of several ranks, end them all, this one included, with exit status ``code``
+    (a rank that stops alone leaves the others waiting in their next collective); nothing in
+    a process that is not distributed or is the only rank."""
+    if _group is not None and _group.size > 1:
+        _group.abort(code=code)
 
 
 def is_initialized() -> bool:

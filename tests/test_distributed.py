@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -153,18 +154,28 @@ def _worker(scenario: str, out: Path) -> None:
 
         model, opt = _model_and_optimizer("sgd", seed=0)
         x, y = _data(64)
-        model.fit(
-            x,
-            y,
-            loss=gb.SoftmaxCrossEntropyLoss(),
-            optimizer=opt,
-            epochs=50,
-            batch_size=16,
-            verbose=0,
-            callbacks=[FailOnRankOne()],
-            distributed=True,
-        )
+        try:  # caught, as the CLI catches errors to print them: fit itself must abort
+            model.fit(
+                x,
+                y,
+                loss=gb.SoftmaxCrossEntropyLoss(),
+                optimizer=opt,
+                epochs=50,
+                batch_size=16,
+                verbose=0,
+                callbacks=[FailOnRankOne()],
+                distributed=True,
+            )
+        except RuntimeError:
+            print("rank caught the error and carried on", flush=True)
+        group.comm.Barrier()
         print("rank finished training", flush=True)
+    elif scenario == "uncaught":
+        # Outside fit: rank 1 fails in the user's own code while rank 0 waits in a collective.
+        if rank == 1:
+            raise KeyError("rank one's own code fails")
+        group.comm.Barrier()
+        print("rank passed the barrier", flush=True)
     elif scenario == "mismatch":
         model, opt = _model_and_optimizer("sgd", seed=0, hidden=HIDDEN + rank)
         x, y = _data(64)
@@ -272,6 +283,14 @@ def test_failing_rank_stops_every_rank(tmp_path):
     assert "rank 1 of 2 failed" in result.stderr
     assert "rank one gives up after epoch 1" in result.stderr
     assert "rank finished training" not in result.stdout
+    assert "carried on" not in result.stdout
+
+
+def test_uncaught_error_after_init_stops_every_rank(tmp_path):
+    result = _launch(2, [str(HERE), "uncaught", str(tmp_path)], tmp_path, timeout=60)
+    assert result.returncode != 0
+    assert "rank one's own code fails" in result.stderr
+    assert "rank passed the barrier" not in result.stdout
 
 
 def test_ranks_with_different_models_fail_naming_the_difference(tmp_path):
@@ -328,7 +347,37 @@ def test_bench_data_parallel_row():
     assert "scaling efficiency" in format_table(record)
 
 
+def test_cli_rank_failing_alone_stops_the_job(tmp_path):
+    """One rank's `train --distributed` fails before training (its data file is missing) while
+    the other waits for it in fit's first collective: the job ends with the error, no hang."""
+    mpiexec = _mpiexec()
+    options = ["-m", "gpubackprop", "train", "--distributed", "--hidden", "8", "--verbose", "0"]
+    missing = str(tmp_path / "missing.npz")
+    command = [mpiexec, "-n", "1", sys.executable, *options, ":"]
+    command += ["-n", "1", sys.executable, *options, "--dataset", f"npz:{missing}"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env
+    )
+    assert result.returncode != 0
+    assert "missing.npz" in result.stderr
+    assert "test accuracy" not in result.stdout
+
+
 # -- single-process tests -------------------------------------------------------------------------
+
+
+def test_docs_example_runs_on_one_rank(tmp_path, monkeypatch):
+    """docs/distributed.md's script, as written, in this process (an MPI job of one rank)."""
+    pytest.importorskip("mpi4py")
+    page = (ROOT / "docs" / "distributed.md").read_text(encoding="utf-8")
+    (block,) = re.findall(r"```python\n(.*?)```", page, re.S)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GPUBACKPROP_BACKEND", "numpy")
+    namespace: dict = {}
+    exec(compile(block, "docs/distributed.md", "exec"), namespace)
+    assert namespace["history"]["accuracy"][-1] > 0.9
+    assert (tmp_path / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4, 7])
@@ -379,6 +428,12 @@ def test_missing_nccl_names_what_to_install(monkeypatch):
         monkeypatch.setattr(nccl, "available", False)
     with pytest.raises(RuntimeError, match=r'pip install "nvidia-nccl-cu1[23]>=2\.27\.7,<3"'):
         dist.require_nccl()
+
+
+def test_missing_mpi4py_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # import mpi4py now raises ImportError
+    with pytest.raises(ImportError, match=r"pip install \"gpubackprop\[mpi\]\""):
+        dist._import_mpi()
 
 
 def test_nccl_hint_follows_the_cuda_major():

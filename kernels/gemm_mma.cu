@@ -1,0 +1,461 @@
+// gemm_mma.cu: the dense layer's three matrix products on the tensor cores (sm_80 and later),
+// fp32 accumulation, the layouts and epilogue of gemm.cu:
+//
+//   dense_forward_<p>          Y = f(X Wᵀ + b)   X (M,K), W (N,K), b (N,) → Y (M,N) [Z = X Wᵀ + b]
+//   dense_backward_data_<p>    dX = δ W           δ (M,N), W (N,K) → dX (M,K)
+//   dense_backward_weight_<p>  dW = δᵀ X          δ (M,N), X (M,K) → dW (N,K)
+//
+// (dense_forward_bf16, dense_backward_data_bf16, dense_backward_weight_bf16, dense_forward_tf32,
+// dense_backward_data_tf32, dense_backward_weight_tf32) in two precisions <p>:
+//   bf16  operands bf16 in memory (gb_bf16 bits), mma.sync m16n8k16 bf16 × bf16 → fp32; the
+//         forward can also write Y in bf16 (y16), the next layer's operand.
+//   tf32  operands fp32 in memory, rounded to tf32 (to nearest even, gb_round_tf32) as they go
+//         into the fragments, mma.sync m16n8k8 tf32 × tf32 → fp32.
+// and to_bf16 (fp32 → bf16, round to nearest even), which makes the bf16 operands.
+//
+// Design (one version): a MMA_BM × MMA_BN block tile, 4 warps of 32 × 32 (2 × 4 mma tiles of
+// 16 × 8), MMA_STAGES-deep pipeline of BK-deep slices copied global → shared with cp.async
+// (16 bytes per copy, the edge chunks zero-filled through the copy's src-size) where the operand
+// allows it (16-byte aligned, leading dimension a multiple of 16 bytes), guarded scalar copies
+// elsewhere.  Fragments come from shared memory with ldmatrix: an operand whose rows run along
+// the inner dimension (LAYOUT_INNER) is staged [r][p] and read plainly, one whose columns do
+// (LAYOUT_OUTER) is staged [p][r] and read with ldmatrix.trans (bf16) or with scalar shared
+// loads (tf32: .trans moves 16-bit elements only).  Rows are padded by 16 bytes so that the 8
+// row addresses of an ldmatrix fall in distinct banks.  Any M, N, K ≥ 0 (K = 0 gives Y = f(b)).
+// Every PTX instruction is a device function of ptx_twins.cuh; the bodies compile to a trap
+// below sm_80, where the launchers never send a bf16 or tf32 layer.
+#include "common.cuh"
+#include "activations.cuh"
+#include "ptx_twins.cuh"
+
+#ifndef MMA_BM
+#define MMA_BM 64
+#endif
+#ifndef MMA_BN
+#define MMA_BN 64
+#endif
+#ifndef MMA_STAGES
+#define MMA_STAGES 3
+#endif
+
+#define MMA_THREADS 128  // 4 warps, 2 × 2 over the block tile; the launcher uses the same
+#define MMA_WARP_M (MMA_BM / 2)
+#define MMA_WARP_N (MMA_BN / 2)
+#define MMA_TILES_M (MMA_WARP_M / 16)
+#define MMA_TILES_N (MMA_WARP_N / 8)
+
+static_assert(MMA_BM % 32 == 0 && MMA_BN % 32 == 0, "MMA_BM and MMA_BN must be multiples of 32");
+static_assert(MMA_STAGES >= 2, "at least two stages");
+
+#define LAYOUT_INNER 0  // a[r * ld + p]
+#define LAYOUT_OUTER 1  // a[p * ld + r]
+
+struct PrecisionBf16 {
+    typedef gb_bf16 elem;
+    static constexpr int BK = 32;     // inner elements per slice
+    static constexpr int KSTEP = 16;  // the mma's k
+    static constexpr int CHUNK = 8;   // elements per 16-byte copy
+};
+
+struct PrecisionTf32 {
+    typedef float elem;
+    static constexpr int BK = 16;
+    static constexpr int KSTEP = 8;
+    static constexpr int CHUNK = 4;
+};
+
+// One stage of one operand in shared memory: [BR][BK + CHUNK] (INNER) or [BK][BR + 8] (OUTER).
+template <class P, int LAYOUT, int BR>
+struct StageTile {
+    static constexpr int STRIDE = LAYOUT == LAYOUT_INNER ? P::BK + P::CHUNK : BR + 8;
+    static constexpr int ELEMS = LAYOUT == LAYOUT_INNER ? BR * STRIDE : P::BK * STRIDE;
+    static constexpr int CHUNKS = BR * P::BK / P::CHUNK;
+};
+
+// Dynamic shared memory of a kernel: MMA_STAGES stages of its A and B tiles (gpubackprop's
+// launcher computes the same, mma_shared_bytes in kernel_backend.py).
+template <class P, int LAYOUT_A, int LAYOUT_B>
+struct MmaShared {
+    static constexpr int BYTES =
+        MMA_STAGES * (StageTile<P, LAYOUT_A, MMA_BM>::ELEMS + StageTile<P, LAYOUT_B, MMA_BN>::ELEMS) *
+        (int)sizeof(typename P::elem);
+};
+
+// 16-byte copies are possible when every chunk starts 16-byte aligned.
+template <class P>
+__device__ __forceinline__ int mma_vec_ok(const typename P::elem* a, long long ld) {
+    return ld % P::CHUNK == 0 && (reinterpret_cast<unsigned long long>(a) & 15) == 0;
+}
+
+// Global → shared for the slice at p0 of an operand with `rows` × `inner` logical elements,
+// rows from r0: cp.async where `vec`, else guarded loads and stores.  Out-of-range elements are
+// zero (they add nothing to the products).
+template <class P, int LAYOUT, int BR>
+__device__ __forceinline__ void mma_load_stage(typename P::elem* tile,
+                                               const typename P::elem* __restrict__ a,
+                                               long long ld, int rows, int inner, int r0, int p0,
+                                               int vec) {
+    typedef StageTile<P, LAYOUT, BR> T;
+    typedef typename P::elem elem;
+    for (int q = threadIdx.x; q < T::CHUNKS; q += MMA_THREADS) {
+        int r, p, valid;
+        long long offset;
+        elem* dst;
+        if (LAYOUT == LAYOUT_INNER) {  // CHUNK consecutive p of row r
+            r = q / (P::BK / P::CHUNK);
+            p = (q % (P::BK / P::CHUNK)) * P::CHUNK;
+            valid = r0 + r < rows ? min(max(inner - (p0 + p), 0), P::CHUNK) : 0;
+            offset = (long long)(r0 + r) * ld + (p0 + p);
+            dst = tile + r * T::STRIDE + p;
+        } else {  // CHUNK consecutive r of inner index p
+            p = q / (BR / P::CHUNK);
+            r = (q % (BR / P::CHUNK)) * P::CHUNK;
+            valid = p0 + p < inner ? min(max(rows - (r0 + r), 0), P::CHUNK) : 0;
+            offset = (long long)(p0 + p) * ld + (r0 + r);
+            dst = tile + p * T::STRIDE + r;
+        }
+        if (vec) {
+            gb_cp_async_16(dst, valid > 0 ? a + offset : a, valid * (int)sizeof(elem));
+        } else {
+#pragma unroll
+            for (int e = 0; e < P::CHUNK; ++e) dst[e] = e < valid ? a[offset + e] : (elem)0;
+        }
+    }
+}
+
+// The A fragments (MMA_TILES_M of them) of one k-step at kk, the warp's rows from wr.
+template <int LAYOUT, int BR>
+__device__ __forceinline__ void mma_fragments_a(const gb_bf16* tile, int wr, int kk,
+                                                unsigned int frag[MMA_TILES_M][4]) {
+    typedef StageTile<PrecisionBf16, LAYOUT, BR> T;
+    const int lane = threadIdx.x % 32, m = lane / 8, j = lane % 8;
+#pragma unroll
+    for (int i = 0; i < MMA_TILES_M; ++i) {
+        const int r = wr + 16 * i + (m % 2) * 8, k = kk + (m / 2) * 8;
+        if (LAYOUT == LAYOUT_INNER) {
+            gb_ldmatrix_x4(frag[i], tile + (r + j) * T::STRIDE + k);
+        } else {
+            gb_ldmatrix_x4_trans(frag[i], tile + (k + j) * T::STRIDE + r);
+        }
+    }
+}
+
+template <int LAYOUT, int BR>
+__device__ __forceinline__ void mma_fragments_a(const float* tile, int wr, int kk,
+                                                unsigned int frag[MMA_TILES_M][4]) {
+    typedef StageTile<PrecisionTf32, LAYOUT, BR> T;
+    const int lane = threadIdx.x % 32, m = lane / 8, j = lane % 8;
+    const int g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int i = 0; i < MMA_TILES_M; ++i) {
+        const int r = wr + 16 * i;
+        if (LAYOUT == LAYOUT_INNER) {
+            gb_ldmatrix_x4(frag[i], tile + (r + (m % 2) * 8 + j) * T::STRIDE + kk + (m / 2) * 4);
+        } else {
+            frag[i][0] = __float_as_uint(tile[(kk + t) * T::STRIDE + r + g]);
+            frag[i][1] = __float_as_uint(tile[(kk + t) * T::STRIDE + r + g + 8]);
+            frag[i][2] = __float_as_uint(tile[(kk + t + 4) * T::STRIDE + r + g]);
+            frag[i][3] = __float_as_uint(tile[(kk + t + 4) * T::STRIDE + r + g + 8]);
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+            frag[i][e] = __float_as_uint(gb_round_tf32(__uint_as_float(frag[i][e])));
+    }
+}
+
+// The B fragments (MMA_TILES_N of them, in pairs) of one k-step at kk, columns from wc.
+template <int LAYOUT, int BR>
+__device__ __forceinline__ void mma_fragments_b(const gb_bf16* tile, int wc, int kk,
+                                                unsigned int frag[MMA_TILES_N][2]) {
+    typedef StageTile<PrecisionBf16, LAYOUT, BR> T;
+    const int lane = threadIdx.x % 32, m = lane / 8, j = lane % 8;
+#pragma unroll
+    for (int jp = 0; jp < MMA_TILES_N / 2; ++jp) {
+        const int n = wc + 16 * jp + (m / 2) * 8, k = kk + (m % 2) * 8;
+        unsigned int r[4];
+        if (LAYOUT == LAYOUT_INNER) {
+            gb_ldmatrix_x4(r, tile + (n + j) * T::STRIDE + k);
+        } else {
+            gb_ldmatrix_x4_trans(r, tile + (k + j) * T::STRIDE + n);
+        }
+        frag[2 * jp][0] = r[0];
+        frag[2 * jp][1] = r[1];
+        frag[2 * jp + 1][0] = r[2];
+        frag[2 * jp + 1][1] = r[3];
+    }
+}
+
+template <int LAYOUT, int BR>
+__device__ __forceinline__ void mma_fragments_b(const float* tile, int wc, int kk,
+                                                unsigned int frag[MMA_TILES_N][2]) {
+    typedef StageTile<PrecisionTf32, LAYOUT, BR> T;
+    const int lane = threadIdx.x % 32, m = lane / 8, j = lane % 8;
+    const int g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int jp = 0; jp < MMA_TILES_N / 2; ++jp) {
+        const int n = wc + 16 * jp;
+        if (LAYOUT == LAYOUT_INNER) {
+            unsigned int r[4];
+            gb_ldmatrix_x4(r, tile + (n + (m / 2) * 8 + j) * T::STRIDE + kk + (m % 2) * 4);
+            frag[2 * jp][0] = r[0];
+            frag[2 * jp][1] = r[1];
+            frag[2 * jp + 1][0] = r[2];
+            frag[2 * jp + 1][1] = r[3];
+        } else {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                frag[2 * jp + h][0] = __float_as_uint(tile[(kk + t) * T::STRIDE + n + 8 * h + g]);
+                frag[2 * jp + h][1] =
+                    __float_as_uint(tile[(kk + t + 4) * T::STRIDE + n + 8 * h + g]);
+            }
+        }
+    }
+#pragma unroll
+    for (int jn = 0; jn < MMA_TILES_N; ++jn)
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+            frag[jn][e] = __float_as_uint(gb_round_tf32(__uint_as_float(frag[jn][e])));
+}
+
+__device__ __forceinline__ void mma_tile(PrecisionBf16, float acc[4], const unsigned int a[4],
+                                         const unsigned int b[2]) {
+    gb_mma_bf16_16816(acc, a, b, acc);
+}
+
+__device__ __forceinline__ void mma_tile(PrecisionTf32, float acc[4], const unsigned int a[4],
+                                         const unsigned int b[2]) {
+    gb_mma_tf32_1688(acc, a, b, acc);
+}
+
+// acc[i][j][e] = Σ_p A(row, p) B(col, p) for the thread's accumulator elements:
+// row = blockIdx.x·MMA_BM + warp row + 16 i + lane/4 + 8 (e/2), col = blockIdx.y·MMA_BN + warp
+// column + 8 j + 2 (lane%4) + e%2 (the ISA's C fragment).
+template <class P, int LAYOUT_A, int LAYOUT_B>
+__device__ __forceinline__ void mma_mainloop(const typename P::elem* __restrict__ a, long long lda,
+                                             const typename P::elem* __restrict__ b, long long ldb,
+                                             int rows, int cols, int inner,
+                                             float acc[MMA_TILES_M][MMA_TILES_N][4]) {
+    typedef typename P::elem elem;
+    typedef StageTile<P, LAYOUT_A, MMA_BM> TA;
+    typedef StageTile<P, LAYOUT_B, MMA_BN> TB;
+    // Dynamic shared memory, MMA_STAGES × (A tile, B tile): mma_shared_bytes() of them, which
+    // the launcher passes (static __shared__ would cap a GPU at 48 KiB).
+    GB_DYNAMIC_SHARED(unsigned char, mma_smem);
+    static_assert(MmaShared<P, LAYOUT_A, LAYOUT_B>::BYTES <= 48 * 1024,
+                  "more than 48 KiB of dynamic shared memory needs an opt-in attribute");
+    elem(*smem_a)[TA::ELEMS] = reinterpret_cast<elem(*)[TA::ELEMS]>(mma_smem);
+    elem(*smem_b)[TB::ELEMS] =
+        reinterpret_cast<elem(*)[TB::ELEMS]>(mma_smem + MMA_STAGES * TA::ELEMS * sizeof(elem));
+    const int r0 = blockIdx.x * MMA_BM, c0 = blockIdx.y * MMA_BN;
+    const int warp = threadIdx.x / 32;
+    const int wr = (warp / 2) * MMA_WARP_M, wc = (warp % 2) * MMA_WARP_N;
+    const int vec_a = mma_vec_ok<P>(a, lda), vec_b = mma_vec_ok<P>(b, ldb);
+
+#pragma unroll
+    for (int i = 0; i < MMA_TILES_M; ++i)
+#pragma unroll
+        for (int j = 0; j < MMA_TILES_N; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+
+    const int slices = (inner + P::BK - 1) / P::BK;
+#pragma unroll
+    for (int s = 0; s < MMA_STAGES - 1; ++s) {
+        if (s < slices) {
+            mma_load_stage<P, LAYOUT_A, MMA_BM>(smem_a[s], a, lda, rows, inner, r0, s * P::BK, vec_a);
+            mma_load_stage<P, LAYOUT_B, MMA_BN>(smem_b[s], b, ldb, cols, inner, c0, s * P::BK, vec_b);
+        }
+        gb_cp_async_commit();  // one group per slice, empty past the end
+    }
+    for (int slice = 0; slice < slices; ++slice) {
+        gb_cp_async_wait<MMA_STAGES - 2>();  // this thread's copies of `slice` have landed
+        __syncthreads();                     // ... and everyone's; the stage refilled below
+                                             // was last read before this barrier
+        const int next = slice + MMA_STAGES - 1;
+        if (next < slices) {
+            const int s = next % MMA_STAGES;
+            mma_load_stage<P, LAYOUT_A, MMA_BM>(smem_a[s], a, lda, rows, inner, r0, next * P::BK, vec_a);
+            mma_load_stage<P, LAYOUT_B, MMA_BN>(smem_b[s], b, ldb, cols, inner, c0, next * P::BK, vec_b);
+        }
+        gb_cp_async_commit();
+        const elem* ta = smem_a[slice % MMA_STAGES];
+        const elem* tb = smem_b[slice % MMA_STAGES];
+#pragma unroll
+        for (int kk = 0; kk < P::BK; kk += P::KSTEP) {
+            unsigned int fa[MMA_TILES_M][4], fb[MMA_TILES_N][2];
+            mma_fragments_a<LAYOUT_A, MMA_BM>(ta, wr, kk, fa);
+            mma_fragments_b<LAYOUT_B, MMA_BN>(tb, wc, kk, fb);
+#pragma unroll
+            for (int i = 0; i < MMA_TILES_M; ++i)
+#pragma unroll
+                for (int j = 0; j < MMA_TILES_N; ++j) mma_tile(P(), acc[i][j], fa[i], fb[j]);
+        }
+    }
+    gb_cp_async_wait<0>();  // only empty groups remain; nothing is left in flight at exit
+}
+
+__device__ __forceinline__ int mma_row(int i, int e) {
+    return blockIdx.x * MMA_BM + ((threadIdx.x / 32) / 2) * MMA_WARP_M + 16 * i +
+           (threadIdx.x % 32) / 4 + 8 * (e / 2);
+}
+
+__device__ __forceinline__ int mma_col(int j, int e) {
+    return blockIdx.y * MMA_BN + ((threadIdx.x / 32) % 2) * MMA_WARP_N + 8 * j +
+           2 * (threadIdx.x % 4) + e % 2;
+}
+
+__device__ __forceinline__ void mma_store(float* __restrict__ c, int rows, int cols,
+                                          float acc[MMA_TILES_M][MMA_TILES_N][4]) {
+#pragma unroll
+    for (int i = 0; i < MMA_TILES_M; ++i)
+#pragma unroll
+        for (int j = 0; j < MMA_TILES_N; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int r = mma_row(i, e), col = mma_col(j, e);
+                if (r < rows && col < cols) c[(long long)r * cols + col] = acc[i][j][e];
+            }
+}
+
+// Y = f(acc + b), Z = acc + b when write_z, Y in bf16 (y16) when write_y16.
+__device__ __forceinline__ void mma_forward_epilogue(const float* __restrict__ bias,
+                                                     float* __restrict__ y, float* __restrict__ z,
+                                                     gb_bf16* __restrict__ y16, int M, int N,
+                                                     int has_bias, int write_z, int write_y16,
+                                                     int act_code, float alpha,
+                                                     float acc[MMA_TILES_M][MMA_TILES_N][4]) {
+#pragma unroll
+    for (int j = 0; j < MMA_TILES_N; ++j) {
+        float b[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int col = mma_col(j, e);
+            b[e] = (has_bias && col < N) ? bias[col] : 0.0f;
+        }
+#pragma unroll
+        for (int i = 0; i < MMA_TILES_M; ++i)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {  // rows lane/4 and lane/4 + 8
+                const int r = mma_row(i, 2 * h);
+                if (r >= M) continue;
+                float out[2];
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int col = mma_col(j, e);
+                    const float pre = acc[i][j][2 * h + e] + b[e];
+                    out[e] = (float)act_forward(act_code, (real_t)pre, (real_t)alpha);
+                    if (col < N) {
+                        const long long at = (long long)r * N + col;
+                        if (write_z) z[at] = pre;
+                        y[at] = out[e];
+                    }
+                }
+                if (write_y16) {
+                    const unsigned int pair = gb_cvt_bf16x2(out[0], out[1]);
+                    const int col = mma_col(j, 0);
+                    const long long at = (long long)r * N + col;
+                    if (col < N) y16[at] = (gb_bf16)(pair & 0xffffu);
+                    if (col + 1 < N) y16[at + 1] = (gb_bf16)(pair >> 16);
+                }
+            }
+    }
+}
+
+// ---- bf16 ------------------------------------------------------------------------------------
+
+// grid (⌈M/MMA_BM⌉, ⌈N/MMA_BN⌉), block MMA_THREADS.  z is written only when write_z, y16 (Y in
+// bf16) only when write_y16 (else any valid pointer).
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+dense_forward_bf16(const gb_bf16* __restrict__ x, const gb_bf16* __restrict__ w,
+                   const float* __restrict__ bias, float* __restrict__ y, float* __restrict__ z,
+                   gb_bf16* __restrict__ y16, int M, int N, int K, int has_bias, int write_z,
+                   int write_y16, int act_code, float alpha) {
+#if GB_HAS_TENSOR_CORES
+    float acc[MMA_TILES_M][MMA_TILES_N][4];
+    mma_mainloop<PrecisionBf16, LAYOUT_INNER, LAYOUT_INNER>(x, K, w, K, M, N, K, acc);
+    mma_forward_epilogue(bias, y, z, y16, M, N, has_bias, write_z, write_y16, act_code, alpha,
+                         acc);
+#else
+    __trap();
+#endif
+}
+
+// dX (M,K) = δ W.  grid (⌈M/MMA_BM⌉, ⌈K/MMA_BN⌉).
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+dense_backward_data_bf16(const gb_bf16* __restrict__ delta, const gb_bf16* __restrict__ w,
+                         float* __restrict__ dx, int M, int N, int K) {
+#if GB_HAS_TENSOR_CORES
+    float acc[MMA_TILES_M][MMA_TILES_N][4];
+    mma_mainloop<PrecisionBf16, LAYOUT_INNER, LAYOUT_OUTER>(delta, N, w, K, M, K, N, acc);
+    mma_store(dx, M, K, acc);
+#else
+    __trap();
+#endif
+}
+
+// dW (N,K) = δᵀ X.  grid (⌈N/MMA_BM⌉, ⌈K/MMA_BN⌉).  M = 0 gives zeros.
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+dense_backward_weight_bf16(const gb_bf16* __restrict__ delta, const gb_bf16* __restrict__ x,
+                           float* __restrict__ dw, int M, int N, int K) {
+#if GB_HAS_TENSOR_CORES
+    float acc[MMA_TILES_M][MMA_TILES_N][4];
+    mma_mainloop<PrecisionBf16, LAYOUT_OUTER, LAYOUT_OUTER>(delta, N, x, K, N, K, M, acc);
+    mma_store(dw, N, K, acc);
+#else
+    __trap();
+#endif
+}
+
+// ---- tf32 ------------------------------------------------------------------------------------
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+dense_forward_tf32(const float* __restrict__ x, const float* __restrict__ w,
+                   const float* __restrict__ bias, float* __restrict__ y, float* __restrict__ z,
+                   int M, int N, int K, int has_bias, int write_z, int act_code, float alpha) {
+#if GB_HAS_TENSOR_CORES
+    float acc[MMA_TILES_M][MMA_TILES_N][4];
+    mma_mainloop<PrecisionTf32, LAYOUT_INNER, LAYOUT_INNER>(x, K, w, K, M, N, K, acc);
+    mma_forward_epilogue(bias, y, z, nullptr, M, N, has_bias, write_z, 0, act_code, alpha, acc);
+#else
+    __trap();
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+dense_backward_data_tf32(const float* __restrict__ delta, const float* __restrict__ w,
+                         float* __restrict__ dx, int M, int N, int K) {
+#if GB_HAS_TENSOR_CORES
+    float acc[MMA_TILES_M][MMA_TILES_N][4];
+    mma_mainloop<PrecisionTf32, LAYOUT_INNER, LAYOUT_OUTER>(delta, N, w, K, M, K, N, acc);
+    mma_store(dx, M, K, acc);
+#else
+    __trap();
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+dense_backward_weight_tf32(const float* __restrict__ delta, const float* __restrict__ x,
+                           float* __restrict__ dw, int M, int N, int K) {
+#if GB_HAS_TENSOR_CORES
+    float acc[MMA_TILES_M][MMA_TILES_N][4];
+    mma_mainloop<PrecisionTf32, LAYOUT_OUTER, LAYOUT_OUTER>(delta, N, x, K, N, K, M, acc);
+    mma_store(dw, N, K, acc);
+#else
+    __trap();
+#endif
+}
+
+// ---- conversion --------------------------------------------------------------------------------
+
+// out = bf16(x), round to nearest even; any grid (grid-stride loop over n elements).
+extern "C" __global__ void to_bf16(const float* __restrict__ x, gb_bf16* __restrict__ out,
+                                   long long n) {
+#if GB_HAS_TENSOR_CORES
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        out[i] = (gb_bf16)(gb_cvt_bf16x2(x[i], 0.0f) & 0xffffu);
+    }
+#else
+    __trap();
+#endif
+}
