@@ -890,12 +890,12 @@ def _silence_stdout() -> None:
         pass
 
 
-def _stop_other_ranks(code: int) -> None:
+def _stop_other_ranks(code: int, error: BaseException) -> None:
     """After `train --distributed` failed on this rank: end every rank (the others would wait
     in their next collective for this one)."""
     from gpubackprop import distributed
 
-    distributed.abort_other_ranks(code)
+    distributed.abort_other_ranks(code, error)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -930,13 +930,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("GPUBACKPROP_DEBUG"):
             raise
         print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
-        _stop_other_ranks(2)
+        _stop_other_ranks(2, error)
         return 2
     except (RuntimeError, FloatingPointError, OSError) as error:
         if os.environ.get("GPUBACKPROP_DEBUG"):
             raise
         print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
-        _stop_other_ranks(1)
+        _stop_other_ranks(1, error)
         return 1
     except MemoryError as error:
         if os.environ.get("GPUBACKPROP_DEBUG"):
@@ -949,7 +949,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "batches or data sets need less)",
             file=sys.stderr,
         )
-        _stop_other_ranks(1)
+        _stop_other_ranks(1, error)
         return 1
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
