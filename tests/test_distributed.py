@@ -384,17 +384,21 @@ def test_cli_rank_failing_alone_stops_the_job(tmp_path):
 # -- single-process tests -------------------------------------------------------------------------
 
 
-def test_docs_example_runs_on_one_rank(tmp_path, monkeypatch):
-    """docs/distributed.md's script, as written, in this process (an MPI job of one rank)."""
+def test_docs_examples_run_on_one_rank(tmp_path, monkeypatch):
+    """docs/distributed.md's scripts, as written, in this process (an MPI job of one rank)."""
     pytest.importorskip("mpi4py")
     page = (ROOT / "docs" / "distributed.md").read_text(encoding="utf-8")
-    (block,) = re.findall(r"```python\n(.*?)```", page, re.S)
+    fit_script, loop_script = re.findall(r"```python\n(.*?)```", page, re.S)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GPUBACKPROP_BACKEND", "numpy")
     namespace: dict = {}
-    exec(compile(block, "docs/distributed.md", "exec"), namespace)
+    exec(compile(fit_script, "docs/distributed.md", "exec"), namespace)
     assert namespace["history"]["accuracy"][-1] > 0.9
     assert (tmp_path / "model.safetensors").is_file()
+    namespace = {}
+    exec(compile(loop_script, "docs/distributed.md", "exec"), namespace)
+    model, x, y = namespace["model"], namespace["x"], namespace["y"]
+    assert model.evaluate(x, y, gb.MSELoss())["loss"] < 0.1 * float(np.var(y))  # it learned
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4, 7])
