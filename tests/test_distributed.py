@@ -384,17 +384,21 @@ def test_cli_rank_failing_alone_stops_the_job(tmp_path):
 # -- single-process tests -------------------------------------------------------------------------
 
 
-def test_docs_example_runs_on_one_rank(tmp_path, monkeypatch):
-    """docs/distributed.md's script, as written, in this process (an MPI job of one rank)."""
+def test_docs_examples_run_on_one_rank(tmp_path, monkeypatch):
+    """docs/distributed.md's scripts, as written, in this process (an MPI job of one rank)."""
     pytest.importorskip("mpi4py")
     page = (ROOT / "docs" / "distributed.md").read_text(encoding="utf-8")
-    (block,) = re.findall(r"```python\n(.*?)```", page, re.S)
+    fit_script, loop_script = re.findall(r"```python\n(.*?)```", page, re.S)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GPUBACKPROP_BACKEND", "numpy")
     namespace: dict = {}
-    exec(compile(block, "docs/distributed.md", "exec"), namespace)
+    exec(compile(fit_script, "docs/distributed.md", "exec"), namespace)
     assert namespace["history"]["accuracy"][-1] > 0.9
     assert (tmp_path / "model.safetensors").is_file()
+    namespace = {}
+    exec(compile(loop_script, "docs/distributed.md", "exec"), namespace)
+    model, x, y = namespace["model"], namespace["x"], namespace["y"]
+    assert model.evaluate(x, y, gb.MSELoss())["loss"] < 0.1 * float(np.var(y))  # it learned
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4, 7])
@@ -431,6 +435,19 @@ def test_first_difference_names_the_path():
     assert dist.first_difference(a, a) is None
     assert dist.first_difference({"x": [1, 2]}, {"x": [1, 2, 3]}) == ("x length", 2, 3)
     assert dist.first_difference({"x": 1}, {"y": 1}) == ("x", 1, "<missing>")
+
+
+def test_setup_compares_standardize_buffers():
+    """Standardize's mean and std are not broadcast: ranks fitted on other data must differ."""
+
+    def setup(mean):
+        model = gb.Sequential(gb.Standardize(mean, [1.0, 2.0]), gb.Dense(2, 3)).to("numpy")
+        opt = gb.SGD(model.parameters(), lr=0.1)
+        return dist.training_setup(model, opt, gb.MSELoss(), 10, 5)
+
+    where, _, _ = dist.first_difference(setup([0.0, 1.0]), setup([0.0, 1.5]))
+    assert where == "buffers.0.mean"
+    assert dist.first_difference(setup([0.0, 1.0]), setup([0.0, 1.0])) is None
 
 
 def test_missing_nccl_names_what_to_install(monkeypatch):
