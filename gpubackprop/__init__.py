@@ -8,7 +8,7 @@ import logging
 import os
 from typing import Any
 
-from . import distributed
+from . import data, distributed
 from .backends import available_backends, get_backend
 from .callbacks import Callback, CosineSchedule, EarlyStopping, History, ModelCheckpoint
 from .gradcheck import gradcheck
@@ -108,6 +108,7 @@ __all__ = [
     "available_backends",
     "clip_grad_norm",
     "compile_step",
+    "data",
     "distributed",
     "export_onnx",
     "from_torch",
