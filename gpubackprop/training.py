@@ -160,14 +160,13 @@ def run_fit(
     n = xd.shape[0]
     if _rows(y) != n:
         raise ValueError(f"y has {_rows(y)} rows but x has {n}")
+    yd = _targets_on(model, loss, y)
     # Integer labels are range-checked once for the whole set, not per batch (a sync each):
-    # on the host before the upload when they come from the host, else once on the device.
-    labels_unchecked = isinstance(loss, SoftmaxCrossEntropyLoss) and dtype_of(y).kind in "iub"
-    labels_unchecked = labels_unchecked and len(shape_of(y)) == 1
+    # on the host copy when they came from the host, else once on the device.
+    labels_unchecked = isinstance(loss, SoftmaxCrossEntropyLoss) and yd.ndim == 1
     if labels_unchecked and isinstance(y, (np.ndarray, list, tuple)):
         check_label_range(get_backend("numpy"), np.asarray(y), _classes(model, xd))
         labels_unchecked = False
-    yd = _targets_on(model, loss, y)
     if validation_data is not None and len(validation_data) != 2:
         raise ValueError("validation_data must be a pair (x_val, y_val)")
     loss.backend = model.backend
