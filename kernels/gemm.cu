@@ -425,8 +425,6 @@ dense_backward_weight_splitk(const real_t* __restrict__ delta, const real_t* __r
     gemm_store(partial + (long long)blockIdx.z * N * K, N, K, acc);
 }
 
-#endif  // GEMM_TILED
-
 // out[r, c] = f(Σ_{s < splits} partial[s][r, c] + b[c]) (Z the sum when write_z), the slices
 // added in order.  A grid-stride loop over the rows × cols outputs; without bias and with the
 // identity (act_code 0) it is the plain sum the backward GEMMs need.
@@ -446,6 +444,8 @@ extern "C" __global__ void gemm_splitk_reduce(const real_t* __restrict__ partial
         y[i] = act_forward(act_code, sum, alpha);
     }
 }
+
+#endif  // GEMM_TILED
 
 #if GEMM_WARPTILED
 // ---- warp-tiled version ------------------------------------------------------------------------
