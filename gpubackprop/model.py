@@ -18,6 +18,7 @@ from .layers import (
     Layer,
     Standardize,
     activation_layer,
+    check_positive_int,
     init_for_activation,
 )
 from .losses import Loss, SoftmaxCrossEntropyLoss
@@ -271,6 +272,7 @@ class Sequential(Container):
 
     def predict(self, x: Array, batch_size: int = 1024) -> np.ndarray:
         """Model outputs for ``x`` as a NumPy array, computed batch by batch."""
+        batch_size = check_positive_int("batch_size", batch_size)
         xd = self.prepare_input(x)
         outputs = []
         for start in range(0, xd.shape[0], batch_size):

@@ -149,6 +149,14 @@ def run_fit(
         raise ValueError(f"verbose={verbose!r} is not accepted; expected 0, 1 or 2")
     if not isinstance(loss, Loss):
         raise TypeError(f"loss={loss!r} is not a gpubackprop Loss")
+    if not callable(getattr(optimizer, "step", None)):
+        raise TypeError(
+            f"optimizer={optimizer!r:.80} is not an optimizer; expected a gpubackprop Optimizer "
+            "such as gb.Adam(model.parameters())"
+        )
+    for i, callback in enumerate(callbacks):
+        if not isinstance(callback, Callback):
+            raise TypeError(f"callbacks[{i}]={callback!r:.80} is not a gpubackprop Callback")
     xd = model.prepare_input(x)
     n = xd.shape[0]
     if _rows(y) != n:
@@ -163,6 +171,15 @@ def run_fit(
         # training (the same reduced metrics give the same decisions everywhere).
         verbose = 0
         callbacks = [c for c in callbacks if not getattr(c, "main_process_only", False)]
+    # Settings that cannot work (a monitor no epoch will log, a folder that does not exist)
+    # fail now, not after the first epoch has been paid for.
+    metrics = {"loss", "samples_per_s"} | (
+        {"accuracy"} if isinstance(loss, ACCURACY_LOSSES) else set()
+    )
+    if validation_data is not None:
+        metrics |= {f"val_{m}" for m in metrics if m != "samples_per_s"}
+    for callback in callbacks:
+        callback.check_setup(metrics)
     history = History()
     callbacks = [history, *callbacks]
     model.stop_training = False
