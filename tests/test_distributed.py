@@ -44,6 +44,8 @@ CASES = [
     ("adam", 0.05, 24),
     ("sgd", None, 25),
 ]
+# Three ranks (not a power of two: MPI reduces in another pattern), uneven shards 9/8/8.
+THREE_RANK_CASE = ("adam", 0.05, 25)
 # The emu backend all-reduces the host memory of its arrays (CuPy-like device arrays in the
 # worker: GPUBACKPROP_EMU_DEVICE_ARRAYS=1); a few steps, the emulator being slow.
 EMU_CASE, EMU_STEPS = ("adam", 0.05, 24), 4
@@ -145,6 +147,9 @@ def _worker(scenario: str, out: Path) -> None:
         params, history = _fit_run(distributed=True, verbose=2)
         np.save(out / f"fit.rank{rank}.npy", params)
         (out / f"fit.rank{rank}.json").write_text(json.dumps(history))
+    elif scenario == "three":
+        params = _train_steps(*THREE_RANK_CASE, group)
+        np.save(out / f"three.rank{rank}.npy", params)
     elif scenario == "raise":
 
         class FailOnRankOne(gb.Callback):
@@ -234,6 +239,18 @@ def test_two_ranks_match_one_process_and_each_other(trained, optimizer, max_norm
     assert error <= RTOL, f"{name}: two ranks differ from one process by {error:.3g}"
     # the run moved: the comparison is not between two copies of the initial weights
     assert np.max(np.abs(single[-1] - single[0])) > 1e-2
+
+
+def test_three_ranks_stay_bitwise_identical_and_match_one_process(tmp_path):
+    result = _launch(3, [str(HERE), "three", str(tmp_path)], tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [np.load(tmp_path / f"three.rank{r}.npy") for r in range(3)]
+    for step in range(STEPS):
+        assert np.array_equal(ranks[0][step], ranks[1][step]), step
+        assert np.array_equal(ranks[0][step], ranks[2][step]), step
+    single = _train_steps(*THREE_RANK_CASE)
+    scale = np.max(np.abs(single), axis=1, keepdims=True)
+    assert np.max(np.abs(ranks[0] - single) / scale) <= RTOL
 
 
 def test_emu_ranks_match_one_numpy_process(trained):
@@ -367,17 +384,21 @@ def test_cli_rank_failing_alone_stops_the_job(tmp_path):
 # -- single-process tests -------------------------------------------------------------------------
 
 
-def test_docs_example_runs_on_one_rank(tmp_path, monkeypatch):
-    """docs/distributed.md's script, as written, in this process (an MPI job of one rank)."""
+def test_docs_examples_run_on_one_rank(tmp_path, monkeypatch):
+    """docs/distributed.md's scripts, as written, in this process (an MPI job of one rank)."""
     pytest.importorskip("mpi4py")
     page = (ROOT / "docs" / "distributed.md").read_text(encoding="utf-8")
-    (block,) = re.findall(r"```python\n(.*?)```", page, re.S)
+    fit_script, loop_script = re.findall(r"```python\n(.*?)```", page, re.S)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GPUBACKPROP_BACKEND", "numpy")
     namespace: dict = {}
-    exec(compile(block, "docs/distributed.md", "exec"), namespace)
+    exec(compile(fit_script, "docs/distributed.md", "exec"), namespace)
     assert namespace["history"]["accuracy"][-1] > 0.9
     assert (tmp_path / "model.safetensors").is_file()
+    namespace = {}
+    exec(compile(loop_script, "docs/distributed.md", "exec"), namespace)
+    model, x, y = namespace["model"], namespace["x"], namespace["y"]
+    assert model.evaluate(x, y, gb.MSELoss())["loss"] < 0.1 * float(np.var(y))  # it learned
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4, 7])
@@ -430,6 +451,19 @@ def test_missing_nccl_names_what_to_install(monkeypatch):
         dist.require_nccl()
 
 
+def test_bench_without_mpi_skips_the_row_and_still_passes(monkeypatch):
+    from gpubackprop import benchmarks as bench
+
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    config = bench.BenchConfig(
+        backends=["numpy"], preset="tiny", only=("data_parallel",), verbose=False, torch=False
+    )
+    record = bench.run_benchmarks(config)
+    assert record["results"] == []
+    (entry,) = [e for e in record["skipped"] if e["name"] == "data_parallel.step"]
+    assert 'pip install ".[mpi]"' in entry["reason"]
+
+
 def test_missing_mpi4py_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "mpi4py", None)  # import mpi4py now raises ImportError
     with pytest.raises(ImportError, match=r"pip install \"gpubackprop\[mpi\]\""):
@@ -461,6 +495,12 @@ def test_nccl_one_rank_allreduce_and_broadcast_on_the_gpu():
         pytest.skip(f"backend 'cupy' is unavailable here: {reason}")
     import cupy
 
+    try:
+        dist.require_nccl()
+    except RuntimeError as error:
+        if os.environ.get("GPUBACKPROP_REQUIRE_GPU"):
+            raise
+        pytest.skip(str(error))
     # a one-rank group needs no MPI (the GPU machine may lack the mpi extra)
     group = dist.ProcessGroup(comm=None, rank=0, size=1, local_rank=0, local_size=1)
     transport = dist.NcclTransport(group)
