@@ -300,12 +300,22 @@ def _config_to_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UsageError(f"--config file {path!r} does not exist") from None
+    except UnicodeDecodeError as error:
+        raise UsageError(
+            f"--config file {path!r} is not UTF-8 text (byte {error.object[error.start]:#04x} at "
+            f"offset {error.start}); expected a JSON file"
+        ) from None
     except OSError as error:
         raise UsageError(f"--config file {path!r} cannot be read: {error}") from None
     try:
         config = json.loads(text)
     except json.JSONDecodeError as error:
         raise UsageError(f"--config file {path!r} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise UsageError(
+            f"--config file {path!r} nests JSON too deeply; expected an object of option names "
+            "and values"
+        ) from None
     if not isinstance(config, dict):
         raise UsageError(
             f"--config file {path!r} holds a {type(config).__name__}; expected a JSON object "

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import gpubackprop as gb
+from gpubackprop import data
 
 
 def _model():
@@ -117,3 +118,146 @@ def test_layer_widths_that_do_not_chain_are_refused_when_built():
         gb.Dense(4, 1),
     )
     assert model.widths == (2, 1)
+
+
+# -- loaders ---------------------------------------------------------------------------------------
+
+
+def test_unreadable_checkpoint_says_permission_denied(tmp_path, monkeypatch):
+    import os
+
+    from gpubackprop import checkpoint
+
+    path = tmp_path / "m.safetensors"
+    gb.save(path, _model())
+    path.chmod(0)
+    if os.geteuid() == 0:  # root reads mode 000 files; answer as the kernel does for a user
+        real_open = os.open
+
+        def denied(target, flags, *args):
+            if os.fspath(target) == os.fspath(path):
+                raise PermissionError(13, "Permission denied", os.fspath(target))
+            return real_open(target, flags, *args)
+
+        monkeypatch.setattr(checkpoint.os, "open", denied)
+    with pytest.raises(
+        PermissionError, match=r"m\.safetensors.*permission denied \(mode ----------\)"
+    ):
+        gb.load(path)
+
+
+def test_deeply_nested_checkpoint_json_is_a_value_error(tmp_path):
+    import json
+
+    from safetensors.numpy import save_file
+
+    from gpubackprop import checkpoint
+
+    def write(config_text):
+        path = tmp_path / "deep.safetensors"
+        metadata = {
+            "format": checkpoint.FORMAT,
+            "format_version": str(checkpoint.FORMAT_VERSION),
+            "config": config_text,
+            "dtype": "float32",
+        }
+        save_file({"model.0.weight": np.zeros((2, 2), np.float32)}, str(path), metadata=metadata)
+        return path
+
+    with pytest.raises(ValueError, match=r"nested too deeply.*'config'"):
+        gb.load(write("[" * 100_000 + "]" * 100_000))
+    nested = {"type": "Residual", "layers": []}
+    for _ in range(200):
+        nested = {"type": "Residual", "layers": [nested]}
+    with pytest.raises(ValueError, match="nest deeper than 64 levels"):
+        gb.load(write(json.dumps({"type": "Sequential", "layers": [nested]})))
+
+
+def _npz(tmp_path, **arrays):
+    path = tmp_path / "d.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+def test_uint64_label_is_printed_as_it_is(tmp_path):
+    y = np.zeros(10, np.uint64)
+    y[3] = 2**63 + 5
+    path = _npz(tmp_path, x=np.ones((10, 2)), y=y)
+    with pytest.raises(ValueError, match=r"holds the label 9223372036854775813, larger than"):
+        data.load_npz(path)
+
+
+def test_damaged_npz_is_named(tmp_path):
+    rng = np.random.default_rng(0)
+    path = _npz(tmp_path, x=rng.standard_normal((200, 8)), y=rng.integers(0, 3, 200))
+    raw = bytearray(path.read_bytes())
+    for offset in range(200, 1200):  # inside x's data: the CRC no longer matches
+        raw[offset] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"npz data set .*d\.npz.* is corrupt \(BadZipFile"):
+        data.load_npz(path)
+    path.write_bytes(b"PK\x03\x04" + bytes(50))
+    with pytest.raises(ValueError, match=r"d\.npz.* is not a readable \.npz archive"):
+        data.load_npz(path)
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 5), (5, 0)])
+def test_empty_npz_features_are_named(tmp_path, shape):
+    path = _npz(tmp_path, x=np.zeros(shape), y=np.zeros(shape[0], int))
+    with pytest.raises(ValueError, match=rf"x is empty \(shape \({shape[0]},"):
+        data.load_npz(path)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_npz_features_are_refused_when_loading(tmp_path, bad):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((30, 4))
+    x[7, 2] = bad
+    path = _npz(tmp_path, x=x, y=rng.integers(0, 2, 30))
+    with pytest.raises(
+        ValueError, match=rf"x holds 1 non-finite value\(s\) \({bad} at index \(7, 2\)"
+    ):
+        data.load_npz(path)
+    y = rng.standard_normal(30)
+    y[4] = bad
+    path = _npz(tmp_path, x=rng.standard_normal((30, 4)), y=y)
+    with pytest.raises(ValueError, match=r"y holds 1 non-finite value"):
+        data.load_npz(path)
+
+
+def _mnist(directory, train_images, test_images, train_labels, test_labels):
+    for name, array in (
+        ("train-images-idx3-ubyte", train_images),
+        ("t10k-images-idx3-ubyte", test_images),
+        ("train-labels-idx1-ubyte", train_labels),
+        ("t10k-labels-idx1-ubyte", test_labels),
+    ):
+        data.write_idx(directory / name, array)
+
+
+def test_mnist_parts_that_disagree_are_refused_when_loading(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 4, 4), dtype=np.uint8)
+    labels = rng.integers(0, 10, 6, dtype=np.uint8)
+    _mnist(tmp_path, images, images[:, :3, :3].copy(), labels, labels)
+    with pytest.raises(ValueError, match=r"differ in size.*4x4 images but .*t10k.* holds 3x3"):
+        data.load_mnist_idx(tmp_path)
+    wrong = labels.copy()
+    wrong[2] = 12
+    _mnist(tmp_path, images, images, labels, wrong)
+    with pytest.raises(ValueError, match=r"t10k-labels.* holds the label 12; .*0\.\.9"):
+        data.load_mnist_idx(tmp_path)
+
+
+def test_config_file_that_is_not_utf8_is_named(tmp_path, capsys):
+    from gpubackprop import cli
+
+    path = tmp_path / "opts.json"
+    path.write_bytes(b'{"epochs": 2, "hidden": "\xff\xfe"}')
+    assert cli.main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "opts.json" in err and "not UTF-8" in err
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    assert cli.main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "opts.json" in err and "too deeply" in err
