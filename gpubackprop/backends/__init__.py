@@ -86,7 +86,7 @@ def get_backend(name: str | Backend | None = None) -> Backend:
         cupy_backend = _instance("cupy")
         chosen = cupy_backend if cupy_backend.available else _instance("numpy")
         if not _auto_choice_logged:
-            why = auto_reason()
+            why = "CuPy and a GPU are usable" if cupy_backend.available else cupy_backend.reason
             logger.info("backend 'auto' chose %r: %s", chosen.name, why)
             _auto_choice_logged = True
         return chosen
