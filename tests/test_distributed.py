@@ -112,7 +112,7 @@ def _train_steps(
     return np.stack(after)
 
 
-def _fit_run(distributed: bool, verbose: int = 0):
+def _fit_run(distributed: bool, verbose: int = 0, checkpoint: Path | None = None):
     """fit with shuffling, an uneven last batch (100 rows, batch 24) and validation data."""
     model, opt = _model_and_optimizer("adam", seed=0 if not distributed else 100 * dist.rank())
     gb.seed(7 + 13 * dist.rank())  # the shuffling generator: rank 0's is broadcast
@@ -128,6 +128,7 @@ def _fit_run(distributed: bool, verbose: int = 0):
         validation_data=(xv + 0.5, yv),
         verbose=verbose,
         distributed=distributed,
+        callbacks=[] if checkpoint is None else [gb.ModelCheckpoint(checkpoint)],
     )
     return np.array(model.store.data), history.history
 
@@ -144,7 +145,9 @@ def _worker(scenario: str, out: Path) -> None:
             np.save(out / f"{_case_name(optimizer, max_norm, batch)}.rank{rank}.npy", params)
         params = _train_steps(*EMU_CASE, group, backend="emu", steps=EMU_STEPS)
         np.save(out / f"{_case_name(*EMU_CASE, backend='emu')}.rank{rank}.npy", params)
-        params, history = _fit_run(distributed=True, verbose=2)
+        # each rank names its own checkpoint file: only rank 0's may appear
+        checkpoint = out / f"checkpoint.rank{rank}.safetensors"
+        params, history = _fit_run(distributed=True, verbose=2, checkpoint=checkpoint)
         np.save(out / f"fit.rank{rank}.npy", params)
         (out / f"fit.rank{rank}.json").write_text(json.dumps(history))
     elif scenario == "three":
@@ -287,6 +290,8 @@ def test_distributed_fit_matches_fit_and_rank_zero_alone_prints(trained):
         reduced = json.loads((out / f"fit.rank{rank}.json").read_text())
         for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
             np.testing.assert_allclose(reduced[key], history[key], rtol=1e-9, err_msg=key)
+    assert (out / "checkpoint.rank0.safetensors").is_file()
+    assert not (out / "checkpoint.rank1.safetensors").exists()
     # verbose=2 prints one line per epoch, from rank 0 only: 3 epochs, 3 lines
     assert result.stderr.count("epoch 1/3") == 1
     assert result.stderr.count("epoch 3/3") == 1
