@@ -44,6 +44,8 @@ CASES = [
     ("adam", 0.05, 24),
     ("sgd", None, 25),
 ]
+# A "sum" loss: the ranks' gradients are added, not weighted (uneven shards 13/12).
+SUM_CASE = ("sgd", None, 25)
 # Three ranks (not a power of two: MPI reduces in another pattern), uneven shards 9/8/8.
 THREE_RANK_CASE = ("adam", 0.05, 25)
 # The emu backend all-reduces the host memory of its arrays (CuPy-like device arrays in the
@@ -84,14 +86,20 @@ def _train_steps(
     parallel_group=None,
     backend: str = "numpy",
     steps: int = STEPS,
+    summed_mse: bool = False,
 ):
     """``steps`` steps on consecutive global batches; returns the flat parameters after each.
-    With a group: every rank takes its shard and the gradients are averaged."""
+    With a group: every rank takes its shard and the gradients are averaged.  The loss is
+    cross-entropy (a mean), or with ``summed_mse`` MSELoss(reduction="sum") on one-hot targets
+    (the ranks' gradients add up without weights)."""
     rank = 0 if parallel_group is None else parallel_group.rank
     # Ranks other than 0 start from other weights: the broadcast must replace them.
     model, opt = _model_and_optimizer(optimizer, seed=100 * rank, backend=backend)
-    loss = gb.SoftmaxCrossEntropyLoss().to(model.backend)
+    loss = (gb.MSELoss("sum") if summed_mse else gb.SoftmaxCrossEntropyLoss()).to(model.backend)
     x, y = _data(steps * batch)
+    if summed_mse:
+        y = np.eye(OUTPUTS)[y]
+        opt.lr = opt.lr / batch  # the summed gradient is ~batch times the mean's
     parallel = None
     if parallel_group is not None:
         parallel = dist.DataParallel(parallel_group, model, loss, opt)
@@ -101,7 +109,8 @@ def _train_steps(
         start, stop = step * batch, (step + 1) * batch
         lo, hi = (start, stop) if parallel is None else parallel.shard(start, stop)
         pred = model.forward(x[lo:hi])
-        loss.forward(pred, model.backend.asarray(y[lo:hi], np.int64))
+        target = y[lo:hi] if summed_mse else y[lo:hi].astype(np.int64)
+        loss.forward(pred, model.backend.asarray(target))
         model.backward(loss.backward(), need_input_grad=False)
         if parallel is not None:
             parallel.average_gradients(hi - lo, stop - start)
@@ -150,6 +159,8 @@ def _worker(scenario: str, out: Path) -> None:
         params, history = _fit_run(distributed=True, verbose=2, checkpoint=checkpoint)
         np.save(out / f"fit.rank{rank}.npy", params)
         (out / f"fit.rank{rank}.json").write_text(json.dumps(history))
+        params = _train_steps(*SUM_CASE, group, summed_mse=True)
+        np.save(out / f"sum.rank{rank}.npy", params)
     elif scenario == "three":
         params = _train_steps(*THREE_RANK_CASE, group)
         np.save(out / f"three.rank{rank}.npy", params)
@@ -241,6 +252,16 @@ def test_two_ranks_match_one_process_and_each_other(trained, optimizer, max_norm
     error = np.max(np.abs(rank0 - single) / scale)
     assert error <= RTOL, f"{name}: two ranks differ from one process by {error:.3g}"
     # the run moved: the comparison is not between two copies of the initial weights
+    assert np.max(np.abs(single[-1] - single[0])) > 1e-2
+
+
+def test_sum_reduction_adds_the_ranks_gradients(trained):
+    out, _ = trained
+    rank0, rank1 = np.load(out / "sum.rank0.npy"), np.load(out / "sum.rank1.npy")
+    assert np.array_equal(rank0, rank1)
+    single = _train_steps(*SUM_CASE, summed_mse=True)
+    scale = np.max(np.abs(single), axis=1, keepdims=True)
+    assert np.max(np.abs(rank0 - single) / scale) <= RTOL
     assert np.max(np.abs(single[-1] - single[0])) > 1e-2
 
 
