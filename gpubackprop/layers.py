@@ -85,6 +85,8 @@ class Dense(Layer):
         # Set by the Sequential plan when an activation follows (fused epilogue).
         self.activation = "identity"
         self.alpha = 0.0
+        # The GEMM precision, set by Sequential.to (gpubackprop/precision.py).
+        self.precision = "fp32"
         self._x = self._saved = None
 
     def parameters(self) -> list[Parameter]:
@@ -103,7 +105,7 @@ class Dense(Layer):
         """z = x Wᵀ + b and, when fused, y = f(z); keeps x (for ∂L/∂W) and y or z (for f')."""
         bias = self.bias.data if self.bias is not None else None
         y, self._saved = self.backend.dense_forward(
-            x, self.weight.data, bias, self.activation, self.alpha
+            x, self.weight.data, bias, self.activation, self.alpha, precision=self.precision
         )
         self._x = x
         return y
@@ -123,6 +125,7 @@ class Dense(Layer):
             self.weight.grad,
             dbias,
             need_dinp,
+            precision=self.precision,
         )
 
 
@@ -282,15 +285,17 @@ def layer_from_config(config: dict) -> Layer:
         raise ValueError(f"layer config {config!r} is invalid: {error}") from None
 
 
-def build_steps(layers: list[Layer], backend) -> list[Layer]:
+def build_steps(layers: list[Layer], backend, precision: str = "fp32") -> list[Layer]:
     """The execution plan: a Dense followed by an activation becomes one fused step
-    (the activation runs in the Dense's epilogue and is not run on its own)."""
+    (the activation runs in the Dense's epilogue and is not run on its own); every Dense
+    computes its matrix products in ``precision``."""
     steps: list[Layer] = []
     i = 0
     while i < len(layers):
         layer = layers[i]
         layer.backend = backend
         if isinstance(layer, Dense):
+            layer.precision = precision
             following = layers[i + 1] if i + 1 < len(layers) else None
             if isinstance(following, Activation):
                 following.backend = backend
@@ -299,7 +304,7 @@ def build_steps(layers: list[Layer], backend) -> list[Layer]:
             else:
                 layer.activation, layer.alpha = "identity", 0.0
         elif isinstance(layer, Residual):
-            layer.steps = build_steps(layer.layers, backend)
+            layer.steps = build_steps(layer.layers, backend, precision)
         steps.append(layer)
         i += 1
     return steps

@@ -13,6 +13,7 @@ from .callbacks import Callback, History
 from .layers import Dense, Layer, Residual, build_steps, layer_from_config
 from .losses import Loss, SoftmaxCrossEntropyLoss
 from .parameters import FlatStore, Parameter
+from .precision import check_precision
 
 if TYPE_CHECKING:
     from .optim import Optimizer
@@ -44,6 +45,7 @@ class Sequential(Layer):
         self.layers = list(layers)
         self.backend = None
         self.dtype: np.dtype | None = None
+        self.precision = "fp32"
         self.store: FlatStore | None = None
         self.steps: list[Layer] = []
         self.stop_training = False
@@ -86,14 +88,31 @@ class Sequential(Layer):
         return None
 
     # -- placement ------------------------------------------------------------------------
-    def to(self, backend: Any = None, dtype: Any = "float32") -> Sequential:
+    def to(
+        self, backend: Any = None, dtype: Any = "float32", precision: str = "fp32"
+    ) -> Sequential:
         """Move parameters to ``backend`` ("numpy" | "cupy" | "emu" | "auto" | None = the
-        GPUBACKPROP_BACKEND variable or "auto") in ``dtype``; build the fused plan."""
-        self.backend = get_backend(backend)
-        self.dtype = _check_dtype(dtype)
+        GPUBACKPROP_BACKEND variable or "auto") in ``dtype``; build the fused plan.
+
+        ``precision`` ("fp32" | "tf32" | "bf16") is how the dense layers' matrix products
+        round their operands (docs/derivation.md, Mixed precision): parameters, gradients and
+        optimizer state stay ``dtype`` (the fp32 master copy); tf32 and bf16 need float32 and,
+        on a GPU, compute capability 8.0 or later (the error names the GPU otherwise)."""
+        check_precision(precision)
+        resolved_dtype = _check_dtype(dtype)
+        if precision != "fp32" and resolved_dtype != np.float32:
+            raise ValueError(
+                f"precision={precision!r} needs dtype='float32' (fp32 master weights and "
+                f"accumulation); got dtype={resolved_dtype.name!r}"
+            )
+        placed = get_backend(backend)
+        placed.check_precision(precision)
+        self.backend = placed
+        self.dtype = resolved_dtype
+        self.precision = precision
         params = self._all_parameters()
         self.store = FlatStore(self.backend, self.dtype, params)
-        self.steps = build_steps(self.layers, self.backend)
+        self.steps = build_steps(self.layers, self.backend, precision)
         return self
 
     def _ensure_placed(self) -> None:
