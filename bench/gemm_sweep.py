@@ -4,7 +4,7 @@ Each configuration (a GEMM version and its tuning values) is first checked again
 on an odd shape (a wrong one is reported, not timed), then Y = X·Wᵀ (dense_forward) and dX + dW
 (dense_backward) are timed at ``--size``³ with CUDA events, alternating with cupy.matmul (TF32
 off) doing the same products.  The winner of each version is the configuration to put in its
-tiles dict (GEMM_TILES or GEMM_TILES_WARPTILED in gpubackprop/backends/kernel_backend.py); the
+tiles dict (GEMM_TILES or GEMM_TILES_WARPTILED in gpubackprop/backends/gemm_config.py); the
 overall winner says which version the library should use.
 
     python bench/gemm_sweep.py --json sweep.json            # on a GPU (cupy backend)

@@ -8,13 +8,25 @@ import logging
 import os
 from typing import Any
 
-from . import distributed
+from . import data, distributed
 from .backends import available_backends, get_backend
-from .callbacks import Callback, EarlyStopping, History, ModelCheckpoint
+from .callbacks import Callback, CosineSchedule, EarlyStopping, History, ModelCheckpoint
 from .gradcheck import gradcheck
-from .layers import GELU, Dense, Identity, LeakyReLU, ReLU, Residual, Sigmoid, SiLU, Tanh
+from .layers import (
+    GELU,
+    Dense,
+    Identity,
+    LeakyReLU,
+    ReLU,
+    Residual,
+    Sigmoid,
+    SiLU,
+    Standardize,
+    Tanh,
+    init_for_activation,
+)
 from .losses import BCELoss, BCEWithLogitsLoss, MSELoss, SoftmaxCrossEntropyLoss
-from .model import Sequential
+from .model import Sequential, mlp
 from .optim import SGD, Adam, AdamW, Optimizer, clip_grad_norm
 from .parameters import Parameter
 from .random import seed
@@ -73,6 +85,7 @@ __all__ = [
     "BCELoss",
     "BCEWithLogitsLoss",
     "Callback",
+    "CosineSchedule",
     "Dense",
     "EarlyStopping",
     "History",
@@ -87,16 +100,20 @@ __all__ = [
     "SiLU",
     "Sigmoid",
     "SoftmaxCrossEntropyLoss",
+    "Standardize",
     "Tanh",
     "__version__",
     "available_backends",
     "clip_grad_norm",
+    "data",
     "distributed",
     "export_onnx",
     "from_torch",
     "get_backend",
     "gradcheck",
+    "init_for_activation",
     "load",
+    "mlp",
     "save",
     "seed",
 ]

@@ -56,13 +56,16 @@ class ParityReport:
     def passed(self) -> bool:
         return all(row.passed for row in self.rows)
 
-    def format(self) -> str:
+    def format(self, failures_only: bool = False) -> str:
+        """The table (only the failing rows with ``failures_only``) and the counts of all rows."""
         header = (
             f"{'op':<28} {'shape':<18} {'backend':<7} {'dtype':<8} {'tensor':<12} "
             f"{'max abs err':>11} {'max rel err':>11}  result"
         )
         lines = [header, "-" * len(header)]
         for r in self.rows:
+            if failures_only and r.passed:
+                continue
             lines.append(
                 f"{r.op:<28} {r.shape:<18} {r.backend:<7} {r.dtype:<8} {r.tensor:<12} "
                 f"{r.max_abs_error:>11.2e} {r.max_rel_error:>11.2e}  "
@@ -338,6 +341,31 @@ def _flat_buffer_cases(rng, size):
     return cases
 
 
+def _standardize_cases(rng, shape):
+    """Input standardisation (gb.Standardize): y = (x − μ)/σ and ∂L/∂x = ∂L/∂y / σ, σ from
+    0.01 to 100 so that the division is exercised at several scales."""
+    cols = shape[1]
+    mean = rng.normal(0, 5, size=cols)
+    std = np.exp(rng.uniform(np.log(0.01), np.log(100.0), size=cols))
+    label = "x".join(map(str, shape))
+    return [
+        OpCase(
+            "standardize_forward",
+            label,
+            {"x": rng.normal(0, 10, size=shape), "mean": mean, "std": std},
+            lambda backend, x, mean, std: {"y": backend.standardize_forward(x, mean, std)},
+            noncontiguous=("x",),
+        ),
+        OpCase(
+            "standardize_backward",
+            label,
+            {"dout": rng.normal(size=shape), "std": std},
+            lambda backend, dout, std: {"dinp": backend.standardize_backward(dout, std)},
+            noncontiguous=("dout",),
+        ),
+    ]
+
+
 def op_cases(seed: int = 0, quick: bool = False) -> list[OpCase]:
     """Every op of the contract on odd shapes (fresh random inputs for each seed)."""
     rng = np.random.default_rng(seed)
@@ -355,6 +383,7 @@ def op_cases(seed: int = 0, quick: bool = False) -> list[OpCase]:
     for shape in ELEMENTWISE_SHAPES[: 2 if quick else None]:
         for activation in ACTIVATIONS:
             cases += _activation_cases(rng, shape, activation)
+        cases += _standardize_cases(rng, shape)
     for n, c in [(1, 1), (7, 3), (33, 10)] + ([] if quick else [(1000, 129)]):
         cases += _loss_cases(rng, n, c)
     for size in FLAT_SIZES[: 3 if quick else None]:

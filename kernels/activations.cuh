@@ -1,7 +1,7 @@
 // activations.cuh: the activation functions and their derivatives, written once for the GPU.
 //
 // Serves the GEMM epilogue (gemm.cu: dense_forward) and the elementwise kernels of
-// gpubackprop/backends/kernel_backend.py (ELEMENTWISE_SPECS put this file in their preamble).
+// elementwise.cuh (gb_activation_forward, gb_activation_backward).
 // The formulas mirror activation_value / activation_derivative in numpy_backend.py.
 // No kernels here.
 //

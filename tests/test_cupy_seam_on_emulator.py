@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from gpubackprop import kernels
+from gpubackprop.arrays import to_host
 from gpubackprop.backends import available_backends
 from gpubackprop.backends.base import ACTIVATIONS
 from gpubackprop.backends.kernel_backend import KernelBackend
@@ -50,15 +51,16 @@ class _Function:
 
 
 class _RawModule:
-    def __init__(self, *, code: str, options: tuple = ()) -> None:
+    def __init__(self, *, code: str, options: tuple = (), name_expressions=None) -> None:
         if not isinstance(options, tuple):
             raise TypeError("options must be a tuple of str")
         self.code, self.options, self.module = code, options, None
+        self.name_expressions = tuple(name_expressions or ())
         self.seam = EMULATED_SEAM
 
     def compile(self, log_stream=None):
         try:
-            self.module = self.seam.compile_text(self.code, "RawModule")
+            self.module = self.seam.compile_text(self.code, "RawModule", self.name_expressions)
         except EmuCompileError as error:  # what CuPy raises for an NVRTC error
             raise CompileException(str(error), self.code, "RawModule", self.options) from None
 
@@ -95,7 +97,11 @@ class EmulatedCupy:
     ndarray = DeviceArray
     RawModule = _RawModule
     ElementwiseKernel = _ElementwiseKernel
-    cuda = SimpleNamespace(Device=lambda: SimpleNamespace(id=0))
+    # The emulator runs each launch to completion, so the stream has nothing left to wait for.
+    cuda = SimpleNamespace(
+        Device=lambda: SimpleNamespace(id=0),
+        get_current_stream=lambda: SimpleNamespace(synchronize=lambda: None),
+    )
 
     def __getattr__(self, name):
         return getattr(device_xp, name)
@@ -143,6 +149,29 @@ def test_seam_caches_modules_and_names_a_missing_kernel(backend):
     assert isinstance(seam.empty((2,), np.float32), DeviceArray)
 
 
+def test_seam_launches_a_templated_kernel_by_name_expression(tmp_path, monkeypatch):
+    from gpubackprop.backends.cupy_backend import CupySeam
+
+    monkeypatch.setattr(kernels, "kernel_dir", lambda: tmp_path)
+    (tmp_path / "scaled.cu").write_text(
+        "template <typename T, int FACTOR>\n"
+        "__global__ void scaled_copy(const T* x, T* y, int n) {\n"
+        "    int i = blockIdx.x * blockDim.x + threadIdx.x;\n"
+        "    if (i < n) y[i] = FACTOR * x[i];\n"
+        "}\n"
+    )
+    expressions = ("scaled_copy<float, 3>", "scaled_copy<double, -2>")
+    for seam in (CupySeam(EmulatedCupy()), EmuSeam()):
+        module = seam.compile("scaled.cu", {"REAL_T": "float"}, expressions)
+        for expression, dtype, factor in zip(expressions, (np.float32, np.float64), (3, -2)):
+            x = np.arange(5, dtype=dtype)
+            if seam.name == "cupy":
+                x = device_xp.asarray(x)
+            y = seam.empty((5,), dtype)
+            seam.launch(module, expression, (1, 1, 1), (32, 1, 1), (x, y, np.int32(5)))
+            np.testing.assert_array_equal(to_host(y), factor * np.arange(5))
+
+
 def test_seam_wraps_a_compile_error(tmp_path, monkeypatch):
     from gpubackprop.backends.cupy_backend import CupySeam
 
@@ -158,9 +187,9 @@ def test_seam_wraps_an_elementwise_compile_error():
     import dataclasses
 
     from gpubackprop.backends.cupy_backend import CupySeam
-    from gpubackprop.backends.kernel_backend import ELEMENTWISE_SPECS
+    from gpubackprop.backends.elementwise import elementwise_specs
 
-    spec = dataclasses.replace(ELEMENTWISE_SPECS[0], operation="y = undefined_name;")
+    spec = dataclasses.replace(elementwise_specs()[0], operation="y = undefined_name;")
     kernel = CupySeam(EmulatedCupy()).elementwise(spec, np.float32)
     x = device_xp.asarray(np.ones(4, np.float32))
     with pytest.raises(kernels.KernelCompileError, match=f"ElementwiseKernel {spec.name}"):
@@ -204,12 +233,12 @@ def test_seam_says_what_to_install_without_the_cuda_toolkit(monkeypatch, failure
 
 def test_elementwise_says_what_to_install_without_the_cuda_toolkit(monkeypatch):
     from gpubackprop.backends.cupy_backend import CupySeam
-    from gpubackprop.backends.kernel_backend import ELEMENTWISE_SPECS
+    from gpubackprop.backends.elementwise import elementwise_specs
 
     def fail(self, *args, **kwargs):
         raise RuntimeError("Failed to find CUDA headers")
 
-    kernel = CupySeam(EmulatedCupy()).elementwise(ELEMENTWISE_SPECS[0], np.float32)
+    kernel = CupySeam(EmulatedCupy()).elementwise(elementwise_specs()[0], np.float32)
     monkeypatch.setattr(type(kernel.kernel), "__call__", fail)
     with pytest.raises(kernels.KernelCompileError, match=r"cupy-cuda13x\[ctk\]"):
         kernel(device_xp.asarray(np.ones(4, np.float32)))

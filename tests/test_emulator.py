@@ -522,15 +522,15 @@ def test_fault_with_the_ucontext_switch(seam, monkeypatch):
 
 def test_misaligned_gemm_operand_with_a_forced_vector_path(monkeypatch):
     """The property test's failure mode: 16-byte loads forced on operands at an odd offset."""
+    from gpubackprop.backends import operands
     from gpubackprop.backends.emu_backend import EmuBackend
-    from gpubackprop.backends.kernel_backend import KernelBackend
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     try:
         from test_gemm_properties import _misaligned
     finally:
         sys.path.pop(0)
-    monkeypatch.setattr(KernelBackend, "_vec4_flag", staticmethod(lambda a, leading: np.int32(1)))
+    monkeypatch.setattr(operands, "vec4_flag", lambda a, leading: np.int32(1))
     backend = EmuBackend()
     rng = np.random.default_rng(11)
     for dtype, vector in ((np.float32, "float4"), (np.float64, "double2")):

@@ -15,13 +15,9 @@ import numpy as np
 import pytest
 
 from gpubackprop import kernels
-from gpubackprop.backends.kernel_backend import (
-    ELEMENTWISE_SPECS,
-    GEMM_TILES,
-    GEMM_TILES_WARPTILED,
-    GEMM_VERSIONS,
-    KERNEL_DEFINES,
-)
+from gpubackprop.backends.elementwise import ELEMENTWISE_HEADERS, elementwise_specs
+from gpubackprop.backends.gemm_config import GEMM_TILES, GEMM_TILES_WARPTILED, GEMM_VERSIONS
+from gpubackprop.backends.kernel_backend import KERNEL_DEFINES
 from gpubackprop.kernels import (
     KernelCompileError,
     elementwise_as_kernel_source,
@@ -70,6 +66,8 @@ LIBRARY_DEFINES = {
     "gemm.cu": {real: {**GEMM_TILES[real], **GEMM_TILES_WARPTILED[real]} for real in REAL_TYPES},
     **{file: dict.fromkeys(REAL_TYPES, values) for file, values in KERNEL_DEFINES.items()},
 }
+
+ELEMENTWISE_SPECS = elementwise_specs()
 
 _compiled_cache: dict[tuple, tuple[bytes, str]] = {}
 
@@ -159,6 +157,36 @@ def test_elementwise_spec_compiles(spec, dtype):
     cubin, log = nvrtc_compile(text, "sm_80", verbose=True)
     assert cubin
     assert spec.name in ptxas_report(log)
+
+
+def test_every_elementwise_function_is_a_kernel():
+    """Each GB_ELEMENTWISE function of the headers became a spec, typed from its signature."""
+    defined = []
+    for header in ELEMENTWISE_HEADERS:
+        text = (kernels.kernel_dir() / header).read_text()
+        defined += re.findall(r"^GB_ELEMENTWISE (\w+)_element\(", text, flags=re.M)
+    assert defined and defined == [spec.name for spec in ELEMENTWISE_SPECS]
+    adam = next(s for s in ELEMENTWISE_SPECS if s.name == "gb_adam")
+    assert adam.in_params.startswith("T grad, float64 lr, float64 beta1")
+    assert adam.out_params == "T param, T exp_avg, T exp_avg_sq"
+    assert adam.operation.startswith("gb_adam_element(grad, lr,")
+
+
+def test_an_elementwise_signature_that_is_not_understood_is_refused(tmp_path, monkeypatch):
+    from gpubackprop.backends import elementwise
+
+    (tmp_path / "elementwise.cuh").write_text(
+        "GB_ELEMENTWISE gb_bad_element(real_t x, real_t& y) { y = x; }\n"
+    )
+    (tmp_path / "optimizers.cuh").write_text("")
+    monkeypatch.setattr(elementwise, "kernel_dir", lambda: tmp_path)
+    elementwise._specs.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="input 'x' of gb_bad must be const"):
+            elementwise.elementwise_specs()
+    finally:
+        monkeypatch.undo()
+        elementwise._specs.cache_clear()
 
 
 def test_elementwise_wrapper_signature():
@@ -560,7 +588,7 @@ def test_cupy_elementwise_compile_error_points_at_the_operation():
         launcher(types.SimpleNamespace())
     message = str(info.value)
     assert f"ElementwiseKernel {spec.name}" in message
-    assert "activations.cuh" in message  # the preamble files are named
+    assert "elementwise.cuh" in message  # the preamble files are named
     assert re.search(r">\s+\d+ \|\s+y = undefined_name;", message), message
     assert info.value.file == f"{spec.name}.elementwise"
 
@@ -603,8 +631,6 @@ def test_cupy_seam_compile_error_names_file_and_line(tmp_path, monkeypatch):
 
 def test_gemm_sweep_measures_the_library_defaults_first():
     """A sweep stopped by its time limit has then timed what the library runs now."""
-    from gpubackprop.backends.kernel_backend import GEMM_TILES, GEMM_TILES_WARPTILED
-
     sweep = _gemm_sweep_module()
     (v1, c1), (v2, c2) = sweep.CONFIGS[:2]
     assert (v1, sweep._tiles(v1, c1)) == ("tiled", GEMM_TILES["float"])
@@ -628,7 +654,7 @@ def test_a_backend_compiles_only_the_gemm_version_it_launches(version):
     from gpubackprop.backends.kernel_backend import KernelBackend
 
     backend = KernelBackend(EmuSeam(), gemm_version=version)
-    module, _ = backend._gemm_module(np.dtype(np.float32))
+    module = backend._module("gemm.cu", np.dtype(np.float32))
     suffix = "" if version == "tiled" else f"_{version}"
     layouts = ("dense_forward", "dense_backward_data", "dense_backward_weight")
     assert set(module.kernels) == {f"{name}{suffix}" for name in layouts}

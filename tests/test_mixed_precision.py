@@ -15,7 +15,7 @@ import pytest
 
 import gpubackprop as gb
 from gpubackprop import cli
-from gpubackprop.backends.cupy_backend import CupyBackend, tensor_core_precisions
+from gpubackprop.backends.cupy_backend import CupyBackend, CupySeam, tensor_core_precisions
 from gpubackprop.emulator import find_compiler
 from gpubackprop.precision import PRECISIONS, bf16_bits, bf16_from_bits
 
@@ -101,7 +101,7 @@ def test_a_gpu_below_compute_capability_8_is_refused_by_name():
     assert tensor_core_precisions((8, 0)) == PRECISIONS == tensor_core_precisions((9, 0))
     turing = CupyBackend.__new__(CupyBackend)  # a stand-in for a T4: no device needed
     turing.available, turing.reason = True, ""
-    turing._device_name, turing.compute_capability = "Tesla T4", (7, 5)
+    turing.seam, turing.compute_capability = CupySeam(None, "Tesla T4"), (7, 5)
     assert turing.check_precision("fp32") == "fp32"
     with pytest.raises(
         ValueError,

@@ -107,22 +107,28 @@ class CupySeam:
 
     name = "cupy"
 
-    def __init__(self, cupy: Any) -> None:
+    def __init__(self, cupy: Any, device_name: str = "") -> None:
         self.cupy = cupy
         self.xp = cupy
+        self._device_name = device_name
         self._modules: dict[tuple[str, int], _Module] = {}
         self._elementwise: dict[tuple[str, str, int], Any] = {}
 
     def _device(self) -> int:
         return int(self.cupy.cuda.Device().id)
 
-    def compile(self, source_file: str, defines: dict[str, str]) -> _Module:
+    def compile(
+        self, source_file: str, defines: dict[str, str], name_expressions: tuple[str, ...] = ()
+    ) -> _Module:
         source = load_source(source_file, defines)
-        key = (source.key, self._device())
+        name_expressions = tuple(name_expressions)
+        key = (source.key, name_expressions, self._device())
         if key not in self._modules:
             from cupy.cuda.compiler import CompileException
 
-            raw = self.cupy.RawModule(code=source.text, options=NVRTC_OPTIONS)
+            # Templated kernels are instantiated by name expression and looked up by it.
+            extra = {"name_expressions": list(name_expressions)} if name_expressions else {}
+            raw = self.cupy.RawModule(code=source.text, options=NVRTC_OPTIONS, **extra)
             try:
                 raw.compile()
             except Exception as error:
@@ -161,6 +167,12 @@ class CupySeam:
                 f"{name} is on GPU {array.device.id} but the kernels run on GPU {current}; "
                 f"copy it there first (with cupy.cuda.Device({current}): cupy.asarray(...))"
             )
+
+    def synchronize(self) -> None:
+        self.cupy.cuda.get_current_stream().synchronize()
+
+    def device_name(self) -> str:
+        return self._device_name
 
     def elementwise(self, spec: ElementwiseSpec, dtype: Any):
         key = (spec.name, np.dtype(dtype).str, self._device())
@@ -251,9 +263,9 @@ class CupyBackend(KernelBackend):
             self.reason = f"CUDA initialisation failed: {type(error).__name__}: {error}"
             return
         name = props.get("name", b"")
-        self._device_name = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+        name = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
         self.compute_capability = (int(props.get("major", 0)), int(props.get("minor", 0)))
-        super().__init__(CupySeam(cupy), gemm_version=gemm_version, gemm_tiles=gemm_tiles)
+        super().__init__(CupySeam(cupy, name), gemm_version=gemm_version, gemm_tiles=gemm_tiles)
         self.available = True
 
     def precisions(self) -> tuple[str, ...]:
@@ -274,10 +286,5 @@ class CupyBackend(KernelBackend):
         return precision
 
     def synchronize(self) -> None:
-        if self.xp is not None:
-            self.xp.cuda.get_current_stream().synchronize()
-
-    def device_name(self) -> str:
-        if not self.available:
-            return f"unavailable ({self.reason})"
-        return self._device_name
+        if self.seam is not None:
+            self.seam.synchronize()

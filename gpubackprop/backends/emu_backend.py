@@ -14,10 +14,8 @@ with the reason.
 
 from __future__ import annotations
 
-import platform
-
 from ..emulator import EmuSeam, find_compiler
-from ..emulator.compiler import compile_flags, compiler_identity
+from ..kernels import kernel_dir
 from .kernel_backend import KernelBackend
 
 __all__ = ["EmuBackend", "EmuSeam"]
@@ -38,34 +36,14 @@ class EmuBackend(KernelBackend):
         super().__init__(EmuSeam(shuffle_seed, device_arrays), gemm_version=gemm_version)
         self.available = False
         self.reason = ""
-        self._compiler = find_compiler()
-        if self._compiler is None:
+        if find_compiler() is None:
             self.reason = (
                 "no C++ compiler for the CPU emulator: install g++ or set CXX / GPUBACKPROP_EMU_CXX"
             )
             return
         try:
-            from ..kernels import kernel_dir
-
             kernel_dir()
         except FileNotFoundError as error:
             self.reason = str(error)
             return
         self.available = True
-
-    def device_name(self) -> str:
-        if not self.available:
-            return f"unavailable ({self.reason})"
-        try:
-            compiler = compiler_identity(self._compiler)
-        except Exception as error:  # a compiler that cannot report its version still names it
-            compiler = f"{self._compiler} ({type(error).__name__})"
-        switch = (
-            "ucontext"
-            if "-DGBEMU_USE_UCONTEXT" in compile_flags()
-            else (
-                "x86-64 context switch" if platform.machine() in ("x86_64", "AMD64") else "ucontext"
-            )
-        )
-        arrays = "; CuPy-like device arrays" if self.seam.device_arrays else ""
-        return f"CPU emulator ({compiler}; fibers: {switch}{arrays})"

@@ -1,19 +1,18 @@
 """Kernel launchers, written once against the device seam (seam.py).
 
-Every op of base.Backend is a few launches of the kernels in kernels/ (or of the elementwise
-kernels in ELEMENTWISE_SPECS): the cupy backend runs them on a GPU, the emu backend on the CPU
-emulator, with the same grid, block and arguments.  The formulas are those of
-numpy_backend.py; the comments give the kernel that computes each one.
+Every op of base.Backend is a few launches of the kernels in kernels/ (the .cu files, and the
+elementwise kernels of elementwise.cuh and optimizers.cuh, see elementwise.py): the cupy
+backend runs them on a GPU, the emu backend on the CPU emulator, with the same grid, block and
+arguments.  The formulas are those of numpy_backend.py; the comments give the kernel that
+computes each one.
 
-Launchers check what a kernel cannot: dtypes (float32/float64, all operands alike), shapes and
-contiguity.  A non-contiguous input is copied; an output the caller provides (dweight, dbias,
-optimizer buffers) must be contiguous.  Scalars are passed as NumPy scalars of exactly the C
-parameter type.
+Launchers check what a kernel cannot (operands.py: dtypes, shapes, contiguity, device); the
+GEMMs' version, tiles and launch per shape are gemm_config.py's.  Scalars are passed as NumPy
+scalars of exactly the C parameter type.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any
 
@@ -21,155 +20,21 @@ import numpy as np
 
 from ..arrays import to_host
 from ..kernels import real_type
+from . import operands
 from .base import SAVES_OUTPUT, Backend, check_activation, check_reduction
-from .seam import ElementwiseSpec
+from .elementwise import elementwise_spec
+from .gemm_config import GEMM_VERSIONS, GemmConfig
+from .operands import check_int32, same_shape
+from .seam import DeviceSeam
 
-__all__ = ["ELEMENTWISE_SPECS", "GEMM_VERSIONS", "KERNEL_DEFINES", "KernelBackend"]
+__all__ = ["GEMM_VERSIONS", "KERNEL_DEFINES", "KernelBackend"]
 
-_PREAMBLE = ("common.cuh", "activations.cuh")
-
-# y = f(x), from kernels/activations.cuh.
-ACTIVATION_FORWARD = ElementwiseSpec(
-    name="gb_activation_forward",
-    in_params="T x, int32 code, float64 alpha",
-    out_params="T y",
-    operation="y = act_forward(code, x, (real_t)alpha);",
-    preamble_files=_PREAMBLE,
-)
-
-# dinp = dout ⊙ f'(saved): the standalone activation's backward and the dense layer's
-# δ = ∂L/∂y ⊙ f'(z) alike.
-ACTIVATION_BACKWARD = ElementwiseSpec(
-    name="gb_activation_backward",
-    in_params="T dout, T saved, int32 code, float64 alpha",
-    out_params="T dinp",
-    operation="dinp = dout * act_derivative(code, saved, (real_t)alpha);",
-    preamble_files=_PREAMBLE,
-)
-
-ADD = ElementwiseSpec(
-    name="gb_add",
-    in_params="T a, T b",
-    out_params="T c",
-    operation="c = a + b;",
-)
-
-# x *= factor (gradient clipping); factor is rounded to T first, as NumPy's x *= T(factor).
-SCALE = ElementwiseSpec(
-    name="gb_scale",
-    in_params="float64 factor",
-    out_params="T x",
-    operation="x = x * (T)factor;",
-)
-
-# torch.optim.SGD without momentum: g = ∇ + λθ; θ −= η g.
-SGD_PLAIN = ElementwiseSpec(
-    name="gb_sgd_plain",
-    in_params="T grad, float64 lr, float64 weight_decay",
-    out_params="T param",
-    operation=(
-        "T g = grad;"
-        " if (weight_decay != 0.0) g = grad + (T)weight_decay * param;"
-        " param = param - (T)lr * g;"
-    ),
-)
-
-# torch.optim.SGD with momentum μ, dampening τ: b = g (first step) or μb + (1 − τ)g;
-# g = g + μb (Nesterov) or b; θ −= η g.
-SGD_MOMENTUM = ElementwiseSpec(
-    name="gb_sgd_momentum",
-    in_params=(
-        "T grad, float64 lr, float64 momentum, float64 dampening, int32 nesterov, "
-        "float64 weight_decay, int32 first_step"
-    ),
-    out_params="T param, T momentum_buf",
-    operation=(
-        "T g = grad;"
-        " if (weight_decay != 0.0) g = grad + (T)weight_decay * param;"
-        " T b = first_step ? g : (T)momentum * momentum_buf + (T)(1.0 - dampening) * g;"
-        " momentum_buf = b;"
-        " if (nesterov) g = g + (T)momentum * b; else g = b;"
-        " param = param - (T)lr * g;"
-    ),
-)
-
-# torch.optim.Adam / AdamW (decoupled): θ ← θ(1 − ηλ) or g = ∇ + λθ;
-# m ← β₁m + (1 − β₁)g; v ← β₂v + (1 − β₂)g²;
-# θ ← θ − (η / bc₁) · m / (√v / √bc₂ + ε), bc = 1 − βᵗ (passed precomputed in float64).
-ADAM = ElementwiseSpec(
-    name="gb_adam",
-    in_params=(
-        "T grad, float64 lr, float64 beta1, float64 beta2, float64 eps, float64 weight_decay, "
-        "int32 decoupled, float64 bias_correction1, float64 bias_correction2_sqrt"
-    ),
-    out_params="T param, T exp_avg, T exp_avg_sq",
-    operation=(
-        "T p = param; T g = grad;"
-        " if (weight_decay != 0.0) {"
-        " if (decoupled) p = p * (T)(1.0 - lr * weight_decay);"
-        " else g = g + (T)weight_decay * p; }"
-        " T m = exp_avg * (T)beta1 + (T)(1.0 - beta1) * g;"
-        " T v = exp_avg_sq * (T)beta2 + (T)(1.0 - beta2) * g * g;"
-        " exp_avg = m; exp_avg_sq = v;"
-        " T denom = sqrt(v) / (T)bias_correction2_sqrt + (T)eps;"
-        " param = p - (T)(lr / bias_correction1) * m / denom;"
-    ),
-)
-
-ELEMENTWISE_SPECS: list[ElementwiseSpec] = [
-    ACTIVATION_FORWARD,
-    ACTIVATION_BACKWARD,
-    ADD,
-    SCALE,
-    SGD_PLAIN,
-    SGD_MOMENTUM,
-    ADAM,
-]
-
-# "tiled" is the library's GEMM; "warptiled" the warp-tiled alternative (to become the default
-# once a GPU measurement says it is faster); "naive" the reference kernels kept to validate both.
-GEMM_VERSIONS = ("tiled", "warptiled", "naive")
-
-# The GEMMs' tuning values per scalar type (gemm.cu's #defines, whose defaults are the float
-# entries); bench/gemm_sweep.py times alternatives on a GPU.  A backend can be given others for
-# its version (KernelBackend(gemm_tiles=...)).
-# tiled: GEMM_THREADS = (TILE_M/MICRO_M)·(TILE_N/MICRO_N).
-GEMM_TILES = {
-    "float": {"TILE_M": 128, "TILE_N": 128, "TILE_K": 8, "MICRO_M": 8, "MICRO_N": 8},
-    "double": {"TILE_M": 128, "TILE_N": 128, "TILE_K": 8, "MICRO_M": 8, "MICRO_N": 8},
-}
-# warptiled: WT_THREADS = 32·(WT_BM/WT_WM)·(WT_BN/WT_WN); each thread holds
-# (WT_WM·WT_WN/32) accumulators, so double gets a half-size block tile to stay within 255
-# registers, and WT_BK = 8 to stay within 48 KiB of static shared memory.
-GEMM_TILES_WARPTILED = {
-    "float": {
-        "WT_BM": 128,
-        "WT_BN": 128,
-        "WT_BK": 16,
-        "WT_WM": 64,
-        "WT_WN": 64,
-        "WT_WNITER": 4,
-        "WT_TM": 8,
-        "WT_TN": 4,
-    },
-    "double": {
-        "WT_BM": 128,
-        "WT_BN": 64,
-        "WT_BK": 8,
-        "WT_WM": 64,
-        "WT_WN": 32,
-        "WT_WNITER": 2,
-        "WT_TM": 4,
-        "WT_TN": 4,
-    },
-}
-_VERSION_TILES = {"tiled": GEMM_TILES, "warptiled": GEMM_TILES_WARPTILED, "naive": GEMM_TILES}
-_NAIVE_BLOCK = 16
 _REDUCE_THREADS = 256  # REDUCE_THREADS and LOSS_THREADS
 _MAX_REDUCE_BLOCKS = 1024  # partial sums per reduction: fixed by n alone, so results are too
 _COLUMN_SUM = (32, 8)  # COLUMN_SUM_COLS, COLUMN_SUM_ROWS
 _COLUMN_SUM_MAX_CHUNKS = 256
-_ELEMENTWISE_THREADS = 256
+_STANDARDIZE = (32, 8)  # STANDARDIZE_COLS, STANDARDIZE_ROWS
+_STANDARDIZE_MAX_ROW_BLOCKS = 1024
 # The launch geometry reduce.cu and loss.cu are compiled for (their __launch_bounds__ and
 # shared arrays), passed as defines so that the numbers above are the only ones that count.
 KERNEL_DEFINES: dict[str, dict[str, int]] = {
@@ -179,9 +44,8 @@ KERNEL_DEFINES: dict[str, dict[str, int]] = {
         "COLUMN_SUM_ROWS": _COLUMN_SUM[1],
     },
     "loss.cu": {"LOSS_THREADS": _REDUCE_THREADS},
+    "standardize.cu": {"STANDARDIZE_COLS": _STANDARDIZE[0], "STANDARDIZE_ROWS": _STANDARDIZE[1]},
 }
-_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
-_INT32_MAX = 2**31 - 1
 
 
 # gemm_mma.cu (tensor cores, precision "bf16" / "tf32"): block tile MMA_BM = MMA_BN = 64,
@@ -215,52 +79,54 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _check_int32(shape_name: str, shape: tuple[int, ...]) -> None:
-    """The GEMM and loss kernels take each dimension as a C int (products are 64-bit)."""
-    if any(d > _INT32_MAX for d in shape):
-        raise ValueError(
-            f"{shape_name}={tuple(shape)} is not accepted; each dimension must be "
-            f"at most {_INT32_MAX}"
-        )
-
-
 class KernelBackend(Backend):
-    """Backend whose ops launch the kernels of kernels/ through a DeviceSeam."""
+    """Backend whose ops launch the kernels of kernels/ through a DeviceSeam.
 
-    name = "kernel"
+    ``gemm_version`` and ``gemm_tiles`` choose the GEMM kernels (gemm_config.GemmConfig)."""
+
+    name = ""  # a subclass names its backend; a plain KernelBackend takes its seam's name
 
     def __init__(
-        self, seam: Any, gemm_version: str = "tiled", gemm_tiles: dict | None = None
+        self,
+        seam: DeviceSeam,
+        gemm_version: str = "tiled",
+        gemm_tiles: dict | None = None,
+        *,
+        name: str | None = None,
     ) -> None:
-        if gemm_version not in GEMM_VERSIONS:
-            raise ValueError(f"gemm_version={gemm_version!r}; expected one of {GEMM_VERSIONS}")
+        self.gemm = GemmConfig(gemm_version, gemm_tiles)
         self.seam = seam
         self.xp = seam.xp
+        self.name = name or self.name or seam.name
         self.available = True  # subclasses that probe their device set it again
         self.reason = ""
-        self.gemm_version = gemm_version
-        defaults = _VERSION_TILES[gemm_version]
-        self.gemm_tiles = {
-            kind: dict(defaults[kind], **(gemm_tiles or {}).get(kind, {})) for kind in defaults
-        }
-        for kind, tiles in self.gemm_tiles.items():
-            _check_gemm_tiles(kind, tiles)
-        self._modules: dict[tuple, Any] = {}  # (file, defines) -> compiled module
-        # (file, dtype) -> (module, gemm tiles): what a launch looks up, without rebuilding the
-        # defines each time (that cost microseconds per launch); this backend's own tiles.
-        self._launch_modules: dict[tuple[str, str], tuple[Any, dict | None]] = {}
-        self._elementwise_kernels: dict[tuple, Any] = {}
+        # (kernels/ file or elementwise kernel name, dtype.str) -> what the seam compiled: a
+        # launch looks its kernel up by these two alone, without rebuilding defines or source
+        # keys (that cost microseconds per launch).  The seam caches compiles per source text.
+        self._kernels: dict[tuple[str, str], Any] = {}
 
-    def with_gemm_version(self, gemm_version: str, gemm_tiles: dict | None = None):
-        """This backend launching another GEMM version: the same seam (device, kind of array,
-        compiled modules), so it takes this backend's arrays.  For benchmarks and sweeps."""
-        if self.seam is None:
+    @property
+    def gemm_version(self) -> str:
+        return self.gemm.version
+
+    @property
+    def gemm_tiles(self) -> dict[str, dict[str, int]]:
+        return self.gemm.tiles
+
+    def with_gemm_version(self, gemm_version: str, gemm_tiles: dict | None = None) -> KernelBackend:
+        """A backend over the same seam (device, kind of array, compiled sources) launching
+        another GEMM version, so it takes this backend's arrays.  For benchmarks and sweeps."""
+        if not self.available:
             raise RuntimeError(f"backend {self.name!r} is not available: {self.reason}")
-        sibling = copy.copy(self)
-        KernelBackend.__init__(sibling, self.seam, gemm_version, gemm_tiles)
-        sibling.available, sibling.reason = self.available, self.reason
-        sibling._modules, sibling._elementwise_kernels = self._modules, self._elementwise_kernels
-        return sibling
+        return KernelBackend(self.seam, gemm_version, gemm_tiles, name=self.name)
+
+    def synchronize(self) -> None:
+        self.seam.synchronize()
+
+    def device_name(self) -> str:
+        if not self.available:
+            return f"unavailable ({self.reason})"
+        return self.seam.device_name()
 
     # -- arrays -------------------------------------------------------------------------
     def asarray(self, x, dtype=None):
@@ -275,39 +141,26 @@ class KernelBackend(Backend):
     def zeros(self, shape, dtype):
         return self.xp.zeros(tuple(shape), dtype=np.dtype(dtype))
 
-    # -- compiled code ------------------------------------------------------------------------
-    def _compiled(self, file: str, dtype: np.dtype, extra: dict[str, Any] | None = None):
-        values = {**KERNEL_DEFINES.get(file, {}), **(extra or {})}
-        defines = {"REAL_T": real_type(dtype), **{k: str(v) for k, v in values.items()}}
-        key = (file, tuple(sorted(defines.items())))
-        if key not in self._modules:
-            self._modules[key] = self.seam.compile(file, defines)
-        return self._modules[key]
-
+    # -- compiled code --------------------------------------------------------------------------
     def _module(self, file: str, dtype: np.dtype):
+        """kernels/<file> compiled for ``dtype`` with its launch defines (gemm.cu: this
+        backend's GEMM tiles)."""
         key = (file, dtype.str)
-        if key not in self._launch_modules:
-            self._launch_modules[key] = (self._compiled(file, dtype), None)
-        return self._launch_modules[key][0]
-
-    def _gemm_module(self, dtype: np.dtype):
-        key = ("gemm.cu", dtype.str)
-        if key not in self._launch_modules:
+        module = self._kernels.get(key)
+        if module is None:
             kind = real_type(dtype)
-            tiles = self.gemm_tiles[kind]
-            # gemm.cu holds every version; only the one this backend launches is compiled,
-            # with the tuning values of both tiled versions for this type (the file's
-            # defaults are float's).
-            only = {f"GEMM_{v.upper()}": int(v == self.gemm_version) for v in GEMM_VERSIONS}
-            defines = {**GEMM_TILES[kind], **GEMM_TILES_WARPTILED[kind], **tiles, **only}
-            self._launch_modules[key] = (self._compiled("gemm.cu", dtype, defines), tiles)
-        return self._launch_modules[key]
+            values = self.gemm.defines(kind) if file == "gemm.cu" else KERNEL_DEFINES.get(file, {})
+            defines = {"REAL_T": kind, **{k: str(v) for k, v in values.items()}}
+            module = self._kernels[key] = self.seam.compile(file, defines)
+        return module
 
-    def _elementwise(self, spec: ElementwiseSpec, dtype: np.dtype):
-        key = (spec.name, dtype.str)
-        if key not in self._elementwise_kernels:
-            self._elementwise_kernels[key] = self.seam.elementwise(spec, dtype)
-        return self._elementwise_kernels[key]
+    def _elementwise(self, name: str, dtype: np.dtype):
+        """The elementwise kernel ``name`` (elementwise.py) for ``dtype``."""
+        key = (name, dtype.str)
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            kernel = self._kernels[key] = self.seam.elementwise(elementwise_spec(name), dtype)
+        return kernel
 
     def _launch(self, module, kernel, grid, block, args, shared_mem=0):
         self.seam.launch(
@@ -319,60 +172,15 @@ class KernelBackend(Backend):
             shared_mem,
         )
 
-    # -- argument checks --------------------------------------------------------------------
-    def _array(self, name: str, a) -> None:
-        """An array of this backend's kind, on the device the kernels run on."""
-        if not isinstance(a, self.xp.ndarray):
-            raise TypeError(
-                f"{name} is a {type(a).__name__}; expected a {self.xp.__name__}.ndarray "
-                f"(move it with backend.asarray)"
-            )
-        check_device = getattr(self.seam, "check_device", None)
-        if check_device is not None:
-            check_device(name, a)
-
+    # -- argument checks (operands.py) ------------------------------------------------------------
     def _float_operand(self, name: str, a, dtype: np.dtype | None = None, ndim: int | None = None):
-        """Check a floating operand; return it C-contiguous (copied if it was not)."""
-        self._array(name, a)
-        if a.dtype not in _FLOATS:
-            raise ValueError(
-                f"{name}.dtype={a.dtype} is not supported; expected float32 or float64"
-            )
-        if dtype is not None and a.dtype != dtype:
-            raise ValueError(
-                f"{name}.dtype={a.dtype} differs from the other operands' {dtype}; "
-                "all operands must share one dtype"
-            )
-        if ndim is not None and a.ndim != ndim:
-            raise ValueError(
-                f"{name}.shape={tuple(a.shape)} is not accepted; expected {ndim} dimensions"
-            )
-        return a if a.flags.c_contiguous else self.xp.ascontiguousarray(a)
+        return operands.float_operand(self.seam, name, a, dtype, ndim)
 
     def _output(self, name: str, a, dtype: np.dtype, shape: tuple[int, ...]):
-        """Check a caller-provided output (written in place, so never copied)."""
-        self._array(name, a)
-        if a.dtype != dtype:
-            raise ValueError(f"{name}.dtype={a.dtype} is not accepted; expected {dtype}")
-        if tuple(a.shape) != tuple(shape):
-            raise ValueError(f"{name}.shape={tuple(a.shape)} is not accepted; expected {shape}")
-        if not a.flags.c_contiguous:
-            raise ValueError(
-                f"{name} is not C-contiguous (strides {a.strides}); kernels write "
-                "outputs in place, so pass a contiguous array"
-            )
-        return a
+        return operands.output(self.seam, name, a, dtype, shape)
 
-    @staticmethod
-    def _same_shape(name: str, a, shape: tuple[int, ...]) -> None:
-        if tuple(a.shape) != tuple(shape):
-            raise ValueError(f"{name}.shape={tuple(a.shape)} is not accepted; expected {shape}")
-
-    @staticmethod
-    def _vec4_flag(a, leading: int) -> np.int32:
-        """1 when 16-byte loads of 4 consecutive elements are aligned: base address a multiple
-        of 16 and a leading dimension that is a multiple of 4."""
-        return np.int32(leading % 4 == 0 and _data_address(a) % 16 == 0)
+    def _updated_buffer(self, name: str, a, dtype=None, shape=None):
+        return operands.updated_buffer(self.seam, name, a, dtype, shape)
 
     # -- dense layer ----------------------------------------------------------------------
     def dense_forward(self, x, weight, bias, activation, alpha=0.01, precision="fp32"):
@@ -385,12 +193,12 @@ class KernelBackend(Backend):
         weight = self._float_operand("weight", weight, dtype, ndim=2)
         m, k = x.shape
         n = weight.shape[0]
-        self._same_shape("weight", weight, (n, k))
-        _check_int32("x.shape", x.shape)
-        _check_int32("weight.shape", weight.shape)
+        same_shape("weight", weight, (n, k))
+        check_int32("x.shape", x.shape)
+        check_int32("weight.shape", weight.shape)
         if bias is not None:
             bias = self._float_operand("bias", bias, dtype)
-            self._same_shape("bias", bias, (n,))
+            same_shape("bias", bias, (n,))
         needs_z = activation != "identity" and activation not in SAVES_OUTPUT
         y = self.empty((m, n), dtype)
         z = self.empty((m, n), dtype) if needs_z else None
@@ -426,7 +234,11 @@ class KernelBackend(Backend):
                 real(alpha),
             )
             self._gemm(
-                "dense_forward", m, n, common, (self._vec4_flag(x, k), self._vec4_flag(weight, k))
+                "dense_forward",
+                m,
+                n,
+                common,
+                (operands.vec4_flag(x, k), operands.vec4_flag(weight, k)),
             )
         if activation == "identity":
             return y, None
@@ -445,10 +257,10 @@ class KernelBackend(Backend):
         weight = self._float_operand("weight", weight, dtype, ndim=2)
         m, n = dout.shape
         k = x.shape[1]
-        self._same_shape("x", x, (m, k))
-        self._same_shape("weight", weight, (n, k))
-        _check_int32("dout.shape", dout.shape)
-        _check_int32("x.shape", x.shape)
+        same_shape("x", x, (m, k))
+        same_shape("weight", weight, (n, k))
+        check_int32("dout.shape", dout.shape)
+        check_int32("x.shape", x.shape)
         self._output("dweight", dweight, dtype, (n, k))
         if dbias is not None:
             self._output("dbias", dbias, dtype, (n,))
@@ -461,7 +273,7 @@ class KernelBackend(Backend):
                     "pass what dense_forward returned"
                 )
             saved = self._float_operand("saved", saved, dtype)
-            self._same_shape("saved", saved, (m, n))
+            same_shape("saved", saved, (m, n))
             delta = self.activation_backward(dout, saved, activation, alpha)
         if precision != "fp32":
             return self._mma_backward(
@@ -540,33 +352,26 @@ class KernelBackend(Backend):
         return dinp
 
     def _gemm(self, kernel: str, rows: int, cols: int, args: tuple, vec_flags: tuple) -> None:
-        """Launch gemm.cu's ``kernel`` over a (rows, cols) output: the tiled version (``kernel``)
-        or the warp-tiled one (``<kernel>_warptiled``) with its 16-byte-load flags, or
-        ``<kernel>_naive`` (one thread per element) for validation."""
+        """Launch gemm.cu's ``kernel`` over a (rows, cols) output in this backend's GEMM version
+        (gemm_config.GemmConfig.launch); the tiled versions also take the 16-byte-load flags."""
         dtype = args[0].dtype
-        if self.gemm_version == "naive":
-            grid = (_ceil_div(cols, _NAIVE_BLOCK), _ceil_div(rows, _NAIVE_BLOCK), 1)
-            block = (_NAIVE_BLOCK, _NAIVE_BLOCK, 1)
-            self._launch(self._gemm_module(dtype)[0], f"{kernel}_naive", grid, block, args)
-            return
-        module, tiles = self._gemm_module(dtype)
-        block_rows, block_cols, threads = _gemm_block(tiles)
-        grid = (_ceil_div(rows, block_rows), _ceil_div(cols, block_cols), 1)
-        name = kernel if self.gemm_version == "tiled" else f"{kernel}_{self.gemm_version}"
-        self._launch(module, name, grid, (threads, 1, 1), (*args, *vec_flags))
+        launch = self.gemm.launch(kernel, real_type(dtype), rows, cols)
+        if launch.takes_vector_flags:
+            args = (*args, *vec_flags)
+        self._launch(self._module("gemm.cu", dtype), launch.kernel, launch.grid, launch.block, args)
 
     def _gemm_backward_weight(self, delta, x, dweight, m, n, k) -> None:
         """dW (n, k) = δᵀ x."""
         if n and k:
             dims = (np.int32(m), np.int32(n), np.int32(k))
-            flags = (self._vec4_flag(delta, n), self._vec4_flag(x, k))
+            flags = (operands.vec4_flag(delta, n), operands.vec4_flag(x, k))
             self._gemm("dense_backward_weight", n, k, (delta, x, dweight, *dims), flags)
 
     def _gemm_backward_data(self, delta, weight, dinp, m, n, k) -> None:
         """dX (m, k) = δ W."""
         if m and k:
             dims = (np.int32(m), np.int32(n), np.int32(k))
-            flags = (self._vec4_flag(delta, n), self._vec4_flag(weight, k))
+            flags = (operands.vec4_flag(delta, n), operands.vec4_flag(weight, k))
             self._gemm("dense_backward_data", m, k, (delta, weight, dinp, *dims), flags)
 
     def _column_sum(self, a, out) -> None:
@@ -615,7 +420,9 @@ class KernelBackend(Backend):
             return x, None
         y = self.empty(x.shape, x.dtype)
         if x.size:
-            self._elementwise(ACTIVATION_FORWARD, x.dtype)(x, np.int32(code), np.float64(alpha), y)
+            self._elementwise("gb_activation_forward", x.dtype)(
+                x, np.int32(code), np.float64(alpha), y
+            )
         return y, (y if activation in SAVES_OUTPUT else x)
 
     def activation_backward(self, dout, saved, activation, alpha=0.01):
@@ -629,10 +436,10 @@ class KernelBackend(Backend):
                 "what the forward returned"
             )
         saved = self._float_operand("saved", saved, dout.dtype)
-        self._same_shape("saved", saved, tuple(dout.shape))
+        same_shape("saved", saved, tuple(dout.shape))
         dinp = self.empty(dout.shape, dout.dtype)
         if dout.size:
-            self._elementwise(ACTIVATION_BACKWARD, dout.dtype)(
+            self._elementwise("gb_activation_backward", dout.dtype)(
                 dout, saved, np.int32(code), np.float64(alpha), dinp
             )
         return dinp
@@ -640,32 +447,71 @@ class KernelBackend(Backend):
     def add(self, a, b):
         a = self._float_operand("a", a)
         b = self._float_operand("b", b, a.dtype)
-        self._same_shape("b", b, tuple(a.shape))
+        same_shape("b", b, tuple(a.shape))
         out = self.empty(a.shape, a.dtype)
         if a.size:
-            self._elementwise(ADD, a.dtype)(a, b, out)
+            self._elementwise("gb_add", a.dtype)(a, b, out)
         return out
+
+    # -- input standardisation -----------------------------------------------------------------
+    def _per_feature(self, name: str, a, dtype: np.dtype, cols: int):
+        a = self._float_operand(name, a, dtype, ndim=1)
+        same_shape(name, a, (cols,))
+        return a
+
+    def _standardize_launch(self, kernel: str, matrix, vectors: tuple, out) -> None:
+        rows, cols = matrix.shape
+        if matrix.size == 0:
+            return
+        check_int32(kernel, tuple(matrix.shape))
+        row_blocks = min(_STANDARDIZE_MAX_ROW_BLOCKS, _ceil_div(rows, _STANDARDIZE[1]))
+        self._launch(
+            self._module("standardize.cu", matrix.dtype),
+            kernel,
+            (_ceil_div(cols, _STANDARDIZE[0]), row_blocks, 1),
+            (_STANDARDIZE[0], _STANDARDIZE[1], 1),
+            (matrix, *vectors, np.int32(rows), np.int32(cols), out),
+        )
+
+    def standardize_forward(self, x, mean, std):
+        """y = (x − mean) / std per column (standardize.cu: standardize_forward)."""
+        x = self._float_operand("x", x, ndim=2)
+        mean = self._per_feature("mean", mean, x.dtype, x.shape[1])
+        std = self._per_feature("std", std, x.dtype, x.shape[1])
+        y = self.empty(x.shape, x.dtype)
+        self._standardize_launch("standardize_forward", x, (mean, std), y)
+        return y
+
+    def standardize_backward(self, dout, std):
+        """∂L/∂x = ∂L/∂y / std per column (standardize.cu: standardize_backward)."""
+        dout = self._float_operand("dout", dout, ndim=2)
+        std = self._per_feature("std", std, dout.dtype, dout.shape[1])
+        dinp = self.empty(dout.shape, dout.dtype)
+        self._standardize_launch("standardize_backward", dout, (std,), dinp)
+        return dinp
 
     # -- reductions -----------------------------------------------------------------------------
     def _sum(
         self,
-        kernel_file: str,
+        *,
+        file: str,
         kernel: str,
         inputs: tuple,
         n: int,
-        scalars: tuple,
-        grad,
         dtype: np.dtype,
-        scale: float,
+        scalars: tuple = (),
+        grad: Any = None,
+        scale: float = 1.0,
     ):
-        """Launch a pass-1 kernel writing one partial per block, then sum_finalize:
-        out = scale · Σ partials.  Returns the 0-d result."""
+        """out = scale · Σ partials: ``kernel`` of kernels/<file>, called with
+        (*inputs, n, *scalars[, grad], partials), writes one partial per block (and the
+        gradient, for a loss); reduce.cu's sum_finalize adds them.  Returns the 0-d result."""
         blocks = max(1, min(_MAX_REDUCE_BLOCKS, _ceil_div(n, _REDUCE_THREADS * 4)))
         partials = self.empty((blocks,), dtype)
         out = self.empty((1,), dtype)
         args = inputs + (np.int64(n),) + scalars + ((grad,) if grad is not None else ())
         self._launch(
-            self._module(kernel_file, dtype),
+            self._module(file, dtype),
             kernel,
             (blocks, 1, 1),
             (_REDUCE_THREADS, 1, 1),
@@ -684,14 +530,18 @@ class KernelBackend(Backend):
         """Σ x² (reduce.cu: sum_squares_partial + sum_finalize), fixed order."""
         x = self._float_operand("x", x)
         return self._sum(
-            "reduce.cu", "sum_squares_partial", (x.reshape(-1),), x.size, (), None, x.dtype, 1.0
+            file="reduce.cu",
+            kernel="sum_squares_partial",
+            inputs=(x.reshape(-1),),
+            n=x.size,
+            dtype=x.dtype,
         )
 
     # -- losses -----------------------------------------------------------------------------------
     def _float_pair(self, first: str, a, second: str, b):
         a = self._float_operand(first, a)
         b = self._float_operand(second, b, a.dtype)
-        self._same_shape(second, b, tuple(a.shape))
+        same_shape(second, b, tuple(a.shape))
         return a, b
 
     def _elementwise_loss(self, kernel, first, a, second, b, reduction, grad_scale):
@@ -703,7 +553,16 @@ class KernelBackend(Backend):
         scale = 1.0 / a.size if reduction == "mean" and a.size else 1.0
         grad = self.empty(a.shape, a.dtype)
         scalars = (a.dtype.type(grad_scale(scale)),)
-        loss = self._sum("loss.cu", kernel, (a, b), a.size, scalars, grad, a.dtype, scale)
+        loss = self._sum(
+            file="loss.cu",
+            kernel=kernel,
+            inputs=(a, b),
+            n=a.size,
+            dtype=a.dtype,
+            scalars=scalars,
+            grad=grad,
+            scale=scale,
+        )
         return loss, grad
 
     def mse_loss(self, pred, target, reduction):
@@ -737,7 +596,7 @@ class KernelBackend(Backend):
         (loss.cu); then the mean over rows (reduce.cu).  A label outside [0, C) gives NaN."""
         logits = self._float_operand("logits", logits, ndim=2)
         n, c = logits.shape
-        _check_int32("logits.shape", logits.shape)
+        check_int32("logits.shape", logits.shape)
         if c < 1:
             raise ValueError(
                 f"logits.shape={tuple(logits.shape)} is not accepted; expected at least one class"
@@ -753,12 +612,12 @@ class KernelBackend(Backend):
                     f"target.dtype={target.dtype} is not accepted for 1-D targets; "
                     "expected integer class labels"
                 )
-            self._same_shape("target", target, (n,))
+            same_shape("target", target, (n,))
             target = self.xp.ascontiguousarray(target, dtype=np.int64)
             kernel = "softmax_xent_labels_forward_backward"
         else:
             target = self._float_operand("target", target, dtype, ndim=2)
-            self._same_shape("target", target, (n, c))
+            same_shape("target", target, (n, c))
             kernel = "softmax_xent_probs_forward_backward"
         grad = self.empty((n, c), dtype)
         row_loss = self.empty((max(n, 1),), dtype)
@@ -774,22 +633,16 @@ class KernelBackend(Backend):
         else:
             row_loss.fill(0)
         loss = self._sum(
-            "reduce.cu", "sum_partial", (row_loss,), n, (), None, dtype, 1.0 / n if n else 1.0
+            file="reduce.cu",
+            kernel="sum_partial",
+            inputs=(row_loss,),
+            n=n,
+            dtype=dtype,
+            scale=1.0 / n if n else 1.0,
         )
         return loss, grad
 
     # -- optimizers -------------------------------------------------------------------------------
-    def _updated_buffer(self, name: str, a, dtype: np.dtype | None, shape: tuple[int, ...] | None):
-        """A buffer an optimizer updates in place: a float array, contiguous, of ``dtype``
-        and ``shape`` (its own when None)."""
-        self._array(name, a)
-        dtype = a.dtype if dtype is None else dtype
-        if a.dtype not in _FLOATS:
-            raise ValueError(
-                f"{name}.dtype={a.dtype} is not supported; expected float32 or float64"
-            )
-        return self._output(name, a, dtype, tuple(a.shape) if shape is None else shape)
-
     def sgd_step(
         self,
         param,
@@ -804,16 +657,16 @@ class KernelBackend(Backend):
         first_step,
     ):
         """torch.optim.SGD, one elementwise launch over the flat buffers."""
-        param = self._updated_buffer("param", param, None, None)
+        param = self._updated_buffer("param", param)
         grad = self._float_operand("grad", grad, param.dtype)
-        self._same_shape("grad", grad, tuple(param.shape))
+        same_shape("grad", grad, tuple(param.shape))
         if param.size == 0:
             return
         if momentum != 0:
             if momentum_buf is None:
                 raise ValueError(f"momentum_buf=None is not accepted with momentum={momentum}")
             self._updated_buffer("momentum_buf", momentum_buf, param.dtype, tuple(param.shape))
-            self._elementwise(SGD_MOMENTUM, param.dtype)(
+            self._elementwise("gb_sgd_momentum", param.dtype)(
                 grad,
                 np.float64(lr),
                 np.float64(momentum),
@@ -825,7 +678,7 @@ class KernelBackend(Backend):
                 momentum_buf,
             )
         else:
-            self._elementwise(SGD_PLAIN, param.dtype)(
+            self._elementwise("gb_sgd_plain", param.dtype)(
                 grad, np.float64(lr), np.float64(weight_decay), param
             )
 
@@ -847,17 +700,17 @@ class KernelBackend(Backend):
         """torch.optim.Adam / AdamW, one elementwise launch over the flat buffers."""
         if step < 1:
             raise ValueError(f"step={step} is not accepted; expected an integer >= 1")
-        param = self._updated_buffer("param", param, None, None)
+        param = self._updated_buffer("param", param)
         shape = tuple(param.shape)
         grad = self._float_operand("grad", grad, param.dtype)
-        self._same_shape("grad", grad, shape)
+        same_shape("grad", grad, shape)
         self._updated_buffer("exp_avg", exp_avg, param.dtype, shape)
         self._updated_buffer("exp_avg_sq", exp_avg_sq, param.dtype, shape)
         if param.size == 0:
             return
         bias_correction1 = 1.0 - beta1**step
         bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
-        self._elementwise(ADAM, param.dtype)(
+        self._elementwise("gb_adam", param.dtype)(
             grad,
             np.float64(lr),
             np.float64(beta1),
@@ -873,86 +726,6 @@ class KernelBackend(Backend):
         )
 
     def scale_(self, x, factor):
-        x = self._updated_buffer("x", x, None, None)
+        x = self._updated_buffer("x", x)
         if x.size:
-            self._elementwise(SCALE, x.dtype)(np.float64(factor), x)
-
-
-def _check_gemm_tiles(kind: str, tiles: dict[str, int]) -> None:
-    """The constraints gemm.cu's static_asserts and the launch impose, checked up front."""
-    if "WT_BM" in tiles:
-        _check_warptiled_tiles(kind, tiles)
-        return
-    t = tiles
-    problems = []
-    if t["TILE_K"] % 4 or t["MICRO_M"] % 4 or t["MICRO_N"] % 4:
-        problems.append("TILE_K, MICRO_M and MICRO_N must be multiples of 4")
-    if t["TILE_M"] % t["MICRO_M"] or t["TILE_N"] % t["MICRO_N"]:
-        problems.append("MICRO_M must divide TILE_M and MICRO_N must divide TILE_N")
-    elif not 32 <= _gemm_threads(t) <= 1024:
-        problems.append(f"{_gemm_threads(t)} threads per block; expected 32 to 1024")
-    problems += _shared_memory_problem(kind, t["TILE_K"], t["TILE_M"], t["TILE_N"])
-    if problems:
-        raise ValueError(f"gemm_tiles[{kind!r}]={tiles} is not accepted: " + "; ".join(problems))
-
-
-def _check_warptiled_tiles(kind: str, tiles: dict[str, int]) -> None:
-    """The warp-tiled version's constraints (gemm.cu's WT_ static_asserts and the launch)."""
-    t = tiles
-    problems = []
-    if t["WT_BK"] % 4 or t["WT_TM"] % 4 or t["WT_TN"] % 4:
-        problems.append("WT_BK, WT_TM and WT_TN must be multiples of 4")
-    if t["WT_BM"] % t["WT_WM"] or t["WT_BN"] % t["WT_WN"]:
-        problems.append("WT_WM must divide WT_BM and WT_WN must divide WT_BN")
-    elif not _gemm_block(t)[2] <= 1024:
-        problems.append(f"{_gemm_block(t)[2]} threads per block; expected at most 1024")
-    per_warp_row = 32 * t["WT_TM"] * t["WT_TN"] * t["WT_WNITER"]
-    if (t["WT_WM"] * t["WT_WN"]) % per_warp_row:
-        problems.append(
-            f"WT_WM·WT_WN={t['WT_WM'] * t['WT_WN']} must be a multiple of "
-            f"32·WT_TM·WT_TN·WT_WNITER={per_warp_row}"
-        )
-    else:
-        wmiter = t["WT_WM"] * t["WT_WN"] // per_warp_row
-        if t["WT_WM"] % wmiter or t["WT_WN"] % t["WT_WNITER"]:
-            problems.append(f"WT_WMITER={wmiter} and WT_WNITER must divide WT_WM and WT_WN")
-        else:
-            # Then the sub-tile holds exactly 32 thread tiles (one per lane) when they fit.
-            sub_m, sub_n = t["WT_WM"] // wmiter, t["WT_WN"] // t["WT_WNITER"]
-            if sub_m % t["WT_TM"] or sub_n % t["WT_TN"]:
-                problems.append(
-                    f"WT_TM and WT_TN must divide the warp sub-tile {sub_m}x{sub_n} "
-                    f"(WT_WMITER={wmiter})"
-                )
-    problems += _shared_memory_problem(kind, t["WT_BK"], t["WT_BM"], t["WT_BN"])
-    if problems:
-        raise ValueError(f"gemm_tiles[{kind!r}]={tiles} is not accepted: " + "; ".join(problems))
-
-
-def _shared_memory_problem(kind: str, depth: int, block_rows: int, block_cols: int) -> list[str]:
-    """Both versions stage two depth × (rows + 4 padding) slices per operand (gemm.cu's
-    gemm_smem_stride); static shared memory is limited to 48 KiB."""
-    itemsize = 4 if kind == "float" else 8
-    shared = 2 * depth * (block_rows + block_cols + 8) * itemsize
-    return [f"{shared} bytes of static shared memory; at most 49152"] if shared > 48 * 1024 else []
-
-
-def _gemm_threads(tiles: dict[str, int]) -> int:
-    return (tiles["TILE_M"] // tiles["MICRO_M"]) * (tiles["TILE_N"] // tiles["MICRO_N"])
-
-
-def _gemm_block(tiles: dict[str, int]) -> tuple[int, int, int]:
-    """(output rows, output columns, threads) of one block of either tiled version."""
-    if "WT_BM" in tiles:
-        warps = (tiles["WT_BM"] // tiles["WT_WM"]) * (tiles["WT_BN"] // tiles["WT_WN"])
-        return tiles["WT_BM"], tiles["WT_BN"], 32 * warps
-    return tiles["TILE_M"], tiles["TILE_N"], _gemm_threads(tiles)
-
-
-def _data_address(a) -> int:
-    """Device (or host) address of a's first element."""
-    data = getattr(a, "data", None)
-    ptr = getattr(data, "ptr", None)
-    if ptr is not None:
-        return int(ptr)
-    return int(a.__array_interface__["data"][0])
+            self._elementwise("gb_scale", x.dtype)(np.float64(factor), x)

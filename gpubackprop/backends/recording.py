@@ -72,6 +72,15 @@ class RecordingSeam:
     def empty(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         return np.empty(shape, dtype=dtype)
 
+    def check_device(self, name: str, array: Any) -> None:
+        """Host memory only: every NumPy array is where the (recorded) kernels would run."""
+
+    def synchronize(self) -> None:
+        """Nothing runs, so nothing is pending."""
+
+    def device_name(self) -> str:
+        return "host only (launches recorded, not run)"
+
     def elementwise(self, spec: ElementwiseSpec, dtype: Any):
         return _RecordedElementwise(self, spec, np.dtype(dtype))
 
@@ -106,6 +115,3 @@ class HostBackend(KernelBackend):
 
     def __init__(self, gemm_version: str = "tiled", gemm_tiles: dict | None = None) -> None:
         super().__init__(RecordingSeam(), gemm_version=gemm_version, gemm_tiles=gemm_tiles)
-
-    def device_name(self) -> str:
-        return "host only (launches recorded, not run)"

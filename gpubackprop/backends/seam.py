@@ -34,11 +34,17 @@ class CompiledModule(Protocol):
 
 
 class DeviceSeam(Protocol):
+    """Everything a launcher (kernel_backend.py, operands.py) calls on a device."""
+
     name: str
     xp: Any  # array module whose arrays the seam accepts (numpy for emu, cupy for cupy)
 
-    def compile(self, source_file: str, defines: dict[str, str]) -> CompiledModule:
-        """Compile kernels/<source_file> with #defines (cached per source text, defines, device)."""
+    def compile(
+        self, source_file: str, defines: dict[str, str], name_expressions: tuple[str, ...] = ()
+    ) -> CompiledModule:
+        """Compile kernels/<source_file> with #defines (cached per source text, defines, name
+        expressions, device).  ``name_expressions`` (``"gemm<float, 64>"``) instantiate
+        templated kernels, launched by that same string, as CuPy's RawModule does."""
         ...
 
     def launch(
@@ -59,6 +65,19 @@ class DeviceSeam(Protocol):
         element no kernel wrote is caught after the launch."""
         ...
 
-    def elementwise(self, spec: ElementwiseSpec, dtype: Any):
+    def elementwise(self, spec: ElementwiseSpec, dtype: Any) -> Any:
         """Return a callable ``f(*inputs, *outputs)`` running spec over same-size arrays."""
+        ...
+
+    def check_device(self, name: str, array: Any) -> None:
+        """Raise ValueError naming ``name`` when ``array`` (of kind xp.ndarray) lives on
+        another device than the one kernels launch on."""
+        ...
+
+    def synchronize(self) -> None:
+        """Block until all queued work has finished."""
+        ...
+
+    def device_name(self) -> str:
+        """The device kernels run on, in words (for `gpubackprop info` and benchmark records)."""
         ...

@@ -236,7 +236,7 @@ def _run_backend(
     else:
         versions = ()
         if config.gemm_versions and not config.quick and hasattr(backend, "gemm_version"):
-            from ..backends.kernel_backend import GEMM_VERSIONS
+            from ..backends.gemm_config import GEMM_VERSIONS
 
             versions = tuple(v for v in GEMM_VERSIONS if v != backend.gemm_version)
         cases = cases_for(SIZES[preset], dtype.itemsize, config.only, versions)

@@ -13,6 +13,7 @@ kernels do.
 from __future__ import annotations
 
 import hashlib
+import platform
 from typing import Any
 
 import numpy as np
@@ -38,20 +39,32 @@ class EmuSeam:
         self._elementwise: dict[tuple, Any] = {}
 
     # -- compile ----------------------------------------------------------------------------
-    def compile(self, source_file: str, defines: dict[str, str]) -> EmuModule:
-        """Compile kernels/<source_file> with ``defines`` (cached in memory and on disk)."""
+    def compile(
+        self, source_file: str, defines: dict[str, str], name_expressions: tuple[str, ...] = ()
+    ) -> EmuModule:
+        """Compile kernels/<source_file> with ``defines`` (cached in memory and on disk);
+        ``name_expressions`` instantiate templated kernels (``"kern<float, 64>"``), as CuPy's
+        RawModule does, and are launched by that string."""
         from ..kernels import load_source, note_compiled
 
         source = load_source(source_file, defines)
-        module = self.compile_text(source.text, source.file)
+        module = self.compile_text(source.text, source.file, name_expressions)
         note_compiled(source)
         return module
 
-    def compile_text(self, text: str, label: str) -> EmuModule:
+    def compile_text(
+        self, text: str, label: str, name_expressions: tuple[str, ...] = ()
+    ) -> EmuModule:
         """Compile a source text; ``label`` names it in messages.  For tests and tools."""
-        key = hashlib.sha256(text.encode()).hexdigest() + compiler.compile_flags().__repr__()
+        name_expressions = tuple(name_expressions)
+        key = (
+            hashlib.sha256(text.encode()).hexdigest(),
+            label,
+            name_expressions,
+            compiler.compile_flags(),
+        )
         if key not in self._modules:
-            path, decls = compiler.build(text, label)
+            path, decls = compiler.build(text, label, name_expressions)
             self._modules[key] = EmuModule(path, label, decls)
         return self._modules[key]
 
@@ -72,6 +85,24 @@ class EmuSeam:
         """The NumPy memory behind each DeviceArray argument.  With device arrays a NumPy array
         is refused, as CuPy refuses host memory in a kernel launch."""
         return to_host_memory(tuple(args), where) if self.device_arrays else tuple(args)
+
+    def check_device(self, name: str, array: Any) -> None:
+        """One emulated device: every array of the seam's kind is on it."""
+
+    def synchronize(self) -> None:
+        """Launches run to completion before they return."""
+
+    def device_name(self) -> str:
+        compiler_path = compiler.find_compiler()
+        try:
+            identity = compiler.compiler_identity(compiler_path)
+        except Exception as error:  # a compiler that cannot report its version still names it
+            identity = f"{compiler_path} ({type(error).__name__})"
+        ucontext = "-DGBEMU_USE_UCONTEXT" in compiler.compile_flags()
+        x86 = platform.machine() in ("x86_64", "AMD64")
+        switch = "x86-64 context switch" if x86 and not ucontext else "ucontext"
+        arrays = "; CuPy-like device arrays" if self.device_arrays else ""
+        return f"CPU emulator ({identity}; fibers: {switch}{arrays})"
 
     def empty(self, shape: tuple[int, ...], dtype: Any) -> Any:
         """An array filled with the poison pattern (a signalling NaN with payload 0xA5...)."""
