@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -452,6 +453,18 @@ def test_more_ranks_than_gpus_on_a_node_is_refused():
         dist.select_device(3, 4, 2)
     with pytest.raises(ValueError, match="device_count=0"):
         dist.select_device(0, 1, 0)
+
+
+def test_too_many_ranks_for_the_gpus_fail_only_a_cupy_model():
+    """Ranks training on the CPU need no GPU each; a cupy model on such a rank is refused."""
+    group = dist.ProcessGroup(comm=None, rank=5, size=8, local_rank=5, local_size=8)
+    group.device_error = "8 ranks run on this node but only 4 GPUs are visible"
+    model, opt = _model_and_optimizer("sgd", seed=0)
+    numpy_parallel = dist.DataParallel(group, model, gb.MSELoss(), opt)
+    assert isinstance(numpy_parallel.transport, dist.MpiTransport)
+    on_gpu = types.SimpleNamespace(backend=types.SimpleNamespace(name="cupy"))  # a stand-in
+    with pytest.raises(RuntimeError, match="only 4 GPUs are visible"):
+        dist.DataParallel(group, on_gpu, gb.MSELoss(), opt)
 
 
 def test_first_difference_names_the_path():
