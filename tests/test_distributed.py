@@ -522,6 +522,23 @@ def test_missing_mpi4py_names_the_extra(monkeypatch):
         dist._import_mpi()
 
 
+def test_info_reports_what_distributed_training_can_use(capsys):
+    from gpubackprop.cli import main
+
+    assert main(["info", "--json"]) == 0
+    entry = json.loads(capsys.readouterr().out)["distributed"]
+    assert entry["mpi4py"] == pytest.importorskip("mpi4py").__version__
+    assert entry["mpiexec"] == _mpiexec() and entry["mpi_hint"] is None
+    nccl_loads = "available"
+    try:
+        dist.require_nccl()
+    except RuntimeError as error:
+        nccl_loads = f"unavailable: {error}"
+    assert entry["nccl"] == nccl_loads
+    assert main(["info"]) == 0
+    assert f"distributed: mpi4py {entry['mpi4py']}" in capsys.readouterr().out
+
+
 def test_nccl_hint_follows_the_cuda_major():
     assert "nvidia-nccl-cu12" in dist.nccl_install_hint(12)
     assert "nvidia-nccl-cu13" in dist.nccl_install_hint(13)
