@@ -567,3 +567,82 @@ def test_cooperative_groups_the_emulator_refuses_are_named_with_their_line(seam,
     )
     with pytest.raises(EmuCompileError, match=rf"(?s)refused\.cu:5.*{named}"):
         seam.compile_text(text, "refused.cu")
+
+
+# ---- float32 subnormals and -ftz=true (float32_subnormals.cu) --------------------------------
+
+TINY32 = np.finfo(np.float32).smallest_normal  # 2^-126
+
+
+def _subnormal_module(seam, flush: bool):
+    text = (CONFORMANCE / "float32_subnormals.cu").read_text()
+    options = (f"-ftz={'true' if flush else 'false'}",)
+    return seam.compile_text(text, "float32_subnormals.cu", nvrtc_options=options)
+
+
+def _flushed(values: np.ndarray) -> np.ndarray:
+    return np.where(np.abs(values) < TINY32, 0.0, values)
+
+
+@needs_compiler
+@pytest.mark.parametrize("flush", [True, False])
+def test_sigmoid_tail_is_flushed_exactly_when_the_build_says_ftz(seam, flush):
+    x = -np.linspace(80, 110, 301).astype(np.float32)  # sigmoid from 1.8e-35 down to 1.7e-48
+    y = seam.empty(x.shape, np.float32)
+    seam.launch(_subnormal_module(seam, flush), "sigmoid", 2, 256, (x, y, np.int32(x.size)))
+    exact = 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
+    subnormal = exact < TINY32
+    assert subnormal.sum() > 100 and (~subnormal).sum() > 50
+    np.testing.assert_allclose(y[~subnormal], exact[~subnormal], rtol=1e-5)
+    assert np.float32(1e-40) * np.float32(1.0) != 0  # the caller's mode is restored
+    if flush:
+        assert (y[subnormal] == 0).all()
+    else:  # kept, to within the subnormal spacing (2^-149) and expf's error
+        np.testing.assert_allclose(y[subnormal], exact[subnormal], rtol=1e-5, atol=3 * 2.0**-149)
+        assert (y[subnormal] > 0).sum() > 50
+
+
+@needs_compiler
+@pytest.mark.parametrize("flush", [True, False])
+def test_softmax_tail_and_subnormal_inputs(seam, flush):
+    x = np.array([[0.0, -50.0, -95.0, -100.0, -103.0, -120.0]], np.float32)
+    y = seam.empty(x.shape, np.float32)
+    module = _subnormal_module(seam, flush)
+    seam.launch(module, "softmax_rows", 1, 1, (x, y, np.int32(x.shape[1])))
+    e = np.exp(x.astype(np.float64) - x.max())
+    exact = e / e.sum()
+    expected = _flushed(exact) if flush else exact
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=0 if flush else 3 * 2.0**-149)
+    # A subnormal input reads as zero under -ftz=true; a product that lands below 2^-126 is 0.
+    tiny = np.array([1e-40, -3e-39, 1e-30, 2e-38], np.float32)
+    out = seam.empty(tiny.shape, np.float32)
+    seam.launch(module, "scale_float", 1, 32, (tiny, out, np.float32(1e-3), np.int32(4)))
+    exact = tiny.astype(np.float64) * np.float64(np.float32(1e-3))
+    if flush:
+        expected = _flushed(exact * (np.abs(tiny) >= TINY32)).astype(np.float32)
+        np.testing.assert_array_equal(out, expected)
+    else:
+        np.testing.assert_allclose(out, exact, rtol=1e-6, atol=2.0**-149)
+
+
+@needs_compiler
+def test_float64_subnormals_are_never_flushed(seam):
+    x = np.array([1e-310, -2.5e-320, 1e-300], np.float64)
+    y = seam.empty(x.shape, np.float64)
+    seam.launch(
+        _subnormal_module(seam, True), "scale_double", 1, 32, (x, y, np.float64(1e-10), np.int32(3))
+    )
+    np.testing.assert_array_equal(y, x * 1e-10)
+    assert y[2] != 0 and y[0] != 0
+
+
+def test_ftz_is_read_from_the_gpu_build_flags():
+    from gpubackprop.emulator.compiler import flushes_denormals
+    from gpubackprop.kernels import CUPY_ADDED_OPTIONS, NVRTC_OPTIONS
+
+    assert flushes_denormals((*NVRTC_OPTIONS, *CUPY_ADDED_OPTIONS))  # what CuPy compiles with
+    assert not flushes_denormals(NVRTC_OPTIONS)  # NVRTC's own default
+    assert not flushes_denormals(("-ftz=true", "--ftz=false"))  # the last one decides
+    assert flushes_denormals(("--use_fast_math",))
+    with pytest.raises(ValueError, match=r"'-ftz=yes'.*-ftz=true or -ftz=false"):
+        flushes_denormals(("-ftz=yes",))

@@ -129,6 +129,8 @@ struct State {
     unsigned int block_generation = 0;
     int block_result[2] = {0, 0};
     bool failed = false;
+    int flush_denormals = 0;                // set by gbemu_set_flush_denormals before a launch
+    unsigned long long saved_fp_control = 0;  // the caller's MXCSR/FPCR, restored after it
     char message[2048];
     void (*body)(void*) = nullptr;
     void* body_context = nullptr;
@@ -610,23 +612,83 @@ static void describe_deadlock(char* out, size_t size) {
 static int run_blocks(const long long* dims, long long shared_bytes, unsigned long long seed,
                       char* error, int error_size, void (*body)(void*), void* context);
 
+// Flush-to-zero, as a GPU build with -ftz=true does for float32: subnormal results become zero
+// (x86 MXCSR.FTZ, bit 15) and subnormal inputs read as zero (MXCSR.DAZ, bit 6); on AArch64 the
+// FPCR.FZ bit does both.  The bits apply to double too, so launch.py turns them on only for
+// kernels without a double parameter (the float32 builds), where a GPU flushes.  Every fiber
+// runs on the launching OS thread, so setting the register around the launch covers them all.
+#if defined(__x86_64__) || defined(__i386__)
+static inline unsigned long long fp_control() {
+    unsigned int csr;
+    __asm__ __volatile__("stmxcsr %0" : "=m"(csr));
+    return csr;
+}
+static inline void set_fp_control(unsigned long long value) {
+    unsigned int csr = (unsigned int)value;
+    __asm__ __volatile__("ldmxcsr %0" : : "m"(csr));
+}
+static const unsigned long long FP_FLUSH_BITS = 0x8040ull;
+#define GBEMU_HAS_FLUSH_CONTROL 1
+#elif defined(__aarch64__)
+static inline unsigned long long fp_control() {
+    unsigned long long value;
+    __asm__ __volatile__("mrs %0, fpcr" : "=r"(value));
+    return value;
+}
+static inline void set_fp_control(unsigned long long value) {
+    __asm__ __volatile__("msr fpcr, %0" : : "r"(value));
+}
+static const unsigned long long FP_FLUSH_BITS = 1ull << 24;
+#define GBEMU_HAS_FLUSH_CONTROL 1
+#else
+#define GBEMU_HAS_FLUSH_CONTROL 0
+#endif
+
+// Returns false (with a message) if flushing was asked for on a CPU this file cannot set up.
+static bool enter_fp_mode(char* error, int error_size) {
+#if GBEMU_HAS_FLUSH_CONTROL
+    g.saved_fp_control = fp_control();
+    if (g.flush_denormals) set_fp_control(g.saved_fp_control | FP_FLUSH_BITS);
+    return true;
+#else
+    if (g.flush_denormals) {
+        snprintf(error, error_size,
+                 "the kernel is built with -ftz=true (float32 subnormals flushed to zero), "
+                 "which the emulator implements on x86-64 and AArch64 only");
+        return false;
+    }
+    return true;
+#endif
+}
+static void leave_fp_mode() {
+#if GBEMU_HAS_FLUSH_CONTROL
+    set_fp_control(g.saved_fp_control);
+#endif
+}
+
 // Runs the whole grid.  Returns 0, or 1 with a message in `error`.
 static int run_grid(const long long* dims, long long shared_bytes, unsigned long long seed,
                     char* error, int error_size, void (*body)(void*), void* context) {
     error[0] = 0;
-    if (!install_fault_handlers(error, error_size)) return 1;
+    if (!enter_fp_mode(error, error_size)) return 1;
+    if (!install_fault_handlers(error, error_size)) {
+        leave_fp_mode();
+        return 1;
+    }
     // Nothing in this frame changes after sigsetjmp, so nothing here needs to be volatile.
     if (sigsetjmp(g.fault_jump, 1) != 0) {
         // Back from fault_handler: every fiber of the launch is abandoned; the next launch
         // re-initialises fibers, warps and barrier state from scratch.
         const uint3 block = blockIdx;
         const bool in_fiber = g.in_fiber != 0;
+        leave_fp_mode();
         restore_fault_handlers();
         describe_fault(error, (size_t)error_size, block, in_fiber);
         g.failed = true;
         return 1;
     }
     const int status = run_blocks(dims, shared_bytes, seed, error, error_size, body, context);
+    leave_fp_mode();
     restore_fault_handlers();
     return status;
 }

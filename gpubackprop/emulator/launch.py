@@ -118,15 +118,30 @@ class Kernel:
     name: str
     params: tuple[Param, ...]
     entry: Any  # ctypes function
+    # Launch with float32 subnormals flushed to zero (see EmuModule), through `configure`.
+    flush_denormals: bool = False
+    configure: Any = None
 
 
 class EmuModule:
-    """A compiled kernels/ source: its kernels by name, loaded from a shared library."""
+    """A compiled kernels/ source: its kernels by name, loaded from a shared library.
 
-    def __init__(self, path: Path, label: str, decls: list[Any]) -> None:
+    ``flush_denormals``: the GPU build's flags flush float32 subnormals to zero (-ftz=true, which
+    CuPy always passes).  The CPU's flush bits (MXCSR FTZ/DAZ) act on double as well, which a GPU
+    never flushes; so a kernel runs flushed when the module is and none of its parameters is a
+    double or a pointer to double (a float32 build), and unflushed otherwise.
+    """
+
+    def __init__(
+        self, path: Path, label: str, decls: list[Any], flush_denormals: bool = False
+    ) -> None:
         self.path = path
         self.label = label
+        self.flush_denormals = flush_denormals
         self.library = ctypes.CDLL(str(path))  # CDLL releases the GIL during calls
+        configure = self.library.gbemu_set_flush_denormals
+        configure.restype = None
+        configure.argtypes = [ctypes.c_int]
         self.kernels: dict[str, Kernel] = {}
         for decl in decls:
             signature_fn = getattr(self.library, f"gbemu_signature_{decl.symbol}")
@@ -148,7 +163,8 @@ class EmuModule:
                 ctypes.c_char_p,
                 ctypes.c_int,
             ]
-            self.kernels[decl.name] = Kernel(decl.name, params, entry)
+            flush = flush_denormals and not any(p.code == "f8" for p in params)
+            self.kernels[decl.name] = Kernel(decl.name, params, entry, flush, configure)
 
     def __repr__(self) -> str:
         return f"EmuModule({self.label!r}, kernels={sorted(self.kernels)})"
@@ -338,6 +354,7 @@ def _run_once(
         # Shared memory is filled with the same byte as the guard zones (read by the runtime).
         os.environ["GBEMU_SHARED_FILL"] = f"{guard_byte:02x}"
         try:
+            info.configure(int(info.flush_denormals))
             status = info.entry(dims, shared_mem, pointers, seed, error, ERROR_BUFFER)
         finally:
             del os.environ["GBEMU_SHARED_FILL"]
