@@ -397,13 +397,17 @@ def _header_text() -> str:
 
 
 def build(
-    text: str, label: str, name_expressions: tuple[str, ...] = ()
+    text: str,
+    label: str,
+    name_expressions: tuple[str, ...] = (),
+    extra_flags: tuple[str, ...] = (),
 ) -> tuple[Path, list[KernelDecl]]:
     """Compile ``text`` (a kernels/ source after loading) into a cached shared library.
 
     ``label`` names the source in messages.  Returns the library path and its kernels: every
     ``extern "C"`` kernel, and one per name expression (a template instantiated, as CuPy's
-    ``RawModule(name_expressions=...)`` does).
+    ``RawModule(name_expressions=...)`` does).  ``extra_flags``: g++ options (-D, -U, -std)
+    translated from a RawModule's NVRTC options.
     Raises EmuUnsupportedError for inline PTX and EmuCompileError with g++'s diagnostics.
 
     The cache entry for a key is ``<key>.so`` with ``<key>.json`` beside it (the library's size
@@ -420,7 +424,7 @@ def build(
         raise EmuCompileError(
             "no C++ compiler found (set CXX or GPUBACKPROP_EMU_CXX, or install g++)"
         )
-    flags = compile_flags()
+    flags = compile_flags() + tuple(extra_flags)  # -D/-U/-std from a RawModule's options
     digest = hashlib.sha256()
     expressions = "\n".join(name_expressions)
     for part in (text, label, expressions, _header_text(), " ".join(flags), compiler_identity(cxx)):

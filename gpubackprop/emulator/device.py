@@ -58,6 +58,7 @@ class EmuSeam:
         label: str,
         name_expressions: tuple[str, ...] = (),
         nvrtc_options: tuple[str, ...] | None = None,
+        extra_flags: tuple[str, ...] = (),
     ) -> EmuModule:
         """Compile a source text; ``label`` names it in messages.  ``nvrtc_options``: the
         options a GPU build compiles it with (default: the project's, kernels.NVRTC_OPTIONS plus
@@ -73,10 +74,10 @@ class EmuSeam:
             label,
             name_expressions,
             flush,
-            compiler.compile_flags(),
+            compiler.compile_flags() + tuple(extra_flags),
         )
         if key not in self._modules:
-            path, decls = compiler.build(text, label, name_expressions)
+            path, decls = compiler.build(text, label, name_expressions, tuple(extra_flags))
             self._modules[key] = EmuModule(path, label, decls, flush)
         return self._modules[key]
 

@@ -262,8 +262,11 @@ def launch(
     args: tuple[Any, ...],
     shared_mem: int = 0,
     shuffle_seed: int | None = None,
+    max_shared_mem: int = MAX_DYNAMIC_SHARED,
 ) -> None:
-    """Run ``kernel`` of ``module`` on the emulator; see the module docstring for the checks."""
+    """Run ``kernel`` of ``module`` on the emulator; see the module docstring for the checks.
+    ``max_shared_mem``: the dynamic shared memory the kernel may ask for (48 KiB unless opted
+    in, as CuPy's ``max_dynamic_shared_size_bytes`` does)."""
     if kernel not in module.kernels:
         raise ValueError(
             f'kernel={kernel!r} is not an extern "C" __global__ function or a name expression '
@@ -278,9 +281,9 @@ def launch(
     if threads > MAX_THREADS_PER_BLOCK:
         raise ValueError(f"{where}: block={block3} has {threads} threads; at most 1024 are allowed")
     shared_mem = int(shared_mem)
-    if not 0 <= shared_mem <= MAX_DYNAMIC_SHARED:
+    if not 0 <= shared_mem <= max_shared_mem:
         raise ValueError(
-            f"{where}: shared_mem={shared_mem} bytes; expected 0 to {MAX_DYNAMIC_SHARED} "
+            f"{where}: shared_mem={shared_mem} bytes; expected 0 to {max_shared_mem} "
             "(more needs an opt-in function attribute on the GPU)"
         )
     where = f"kernel {kernel!r} (grid={grid3}, block={block3})"
