@@ -4,6 +4,9 @@ name."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -42,7 +45,18 @@ def private_cache(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("GPUBACKPROP_EMU_SHUFFLE", raising=False)
 
 
-def test_the_five_line_example_of_the_docs():
+@pytest.mark.parametrize("page", ["README.md", "docs/emulator.md"])
+def test_the_five_line_example_on_the_front_page_and_in_the_docs_runs(page):
+    text = (Path(__file__).resolve().parents[1] / page).read_text(encoding="utf-8")
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "RawModule" in b]
+    assert len(blocks) == 1 and len(blocks[0].strip().splitlines()) == 5, blocks
+    assert "from gpubackprop.emulator import RawModule" in blocks[0]
+    namespace: dict = {}
+    exec(compile(blocks[0], page, "exec"), namespace)
+    np.testing.assert_array_equal(namespace["y"], 2 * np.arange(32))
+
+
+def test_a_templated_kernel_with_options():
     code = SCALE
     module = RawModule(code=code, options=("-DSCALE_BY=1",), name_expressions=["scale<float>"])
     kernel = module.get_function("scale<float>")
@@ -142,3 +156,36 @@ def test_float32_subnormals_are_flushed_as_cupy_compiles():
     x = np.array([2e-38, 3e-38, 4.0], np.float32)  # 1e-38 < 2^-126: flushed, as -ftz=true
     module.get_function("half")((1,), (3,), (x,))
     np.testing.assert_array_equal(x, np.array([0.0, 1.5e-38, 2.0], np.float32))
+
+
+@pytest.mark.gpu
+def test_the_same_code_gives_the_same_result_through_cupy_on_a_gpu():
+    """The one-import promise, checked where a GPU is: cupy.RawModule and the emulator's
+    RawModule, given the same code, options and name expressions, write the same arrays."""
+    try:
+        import cupy
+
+        capability = int(cupy.cuda.Device(0).compute_capability)
+    except Exception as error:
+        pytest.skip(f"no CUDA GPU: {type(error).__name__}: {error}")
+    n = 70
+    x = np.random.default_rng(3).standard_normal(n).astype(np.float32)
+    reversed_x = np.concatenate([x, np.zeros(26, np.float32)]).reshape(3, 32)[:, ::-1]
+    for module_type, to_device, arch in (
+        (RawModule, np.asarray, 800),  # the emulator's __CUDA_ARCH__
+        (cupy.RawModule, cupy.asarray, capability * 10),
+    ):
+        module = module_type(
+            code=SCALE, options=("-DSCALE_BY=3",), name_expressions=["scale<float>"]
+        )
+        y, z = to_device(np.zeros(n, np.float32)), to_device(np.zeros(n, np.float32))
+        module.get_function("scale<float>")(
+            (3,), (32,), (to_device(x), y, np.float32(-2.0), np.int32(n))
+        )
+        module.get_function("tile_reverse")(
+            (3,), (32,), (to_device(x), z, np.int32(n)), shared_mem=32 * 4
+        )
+        y, z = (cupy.asnumpy(a) if module_type is cupy.RawModule else a for a in (y, z))
+        np.testing.assert_array_equal(y, np.float32(-2.0) * x)
+        expected = reversed_x.reshape(-1)[:n].astype(np.float64) * 3 + arch
+        np.testing.assert_allclose(z, expected, rtol=1e-6)  # a GPU may fuse the * and +
