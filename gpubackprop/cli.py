@@ -493,13 +493,17 @@ def train(args: argparse.Namespace) -> int:
     from gpubackprop.data import load_dataset
 
     started = time.perf_counter()
+    # Data-parallel: join the ranks first (a failure from here on ends them all, see main), and
+    # pick this rank's GPU before the model is placed; rank 0 alone prints and writes.
+    main_rank = gb.distributed.init().is_main if args.distributed else True
     for option, path in (
         ("--save", args.save),
         ("--export-onnx", args.export_onnx),
         ("--metrics-json", args.metrics_json),
         ("--plot", args.plot),
     ):
-        _check_output_path(option, path)
+        if main_rank:  # only rank 0 writes them (other nodes may not have the directory)
+            _check_output_path(option, path)
     if args.export_onnx:
         from gpubackprop.onnx_export import require_onnx
 
@@ -525,8 +529,6 @@ def train(args: argparse.Namespace) -> int:
     loss = gb.MSELoss() if regression else gb.SoftmaxCrossEntropyLoss()
 
     gb.seed(args.seed)
-    # Data-parallel: the rank's GPU is chosen before the model is placed; rank 0 alone talks.
-    main_rank = gb.distributed.init().is_main if args.distributed else True
     model = _build_model(dataset.n_features, args.hidden, args.activation, dataset.n_outputs)
     model.to(args.backend, dtype=args.dtype)
     optimizer = _build_optimizer(args.optimizer, model.parameters(), optimizer_options)
@@ -846,9 +848,7 @@ def parity(args: argparse.Namespace) -> int:
     report = parity_report(
         backends, dtypes=tuple(args.dtype or ["float32"]), quick=not args.full, seed=args.seed
     )
-    if args.failures_only:
-        report.rows = [row for row in report.rows if not row.passed]
-    print(report.format())
+    print(report.format(failures_only=args.failures_only))
     return 0 if report.passed else 1
 
 
@@ -879,6 +879,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing what is still buffered at exit cannot raise
+    BrokenPipeError again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor
+        pass
+
+
+def _stop_other_ranks(code: int, error: BaseException) -> None:
+    """After `train --distributed` failed on this rank: end every rank (the others would wait
+    in their next collective for this one)."""
+    from gpubackprop import distributed
+
+    distributed.abort_other_ranks(code, error)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (the console script exits with it)."""
     parser = build_parser()
@@ -893,7 +912,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             tokens = _config_to_argv(args.config, sub_parser)
             # config first, then the user's flags: argparse keeps the last value given.
             args = parser.parse_args([args.command, *tokens, *argv[argv.index(args.command) + 1 :]])
-        return args.run(args)
+        status = args.run(args)
+        sys.stdout.flush()  # a closed pipe shows up here, not at interpreter exit
+        return status
+    except BrokenPipeError:
+        # The reader went away (`gpubackprop info | head -1`): stop quietly, as Unix tools do.
+        _silence_stdout()
+        return 0
     except (
         UsageError,
         ValueError,
@@ -905,11 +930,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("GPUBACKPROP_DEBUG"):
             raise
         print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
+        _stop_other_ranks(2, error)
         return 2
     except (RuntimeError, FloatingPointError, OSError) as error:
         if os.environ.get("GPUBACKPROP_DEBUG"):
             raise
         print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
+        _stop_other_ranks(1, error)
+        return 1
+    except MemoryError as error:
+        if os.environ.get("GPUBACKPROP_DEBUG"):
+            raise
+        # NumPy's message names the allocation ("Unable to allocate 1.9 TiB for an array with
+        # shape (4000000000, 64) ..."), which is the size the user asked for.
+        detail = str(error) or "an allocation failed"
+        print(
+            f"{PROG} {args.command}: error: out of memory: {detail} (smaller layer widths, "
+            "batches or data sets need less)",
+            file=sys.stderr,
+        )
+        _stop_other_ranks(1, error)
         return 1
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)

@@ -14,6 +14,7 @@ shape (N, n_targets).
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import zlib
 from collections.abc import Callable
@@ -555,48 +556,82 @@ def _open_maybe_gzip(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
+# Deflate cannot expand data by more than about 1032:1, so a gzip file of n bytes holds at most
+# this many times n bytes: a header promising more is refused before anything is decompressed.
+_GZIP_MAX_EXPANSION = 1100
+_READ_CHUNK = 1 << 24
+
+
+def _read_at_most(handle, limit: int) -> bytes:
+    """Up to ``limit`` bytes from ``handle``, read in chunks (never more, whatever the file)."""
+    chunks, remaining = [], limit
+    while remaining > 0:
+        chunk = handle.read(min(remaining, _READ_CHUNK))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read an IDX file (optionally gzip-compressed, by a ``.gz`` suffix) into a native array.
 
     Layout: two zero bytes, a type byte (0x08 ubyte … 0x0E double), a byte with the number of
     dimensions n, n big-endian uint32 sizes, then the data, big-endian, row-major.
     Raises ValueError naming the file for a wrong magic, a truncated file or trailing bytes.
+    The header is checked against the file's size before the data is read (or decompressed),
+    and no more than the header's data size (plus one byte, to see trailing bytes) is read.
     """
     path = Path(path)
+    where = f"IDX file {str(path)!r}"
+    compressed = path.suffix == ".gz"
     try:
+        file_size = path.stat().st_size
         with _open_maybe_gzip(path) as handle:
-            raw = handle.read()
+            magic = handle.read(4)
+            if len(magic) < 4:
+                raise ValueError(
+                    f"{where} is truncated: {len(magic)} bytes, shorter than the 4-byte magic"
+                )
+            zero0, zero1, type_code, ndim = magic
+            if zero0 != 0 or zero1 != 0 or type_code not in _IDX_TYPES:
+                raise ValueError(
+                    f"{where} has magic number 0x{magic.hex()}; expected 0x0000TTNN with type "
+                    f"byte TT one of {[f'0x{code:02x}' for code in _IDX_TYPES]}"
+                )
+            header_size = 4 + 4 * ndim
+            sizes = handle.read(4 * ndim)
+            if len(sizes) < 4 * ndim:
+                raise ValueError(
+                    f"{where} is truncated: its {ndim} dimension sizes need {header_size} header "
+                    f"bytes, found {4 + len(sizes)}"
+                )
+            shape = tuple(int.from_bytes(sizes[4 * i : 4 * i + 4], "big") for i in range(ndim))
+            dtype = _IDX_TYPES[type_code]
+            expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
+            promised = f"header says shape {shape} of {dtype.name} = {expected} data bytes"
+            if not compressed and expected > file_size - header_size:
+                raise ValueError(
+                    f"{where} is truncated: {promised}, found {file_size - header_size}"
+                )
+            if compressed and expected > file_size * _GZIP_MAX_EXPANSION:
+                raise ValueError(
+                    f"{where} is truncated or its header is wrong: {promised}, but a "
+                    f"{file_size}-byte gzip file decompresses to at most "
+                    f"{file_size * _GZIP_MAX_EXPANSION}"
+                )
+            raw = _read_at_most(handle, expected + 1)
     except FileNotFoundError:
         raise
     except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
-        raise ValueError(f"IDX file {str(path)!r} is corrupt: {error}") from error
-    if len(raw) < 4:
-        raise ValueError(
-            f"IDX file {str(path)!r} is truncated: {len(raw)} bytes, shorter than the 4-byte magic"
-        )
-    zero0, zero1, type_code, ndim = raw[0], raw[1], raw[2], raw[3]
-    if zero0 != 0 or zero1 != 0 or type_code not in _IDX_TYPES:
-        raise ValueError(
-            f"IDX file {str(path)!r} has magic number 0x{raw[:4].hex()}; expected 0x0000TTNN "
-            f"with type byte TT one of {[f'0x{code:02x}' for code in _IDX_TYPES]}"
-        )
-    header_size = 4 + 4 * ndim
-    if len(raw) < header_size:
-        raise ValueError(
-            f"IDX file {str(path)!r} is truncated: its {ndim} dimension sizes need "
-            f"{header_size} header bytes, found {len(raw)}"
-        )
-    shape = tuple(int(v) for v in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    dtype = _IDX_TYPES[type_code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    found = len(raw) - header_size
-    if found != expected:
-        problem = "is truncated" if found < expected else "has trailing bytes"
-        raise ValueError(
-            f"IDX file {str(path)!r} {problem}: header says shape {shape} of {dtype.name} = "
-            f"{expected} data bytes, found {found}"
-        )
-    data = np.frombuffer(raw, dtype=dtype, offset=header_size).reshape(shape)
+        raise ValueError(f"{where} is corrupt: {error}") from error
+    found = len(raw)
+    if found < expected:
+        raise ValueError(f"{where} is truncated: {promised}, found {found}")
+    if found > expected:
+        raise ValueError(f"{where} has trailing bytes: {promised}, and more follow")
+    data = np.frombuffer(raw, dtype=dtype).reshape(shape)
     return data.astype(dtype.newbyteorder("="))
 
 

@@ -71,11 +71,6 @@ SUPPORTED_TORCH_MODULES = (
 )
 
 
-def _standardize_class() -> type | None:
-    """gb.Standardize where this version has it (the model's input preprocessing layer)."""
-    return getattr(gbl, "Standardize", None)
-
-
 # -- gpubackprop -> torch -------------------------------------------------------------------------
 
 
@@ -98,7 +93,6 @@ def _tensor(values: Any, dtype: torch.dtype) -> torch.Tensor:
 def _module_of(layer: gbl.Layer, dtype: torch.dtype) -> torch.nn.Module:
     from .model import Sequential
 
-    standardize = _standardize_class()
     if isinstance(layer, gbl.Dense):
         linear = torch.nn.Linear(
             layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=dtype
@@ -108,7 +102,7 @@ def _module_of(layer: gbl.Layer, dtype: torch.dtype) -> torch.nn.Module:
             if layer.bias is not None:
                 linear.bias.copy_(_tensor(layer.bias.data, dtype))
         return linear
-    if standardize is not None and isinstance(layer, standardize):
+    if isinstance(layer, gbl.Standardize):
         return Standardize(to_host(layer.mean), to_host(layer.std), dtype)
     if isinstance(layer, gbl.Residual):
         return Residual(*(_module_of(inner, dtype) for inner in layer.layers))
@@ -132,12 +126,12 @@ def from_torch(module: torch.nn.Module, backend: Any = None, dtype: Any = None) 
     copies of its weights, placed on ``backend`` in ``dtype`` (default: the dtype of the
     module's first floating-point parameter, float32 or float64; float32 without any).
 
-    The layers of a nested torch.nn.Sequential are spliced into their parent (the same
-    function; parameter names then follow the flat order).  A module with no gpubackprop
-    counterpart is refused with TypeError naming it and its place in ``module``."""
+    A nested torch.nn.Sequential becomes a nested Sequential, so parameter names agree.  A
+    module with no gpubackprop counterpart (a subclass of a supported one included: its forward
+    may differ) is refused with TypeError naming it and its place in ``module``."""
     from .model import Sequential
 
-    if not isinstance(module, torch.nn.Sequential) or isinstance(module, Residual):
+    if type(module) is not torch.nn.Sequential:  # a subclass may compute something else
         raise TypeError(
             f"module is {type(module).__module__}.{type(module).__qualname__}; expected a "
             "torch.nn.Sequential"
@@ -154,13 +148,15 @@ def _host_float64(tensor: torch.Tensor) -> np.ndarray:
 
 
 def _layers_of(container: torch.nn.Module, prefix: str) -> list[gbl.Layer]:
+    from .model import Sequential
+
     layers: list[gbl.Layer] = []
     for name, child in container.named_children():
         path = f"{prefix}{name}"
         if isinstance(child, Residual):
             layers.append(gbl.Residual(*_layers_of(child, f"{path}.")))
-        elif isinstance(child, torch.nn.Sequential):
-            layers.extend(_layers_of(child, f"{path}."))
+        elif type(child) is torch.nn.Sequential:
+            layers.append(Sequential(*_layers_of(child, f"{path}.")))
         else:
             layers.append(_layer_of(child, path))
     return layers
@@ -178,9 +174,8 @@ def _layer_of(child: torch.nn.Module, path: str) -> gbl.Layer:
         return gbl.LeakyReLU(child.negative_slope)
     if type(child) is torch.nn.GELU:
         return gbl.GELU(child.approximate)
-    standardize = _standardize_class()
-    if type(child) is Standardize and standardize is not None:
-        return standardize(_host_float64(child.mean), _host_float64(child.std))
+    if type(child) is Standardize:
+        return gbl.Standardize(_host_float64(child.mean), _host_float64(child.std))
     for ours, theirs in _SIMPLE_ACTIVATIONS:
         if type(child) is theirs:
             return ours()

@@ -44,6 +44,8 @@ CASES = [
     ("adam", 0.05, 24),
     ("sgd", None, 25),
 ]
+# Three ranks (not a power of two: MPI reduces in another pattern), uneven shards 9/8/8.
+THREE_RANK_CASE = ("adam", 0.05, 25)
 # The emu backend all-reduces the host memory of its arrays (CuPy-like device arrays in the
 # worker: GPUBACKPROP_EMU_DEVICE_ARRAYS=1); a few steps, the emulator being slow.
 EMU_CASE, EMU_STEPS = ("adam", 0.05, 24), 4
@@ -145,6 +147,9 @@ def _worker(scenario: str, out: Path) -> None:
         params, history = _fit_run(distributed=True, verbose=2)
         np.save(out / f"fit.rank{rank}.npy", params)
         (out / f"fit.rank{rank}.json").write_text(json.dumps(history))
+    elif scenario == "three":
+        params = _train_steps(*THREE_RANK_CASE, group)
+        np.save(out / f"three.rank{rank}.npy", params)
     elif scenario == "raise":
 
         class FailOnRankOne(gb.Callback):
@@ -154,18 +159,28 @@ def _worker(scenario: str, out: Path) -> None:
 
         model, opt = _model_and_optimizer("sgd", seed=0)
         x, y = _data(64)
-        model.fit(
-            x,
-            y,
-            loss=gb.SoftmaxCrossEntropyLoss(),
-            optimizer=opt,
-            epochs=50,
-            batch_size=16,
-            verbose=0,
-            callbacks=[FailOnRankOne()],
-            distributed=True,
-        )
+        try:  # caught, as the CLI catches errors to print them: fit itself must abort
+            model.fit(
+                x,
+                y,
+                loss=gb.SoftmaxCrossEntropyLoss(),
+                optimizer=opt,
+                epochs=50,
+                batch_size=16,
+                verbose=0,
+                callbacks=[FailOnRankOne()],
+                distributed=True,
+            )
+        except RuntimeError:
+            print("rank caught the error and carried on", flush=True)
+        group.comm.Barrier()
         print("rank finished training", flush=True)
+    elif scenario == "uncaught":
+        # Outside fit: rank 1 fails in the user's own code while rank 0 waits in a collective.
+        if rank == 1:
+            raise KeyError("rank one's own code fails")
+        group.comm.Barrier()
+        print("rank passed the barrier", flush=True)
     elif scenario == "mismatch":
         model, opt = _model_and_optimizer("sgd", seed=0, hidden=HIDDEN + rank)
         x, y = _data(64)
@@ -226,6 +241,18 @@ def test_two_ranks_match_one_process_and_each_other(trained, optimizer, max_norm
     assert np.max(np.abs(single[-1] - single[0])) > 1e-2
 
 
+def test_three_ranks_stay_bitwise_identical_and_match_one_process(tmp_path):
+    result = _launch(3, [str(HERE), "three", str(tmp_path)], tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [np.load(tmp_path / f"three.rank{r}.npy") for r in range(3)]
+    for step in range(STEPS):
+        assert np.array_equal(ranks[0][step], ranks[1][step]), step
+        assert np.array_equal(ranks[0][step], ranks[2][step]), step
+    single = _train_steps(*THREE_RANK_CASE)
+    scale = np.max(np.abs(single), axis=1, keepdims=True)
+    assert np.max(np.abs(ranks[0] - single) / scale) <= RTOL
+
+
 def test_emu_ranks_match_one_numpy_process(trained):
     available, reason = gb.available_backends()["emu"]
     if not available:
@@ -273,15 +300,23 @@ def test_failing_rank_stops_every_rank(tmp_path):
     assert "rank 1 of 2 failed" in result.stderr
     assert "rank one gives up after epoch 1" in result.stderr
     assert "rank finished training" not in result.stdout
+    assert "carried on" not in result.stdout
+
+
+def test_uncaught_error_after_init_stops_every_rank(tmp_path):
+    result = _launch(2, [str(HERE), "uncaught", str(tmp_path)], tmp_path, timeout=60)
+    assert result.returncode != 0
+    assert "rank one's own code fails" in result.stderr
+    assert "rank passed the barrier" not in result.stdout
 
 
 def test_ranks_with_different_models_fail_naming_the_difference(tmp_path):
+    """Every rank raises the same error at fit's start and stops by itself (no MPI_Abort)."""
     result = _launch(2, [str(HERE), "mismatch", str(tmp_path)], tmp_path, timeout=60)
     assert result.returncode != 0
-    assert (
-        f"model.layers[0].out_features is {HIDDEN} on rank 0 but {HIDDEN + 1} on rank 1"
-        in result.stderr
-    )
+    message = f"model.layers[0].out_features is {HIDDEN} on rank 0 but {HIDDEN + 1} on rank 1"
+    assert result.stderr.count(message) == 2
+    assert "MPI_Abort" not in result.stderr
 
 
 def test_cli_train_distributed_matches_one_process(tmp_path):
@@ -329,20 +364,41 @@ def test_bench_data_parallel_row():
     assert "scaling efficiency" in format_table(record)
 
 
+def test_cli_rank_failing_alone_stops_the_job(tmp_path):
+    """One rank's `train --distributed` fails before training (its data file is missing) while
+    the other waits for it in fit's first collective: the job ends with the error, no hang."""
+    mpiexec = _mpiexec()
+    options = ["-m", "gpubackprop", "train", "--distributed", "--hidden", "8", "--verbose", "0"]
+    missing = str(tmp_path / "missing.npz")
+    command = [mpiexec, "-n", "1", sys.executable, *options, ":"]
+    command += ["-n", "1", sys.executable, *options, "--dataset", f"npz:{missing}"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env
+    )
+    assert result.returncode != 0
+    assert "missing.npz" in result.stderr
+    assert "test accuracy" not in result.stdout
+
+
 # -- single-process tests -------------------------------------------------------------------------
 
 
-def test_docs_example_runs_on_one_rank(tmp_path, monkeypatch):
-    """docs/distributed.md's script, as written, in this process (an MPI job of one rank)."""
+def test_docs_examples_run_on_one_rank(tmp_path, monkeypatch):
+    """docs/distributed.md's scripts, as written, in this process (an MPI job of one rank)."""
     pytest.importorskip("mpi4py")
     page = (ROOT / "docs" / "distributed.md").read_text(encoding="utf-8")
-    (block,) = re.findall(r"```python\n(.*?)```", page, re.S)
+    fit_script, loop_script = re.findall(r"```python\n(.*?)```", page, re.S)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GPUBACKPROP_BACKEND", "numpy")
     namespace: dict = {}
-    exec(compile(block, "docs/distributed.md", "exec"), namespace)
+    exec(compile(fit_script, "docs/distributed.md", "exec"), namespace)
     assert namespace["history"]["accuracy"][-1] > 0.9
     assert (tmp_path / "model.safetensors").is_file()
+    namespace = {}
+    exec(compile(loop_script, "docs/distributed.md", "exec"), namespace)
+    model, x, y = namespace["model"], namespace["x"], namespace["y"]
+    assert model.evaluate(x, y, gb.MSELoss())["loss"] < 0.1 * float(np.var(y))  # it learned
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4, 7])
@@ -395,6 +451,25 @@ def test_missing_nccl_names_what_to_install(monkeypatch):
         dist.require_nccl()
 
 
+def test_bench_without_mpi_skips_the_row_and_still_passes(monkeypatch):
+    from gpubackprop import benchmarks as bench
+
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    config = bench.BenchConfig(
+        backends=["numpy"], preset="tiny", only=("data_parallel",), verbose=False, torch=False
+    )
+    record = bench.run_benchmarks(config)
+    assert record["results"] == []
+    (entry,) = [e for e in record["skipped"] if e["name"] == "data_parallel.step"]
+    assert 'pip install ".[mpi]"' in entry["reason"]
+
+
+def test_missing_mpi4py_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # import mpi4py now raises ImportError
+    with pytest.raises(ImportError, match=r"pip install \"gpubackprop\[mpi\]\""):
+        dist._import_mpi()
+
+
 def test_nccl_hint_follows_the_cuda_major():
     assert "nvidia-nccl-cu12" in dist.nccl_install_hint(12)
     assert "nvidia-nccl-cu13" in dist.nccl_install_hint(13)
@@ -420,6 +495,12 @@ def test_nccl_one_rank_allreduce_and_broadcast_on_the_gpu():
         pytest.skip(f"backend 'cupy' is unavailable here: {reason}")
     import cupy
 
+    try:
+        dist.require_nccl()
+    except RuntimeError as error:
+        if os.environ.get("GPUBACKPROP_REQUIRE_GPU"):
+            raise
+        pytest.skip(str(error))
     # a one-rank group needs no MPI (the GPU machine may lack the mpi extra)
     group = dist.ProcessGroup(comm=None, rank=0, size=1, local_rank=0, local_size=1)
     transport = dist.NcclTransport(group)

@@ -58,8 +58,8 @@ def _instance(name: str) -> Backend:
 def get_backend(name: str | Backend | None = None) -> Backend:
     """Return the backend called ``name``.
 
-    ``None`` reads the GPUBACKPROP_BACKEND environment variable and otherwise means
-    "auto": the CuPy backend when CuPy and a GPU are usable, else NumPy; the choice
+    ``None`` reads the GPUBACKPROP_BACKEND environment variable (unset or empty means
+    "auto"): the CuPy backend when CuPy and a GPU are usable, else NumPy; the choice
     and its reason are logged once.  Asking for an unavailable backend by name raises
     RuntimeError with the reason.
     """
@@ -68,7 +68,8 @@ def get_backend(name: str | Backend | None = None) -> Backend:
         return name
     source = "argument"
     if name is None:
-        name, source = os.environ.get(ENV_VARIABLE, "auto"), ENV_VARIABLE
+        # An empty value (GPUBACKPROP_BACKEND= in a shell) means "not set", as for other tools.
+        name, source = os.environ.get(ENV_VARIABLE, "").strip() or "auto", ENV_VARIABLE
     key = str(name).strip().lower()
     if key not in BACKEND_NAMES:
         where = f"{ENV_VARIABLE}={name!r}" if source == ENV_VARIABLE else f"backend={name!r}"
