@@ -8,7 +8,7 @@ import logging
 import os
 from typing import Any
 
-from . import distributed
+from . import data, distributed
 from .backends import available_backends, get_backend
 from .callbacks import Callback, CosineSchedule, EarlyStopping, History, ModelCheckpoint
 from .gradcheck import gradcheck
@@ -105,6 +105,7 @@ __all__ = [
     "__version__",
     "available_backends",
     "clip_grad_norm",
+    "data",
     "distributed",
     "export_onnx",
     "from_torch",

@@ -129,6 +129,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "dataset": "digits",
     "hidden": "512,256",
     "activation": "relu",
+    "model": None,  # a JSON model config instead of hidden/activation
     "optimizer": "adam",
     "lr": None,  # per optimizer: OPTIMIZER_DEFAULTS
     "momentum": None,
@@ -188,18 +189,27 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         help="seed of the train/validation/test split (default 0)",
     )
     model = parser.add_argument_group("model")
+    # --hidden and --activation default to None so that --model can tell they were not given.
     model.add_argument(
         "--hidden",
         type=hidden_sizes,
-        default=hidden_sizes(d["hidden"]),
+        default=None,
         metavar="W1,W2,...",
         help=f"hidden layer widths (default {d['hidden']}; 'none' for none)",
     )
     model.add_argument(
         "--activation",
         choices=CLI_ACTIVATIONS,
-        default=d["activation"],
+        default=None,
         help=f"hidden activation (default {d['activation']})",
+    )
+    model.add_argument(
+        "--model",
+        metavar="JSON",
+        default=d["model"],
+        help="train the network a JSON model config describes (the format of "
+        "gb.Sequential.config(), read by gb.Sequential.from_config) instead of --hidden and "
+        "--activation",
     )
     optimization = parser.add_argument_group("optimization")
     optimization.add_argument(
@@ -355,18 +365,71 @@ def _resolve_optimizer_options(args: argparse.Namespace) -> dict[str, float]:
     return options
 
 
-def _build_model(n_features: int, hidden: Sequence[int], activation: str, n_outputs: int):
+def _read_model_config(path: str) -> Any:
+    """The Sequential a --model JSON file describes (fresh weights)."""
     import gpubackprop as gb
 
-    # He initialisation keeps ReLU-like activations at unit variance; Xavier suits the
-    # saturating and linear ones (their derivative is about 1 near 0).
-    init = "xavier_uniform" if activation in ("sigmoid", "tanh", "identity") else "he_uniform"
-    layers = []
-    width = n_features
-    for size in hidden:
-        layers += [gb.Dense(width, size, init=init), activation_layer(activation)]
-        width = size
-    layers.append(gb.Dense(width, n_outputs, init="xavier_uniform"))
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"--model file {path!r} does not exist") from None
+    except UnicodeDecodeError as error:
+        raise UsageError(f"--model file {path!r} is not UTF-8 text: {error}") from None
+    except OSError as error:
+        raise UsageError(f"--model file {path!r} cannot be read: {error}") from None
+    try:
+        config = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as error:
+        raise UsageError(f"--model file {path!r} is not valid JSON: {error}") from None
+    try:
+        return gb.Sequential.from_config(config)
+    except (ValueError, TypeError) as error:
+        raise UsageError(f"--model file {path!r}: {error}") from None
+
+
+def _build_model(args: argparse.Namespace, dataset: Any):
+    """The network to train: the --model config, or an MLP of --hidden and --activation; its
+    first layer standardises the inputs with the training statistics (gb.Standardize), so the
+    saved model takes the data set's raw features."""
+    import gpubackprop as gb
+
+    d = TRAIN_DEFAULTS
+    statistics = None
+    if dataset.feature_mean is not None:
+        statistics = (dataset.feature_mean, dataset.feature_std)
+    if args.model is None:
+        hidden = args.hidden if args.hidden is not None else hidden_sizes(d["hidden"])
+        activation = args.activation if args.activation is not None else d["activation"]
+        return gb.mlp(
+            dataset.n_features,
+            hidden,
+            dataset.n_outputs,
+            activation,
+            standardize=statistics,
+        )
+    options = (("--hidden", args.hidden), ("--activation", args.activation))
+    given = [flag for flag, value in options if value is not None]
+    if given:
+        raise UsageError(
+            f"--model describes the whole network; {' and '.join(given)} cannot be given with it"
+        )
+    model = _read_model_config(args.model)
+    where = f"--model file {args.model!r}"
+    if model.in_features is not None and model.in_features != dataset.n_features:
+        raise UsageError(
+            f"{where} takes {model.in_features} input features but data set "
+            f"{dataset.name!r} has {dataset.n_features}"
+        )
+    if model.out_features is not None and model.out_features != dataset.n_outputs:
+        raise UsageError(
+            f"{where} gives {model.out_features} outputs but data set {dataset.name!r} needs "
+            f"{dataset.n_outputs}"
+        )
+    layers = list(model.layers)
+    if layers and isinstance(layers[0], gb.Standardize):
+        layers = layers[1:]  # replaced by the statistics of this data set, or left out
+    if statistics is not None:
+        layers.insert(0, gb.Standardize(*statistics))
     return gb.Sequential(*layers)
 
 
@@ -376,17 +439,6 @@ def _build_optimizer(name: str, parameters, options: dict[str, float]):
     if name == "sgd":
         return gb.SGD(parameters, **options)
     return (gb.Adam if name == "adam" else gb.AdamW)(parameters, **options)
-
-
-def _cosine_schedule(base_lr: float, epochs: int):
-    """η_e = η₀ · ½(1 + cos(π e / E)) for epoch e + 1 (epoch 1 trains at η₀, decaying to 0)."""
-    import gpubackprop as gb
-
-    class CosineSchedule(gb.Callback):
-        def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
-            self.optimizer.lr = base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
-
-    return CosineSchedule()
 
 
 def _check_output_path(option: str, path: str | None) -> None:
@@ -524,17 +576,18 @@ def train(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         val_fraction=args.val_fraction,
         augment=augment,
+        standardize=False,  # the model standardises: its first layer is gb.Standardize
     )
     regression = dataset.task == "regression"
     loss = gb.MSELoss() if regression else gb.SoftmaxCrossEntropyLoss()
 
     gb.seed(args.seed)
-    model = _build_model(dataset.n_features, args.hidden, args.activation, dataset.n_outputs)
+    model = _build_model(args, dataset)
     model.to(args.backend, dtype=args.dtype)
     optimizer = _build_optimizer(args.optimizer, model.parameters(), optimizer_options)
     callbacks = []
     if args.schedule == "cosine":
-        callbacks.append(_cosine_schedule(optimizer_options["lr"], args.epochs))
+        callbacks.append(gb.CosineSchedule(args.epochs, base_lr=optimizer_options["lr"]))
     validation = None if dataset.x_val is None else (dataset.x_val, dataset.y_val)
     if args.verbose and main_rank:
         print(

@@ -7,6 +7,11 @@ into training:
 
     x' = (x − μ_train) / σ_train,   σ_train := 1 where σ_train = 0 (a constant feature).
 
+The statistics are kept on the Dataset (``feature_mean``, ``feature_std``) whether or not they
+were applied: with ``standardize=False`` the features stay raw and a model can carry the
+standardisation itself as its first layer, ``gb.Standardize(d.feature_mean, d.feature_std)``
+(what ``gpubackprop train`` does), so that a saved model takes raw features.
+
 Classification labels are int64 class indices 0..n_classes−1; regression targets are floats of
 shape (N, n_targets).
 """
@@ -61,6 +66,12 @@ class Dataset:
     task: str = "classification"
     x_val: np.ndarray | None = None
     y_val: np.ndarray | None = None
+    # μ and σ of the training part, one per feature (float64), or None for a data set that is
+    # not standardised (the synthetic regression); ``standardized`` says whether the features
+    # above had them applied.
+    feature_mean: np.ndarray | None = None
+    feature_std: np.ndarray | None = None
+    standardized: bool = False
 
     @property
     def n_features(self) -> int:
@@ -200,13 +211,16 @@ def _assemble(
     val_fraction: float = 0.0,
     augment: Augment | None = None,
     standardize_features: bool = True,
+    apply_standardization: bool = True,
     per_feature: bool = True,
     n_classes: int | None = None,
 ) -> Dataset:
     """Hold out the validation part, augment the rest, standardise with its statistics, cast.
 
     The order matters: validation and test rows are never augmented, and the standardisation
-    statistics come from the (augmented) training rows alone.
+    statistics come from the (augmented) training rows alone.  ``standardize_features``
+    says whether the data set has statistics at all; ``apply_standardization`` whether they
+    are applied to the features (else only recorded on the Dataset).
     """
     float_dtype = _resolve_dtype(dtype)
     x_val = y_val = None
@@ -218,10 +232,16 @@ def _assemble(
         x_train, y_train, x_val, y_val = x_train[train], y_train[train], x_train[val], y_train[val]
     if augment is not None:
         x_train, y_train = augment(x_train, y_train)
+    mean = std = None
     if standardize_features:
         mean, std = feature_mean_and_std(x_train, per_feature=per_feature)
-        x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
-        x_val = None if x_val is None else (x_val - mean) / std
+        # one value per feature even for a global (scalar) statistic, as gb.Standardize takes
+        features = int(np.asarray(x_train).shape[1])
+        mean = np.broadcast_to(mean, (features,)).astype(np.float64)
+        std = np.broadcast_to(std, (features,)).astype(np.float64)
+        if apply_standardization:
+            x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+            x_val = None if x_val is None else (x_val - mean) / std
 
     def features(x):
         return None if x is None else np.ascontiguousarray(x, dtype=float_dtype)
@@ -246,6 +266,9 @@ def _assemble(
         task,
         features(x_val),
         targets(y_val, 0 if x_val is None else len(x_val)),
+        mean,
+        std,
+        bool(standardize_features and apply_standardization),
     )
 
 
@@ -277,13 +300,16 @@ def load_digits(
     dtype: Any = "float32",
     val_fraction: float = 0.0,
     augment: bool = False,
+    standardize: bool = True,
 ) -> Dataset:
     """The UCI optical handwritten digits (as shipped by scikit-learn): 1797 images of 8×8
     pixels with values 0..16, ten classes, embedded in the package (no download).
 
     Stratified split; ``val_fraction`` of the training part is held out for validation.
     ``augment`` adds one-pixel shifts of the training images (``shift_digits``).  Features
-    are standardised with the training mean and standard deviation.
+    are standardised with the training mean and standard deviation; ``standardize=False``
+    gives the same split with the raw 0–16 pixel values (the statistics are still on the
+    Dataset, ``feature_mean`` and ``feature_std``).
     """
     with np.load(_DIGITS_PATH, allow_pickle=False) as archive:
         images = archive["images"]
@@ -299,7 +325,14 @@ def load_digits(
         n_classes=10,
         val_fraction=val_fraction,
         augment=shift_digits if augment else None,
+        apply_standardization=_check_flag("standardize", standardize),
     )
+
+
+def _check_flag(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name}={value!r} is not accepted; expected True or False")
+    return bool(value)
 
 
 def _check_count(name: str, value: int, minimum: int) -> int:
@@ -316,6 +349,7 @@ def make_spirals(
     test_fraction: float = 0.2,
     dtype: Any = "float32",
     val_fraction: float = 0.0,
+    standardize: bool = True,
 ) -> Dataset:
     """Interleaved 2-D spirals, one arm per class, not linearly separable.
 
@@ -346,6 +380,7 @@ def make_spirals(
         dtype=dtype,
         n_classes=n_classes,
         val_fraction=val_fraction,
+        apply_standardization=_check_flag("standardize", standardize),
     )
 
 
@@ -508,7 +543,7 @@ def load_npz(
             test_fraction=test_fraction,
             seed=seed,
             dtype=dtype,
-            standardize_features=standardize_features,
+            apply_standardization=_check_flag("standardize_features", standardize_features),
             val_fraction=val_fraction,
         )
     x_train = _as_2d_features(arrays["x_train"], "x_train")
@@ -533,7 +568,7 @@ def load_npz(
         task=task,
         dtype=dtype,
         seed=seed,
-        standardize_features=standardize_features,
+        apply_standardization=_check_flag("standardize_features", standardize_features),
         val_fraction=val_fraction,
     )
 
@@ -688,7 +723,8 @@ def load_mnist_idx(
 
     The official 60000/10000 split is kept.  Pixels 0..255 are standardised with the one
     scalar mean and standard deviation of all training pixels (per-pixel statistics would
-    blow up border pixels that are almost always 0).
+    blow up border pixels that are almost always 0).  ``standardize_features=False`` gives
+    pixels / 255 instead, and the Dataset's statistics are those of these values.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -721,7 +757,7 @@ def load_mnist_idx(
     x_test = arrays["test_images"][1].reshape(len(arrays["test_images"][1]), -1)
     y_train = arrays["train_labels"][1].astype(np.int64)
     y_test = arrays["test_labels"][1].astype(np.int64)
-    if not standardize_features:
+    if not _check_flag("standardize_features", standardize_features):
         x_train, x_test = x_train / 255.0, x_test / 255.0
     return _assemble(
         x_train,
@@ -731,7 +767,7 @@ def load_mnist_idx(
         name=f"mnist:{directory.name}",
         task="classification",
         dtype=dtype,
-        standardize_features=standardize_features,
+        apply_standardization=standardize_features,
         per_feature=False,
         n_classes=10,
         val_fraction=val_fraction,
@@ -749,23 +785,27 @@ def load_dataset(
     dtype: Any = "float32",
     val_fraction: float = 0.0,
     augment: bool = False,
+    standardize: bool = True,
 ) -> Dataset:
     """Load a data set by its command-line name: "digits" (default), "spirals", "regression",
     "npz:PATH" or "mnist:DIR".  ``seed`` fixes the splits (and the synthetic samples);
-    ``val_fraction`` holds out part of the training data; ``augment`` is for digits only."""
+    ``val_fraction`` holds out part of the training data; ``augment`` is for digits only;
+    ``standardize=False`` leaves the features unstandardised (the statistics are still
+    recorded on the Dataset)."""
     text = str(name).strip()
     lowered = text.lower()
     if augment and lowered != "digits":
         raise ValueError(f"augment=True is only available for dataset 'digits', not {name!r}")
     common = {"seed": seed, "dtype": dtype, "val_fraction": val_fraction}
+    standardize = _check_flag("standardize", standardize)
     if lowered == "digits":
-        return load_digits(augment=augment, **common)
+        return load_digits(augment=augment, standardize=standardize, **common)
     if lowered == "spirals":
-        return make_spirals(**common)
+        return make_spirals(standardize=standardize, **common)
     if lowered == "regression":
-        return make_regression(**common)
+        return make_regression(**common)  # x ~ N(0, I) by construction: never standardised
     if lowered.startswith("npz:") and len(text) > 4:
-        return load_npz(text[4:], **common)
+        return load_npz(text[4:], standardize_features=standardize, **common)
     if lowered.startswith("mnist:") and len(text) > 6:
-        return load_mnist_idx(text[6:], **common)
+        return load_mnist_idx(text[6:], standardize_features=standardize, **common)
     raise ValueError(f"dataset={name!r} is not a data set; expected one of {DATASET_NAMES}")

@@ -22,6 +22,7 @@ GPU per rank chosen from the node-local rank.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import time
@@ -395,6 +396,12 @@ def training_setup(model, optimizer, loss, x_rows: int, batch_size: int, **extra
             "step": optimizer.step_count,
         },
         "loss": loss.config(),
+        # Buffers (Standardize's mean and std) are constants of the model, not broadcast:
+        # compare their bytes (a digest each).
+        "buffers": {
+            name: hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()[:16]
+            for name, value in model.named_buffers().items()
+        },
         "rows": int(x_rows),
         "batch_size": int(batch_size),
         **extra,

@@ -437,6 +437,19 @@ def test_first_difference_names_the_path():
     assert dist.first_difference({"x": 1}, {"y": 1}) == ("x", 1, "<missing>")
 
 
+def test_setup_compares_standardize_buffers():
+    """Standardize's mean and std are not broadcast: ranks fitted on other data must differ."""
+
+    def setup(mean):
+        model = gb.Sequential(gb.Standardize(mean, [1.0, 2.0]), gb.Dense(2, 3)).to("numpy")
+        opt = gb.SGD(model.parameters(), lr=0.1)
+        return dist.training_setup(model, opt, gb.MSELoss(), 10, 5)
+
+    where, _, _ = dist.first_difference(setup([0.0, 1.0]), setup([0.0, 1.5]))
+    assert where == "buffers.0.mean"
+    assert dist.first_difference(setup([0.0, 1.0]), setup([0.0, 1.0])) is None
+
+
 def test_missing_nccl_names_what_to_install(monkeypatch):
     """CuPy without NCCL (as on this CI machine, or forced with a stand-in module): the
     cupy transport refuses with the pip command; with NCCL present the module comes back."""
