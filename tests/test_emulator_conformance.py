@@ -849,3 +849,18 @@ def test_a_write_past_either_end_is_caught(emu, kernel, message):
     y = emu.empty((50,), np.float32)
     with pytest.raises(EmuLaunchError, match=message):
         emu.launch(mod, kernel, 1, 64, (x, y, np.int32(50)))
+
+
+@needs_compiler
+def test_a_write_past_the_end_of_dynamic_shared_memory_is_caught(emu):
+    mod = module(emu, "races_and_bounds.cu")
+    x = np.arange(40, dtype=np.float32)
+    y = emu.empty((40,), np.float32)
+    emu.launch(mod, "stage_in_shared", 2, 32, (x, y, np.int32(40), np.int32(0)), shared_mem=128)
+    np.testing.assert_array_equal(y, 2 * x)
+    with pytest.raises(
+        EmuLaunchError,
+        match=r"block \(0,0,0\) wrote past the end of its dynamic shared memory \(shared_mem=128 "
+        r"bytes; first byte written: 128\)",
+    ):
+        emu.launch(mod, "stage_in_shared", 2, 32, (x, y, np.int32(40), np.int32(1)), shared_mem=128)

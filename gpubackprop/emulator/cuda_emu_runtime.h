@@ -166,8 +166,9 @@ static inline unsigned char* dynamic_shared() { return g.dynamic_shared; }
 #ifndef GBEMU_MAX_DYNAMIC_SHARED
 #define GBEMU_MAX_DYNAMIC_SHARED (228 * 1024)
 #endif
+#define GBEMU_SHARED_GUARD 1024  // bytes checked past the end of the launch's dynamic shared memory
 static unsigned char* dynamic_shared_base() {
-    const size_t capacity = (size_t)GBEMU_MAX_DYNAMIC_SHARED + 256;
+    const size_t capacity = (size_t)GBEMU_MAX_DYNAMIC_SHARED + GBEMU_SHARED_GUARD + 256;
     if (g.dynamic_shared_storage.capacity() < capacity) g.dynamic_shared_storage.reserve(capacity);
     return (unsigned char*)(((uintptr_t)g.dynamic_shared_storage.data() + 255) & ~(uintptr_t)255);
 }
@@ -737,7 +738,8 @@ __attribute__((noinline)) static int run_blocks(const long long* dims, long long
         return 1;
     }
     g.dynamic_shared = dynamic_shared_base();
-    g.dynamic_shared_storage.resize((size_t)shared_bytes + 256);  // within capacity: not moved
+    // Within the capacity reserved by dynamic_shared_base: the buffer never moves.
+    g.dynamic_shared_storage.resize((size_t)shared_bytes + GBEMU_SHARED_GUARD + 256);
     g.body = body;
     g.body_context = context;
     g.failed = false;
@@ -753,7 +755,9 @@ __attribute__((noinline)) static int run_blocks(const long long* dims, long long
                 // Shared memory is uninitialised on a GPU: NaN bytes make a read-before-write
                 // visible in the result (and the guard-check run's 0x7F bytes one that fmaxf
                 // would hide).
-                if (shared_bytes > 0) memset(g.dynamic_shared, fill, (size_t)shared_bytes);
+                // The bytes past the launch's dynamic shared memory are filled too: a write
+                // there is reported after the block, a read shows up like any unwritten byte.
+                memset(g.dynamic_shared, fill, (size_t)shared_bytes + GBEMU_SHARED_GUARD);
                 if (+__start_gbemu_shared != +__stop_gbemu_shared) {
                     memset(__start_gbemu_shared, fill,
                            (size_t)(__stop_gbemu_shared - __start_gbemu_shared));
@@ -785,6 +789,17 @@ __attribute__((noinline)) static int run_blocks(const long long* dims, long long
                         char text[1536];
                         describe_deadlock(text, sizeof(text));
                         snprintf(error, error_size, "block (%u,%u,%u): %s", bx, by, bz, text);
+                        return 1;
+                    }
+                }
+                const unsigned char* guard = g.dynamic_shared + shared_bytes;
+                for (int b = 0; b < GBEMU_SHARED_GUARD; ++b) {
+                    if (guard[b] != (unsigned char)fill) {
+                        snprintf(error, error_size,
+                                 "block (%u,%u,%u) wrote past the end of its dynamic shared "
+                                 "memory (shared_mem=%lld bytes; first byte written: %lld); on "
+                                 "a GPU: an illegal address, or another block's data",
+                                 bx, by, bz, shared_bytes, shared_bytes + b);
                         return 1;
                     }
                 }

@@ -77,3 +77,12 @@ extern "C" __global__ void copy_writes_before_the_start(const float* x, float* y
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) y[i - 1] = x[i];
 }
+
+// Dynamic shared memory sized for blockDim.x floats; the off-by-one twin writes one past it.
+extern "C" __global__ void stage_in_shared(const float* x, float* y, int n, int shift) {
+    extern __shared__ float staged[];
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    staged[threadIdx.x + shift] = i < n ? x[i] : 0.0f;
+    __syncthreads();
+    if (i < n) y[i] = 2.0f * staged[threadIdx.x + shift];
+}
