@@ -310,12 +310,22 @@ def _config_to_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UsageError(f"--config file {path!r} does not exist") from None
+    except UnicodeDecodeError as error:
+        raise UsageError(
+            f"--config file {path!r} is not UTF-8 text (byte {error.object[error.start]:#04x} at "
+            f"offset {error.start}); expected a JSON file"
+        ) from None
     except OSError as error:
         raise UsageError(f"--config file {path!r} cannot be read: {error}") from None
     try:
         config = json.loads(text)
     except json.JSONDecodeError as error:
         raise UsageError(f"--config file {path!r} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise UsageError(
+            f"--config file {path!r} nests JSON too deeply; expected an object of option names "
+            "and values"
+        ) from None
     if not isinstance(config, dict):
         raise UsageError(
             f"--config file {path!r} holds a {type(config).__name__}; expected a JSON object "
@@ -493,6 +503,11 @@ def _train_metrics(
         {
             # the median epoch: the first one also pays for kernel compilation and warm-up
             "samples_per_s": float(statistics.median(throughput)) if throughput else None,
+            # the whole run: every training sample of every epoch over the time fit took
+            # (validation included), the rate the summary line prints
+            "total_samples_per_s": len(dataset.x_train)
+            * len(curves.get("loss", []))
+            / max(train_time, 1e-9),
             "epochs": len(curves.get("loss", [])),
             "backend": model.backend.name,
             "device": model.backend.device_name(),
@@ -522,7 +537,9 @@ def _train_metrics(
 def _summary_line(
     metrics: dict[str, Any], n_test: int, train_time: float, backend: str, dtype: str
 ) -> str:
-    """The line `gpubackprop train` ends with: the test result and the speed."""
+    """The line `gpubackprop train` ends with: the test result, the time and rate of the whole
+    run (samples of all epochs over the training time), and the backend (with how "auto" or
+    the environment chose it)."""
     if "test_mse" in metrics:
         headline = f"test MSE {metrics['test_mse']:.5g}"
     else:
@@ -531,7 +548,7 @@ def _summary_line(
             f"test accuracy {metrics['test_accuracy']:.4f} "
             f"({correct}/{n_test}), test loss {metrics['test_loss']:.4g}"
         )
-    rate = metrics["samples_per_s"]
+    rate = metrics["total_samples_per_s"]
     return (
         f"{headline}; {metrics['epochs']} epochs in {train_time:.1f} s"
         + (f" ({rate:,.0f} samples/s)" if rate else "")
@@ -641,7 +658,10 @@ def train(args: argparse.Namespace) -> int:
     if args.metrics_json:
         Path(args.metrics_json).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
 
-    print(_summary_line(metrics, len(dataset.x_test), train_time, model.backend.name, args.dtype))
+    from gpubackprop.backends import describe_choice
+
+    backend = describe_choice(args.backend, model.backend.name)
+    print(_summary_line(metrics, len(dataset.x_test), train_time, backend, args.dtype))
     for label, path in (
         ("checkpoint", args.save),
         ("ONNX model", args.export_onnx),

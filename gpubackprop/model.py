@@ -18,6 +18,7 @@ from .layers import (
     Layer,
     Standardize,
     activation_layer,
+    check_positive_int,
     init_for_activation,
 )
 from .losses import Loss, SoftmaxCrossEntropyLoss
@@ -271,11 +272,15 @@ class Sequential(Container):
 
     def predict(self, x: Array, batch_size: int = 1024) -> np.ndarray:
         """Model outputs for ``x`` as a NumPy array, computed batch by batch."""
+        from .threads import blas_threads_for
+
+        batch_size = check_positive_int("batch_size", batch_size)
         xd = self.prepare_input(x)
         outputs = []
-        for start in range(0, xd.shape[0], batch_size):
-            h = self.run_steps(xd[start : start + batch_size])
-            outputs.append(np.array(self.backend.to_numpy(h)))
+        with blas_threads_for(self, min(batch_size, xd.shape[0])):
+            for start in range(0, xd.shape[0], batch_size):
+                h = self.run_steps(xd[start : start + batch_size])
+                outputs.append(np.array(self.backend.to_numpy(h)))
         return np.concatenate(outputs, axis=0)
 
     def evaluate(

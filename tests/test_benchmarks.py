@@ -356,3 +356,12 @@ def test_recording_seam_records_without_running():
     (launch,) = backend.seam.launches
     assert launch.file == "gemm.cu" and launch.kernel == "dense_forward"
     assert launch.grid == (1, 1, 1) and launch.args[0] is x and launch.args[1] is w
+
+
+def test_tables_explain_their_ratio_columns(tiny_record):
+    from gpubackprop.benchmarks.report import format_markdown, format_table
+
+    for table in (format_table(tiny_record), format_markdown(tiny_record)):
+        assert "of floor: the floor" in table and "Above 100% the row beat the ceilings" in table
+        if any(row["vs"] for row in tiny_record["results"]):
+            assert "vs <baseline>: the baseline's median time divided by ours" in table
