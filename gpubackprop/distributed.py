@@ -546,6 +546,7 @@ def _any_op():
 
 def guard(group: ProcessGroup, error: BaseException) -> None:
     """Abort every rank when one rank fails inside a data-parallel run (the others would wait
-    in the next all-reduce forever); a one-rank job just raises."""
-    if group.size > 1:
+    in the next collective forever); a one-rank job, or an error every rank raised together
+    (RanksDisagree), just raises."""
+    if group.size > 1 and not getattr(error, "collective", False):
         group.abort(error)
