@@ -29,12 +29,15 @@ import hashlib
 import json
 import os
 import socket
+import stat
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .layers import MAX_CONFIG_DEPTH
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load", "read_metadata", "remove_stale_temporaries", "save"]
 
@@ -242,6 +245,14 @@ def _open(path: Path):
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     if path.is_dir():
         raise IsADirectoryError(f"checkpoint {str(path)!r} is a directory, not a file")
+    try:  # the safetensors reader reports an unreadable file as "No such file or directory"
+        os.close(os.open(path, os.O_RDONLY))
+    except PermissionError:
+        mode = stat.filemode(path.stat().st_mode)
+        raise PermissionError(
+            f"checkpoint {str(path)!r} cannot be read: permission denied (mode {mode}); "
+            "give this user read access (chmod u+r)"
+        ) from None
     try:
         return safe_open(str(path), framework="numpy")
     except Exception as error:  # SafetensorError, or OSError from the reader
@@ -281,6 +292,11 @@ def _parse_header(path: Path, metadata: dict[str, str] | None) -> dict[str, Any]
             header[key] = json.loads(metadata[key])
         except json.JSONDecodeError as error:
             raise ValueError(f"{where} has invalid JSON in its {key!r} entry: {error}") from None
+        except RecursionError:
+            raise ValueError(
+                f"{where} has JSON nested too deeply to read in its {key!r} entry; a "
+                "gpubackprop checkpoint nests at most a few levels"
+            ) from None
     dtype = metadata.get("dtype")
     if dtype not in _FLOAT_DTYPES:
         raise ValueError(f"{where} has dtype {dtype!r}; expected one of {_FLOAT_DTYPES}")
@@ -361,7 +377,12 @@ def _config_backed_by_tensors(config: Any, shapes: dict[str, tuple[int, ...]], w
                 "(from the model config)"
             )
 
-    def walk(layers: Any, prefix: str) -> None:
+    def walk(layers: Any, prefix: str, depth: int = 0) -> None:
+        if depth > MAX_CONFIG_DEPTH:
+            raise ValueError(
+                f"{where} has an invalid model config: containers nest deeper than "
+                f"{MAX_CONFIG_DEPTH} levels"
+            )
         if not isinstance(layers, list):
             raise ValueError(
                 f"{where} has an invalid model config: 'layers' is {layers!r:.100}; expected a list"
@@ -374,7 +395,7 @@ def _config_backed_by_tensors(config: Any, shapes: dict[str, tuple[int, ...]], w
                 )
             kind = layer.get("type")
             if kind in _CONTAINER_TYPES:
-                walk(layer.get("layers", []), f"{prefix}{i}.")
+                walk(layer.get("layers", []), f"{prefix}{i}.", depth + 1)
             elif kind == "Dense":
                 sizes = []
                 for key in ("in_features", "out_features"):

@@ -19,11 +19,13 @@ from .layers import (
     Layer,
     Standardize,
     activation_layer,
+    check_positive_int,
     init_for_activation,
 )
 from .losses import Loss, SoftmaxCrossEntropyLoss
 from .parameters import FlatStore, Parameter
 from .plan import Plan, Step, build_steps
+from .precision import check_precision
 
 if TYPE_CHECKING:
     from .optim import Optimizer
@@ -91,13 +93,32 @@ class Sequential(Container):
         return None
 
     # -- placement ------------------------------------------------------------------------
-    def to(self, backend: Any = None, dtype: Any = "float32") -> Sequential:
+    def to(
+        self, backend: Any = None, dtype: Any = "float32", precision: str = "fp32"
+    ) -> Sequential:
         """Move parameters to ``backend`` ("numpy" | "cupy" | "emu" | "auto" | None = the
-        GPUBACKPROP_BACKEND variable or "auto") in ``dtype``; build the fused plan."""
-        resolved = get_backend(backend)
+        GPUBACKPROP_BACKEND variable or "auto") in ``dtype``; build the fused plan.
+
+        ``precision`` ("fp32" | "tf32" | "bf16") is how the dense layers' matrix products
+        round their operands (docs/derivation.md, Mixed precision): parameters, gradients and
+        optimizer state stay ``dtype`` (the fp32 master copy); tf32 and bf16 need float32 and,
+        on a GPU, compute capability 8.0 or later (the error names the GPU otherwise)."""
+        check_precision(precision)
         dtype = _check_dtype(dtype)
-        self.plan = Plan.build(self.layers, self.parameters(), resolved, dtype)
+        if precision != "fp32" and dtype != np.float32:
+            raise ValueError(
+                f"precision={precision!r} needs dtype='float32' (fp32 master weights and "
+                f"accumulation); got dtype={dtype.name!r}"
+            )
+        resolved = get_backend(backend)
+        resolved.check_precision(precision)
+        self.plan = Plan.build(self.layers, self.parameters(), resolved, dtype, precision)
         return self
+
+    @property
+    def precision(self) -> str:
+        """The GEMM precision the plan runs ("fp32" before ``to()``)."""
+        return "fp32" if self.plan is None else self.plan.precision
 
     def _ensure_placed(self) -> None:
         if self.plan is None:
@@ -219,7 +240,9 @@ class Sequential(Container):
             flat[offset : offset + p.size] = host[name_of[id(p)]].ravel()
         store.data[...] = self.plan.backend.asarray(flat, self.dtype)
         # the steps hold device copies of the buffers: rebuild them from the new values
-        self.plan.steps = build_steps(self.layers, self.plan.backend, self.plan.dtype)
+        self.plan.steps = build_steps(
+            self.layers, self.plan.backend, self.plan.dtype, self.plan.precision
+        )
 
     # -- training loop -------------------------------------------------------------------------
     def fit(
@@ -276,11 +299,15 @@ class Sequential(Container):
 
     def predict(self, x: Array, batch_size: int = 1024) -> np.ndarray:
         """Model outputs for ``x`` as a NumPy array, computed batch by batch."""
+        from .threads import blas_threads_for
+
+        batch_size = check_positive_int("batch_size", batch_size)
         xd = self.prepare_input(x)
         outputs = []
-        for start in range(0, xd.shape[0], batch_size):
-            h = self.run_steps(xd[start : start + batch_size])
-            outputs.append(np.array(self.backend.to_numpy(h)))
+        with blas_threads_for(self, min(batch_size, xd.shape[0])):
+            for start in range(0, xd.shape[0], batch_size):
+                h = self.run_steps(xd[start : start + batch_size])
+                outputs.append(np.array(self.backend.to_numpy(h)))
         return np.concatenate(outputs, axis=0)
 
     def evaluate(
