@@ -1,4 +1,5 @@
-"""Sequential: the model, its execution plan, and the training loop."""
+"""Sequential: the model (a container of layers), its placement on a backend (the plan is
+plan.py's), state dicts, and the entry points of training and evaluation (training.py)."""
 
 from __future__ import annotations
 
@@ -195,7 +196,10 @@ class Sequential(Container):
         """{name: NumPy copy} for every parameter and buffer (Standardize's mean and std), in
         the model's dtype (float64 before ``to()``).  Reading it places nothing."""
         dtype = self.dtype or np.dtype(np.float64)
-        state = {p.name: np.array(to_host(p.data), dtype=dtype) for p in self.parameters()}
+        state = {
+            name: np.array(to_host(p.data), dtype=dtype)
+            for name, p in self.named_parameters().items()
+        }
         for name, buffer in self.named_buffers().items():
             state[name] = np.array(buffer, dtype=dtype)
         return state
@@ -230,9 +234,10 @@ class Sequential(Container):
                 p.data[...] = host[name]
             return
         store = self.plan.store
+        name_of = {id(p): name for name, p in params.items()}  # names by position, not p.name
         flat = np.zeros(store.size, dtype=self.dtype)
         for p, offset in zip(store.parameters, store.offsets):
-            flat[offset : offset + p.size] = host[p.name].ravel()
+            flat[offset : offset + p.size] = host[name_of[id(p)]].ravel()
         store.data[...] = self.plan.backend.asarray(flat, self.dtype)
         # the steps hold device copies of the buffers: rebuild them from the new values
         self.plan.steps = build_steps(
