@@ -293,8 +293,10 @@ class Sequential(Container):
         """A ``torch.nn.Sequential`` with copies of this model's weights that computes the same
         function (Linear for Dense, the same activations and parameters, Residual blocks as a
         small module); see gpubackprop.torch_interop.  Needs PyTorch."""
-        from .torch_interop import to_torch
-
+        try:
+            from .torch_interop import to_torch
+        except ImportError as error:
+            raise ImportError(f"to_torch needs PyTorch (pip install torch): {error}") from None
         return to_torch(self, device)
 
     def predict(self, x: Array, batch_size: int = 1024) -> np.ndarray:
