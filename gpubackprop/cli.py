@@ -28,6 +28,7 @@ import numpy as np
 
 from .backends.base import ACTIVATIONS
 from .layers import activation_layer
+from .precision import PRECISIONS
 
 # The CLI's order: "identity" last, so that `gradcheck --activation all` starts with ReLU.
 CLI_ACTIVATIONS = (*(name for name in ACTIVATIONS if name != "identity"), "identity")
@@ -143,6 +144,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "data_seed": 0,
     "backend": None,  # GPUBACKPROP_BACKEND or "auto"
     "dtype": "float32",
+    "precision": "fp32",
     "save": None,
     "export_onnx": None,
     "metrics_json": None,
@@ -268,6 +270,14 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     run.add_argument(
         "--dtype", choices=DTYPE_CHOICES, default=d["dtype"], help=f"(default {d['dtype']})"
+    )
+    run.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=d["precision"],
+        help="the dense layers' matrix products: fp32, or tf32 / bf16 operands with fp32 "
+        "accumulation and fp32 master weights (tensor cores: a GPU of compute capability 8.0+; "
+        f"float32 only) (default {d['precision']})",
     )
     run.add_argument(
         "--config",
@@ -512,6 +522,7 @@ def _train_metrics(
             "backend": model.backend.name,
             "device": model.backend.device_name(),
             "dtype": args.dtype,
+            "precision": args.precision,
             "seed": args.seed,
             "data_seed": args.data_seed,
             "train_time_s": train_time,
@@ -600,7 +611,7 @@ def train(args: argparse.Namespace) -> int:
 
     gb.seed(args.seed)
     model = _build_model(args, dataset)
-    model.to(args.backend, dtype=args.dtype)
+    model.to(args.backend, dtype=args.dtype, precision=args.precision)
     optimizer = _build_optimizer(args.optimizer, model.parameters(), optimizer_options)
     callbacks = []
     if args.schedule == "cosine":
@@ -611,7 +622,8 @@ def train(args: argparse.Namespace) -> int:
             f"{dataset.name}: {len(dataset.x_train)} train, "
             f"{0 if validation is None else len(dataset.x_val)} validation, "
             f"{len(dataset.x_test)} test samples; {model.num_parameters()} parameters on "
-            f"{model.backend.name} ({model.backend.device_name()}), {args.dtype}",
+            f"{model.backend.name} ({model.backend.device_name()}), {args.dtype}"
+            + ("" if args.precision == "fp32" else f", {args.precision} GEMMs"),
             file=sys.stderr,
         )
 
@@ -736,6 +748,7 @@ def info_report() -> dict[str, Any]:
         return {"directory": str(directory), "entries": len(libraries)}
 
     report["emulator_cache"] = _guarded("emulator cache", emulator_cache)
+    report["distributed"] = _guarded("distributed", gb.distributed.availability)
     return report
 
 
@@ -759,6 +772,7 @@ def _format_info(report: dict[str, Any]) -> str:
             else:
                 lines.append(f"  {name:<6} available: no   ({entry['reason']})")
     lines.append(f"GPU: {report['gpu'] or 'none'}")
+    lines.append(_format_distributed(report.get("distributed") or {}))
     kernels = report["kernels"]
     lines.append("")
     if "error" in kernels:
@@ -781,6 +795,18 @@ def _format_info(report: dict[str, Any]) -> str:
             f"emulator cache: {emulator['directory']} ({emulator['entries']} compiled libraries)"
         )
     return "\n".join(lines)
+
+
+def _format_distributed(entry: dict[str, Any]) -> str:
+    """The info line for data-parallel training (docs/distributed.md)."""
+    if "error" in entry:
+        return f"distributed: {entry['error']}"
+    if entry.get("mpi_hint"):
+        mpi = f"no MPI ({entry['mpi_hint']})"
+    else:
+        mpi = f"mpi4py {entry['mpi4py']}, mpich {entry['mpich'] or '(system MPI)'}, "
+        mpi += f"mpiexec {entry['mpiexec']}"
+    return f"distributed: {mpi}; NCCL {entry.get('nccl')}"
 
 
 @subcommand("info", "versions, backends, GPU and kernel files", _info_arguments)

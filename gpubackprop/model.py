@@ -1,4 +1,5 @@
-"""Sequential: the model, its execution plan, and the training loop."""
+"""Sequential: the model (a container of layers), its placement on a backend (the plan is
+plan.py's), state dicts, and the entry points of training and evaluation (training.py)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from .layers import (
 from .losses import Loss, SoftmaxCrossEntropyLoss
 from .parameters import FlatStore, Parameter
 from .plan import Plan, Step, build_steps
+from .precision import check_precision
 
 if TYPE_CHECKING:
     from .optim import Optimizer
@@ -91,13 +93,32 @@ class Sequential(Container):
         return None
 
     # -- placement ------------------------------------------------------------------------
-    def to(self, backend: Any = None, dtype: Any = "float32") -> Sequential:
+    def to(
+        self, backend: Any = None, dtype: Any = "float32", precision: str = "fp32"
+    ) -> Sequential:
         """Move parameters to ``backend`` ("numpy" | "cupy" | "emu" | "auto" | None = the
-        GPUBACKPROP_BACKEND variable or "auto") in ``dtype``; build the fused plan."""
-        resolved = get_backend(backend)
+        GPUBACKPROP_BACKEND variable or "auto") in ``dtype``; build the fused plan.
+
+        ``precision`` ("fp32" | "tf32" | "bf16") is how the dense layers' matrix products
+        round their operands (docs/derivation.md, Mixed precision): parameters, gradients and
+        optimizer state stay ``dtype`` (the fp32 master copy); tf32 and bf16 need float32 and,
+        on a GPU, compute capability 8.0 or later (the error names the GPU otherwise)."""
+        check_precision(precision)
         dtype = _check_dtype(dtype)
-        self.plan = Plan.build(self.layers, self.parameters(), resolved, dtype)
+        if precision != "fp32" and dtype != np.float32:
+            raise ValueError(
+                f"precision={precision!r} needs dtype='float32' (fp32 master weights and "
+                f"accumulation); got dtype={dtype.name!r}"
+            )
+        resolved = get_backend(backend)
+        resolved.check_precision(precision)
+        self.plan = Plan.build(self.layers, self.parameters(), resolved, dtype, precision)
         return self
+
+    @property
+    def precision(self) -> str:
+        """The GEMM precision the plan runs ("fp32" before ``to()``)."""
+        return "fp32" if self.plan is None else self.plan.precision
 
     def _ensure_placed(self) -> None:
         if self.plan is None:
@@ -175,7 +196,10 @@ class Sequential(Container):
         """{name: NumPy copy} for every parameter and buffer (Standardize's mean and std), in
         the model's dtype (float64 before ``to()``).  Reading it places nothing."""
         dtype = self.dtype or np.dtype(np.float64)
-        state = {p.name: np.array(to_host(p.data), dtype=dtype) for p in self.parameters()}
+        state = {
+            name: np.array(to_host(p.data), dtype=dtype)
+            for name, p in self.named_parameters().items()
+        }
         for name, buffer in self.named_buffers().items():
             state[name] = np.array(buffer, dtype=dtype)
         return state
@@ -210,12 +234,15 @@ class Sequential(Container):
                 p.data[...] = host[name]
             return
         store = self.plan.store
+        name_of = {id(p): name for name, p in params.items()}  # names by position, not p.name
         flat = np.zeros(store.size, dtype=self.dtype)
         for p, offset in zip(store.parameters, store.offsets):
-            flat[offset : offset + p.size] = host[p.name].ravel()
+            flat[offset : offset + p.size] = host[name_of[id(p)]].ravel()
         store.data[...] = self.plan.backend.asarray(flat, self.dtype)
         # the steps hold device copies of the buffers: rebuild them from the new values
-        self.plan.steps = build_steps(self.layers, self.plan.backend, self.plan.dtype)
+        self.plan.steps = build_steps(
+            self.layers, self.plan.backend, self.plan.dtype, self.plan.precision
+        )
 
     # -- training loop -------------------------------------------------------------------------
     def fit(
@@ -266,8 +293,10 @@ class Sequential(Container):
         """A ``torch.nn.Sequential`` with copies of this model's weights that computes the same
         function (Linear for Dense, the same activations and parameters, Residual blocks as a
         small module); see gpubackprop.torch_interop.  Needs PyTorch."""
-        from .torch_interop import to_torch
-
+        try:
+            from .torch_interop import to_torch
+        except ImportError as error:
+            raise ImportError(f"to_torch needs PyTorch (pip install torch): {error}") from None
         return to_torch(self, device)
 
     def predict(self, x: Array, batch_size: int = 1024) -> np.ndarray:

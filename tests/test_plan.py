@@ -225,3 +225,20 @@ def test_a_foreign_layer_is_refused_when_the_model_runs():
     model = gb.Sequential(gb.Dense(2, 2), Custom()).to("numpy")
     with pytest.raises(TypeError, match=r"layer Custom\(\) has no execution step"):
         model.forward(np.zeros((1, 2)))
+
+
+def test_state_dict_names_come_from_the_models_own_structure():
+    """A second Sequential built around the same layers renames their Parameters; the first
+    model's state dict still names each tensor by its own position and loads back intact."""
+    gb.seed(0)
+    model = gb.Sequential(gb.Dense(2, 3), gb.ReLU(), gb.Dense(3, 1)).to("numpy", "float64")
+    before = model.state_dict()
+    gb.Sequential(gb.Dense(5, 2), *model.layers)  # names the shared Parameters "1.weight", ...
+    after = model.state_dict()
+    assert after.keys() == before.keys() == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    for name, value in before.items():
+        np.testing.assert_array_equal(after[name], value)
+    changed = {name: value + 1.0 for name, value in before.items()}
+    model.load_state_dict(changed)
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(value, changed[name])
