@@ -76,21 +76,14 @@ class Sequential(Container):
 
     @property
     def in_features(self) -> int | None:
-        """Input width, from the first layer that fixes it (None for an activation-only model)."""
-        for layer in _leaf_layers(self.layers):
-            width = getattr(layer, "in_features", None)
-            if width is not None:
-                return width
-        return None
+        """Input width, from the first layer that fixes it (None for an activation-only
+        model); checked against every later layer when the model was built (chain_widths)."""
+        return self.widths[0]
 
     @property
     def out_features(self) -> int | None:
         """Output width, from the last layer that fixes it."""
-        for layer in reversed(_leaf_layers(self.layers)):
-            width = getattr(layer, "out_features", None)
-            if width is not None:
-                return width
-        return None
+        return self.widths[1]
 
     # -- placement ------------------------------------------------------------------------
     def to(
@@ -322,18 +315,6 @@ class Sequential(Container):
 
 
 LAYER_TYPES["Sequential"] = Sequential
-
-
-def _leaf_layers(layers: list[Layer]) -> list[Layer]:
-    """The layers inside every container, in order (a Residual keeps its width, so its inner
-    layers say what it expects and gives)."""
-    leaves: list[Layer] = []
-    for layer in layers:
-        if isinstance(layer, Container):
-            leaves += _leaf_layers(layer.layers)
-        else:
-            leaves.append(layer)
-    return leaves
 
 
 def mlp(

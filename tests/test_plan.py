@@ -242,3 +242,24 @@ def test_state_dict_names_come_from_the_models_own_structure():
     model.load_state_dict(changed)
     for name, value in model.state_dict().items():
         np.testing.assert_array_equal(value, changed[name])
+
+
+def test_checkpoint_names_survive_a_second_model_around_the_same_layers(tmp_path):
+    gb.seed(0)
+    model = gb.Sequential(gb.Dense(2, 3), gb.Tanh(), gb.Dense(3, 2)).to("numpy", "float64")
+    optimizer = gb.Adam(model.parameters(), lr=1e-2)
+    x = np.random.default_rng(0).normal(size=(6, 2))
+    model.fit(x, np.arange(6) % 2, loss=gb.SoftmaxCrossEntropyLoss(), optimizer=optimizer,
+              epochs=2, batch_size=3, verbose=0)  # fmt: skip
+    gb.Sequential(gb.Dense(4, 2), gb.ReLU(), *model.layers)  # renames the shared Parameters
+    gb.save(tmp_path / "m.safetensors", model, optimizer)
+    loaded, loaded_optimizer = gb.load(tmp_path / "m.safetensors", with_optimizer=True)
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(loaded.state_dict()[name], value)
+    saved = optimizer.state_dict()["buffers"]
+    restored = loaded_optimizer.state_dict()["buffers"]
+    assert sorted(restored) == sorted(f"exp_avg.{n}" for n in model.state_dict()) + sorted(
+        f"exp_avg_sq.{n}" for n in model.state_dict()
+    )
+    for p, q in zip(optimizer.params, loaded_optimizer.params):
+        np.testing.assert_array_equal(restored[f"exp_avg.{q.name}"], saved[f"exp_avg.{p.name}"])
