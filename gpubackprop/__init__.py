@@ -65,7 +65,10 @@ def from_torch(module: Any, backend: Any = None, dtype: Any = None) -> Sequentia
     """A model with the layers and weights of a ``torch.nn.Sequential`` (Linear, the activations,
     nested Sequential, torch_interop.Residual); other modules are refused by name.  See
     gpubackprop.torch_interop.from_torch.  Needs PyTorch."""
-    from .torch_interop import from_torch as _from_torch
+    try:
+        from .torch_interop import from_torch as _from_torch
+    except ImportError as error:
+        raise ImportError(f"gb.from_torch needs PyTorch (pip install torch): {error}") from None
 
     return _from_torch(module, backend=backend, dtype=dtype)
 

@@ -29,12 +29,15 @@ import hashlib
 import json
 import os
 import socket
+import stat
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .layers import MAX_CONFIG_DEPTH
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load", "read_metadata", "remove_stale_temporaries", "save"]
 
@@ -72,7 +75,9 @@ def _json(value: Any, what: str) -> str:
 
 def _optimizer_payload(model, optimizer) -> tuple[dict[str, str], dict[str, np.ndarray]]:
     """The optimizer's metadata entry and tensors; checks that it updates this model."""
-    model_params = {id(p): p.name for p in model.parameters()}
+    # Names by position in this model (as its state_dict has them), not Parameter.name, which
+    # another Sequential built around the same layers may have overwritten.
+    model_params = {id(p): name for name, p in model.named_parameters().items()}
     names = []
     for p in optimizer.params:
         if id(p) not in model_params:
@@ -88,10 +93,14 @@ def _optimizer_payload(model, optimizer) -> tuple[dict[str, str], dict[str, np.n
         "step": int(state["step"]),
         "params": names,
     }
-    tensors = {
-        f"{OPTIMIZER_PREFIX}{key}": np.ascontiguousarray(value)
-        for key, value in state["buffers"].items()
-    }
+    # state_dict keys are "<buffer>.<Parameter.name>" (buffer names hold no dot)
+    renamed = {p.name: model_params[id(p)] for p in optimizer.params}
+    tensors = {}
+    for key, value in state["buffers"].items():
+        buffer, _, name = key.partition(".")
+        tensors[f"{OPTIMIZER_PREFIX}{buffer}.{renamed.get(name, name)}"] = np.ascontiguousarray(
+            value
+        )
     return {"optimizer": _json(info, "optimizer hyperparameters")}, tensors
 
 
@@ -242,6 +251,14 @@ def _open(path: Path):
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     if path.is_dir():
         raise IsADirectoryError(f"checkpoint {str(path)!r} is a directory, not a file")
+    try:  # the safetensors reader reports an unreadable file as "No such file or directory"
+        os.close(os.open(path, os.O_RDONLY))
+    except PermissionError:
+        mode = stat.filemode(path.stat().st_mode)
+        raise PermissionError(
+            f"checkpoint {str(path)!r} cannot be read: permission denied (mode {mode}); "
+            "give this user read access (chmod u+r)"
+        ) from None
     try:
         return safe_open(str(path), framework="numpy")
     except Exception as error:  # SafetensorError, or OSError from the reader
@@ -281,6 +298,11 @@ def _parse_header(path: Path, metadata: dict[str, str] | None) -> dict[str, Any]
             header[key] = json.loads(metadata[key])
         except json.JSONDecodeError as error:
             raise ValueError(f"{where} has invalid JSON in its {key!r} entry: {error}") from None
+        except RecursionError:
+            raise ValueError(
+                f"{where} has JSON nested too deeply to read in its {key!r} entry; a "
+                "gpubackprop checkpoint nests at most a few levels"
+            ) from None
     dtype = metadata.get("dtype")
     if dtype not in _FLOAT_DTYPES:
         raise ValueError(f"{where} has dtype {dtype!r}; expected one of {_FLOAT_DTYPES}")
@@ -361,7 +383,12 @@ def _config_backed_by_tensors(config: Any, shapes: dict[str, tuple[int, ...]], w
                 "(from the model config)"
             )
 
-    def walk(layers: Any, prefix: str) -> None:
+    def walk(layers: Any, prefix: str, depth: int = 0) -> None:
+        if depth > MAX_CONFIG_DEPTH:
+            raise ValueError(
+                f"{where} has an invalid model config: containers nest deeper than "
+                f"{MAX_CONFIG_DEPTH} levels"
+            )
         if not isinstance(layers, list):
             raise ValueError(
                 f"{where} has an invalid model config: 'layers' is {layers!r:.100}; expected a list"
@@ -374,7 +401,7 @@ def _config_backed_by_tensors(config: Any, shapes: dict[str, tuple[int, ...]], w
                 )
             kind = layer.get("type")
             if kind in _CONTAINER_TYPES:
-                walk(layer.get("layers", []), f"{prefix}{i}.")
+                walk(layer.get("layers", []), f"{prefix}{i}.", depth + 1)
             elif kind == "Dense":
                 sizes = []
                 for key in ("in_features", "out_features"):

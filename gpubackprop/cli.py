@@ -28,6 +28,7 @@ import numpy as np
 
 from .backends.base import ACTIVATIONS
 from .layers import activation_layer
+from .precision import PRECISIONS
 
 # The CLI's order: "identity" last, so that `gradcheck --activation all` starts with ReLU.
 CLI_ACTIVATIONS = (*(name for name in ACTIVATIONS if name != "identity"), "identity")
@@ -143,6 +144,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "data_seed": 0,
     "backend": None,  # GPUBACKPROP_BACKEND or "auto"
     "dtype": "float32",
+    "precision": "fp32",
     "save": None,
     "export_onnx": None,
     "metrics_json": None,
@@ -271,6 +273,14 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=DTYPE_CHOICES, default=d["dtype"], help=f"(default {d['dtype']})"
     )
     run.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=d["precision"],
+        help="the dense layers' matrix products: fp32, or tf32 / bf16 operands with fp32 "
+        "accumulation and fp32 master weights (tensor cores: a GPU of compute capability 8.0+; "
+        f"float32 only) (default {d['precision']})",
+    )
+    run.add_argument(
         "--config",
         metavar="JSON",
         help="a JSON file whose keys are any of these options (e.g. "
@@ -318,12 +328,22 @@ def _config_to_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UsageError(f"--config file {path!r} does not exist") from None
+    except UnicodeDecodeError as error:
+        raise UsageError(
+            f"--config file {path!r} is not UTF-8 text (byte {error.object[error.start]:#04x} at "
+            f"offset {error.start}); expected a JSON file"
+        ) from None
     except OSError as error:
         raise UsageError(f"--config file {path!r} cannot be read: {error}") from None
     try:
         config = json.loads(text)
     except json.JSONDecodeError as error:
         raise UsageError(f"--config file {path!r} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise UsageError(
+            f"--config file {path!r} nests JSON too deeply; expected an object of option names "
+            "and values"
+        ) from None
     if not isinstance(config, dict):
         raise UsageError(
             f"--config file {path!r} holds a {type(config).__name__}; expected a JSON object "
@@ -501,10 +521,16 @@ def _train_metrics(
         {
             # the median epoch: the first one also pays for kernel compilation and warm-up
             "samples_per_s": float(statistics.median(throughput)) if throughput else None,
+            # the whole run: every training sample of every epoch over the time fit took
+            # (validation included), the rate the summary line prints
+            "total_samples_per_s": len(dataset.x_train)
+            * len(curves.get("loss", []))
+            / max(train_time, 1e-9),
             "epochs": len(curves.get("loss", [])),
             "backend": model.backend.name,
             "device": model.backend.device_name(),
             "dtype": args.dtype,
+            "precision": args.precision,
             "seed": args.seed,
             "data_seed": args.data_seed,
             "train_time_s": train_time,
@@ -530,7 +556,9 @@ def _train_metrics(
 def _summary_line(
     metrics: dict[str, Any], n_test: int, train_time: float, backend: str, dtype: str
 ) -> str:
-    """The line `gpubackprop train` ends with: the test result and the speed."""
+    """The line `gpubackprop train` ends with: the test result, the time and rate of the whole
+    run (samples of all epochs over the training time), and the backend (with how "auto" or
+    the environment chose it)."""
     if "test_mse" in metrics:
         headline = f"test MSE {metrics['test_mse']:.5g}"
     else:
@@ -539,7 +567,7 @@ def _summary_line(
             f"test accuracy {metrics['test_accuracy']:.4f} "
             f"({correct}/{n_test}), test loss {metrics['test_loss']:.4g}"
         )
-    rate = metrics["samples_per_s"]
+    rate = metrics["total_samples_per_s"]
     return (
         f"{headline}; {metrics['epochs']} epochs in {train_time:.1f} s"
         + (f" ({rate:,.0f} samples/s)" if rate else "")
@@ -591,7 +619,7 @@ def train(args: argparse.Namespace) -> int:
 
     gb.seed(args.seed)
     model = _build_model(args, dataset)
-    model.to(args.backend, dtype=args.dtype)
+    model.to(args.backend, dtype=args.dtype, precision=args.precision)
     optimizer = _build_optimizer(args.optimizer, model.parameters(), optimizer_options)
     callbacks = []
     if args.schedule == "cosine":
@@ -602,7 +630,8 @@ def train(args: argparse.Namespace) -> int:
             f"{dataset.name}: {len(dataset.x_train)} train, "
             f"{0 if validation is None else len(dataset.x_val)} validation, "
             f"{len(dataset.x_test)} test samples; {model.num_parameters()} parameters on "
-            f"{model.backend.name} ({model.backend.device_name()}), {args.dtype}",
+            f"{model.backend.name} ({model.backend.device_name()}), {args.dtype}"
+            + ("" if args.precision == "fp32" else f", {args.precision} GEMMs"),
             file=sys.stderr,
         )
 
@@ -650,7 +679,10 @@ def train(args: argparse.Namespace) -> int:
     if args.metrics_json:
         Path(args.metrics_json).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
 
-    print(_summary_line(metrics, len(dataset.x_test), train_time, model.backend.name, args.dtype))
+    from gpubackprop.backends import describe_choice
+
+    backend = describe_choice(args.backend, model.backend.name)
+    print(_summary_line(metrics, len(dataset.x_test), train_time, backend, args.dtype))
     for label, path in (
         ("checkpoint", args.save),
         ("ONNX model", args.export_onnx),
@@ -725,6 +757,7 @@ def info_report() -> dict[str, Any]:
         return {"directory": str(directory), "entries": len(libraries)}
 
     report["emulator_cache"] = _guarded("emulator cache", emulator_cache)
+    report["distributed"] = _guarded("distributed", gb.distributed.availability)
     return report
 
 
@@ -748,6 +781,7 @@ def _format_info(report: dict[str, Any]) -> str:
             else:
                 lines.append(f"  {name:<6} available: no   ({entry['reason']})")
     lines.append(f"GPU: {report['gpu'] or 'none'}")
+    lines.append(_format_distributed(report.get("distributed") or {}))
     kernels = report["kernels"]
     lines.append("")
     if "error" in kernels:
@@ -770,6 +804,18 @@ def _format_info(report: dict[str, Any]) -> str:
             f"emulator cache: {emulator['directory']} ({emulator['entries']} compiled libraries)"
         )
     return "\n".join(lines)
+
+
+def _format_distributed(entry: dict[str, Any]) -> str:
+    """The info line for data-parallel training (docs/distributed.md)."""
+    if "error" in entry:
+        return f"distributed: {entry['error']}"
+    if entry.get("mpi_hint"):
+        mpi = f"no MPI ({entry['mpi_hint']})"
+    else:
+        mpi = f"mpi4py {entry['mpi4py']}, mpich {entry['mpich'] or '(system MPI)'}, "
+        mpi += f"mpiexec {entry['mpiexec']}"
+    return f"distributed: {mpi}; NCCL {entry.get('nccl')}"
 
 
 @subcommand("info", "versions, backends, GPU and kernel files", _info_arguments)

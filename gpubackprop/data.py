@@ -21,6 +21,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import zipfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -436,6 +437,11 @@ def make_regression(
 def _as_2d_features(x: np.ndarray, what: str) -> np.ndarray:
     if x.ndim == 0:
         raise ValueError(f"{what} is a scalar; expected an array of shape (n_samples, ...)")
+    if x.size == 0:
+        raise ValueError(
+            f"{what} is empty (shape {x.shape}); expected an array of shape (n_samples, ...) "
+            "with at least one sample and one feature"
+        )
     if x.ndim == 1:
         return x.reshape(-1, 1)
     return x.reshape(len(x), -1)  # images (N, H, W) become rows of H·W features
@@ -463,10 +469,30 @@ def _check_labels(y: np.ndarray, what: str) -> np.ndarray:
         )
     if np.issubdtype(y.dtype, np.floating) and not np.all(np.isfinite(y) & (y == np.round(y))):
         raise ValueError(f"{what} holds non-integer values; class labels must be integers")
+    # Compare before the cast to int64, which would wrap 2⁶³ + 5 (uint64) to a negative number.
+    if y.size and y.max() > np.iinfo(np.int64).max:
+        raise ValueError(
+            f"{what} holds the label {int(y.max())}, larger than any class index can be; "
+            "expected labels 0, 1, ..., n_classes - 1"
+        )
     labels = y.astype(np.int64)
     if labels.size and labels.min() < 0:
         raise ValueError(f"{what} holds the negative label {labels.min()}; expected 0, 1, ...")
     return labels
+
+
+def _check_finite(array: np.ndarray, source: str, name: str) -> None:
+    """Refuse NaN and ±Inf: standardisation would spread one of them over its whole column."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return
+    bad = ~np.isfinite(array)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        value = array[first]
+        raise ValueError(
+            f"{source}: {name} holds {int(bad.sum())} non-finite value(s) ({value} at index "
+            f"{first}, the first); expected finite numbers (drop or impute them before loading)"
+        )
 
 
 def _check_pair(x: np.ndarray, y: np.ndarray, source: str, x_name: str, y_name: str) -> None:
@@ -479,6 +505,9 @@ def _check_pair(x: np.ndarray, y: np.ndarray, source: str, x_name: str, y_name: 
         raise ValueError(f"{source}: {x_name} is empty")
     if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
         raise ValueError(f"{source}: {x_name} has dtype {x.dtype}; expected real numbers")
+    _check_finite(x, source, x_name)
+    if np.issubdtype(y.dtype, np.floating) and y.ndim >= 1:
+        _check_finite(y, source, y_name)
 
 
 def load_npz(
@@ -509,7 +538,10 @@ def load_npz(
     try:
         archive = np.load(path, allow_pickle=False)
     except Exception as error:
-        raise ValueError(f"{str(path)!r} is not a readable .npz archive: {error}") from error
+        raise ValueError(
+            f"npz data set {str(path)!r} is not a readable .npz archive "
+            f"({type(error).__name__}: {error}); expected a file written by numpy.savez"
+        ) from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise TypeError(f"{str(path)!r} holds a single array, not a .npz archive of named arrays")
     source = f"npz data set {str(path)!r}"
@@ -526,8 +558,14 @@ def load_npz(
                     f"{source} has arrays {sorted(keys)}; expected {x_key!r} and {y_key!r}, "
                     "or x_train, y_train, x_test and y_test"
                 )
-        except (zlib.error, OSError, EOFError) as error:  # a damaged member of the zip
-            raise ValueError(f"{source} is corrupt: {error}") from error
+        except (zlib.error, zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+            # a damaged member of the zip: bad CRC, cut deflate stream, or a broken .npy header
+            if isinstance(error, ValueError) and str(error).startswith(source):
+                raise
+            raise ValueError(
+                f"{source} is corrupt ({type(error).__name__}: {error}); expected an archive "
+                "written by numpy.savez"
+            ) from None
     name = f"npz:{path.name}"
     if "x" in arrays:
         x, y = _as_2d_features(arrays["x"], x_key), arrays["y"]
@@ -752,6 +790,23 @@ def load_mnist_idx(
             raise ValueError(
                 f"MNIST {split} files disagree: {str(image_path)!r} has {len(images)} images but "
                 f"{str(label_path)!r} has {len(labels)} labels"
+            )
+    (train_path, train_images), (test_path, test_images) = (
+        arrays["train_images"],
+        arrays["test_images"],
+    )
+    if train_images.shape[1:] != test_images.shape[1:]:
+        raise ValueError(
+            f"MNIST images differ in size: {str(train_path)!r} holds "
+            f"{'x'.join(map(str, train_images.shape[1:]))} images but {str(test_path)!r} holds "
+            f"{'x'.join(map(str, test_images.shape[1:]))}; expected one size for both"
+        )
+    for part in ("train_labels", "test_labels"):
+        path, labels = arrays[part]
+        if labels.size and labels.max() > 9:
+            raise ValueError(
+                f"IDX file {str(path)!r} holds the label {int(labels.max())}; MNIST labels are "
+                "the classes 0..9"
             )
     x_train = arrays["train_images"][1].reshape(len(arrays["train_images"][1]), -1)
     x_test = arrays["test_images"][1].reshape(len(arrays["test_images"][1]), -1)

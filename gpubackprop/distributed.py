@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +49,9 @@ class ProcessGroup:
     local_rank: int
     local_size: int
     device: int | None = None  # the CUDA device this rank uses (None: no GPU chosen)
+    # Why no GPU could be chosen (more ranks than GPUs on the node): an error only for a
+    # model on the cupy backend, since ranks that train on the CPU need no GPU of their own.
+    device_error: str = ""
 
     @property
     def is_main(self) -> bool:
@@ -127,10 +132,14 @@ def init(abort_on_uncaught: bool = True) -> ProcessGroup:
     node.Free()
     count = _cuda_device_count()
     if count > 0:
-        group.device = select_device(group.local_rank, group.local_size, count)
-        import cupy
+        try:
+            group.device = select_device(group.local_rank, group.local_size, count)
+        except RuntimeError as error:
+            group.device_error = str(error)
+        else:
+            import cupy
 
-        cupy.cuda.Device(group.device).use()
+            cupy.cuda.Device(group.device).use()
     if abort_on_uncaught and group.size > 1:
         _install_abort_hook(group)
     _group = group
@@ -185,6 +194,30 @@ def abort_other_ranks(code: int, error: BaseException | None = None) -> None:
         return
     if _group is not None and _group.size > 1:
         _group.abort(code=code)
+
+
+def availability() -> dict[str, Any]:
+    """What data-parallel training can use here, without starting MPI: the mpi4py and MPI wheel
+    versions, the mpiexec found, and whether CuPy can load NCCL (else why not)."""
+    from importlib import metadata
+
+    report: dict[str, Any] = {}
+    for package in ("mpi4py", "mpich"):
+        try:
+            report[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            report[package] = None
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    report["mpiexec"] = beside if os.path.isfile(beside) else shutil.which("mpiexec")
+    report["mpi_hint"] = None if report["mpi4py"] and report["mpiexec"] else MPI_INSTALL_HINT
+    with warnings.catch_warnings():  # CuPy warns when it cannot load NCCL: the reason is kept
+        warnings.simplefilter("ignore")
+        try:
+            require_nccl()
+            report["nccl"] = "available"
+        except Exception as error:
+            report["nccl"] = f"unavailable: {error}"
+    return report
 
 
 def is_initialized() -> bool:
@@ -432,6 +465,8 @@ class DataParallel:
     def _check_device(self) -> None:
         if self.model.backend.name != "cupy":
             return
+        if self.group.device_error:
+            raise RuntimeError(self.group.device_error)
         device = int(self.model.store.data.device.id)
         if self.group.device is not None and device != self.group.device:
             raise RuntimeError(
@@ -511,6 +546,7 @@ def _any_op():
 
 def guard(group: ProcessGroup, error: BaseException) -> None:
     """Abort every rank when one rank fails inside a data-parallel run (the others would wait
-    in the next all-reduce forever); a one-rank job just raises."""
-    if group.size > 1:
+    in the next collective forever); a one-rank job, or an error every rank raised together
+    (RanksDisagree), just raises."""
+    if group.size > 1 and not getattr(error, "collective", False):
         group.abort(error)

@@ -1,4 +1,5 @@
-"""Sequential: the model, its execution plan, and the training loop."""
+"""Sequential: the model (a container of layers), its placement on a backend (the plan is
+plan.py's), state dicts, and the entry points of training and evaluation (training.py)."""
 
 from __future__ import annotations
 
@@ -18,11 +19,13 @@ from .layers import (
     Layer,
     Standardize,
     activation_layer,
+    check_positive_int,
     init_for_activation,
 )
 from .losses import Loss, SoftmaxCrossEntropyLoss
 from .parameters import FlatStore, Parameter
 from .plan import Plan, Step, build_steps
+from .precision import check_precision
 
 if TYPE_CHECKING:
     from .optim import Optimizer
@@ -73,30 +76,42 @@ class Sequential(Container):
 
     @property
     def in_features(self) -> int | None:
-        """Input width, from the first layer that fixes it (None for an activation-only model)."""
-        for layer in _leaf_layers(self.layers):
-            width = getattr(layer, "in_features", None)
-            if width is not None:
-                return width
-        return None
+        """Input width, from the first layer that fixes it (None for an activation-only
+        model); checked against every later layer when the model was built (chain_widths)."""
+        return self.widths[0]
 
     @property
     def out_features(self) -> int | None:
         """Output width, from the last layer that fixes it."""
-        for layer in reversed(_leaf_layers(self.layers)):
-            width = getattr(layer, "out_features", None)
-            if width is not None:
-                return width
-        return None
+        return self.widths[1]
 
     # -- placement ------------------------------------------------------------------------
-    def to(self, backend: Any = None, dtype: Any = "float32") -> Sequential:
+    def to(
+        self, backend: Any = None, dtype: Any = "float32", precision: str = "fp32"
+    ) -> Sequential:
         """Move parameters to ``backend`` ("numpy" | "cupy" | "emu" | "auto" | None = the
-        GPUBACKPROP_BACKEND variable or "auto") in ``dtype``; build the fused plan."""
-        resolved = get_backend(backend)
+        GPUBACKPROP_BACKEND variable or "auto") in ``dtype``; build the fused plan.
+
+        ``precision`` ("fp32" | "tf32" | "bf16") is how the dense layers' matrix products
+        round their operands (docs/derivation.md, Mixed precision): parameters, gradients and
+        optimizer state stay ``dtype`` (the fp32 master copy); tf32 and bf16 need float32 and,
+        on a GPU, compute capability 8.0 or later (the error names the GPU otherwise)."""
+        check_precision(precision)
         dtype = _check_dtype(dtype)
-        self.plan = Plan.build(self.layers, self.parameters(), resolved, dtype)
+        if precision != "fp32" and dtype != np.float32:
+            raise ValueError(
+                f"precision={precision!r} needs dtype='float32' (fp32 master weights and "
+                f"accumulation); got dtype={dtype.name!r}"
+            )
+        resolved = get_backend(backend)
+        resolved.check_precision(precision)
+        self.plan = Plan.build(self.layers, self.parameters(), resolved, dtype, precision)
         return self
+
+    @property
+    def precision(self) -> str:
+        """The GEMM precision the plan runs ("fp32" before ``to()``)."""
+        return "fp32" if self.plan is None else self.plan.precision
 
     def _ensure_placed(self) -> None:
         if self.plan is None:
@@ -174,7 +189,10 @@ class Sequential(Container):
         """{name: NumPy copy} for every parameter and buffer (Standardize's mean and std), in
         the model's dtype (float64 before ``to()``).  Reading it places nothing."""
         dtype = self.dtype or np.dtype(np.float64)
-        state = {p.name: np.array(to_host(p.data), dtype=dtype) for p in self.parameters()}
+        state = {
+            name: np.array(to_host(p.data), dtype=dtype)
+            for name, p in self.named_parameters().items()
+        }
         for name, buffer in self.named_buffers().items():
             state[name] = np.array(buffer, dtype=dtype)
         return state
@@ -209,12 +227,15 @@ class Sequential(Container):
                 p.data[...] = host[name]
             return
         store = self.plan.store
+        name_of = {id(p): name for name, p in params.items()}  # names by position, not p.name
         flat = np.zeros(store.size, dtype=self.dtype)
         for p, offset in zip(store.parameters, store.offsets):
-            flat[offset : offset + p.size] = host[p.name].ravel()
+            flat[offset : offset + p.size] = host[name_of[id(p)]].ravel()
         store.data[...] = self.plan.backend.asarray(flat, self.dtype)
         # the steps hold device copies of the buffers: rebuild them from the new values
-        self.plan.steps = build_steps(self.layers, self.plan.backend, self.plan.dtype)
+        self.plan.steps = build_steps(
+            self.layers, self.plan.backend, self.plan.dtype, self.plan.precision
+        )
 
     # -- training loop -------------------------------------------------------------------------
     def fit(
@@ -267,17 +288,23 @@ class Sequential(Container):
         """A ``torch.nn.Sequential`` with copies of this model's weights that computes the same
         function (Linear for Dense, the same activations and parameters, Residual blocks as a
         small module); see gpubackprop.torch_interop.  Needs PyTorch."""
-        from .torch_interop import to_torch
-
+        try:
+            from .torch_interop import to_torch
+        except ImportError as error:
+            raise ImportError(f"to_torch needs PyTorch (pip install torch): {error}") from None
         return to_torch(self, device)
 
     def predict(self, x: Array, batch_size: int = 1024) -> np.ndarray:
         """Model outputs for ``x`` as a NumPy array, computed batch by batch."""
+        from .threads import blas_threads_for
+
+        batch_size = check_positive_int("batch_size", batch_size)
         xd = self.prepare_input(x)
         outputs = []
-        for start in range(0, xd.shape[0], batch_size):
-            h = self.run_steps(xd[start : start + batch_size])
-            outputs.append(np.array(self.backend.to_numpy(h)))
+        with blas_threads_for(self, min(batch_size, xd.shape[0])):
+            for start in range(0, xd.shape[0], batch_size):
+                h = self.run_steps(xd[start : start + batch_size])
+                outputs.append(np.array(self.backend.to_numpy(h)))
         return np.concatenate(outputs, axis=0)
 
     def evaluate(
@@ -290,18 +317,6 @@ class Sequential(Container):
 
 
 LAYER_TYPES["Sequential"] = Sequential
-
-
-def _leaf_layers(layers: list[Layer]) -> list[Layer]:
-    """The layers inside every container, in order (a Residual keeps its width, so its inner
-    layers say what it expects and gives)."""
-    leaves: list[Layer] = []
-    for layer in layers:
-        if isinstance(layer, Container):
-            leaves += _leaf_layers(layer.layers)
-        else:
-            leaves.append(layer)
-    return leaves
 
 
 def mlp(

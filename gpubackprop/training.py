@@ -22,6 +22,7 @@ from .losses import (
     check_label_range,
 )
 from .random import generator
+from .threads import blas_threads_for
 
 
 def _rows(a) -> int:
@@ -98,6 +99,12 @@ def evaluate(model, x, y, loss: Loss, batch_size: int = 1024) -> dict[str, float
     yd = _targets_on(model, loss, y)
     loss.backend = model.backend
     n = xd.shape[0]
+    with blas_threads_for(model, min(batch_size, n)):
+        return _evaluate_batches(model, xd, yd, loss, batch_size)
+
+
+def _evaluate_batches(model, xd, yd, loss: Loss, batch_size: int) -> dict[str, float]:
+    n = xd.shape[0]
     totals = _EpochTotals(isinstance(loss, ACCURACY_LOSSES))
     for start in range(0, n, batch_size):
         h = model.run_steps(xd[start : start + batch_size])
@@ -156,6 +163,9 @@ def run_fit(
         )
     if not isinstance(loss, Loss):
         raise TypeError(f"loss={loss!r} is not a gpubackprop Loss")
+    for i, callback in enumerate(callbacks):
+        if not isinstance(callback, Callback):
+            raise TypeError(f"callbacks[{i}]={callback!r:.80} is not a gpubackprop Callback")
     xd = model.prepare_input(x)
     n = xd.shape[0]
     if _rows(y) != n:
@@ -167,6 +177,11 @@ def run_fit(
     if labels_unchecked and isinstance(y, (np.ndarray, list, tuple)):
         check_label_range(get_backend("numpy"), np.asarray(y), _classes(model, xd))
         labels_unchecked = False
+    if not callable(getattr(optimizer, "step", None)):
+        raise TypeError(
+            f"optimizer={optimizer!r:.80} is not an optimizer; expected a gpubackprop Optimizer "
+            "such as gb.Adam(model.parameters())"
+        )
     if validation_data is not None and len(validation_data) != 2:
         raise ValueError("validation_data must be a pair (x_val, y_val)")
     loss.backend = model.backend
@@ -176,6 +191,15 @@ def run_fit(
         # training (the same reduced metrics give the same decisions everywhere).
         verbose = 0
         callbacks = [c for c in callbacks if not getattr(c, "main_process_only", False)]
+    # Settings that cannot work (a monitor no epoch will log, a folder that does not exist)
+    # fail now, not after the first epoch has been paid for.
+    metrics = {"loss", "samples_per_s"} | (
+        {"accuracy"} if isinstance(loss, ACCURACY_LOSSES) else set()
+    )
+    if validation_data is not None:
+        metrics |= {f"val_{m}" for m in metrics if m != "samples_per_s"}
+    for callback in callbacks:
+        callback.check_setup(metrics)
     history = History()
     callbacks = [history, *callbacks]
     model.stop_training = False
@@ -185,24 +209,25 @@ def run_fit(
     if saved_check is not None and not labels_unchecked:
         loss.check_labels = False  # checked on the host above (or not labels at all)
     try:
-        logs = _epochs(
-            _Run(
-                model,
-                xd,
-                yd,
-                loss,
-                optimizer,
-                epochs,
-                batch_size,
-                shuffle,
-                validation_data,
-                verbose,
-                callbacks,
-                graph,
-                parallel,
-            ),
-            labels_unchecked,
-        )
+        with blas_threads_for(model, min(batch_size, n)):
+            logs = _epochs(
+                _Run(
+                    model,
+                    xd,
+                    yd,
+                    loss,
+                    optimizer,
+                    epochs,
+                    batch_size,
+                    shuffle,
+                    validation_data,
+                    verbose,
+                    callbacks,
+                    graph,
+                    parallel,
+                ),
+                labels_unchecked,
+            )
     except BaseException as error:
         if parallel is not None:
             from .distributed import guard
@@ -263,9 +288,14 @@ def _data_parallel(model, loss, optimizer, n, batch_size, epochs, shuffle, distr
         return None
     from . import distributed as dist
 
-    parallel = dist.DataParallel(dist.init(), model, loss, optimizer)
-    setup = dist.training_setup(model, optimizer, loss, n, batch_size)
-    parallel.start({**setup, "epochs": epochs, "shuffle": shuffle})
+    group = dist.init()
+    try:
+        parallel = dist.DataParallel(group, model, loss, optimizer)
+        setup = dist.training_setup(model, optimizer, loss, n, batch_size)
+        parallel.start({**setup, "epochs": epochs, "shuffle": shuffle})
+    except BaseException as error:  # e.g. NCCL failing on one rank: the others wait in start
+        dist.guard(group, error)
+        raise
     return parallel
 
 

@@ -470,3 +470,32 @@ def test_a_huge_npz_label_is_one_line(tmp_path, capsys):
     assert status in (1, 2)
     assert err.count("\n") == 1, err
     assert "1000000001" in err
+
+
+def test_summary_prints_the_total_rate_and_how_the_backend_was_chosen(
+    tmp_path, capsys, monkeypatch
+):
+    import re
+
+    from gpubackprop import backends
+    from gpubackprop.backends import UnavailableBackend
+
+    monkeypatch.delenv("GPUBACKPROP_BACKEND", raising=False)
+    monkeypatch.setattr(backends, "_instances", dict(backends._instances))
+    backends._instances["cupy"] = UnavailableBackend("cupy", "no GPU in this test; use numpy")
+    metrics_path = tmp_path / "m.json"
+    argv = ["train", *QUICK[:-2], "--metrics-json", str(metrics_path)]
+    status, out, err = _run(argv, capsys)
+    assert status == 0, err
+    summary = out.strip().splitlines()[0]
+    metrics = json.loads(metrics_path.read_text())
+    rate = float(re.search(r"\(([\d,]+) samples/s\)", summary).group(1).replace(",", ""))
+    total = metrics["n_train"] * metrics["epochs"] / metrics["train_time_s"]
+    assert rate == pytest.approx(total, rel=1e-3, abs=1.0)
+    assert metrics["total_samples_per_s"] == pytest.approx(total)
+    assert "on numpy (auto: no GPU in this test), float32" in summary
+    monkeypatch.setenv("GPUBACKPROP_BACKEND", "numpy")
+    status, out, _ = _run(["train", *QUICK[:-2]], capsys)
+    assert "on numpy (GPUBACKPROP_BACKEND=numpy), float32" in out
+    status, out, _ = _run(["train", *QUICK], capsys)
+    assert "on numpy, float32" in out

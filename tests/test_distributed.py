@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,8 @@ CASES = [
     ("adam", 0.05, 24),
     ("sgd", None, 25),
 ]
+# A "sum" loss: the ranks' gradients are added, not weighted (uneven shards 13/12).
+SUM_CASE = ("sgd", None, 25)
 # Three ranks (not a power of two: MPI reduces in another pattern), uneven shards 9/8/8.
 THREE_RANK_CASE = ("adam", 0.05, 25)
 # The emu backend all-reduces the host memory of its arrays (CuPy-like device arrays in the
@@ -84,14 +87,20 @@ def _train_steps(
     parallel_group=None,
     backend: str = "numpy",
     steps: int = STEPS,
+    summed_mse: bool = False,
 ):
     """``steps`` steps on consecutive global batches; returns the flat parameters after each.
-    With a group: every rank takes its shard and the gradients are averaged."""
+    With a group: every rank takes its shard and the gradients are averaged.  The loss is
+    cross-entropy (a mean), or with ``summed_mse`` MSELoss(reduction="sum") on one-hot targets
+    (the ranks' gradients add up without weights)."""
     rank = 0 if parallel_group is None else parallel_group.rank
     # Ranks other than 0 start from other weights: the broadcast must replace them.
     model, opt = _model_and_optimizer(optimizer, seed=100 * rank, backend=backend)
-    loss = gb.SoftmaxCrossEntropyLoss().to(model.backend)
+    loss = (gb.MSELoss("sum") if summed_mse else gb.SoftmaxCrossEntropyLoss()).to(model.backend)
     x, y = _data(steps * batch)
+    if summed_mse:
+        y = np.eye(OUTPUTS)[y]
+        opt.lr = opt.lr / batch  # the summed gradient is ~batch times the mean's
     parallel = None
     if parallel_group is not None:
         parallel = dist.DataParallel(parallel_group, model, loss, opt)
@@ -101,7 +110,8 @@ def _train_steps(
         start, stop = step * batch, (step + 1) * batch
         lo, hi = (start, stop) if parallel is None else parallel.shard(start, stop)
         pred = model.forward(x[lo:hi])
-        loss.forward(pred, model.backend.asarray(y[lo:hi], np.int64))
+        target = y[lo:hi] if summed_mse else y[lo:hi].astype(np.int64)
+        loss.forward(pred, model.backend.asarray(target))
         model.backward(loss.backward(), need_input_grad=False)
         if parallel is not None:
             parallel.average_gradients(hi - lo, stop - start)
@@ -112,7 +122,7 @@ def _train_steps(
     return np.stack(after)
 
 
-def _fit_run(distributed: bool, verbose: int = 0):
+def _fit_run(distributed: bool, verbose: int = 0, checkpoint: Path | None = None):
     """fit with shuffling, an uneven last batch (100 rows, batch 24) and validation data."""
     model, opt = _model_and_optimizer("adam", seed=0 if not distributed else 100 * dist.rank())
     gb.seed(7 + 13 * dist.rank())  # the shuffling generator: rank 0's is broadcast
@@ -128,6 +138,7 @@ def _fit_run(distributed: bool, verbose: int = 0):
         validation_data=(xv + 0.5, yv),
         verbose=verbose,
         distributed=distributed,
+        callbacks=[] if checkpoint is None else [gb.ModelCheckpoint(checkpoint)],
     )
     return np.array(model.store.data), history.history
 
@@ -144,9 +155,13 @@ def _worker(scenario: str, out: Path) -> None:
             np.save(out / f"{_case_name(optimizer, max_norm, batch)}.rank{rank}.npy", params)
         params = _train_steps(*EMU_CASE, group, backend="emu", steps=EMU_STEPS)
         np.save(out / f"{_case_name(*EMU_CASE, backend='emu')}.rank{rank}.npy", params)
-        params, history = _fit_run(distributed=True, verbose=2)
+        # each rank names its own checkpoint file: only rank 0's may appear
+        checkpoint = out / f"checkpoint.rank{rank}.safetensors"
+        params, history = _fit_run(distributed=True, verbose=2, checkpoint=checkpoint)
         np.save(out / f"fit.rank{rank}.npy", params)
         (out / f"fit.rank{rank}.json").write_text(json.dumps(history))
+        params = _train_steps(*SUM_CASE, group, summed_mse=True)
+        np.save(out / f"sum.rank{rank}.npy", params)
     elif scenario == "three":
         params = _train_steps(*THREE_RANK_CASE, group)
         np.save(out / f"three.rank{rank}.npy", params)
@@ -171,6 +186,22 @@ def _worker(scenario: str, out: Path) -> None:
                 callbacks=[FailOnRankOne()],
                 distributed=True,
             )
+        except RuntimeError:
+            print("rank caught the error and carried on", flush=True)
+        group.comm.Barrier()
+        print("rank finished training", flush=True)
+    elif scenario == "start_fails":
+        # Rank 1 fails while fit sets the ranks up (rank 0 waits in the setup exchange), and
+        # the caller catches the error: fit itself must end the job.
+        class LossThatCannotDescribeItself(gb.SoftmaxCrossEntropyLoss):
+            def config(self):
+                raise RuntimeError("rank one's loss cannot describe itself")
+
+        model, opt = _model_and_optimizer("sgd", seed=0)
+        x, y = _data(64)
+        loss = LossThatCannotDescribeItself() if rank == 1 else gb.SoftmaxCrossEntropyLoss()
+        try:
+            model.fit(x, y, loss=loss, optimizer=opt, verbose=0, distributed=True)
         except RuntimeError:
             print("rank caught the error and carried on", flush=True)
         group.comm.Barrier()
@@ -241,6 +272,16 @@ def test_two_ranks_match_one_process_and_each_other(trained, optimizer, max_norm
     assert np.max(np.abs(single[-1] - single[0])) > 1e-2
 
 
+def test_sum_reduction_adds_the_ranks_gradients(trained):
+    out, _ = trained
+    rank0, rank1 = np.load(out / "sum.rank0.npy"), np.load(out / "sum.rank1.npy")
+    assert np.array_equal(rank0, rank1)
+    single = _train_steps(*SUM_CASE, summed_mse=True)
+    scale = np.max(np.abs(single), axis=1, keepdims=True)
+    assert np.max(np.abs(rank0 - single) / scale) <= RTOL
+    assert np.max(np.abs(single[-1] - single[0])) > 1e-2
+
+
 def test_three_ranks_stay_bitwise_identical_and_match_one_process(tmp_path):
     result = _launch(3, [str(HERE), "three", str(tmp_path)], tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -287,6 +328,8 @@ def test_distributed_fit_matches_fit_and_rank_zero_alone_prints(trained):
         reduced = json.loads((out / f"fit.rank{rank}.json").read_text())
         for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
             np.testing.assert_allclose(reduced[key], history[key], rtol=1e-9, err_msg=key)
+    assert (out / "checkpoint.rank0.safetensors").is_file()
+    assert not (out / "checkpoint.rank1.safetensors").exists()
     # verbose=2 prints one line per epoch, from rank 0 only: 3 epochs, 3 lines
     assert result.stderr.count("epoch 1/3") == 1
     assert result.stderr.count("epoch 3/3") == 1
@@ -301,6 +344,14 @@ def test_failing_rank_stops_every_rank(tmp_path):
     assert "rank one gives up after epoch 1" in result.stderr
     assert "rank finished training" not in result.stdout
     assert "carried on" not in result.stdout
+
+
+def test_rank_failing_while_fit_starts_stops_every_rank(tmp_path):
+    result = _launch(2, [str(HERE), "start_fails", str(tmp_path)], tmp_path, timeout=60)
+    assert result.returncode != 0
+    assert "rank 1 of 2 failed" in result.stderr
+    assert "rank one's loss cannot describe itself" in result.stderr
+    assert "carried on" not in result.stdout and "finished" not in result.stdout
 
 
 def test_uncaught_error_after_init_stops_every_rank(tmp_path):
@@ -428,6 +479,18 @@ def test_more_ranks_than_gpus_on_a_node_is_refused():
         dist.select_device(0, 1, 0)
 
 
+def test_too_many_ranks_for_the_gpus_fail_only_a_cupy_model():
+    """Ranks training on the CPU need no GPU each; a cupy model on such a rank is refused."""
+    group = dist.ProcessGroup(comm=None, rank=5, size=8, local_rank=5, local_size=8)
+    group.device_error = "8 ranks run on this node but only 4 GPUs are visible"
+    model, opt = _model_and_optimizer("sgd", seed=0)
+    numpy_parallel = dist.DataParallel(group, model, gb.MSELoss(), opt)
+    assert isinstance(numpy_parallel.transport, dist.MpiTransport)
+    on_gpu = types.SimpleNamespace(backend=types.SimpleNamespace(name="cupy"))  # a stand-in
+    with pytest.raises(RuntimeError, match="only 4 GPUs are visible"):
+        dist.DataParallel(group, on_gpu, gb.MSELoss(), opt)
+
+
 def test_first_difference_names_the_path():
     a = {"model": {"layers": [{"out_features": 8}, {"type": "Tanh"}]}, "lr": 0.1}
     b = {"model": {"layers": [{"out_features": 8}, {"type": "ReLU"}]}, "lr": 0.1}
@@ -481,6 +544,23 @@ def test_missing_mpi4py_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "mpi4py", None)  # import mpi4py now raises ImportError
     with pytest.raises(ImportError, match=r"pip install \"gpubackprop\[mpi\]\""):
         dist._import_mpi()
+
+
+def test_info_reports_what_distributed_training_can_use(capsys):
+    from gpubackprop.cli import main
+
+    assert main(["info", "--json"]) == 0
+    entry = json.loads(capsys.readouterr().out)["distributed"]
+    assert entry["mpi4py"] == pytest.importorskip("mpi4py").__version__
+    assert entry["mpiexec"] == _mpiexec() and entry["mpi_hint"] is None
+    nccl_loads = "available"
+    try:
+        dist.require_nccl()
+    except RuntimeError as error:
+        nccl_loads = f"unavailable: {error}"
+    assert entry["nccl"] == nccl_loads
+    assert main(["info"]) == 0
+    assert f"distributed: mpi4py {entry['mpi4py']}" in capsys.readouterr().out
 
 
 def test_nccl_hint_follows_the_cuda_major():

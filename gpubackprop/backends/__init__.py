@@ -12,7 +12,15 @@ import os
 from .base import ACTIVATIONS, Backend
 from .numpy_backend import NumpyBackend
 
-__all__ = ["ACTIVATIONS", "BACKEND_NAMES", "Backend", "available_backends", "get_backend"]
+__all__ = [
+    "ACTIVATIONS",
+    "BACKEND_NAMES",
+    "Backend",
+    "auto_reason",
+    "available_backends",
+    "describe_choice",
+    "get_backend",
+]
 
 BACKEND_NAMES = ("auto", "numpy", "cupy", "emu")
 ENV_VARIABLE = "GPUBACKPROP_BACKEND"
@@ -86,6 +94,28 @@ def get_backend(name: str | Backend | None = None) -> Backend:
     if not backend.available:
         raise RuntimeError(f"backend {key!r} is not available: {backend.reason}")
     return backend
+
+
+def auto_reason() -> str:
+    """Why "auto" picks the backend it picks: CuPy is usable, or the first clause of the reason
+    it is not (the backend's full reason also says what to do about it)."""
+    cupy_backend = _instance("cupy")
+    if cupy_backend.available:
+        return "CuPy and a GPU are usable"
+    return cupy_backend.reason.split(";")[0].strip() or "the cupy backend is unavailable"
+
+
+def describe_choice(requested: str | None, used: str) -> str:
+    """``used``, and how it was chosen when the user did not name it: "numpy (auto: no NVIDIA
+    GPU found ...)", "emu (GPUBACKPROP_BACKEND=emu)"."""
+    if requested is None:
+        from_environment = os.environ.get(ENV_VARIABLE, "").strip()
+        if from_environment and from_environment.lower() != "auto":
+            return f"{used} ({ENV_VARIABLE}={from_environment})"
+        requested = "auto"
+    if str(requested).strip().lower() == "auto":
+        return f"{used} (auto: {auto_reason()})"
+    return used
 
 
 def available_backends() -> dict[str, tuple[bool, str]]:

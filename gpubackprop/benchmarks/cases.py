@@ -279,6 +279,112 @@ def gemm_case(
     return Case(name, {"M": m, "N": n, "K": k}, parts, working, False, build)
 
 
+def mma_gemm_case(m: int, n: int, k: int, layout: str, precision: str) -> Case:
+    """One dense-layer GEMM layout on the tensor cores (gemm_mma.cu) in ``precision`` ("bf16":
+    bf16 operands, "tf32": fp32 operands rounded to tf32; fp32 accumulation), against cuBLAS at
+    the same precision: cupy.matmul with the TF32 compute type for tf32 and PyTorch for both
+    (bf16 tensors; allow_tf32 for tf32).  Checked against float64 products of the operands
+    rounded as the precision rounds them, so only fp32 summation errors remain."""
+    from ..precision import round_operand
+
+    operand_bytes = 2 if precision == "bf16" else 4
+    parts = _gemm_parts(m, n, k, operand_bytes, layout)
+    name = f"gemm.{layout}.{precision}"
+
+    def build(ctx: Context, copies: int) -> Prepared:
+        backend = ctx.backend
+        if precision not in backend.precisions() or not hasattr(backend, "to_bf16"):
+            raise ValueError(f"{backend.name} does not run tensor-core GEMMs in {precision}")
+        x_h, w_h, dz_h = ctx.host((m, k)), ctx.host((n, k)), ctx.host((m, n))
+        rx, rw, rdz = (
+            round_operand(a.astype(np.float32), precision).astype(np.float64)
+            for a in (x_h, w_h, dz_h)
+        )
+        sets = []
+        for _ in range(copies):
+            x, w, dz = ctx.ours(x_h), ctx.ours(w_h), ctx.ours(dz_h)
+            sets.append((x, w, dz, backend.empty((n, k), np.float32)))
+        take = cycle(sets)
+        need_dinp = layout == "dX+dW"
+
+        def run():
+            x, w, dz, dw = take()
+            if layout == "forward":
+                return backend.dense_forward(x, w, None, "identity", precision=precision)[0]
+            return backend.dense_backward(
+                dz, x, w, None, "identity", 0.0, dw, None, need_dinp, precision=precision
+            )
+
+        def check():
+            x, w, dz = ctx.ours(x_h), ctx.ours(w_h), ctx.ours(dz_h)
+            if layout == "forward":
+                out = backend.dense_forward(x, w, None, "identity", precision=precision)[0]
+                return [backend.to_numpy(out)], [rx @ rw.T]
+            dw = backend.empty((n, k), np.float32)
+            dx = backend.dense_backward(
+                dz, x, w, None, "identity", 0.0, dw, None, need_dinp, precision=precision
+            )
+            outs, refs = [backend.to_numpy(dw)], [rdz.T @ rx]
+            if need_dinp:
+                outs.append(backend.to_numpy(dx))
+                refs.append(rdz @ rw)
+            return outs, refs
+
+        prepared = Prepared(run, check, copies=copies)
+        if ctx.cupy is not None and precision == "tf32":
+            cp = ctx.cupy
+            cublas = {"forward": _cublas_forward, "dW": _cublas_dw, "dX+dW": _cublas_dx_dw}[layout]
+            prepared.baselines["cublas"] = Impl(
+                lambda: _with_cupy_tf32(cp, cublas, take), ctx.timer
+            )
+        else:
+            prepared.skipped["cublas"] = (
+                "CuPy has no bf16 matmul: cuBLAS bf16 is the torch row"
+                if precision == "bf16"
+                else "no CuPy device"
+            )
+        if ctx.torch is not None:
+            torch = ctx.torch
+            tdtype = torch.bfloat16 if precision == "bf16" else torch.float32
+            tsets = [
+                tuple(ctx.torch_tensor(a).to(tdtype) for a in (x_h, w_h, dz_h))
+                for _ in range(copies)
+            ]
+            ttake = cycle(tsets)
+
+            def torch_run():
+                x, w, dz = ttake()
+                previous = torch.backends.cuda.matmul.allow_tf32
+                torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+                try:
+                    if layout == "forward":
+                        return torch.nn.functional.linear(x, w)
+                    if layout == "dW":
+                        return torch.matmul(dz.t(), x)
+                    return torch.matmul(dz.t(), x), torch.matmul(dz, w)
+                finally:
+                    torch.backends.cuda.matmul.allow_tf32 = previous
+
+            prepared.baselines["torch"] = ctx.torch_impl(torch_run)
+        else:
+            prepared.skipped["torch"] = ctx.torch_reason
+        return prepared
+
+    working = sum(p.bytes for p in parts)
+    return Case(name, {"M": m, "N": n, "K": k}, parts, working, False, build)
+
+
+def _with_cupy_tf32(cp: Any, cublas: Callable, take: Callable[[], Any]) -> Any:
+    """cublas(cp, take) with cupy.matmul's float32 compute type set to TF32 for the call."""
+    from cupy._core import _routines_linalg as linalg
+
+    linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32)
+    try:
+        return cublas(cp, take)
+    finally:
+        linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_DEFAULT)
+
+
 def _cublas_forward(cp: Any, take: Callable[[], Any]) -> Any:
     x, w, _, _ = take()
     return cp.matmul(x, w.T)
@@ -376,6 +482,65 @@ def activation_case(name: str, rows: int, cols: int, direction: str, itemsize: i
         return prepared
 
     label = f"{name}.{direction}"
+    return Case(label, {"rows": rows, "cols": cols}, [Part(0.0, moved)], moved, True, build)
+
+
+def standardize_case(rows: int, cols: int, direction: str, itemsize: int) -> Case:
+    """gb.Standardize: y = (x − mean)/std (reads x, writes y) or dinp = dout/std (reads dout,
+    writes dinp); the per-feature vectors are negligible beside the matrix."""
+    moved = itemsize * rows * cols * 2
+
+    def build(ctx: Context, copies: int) -> Prepared:
+        backend, ref = ctx.backend, ctx.reference
+        x_h, d_h = ctx.host((rows, cols), 3.0), ctx.host((rows, cols))
+        mean_h = ctx.host((cols,))
+        std_h = np.exp(ctx.host((cols,), 0.5))
+        mean, std = ctx.ours(mean_h), ctx.ours(std_h)
+        take = cycle([ctx.ours(x_h if direction == "forward" else d_h) for _ in range(copies)])
+        if direction == "forward":
+
+            def run():
+                return backend.standardize_forward(take(), mean, std)
+
+            def reference():
+                return ref.standardize_forward(x_h, mean_h, std_h)
+        else:
+
+            def run():
+                return backend.standardize_backward(take(), std)
+
+            def reference():
+                return ref.standardize_backward(d_h, std_h)
+
+        def check():
+            return [backend.to_numpy(run())], [reference()]
+
+        prepared = Prepared(run, check, copies=copies)
+        if ctx.torch is None:
+            prepared.skipped["torch"] = ctx.torch_reason
+            return prepared
+        with ctx.torch.no_grad():
+            tmean, tstd = ctx.torch_tensor(mean_h), ctx.torch_tensor(std_h)
+            ttake = cycle(
+                [ctx.torch_tensor(x_h if direction == "forward" else d_h) for _ in range(copies)]
+            )
+
+        def torch_forward(x):
+            return (x - tmean) / tstd
+
+        def torch_backward(dout):
+            return dout / tstd
+
+        fn = torch_forward if direction == "forward" else torch_backward
+
+        def call(f):
+            return lambda: f(ttake())
+
+        prepared.baselines["torch"] = ctx.torch_impl(call(fn))
+        ctx.add_torch_compile(prepared, "elementwise", lambda: call(ctx.torch.compile(fn)))
+        return prepared
+
+    label = f"standardize.{direction}"
     return Case(label, {"rows": rows, "cols": cols}, [Part(0.0, moved)], moved, True, build)
 
 
@@ -673,10 +838,12 @@ def cases_for(
     itemsize: int,
     only: Sequence[str] = (),
     gemm_versions: Sequence[str] = (),
+    precisions: Sequence[str] = (),
     graph_rows: bool = False,
 ) -> list[Case]:
-    """The rows of one backend; ``graph_rows``: also each training step through
-    gb.compile_step (for backends that capture it; on numpy it is the same eager step)."""
+    """The rows of one backend; ``precisions`` adds the tensor-core GEMM rows ("bf16", "tf32")
+    for a backend that runs them (gemm_mma.cu on sm_80+ or the emulator); ``graph_rows`` also
+    each training step through gb.compile_step (backends that capture it)."""
     # Whole training steps first, then the GEMMs: the headline rows, kept by a run that is
     # stopped by a time limit (the JSON record is rewritten after every row).
     cases: list[Case] = []
@@ -689,10 +856,15 @@ def cases_for(
             cases.append(gemm_case(m, n, k, layout, itemsize))
             for version in gemm_versions:
                 cases.append(gemm_case(m, n, k, layout, itemsize, version))
+            for precision in precisions:
+                cases.append(mma_gemm_case(m, n, k, layout, precision))
     for name in sizes.activation_names:
         for rows, cols in sizes.activation:
             for direction in ("forward", "backward"):
                 cases.append(activation_case(name, rows, cols, direction, itemsize))
+    for rows, cols in sizes.activation[:1]:
+        for direction in ("forward", "backward"):
+            cases.append(standardize_case(rows, cols, direction, itemsize))
     for rows, classes in sizes.loss:
         cases.append(loss_case(rows, classes, itemsize))
     for n in sizes.optimizer:
