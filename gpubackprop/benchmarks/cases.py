@@ -669,11 +669,15 @@ def build_mlp(sizes: Sequence[int]):
     return Sequential(*layers)
 
 
-def train_case(sizes: Sequence[int], batch: int, itemsize: int) -> Case:
+def train_case(sizes: Sequence[int], batch: int, itemsize: int, precision: str = "fp32") -> Case:
     """One training step through the public API: forward, softmax cross-entropy, backward
-    (no input gradient), SGD with momentum 0.9."""
+    (no input gradient), SGD with momentum 0.9.  With ``precision`` "bf16" or "tf32" the model's
+    GEMMs run on the tensor cores (fp32 master weights), checked against the NumPy model of that
+    precision in float32, and PyTorch runs the same step under bf16 autocast (or with TF32
+    matmuls allowed)."""
     parts = train_parts(sizes, batch, itemsize)
     label = "-".join(str(s) for s in sizes)
+    suffix = "" if precision == "fp32" else f".{precision}"
 
     def build(ctx: Context, copies: int) -> Prepared:
         from .. import SGD, SoftmaxCrossEntropyLoss
@@ -685,7 +689,7 @@ def train_case(sizes: Sequence[int], batch: int, itemsize: int) -> Case:
 
         def make(backend, dtype):
             seed(ctx.config.seed)
-            model = build_mlp(sizes).to(backend, dtype=dtype)
+            model = build_mlp(sizes).to(backend, dtype=dtype, precision=precision)
             loss = SoftmaxCrossEntropyLoss().to(backend)
             opt = SGD(model.parameters(), lr=1e-3, momentum=0.9)
             return model, loss, opt
@@ -706,7 +710,8 @@ def train_case(sizes: Sequence[int], batch: int, itemsize: int) -> Case:
 
         def check():
             fresh = make(ctx.backend, ctx.dtype)
-            reference = make(ctx.reference, np.float64)
+            # fp32: float64 reference; bf16/tf32: the NumPy model of the precision (float32)
+            reference = make(ctx.reference, np.float64 if precision == "fp32" else np.float32)
             reference[0].load_state_dict(fresh[0].state_dict())
             value = one_step(*fresh, x, labels)
             ref_value = one_step(*reference, x_h, labels_h)
@@ -748,7 +753,22 @@ def train_case(sizes: Sequence[int], batch: int, itemsize: int) -> Case:
                 opt.step()
                 return value
 
-            return step
+            if precision == "fp32":
+                return step
+            device = "cuda" if ctx.torch_device == "cuda" else "cpu"
+
+            def mixed_step():  # what a PyTorch user writes for the same precision
+                previous = torch.backends.cuda.matmul.allow_tf32
+                torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+                try:
+                    if precision == "bf16":
+                        with torch.autocast(device_type=device, dtype=torch.bfloat16):
+                            return step()
+                    return step()
+                finally:
+                    torch.backends.cuda.matmul.allow_tf32 = previous
+
+            return mixed_step
 
         prepared.baselines["torch"] = ctx.torch_impl(torch_step(*torch_model()))
 
@@ -759,9 +779,8 @@ def train_case(sizes: Sequence[int], batch: int, itemsize: int) -> Case:
         ctx.add_torch_compile(prepared, "train", compiled_step)
         return prepared
 
-    return Case(
-        f"train_step.mlp_{label}", {"layers": list(sizes), "batch": batch}, parts, 0.0, False, build
-    )
+    shape = {"layers": list(sizes), "batch": batch}
+    return Case(f"train_step.mlp_{label}{suffix}", shape, parts, 0.0, False, build)
 
 
 def cases_for(
@@ -776,6 +795,11 @@ def cases_for(
     # Whole training steps first, then the GEMMs: the headline rows, kept by a run that is
     # stopped by a time limit (the JSON record is rewritten after every row).
     cases: list[Case] = [train_case(layers, batch, itemsize) for layers, batch in sizes.train]
+    cases += [
+        train_case(layers, batch, itemsize, precision)
+        for precision in precisions
+        for layers, batch in sizes.train
+    ]
     for m, n, k in sizes.gemm:
         for layout in ("forward", "dW", "dX+dW"):
             cases.append(gemm_case(m, n, k, layout, itemsize))
