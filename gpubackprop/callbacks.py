@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 
 
 class Callback:
@@ -43,13 +42,13 @@ class History(Callback):
         return f"History(epochs={len(self.epoch)}, metrics={sorted(self.history)})"
 
 
-def _improved(mode: str, value: float, best: float, min_delta: float) -> bool:
+def improved(mode: str, value: float, best: float, min_delta: float) -> bool:
     if mode == "min":
         return value < best - min_delta
     return value > best + min_delta
 
 
-def _mode_for(monitor: str, mode: str) -> str:
+def mode_for(monitor: str, mode: str) -> str:
     if mode not in ("auto", "min", "max"):
         raise ValueError(f"mode={mode!r} is not supported; expected 'auto', 'min' or 'max'")
     if mode != "auto":
@@ -72,7 +71,7 @@ class EarlyStopping(Callback):
         if patience < 0:
             raise ValueError(f"patience={patience!r} is not accepted; expected an integer >= 0")
         self.monitor, self.patience, self.min_delta = monitor, patience, abs(min_delta)
-        self.mode = _mode_for(monitor, mode)
+        self.mode = mode_for(monitor, mode)
         self.restore_best_weights = restore_best_weights
         self.best = math.inf if self.mode == "min" else -math.inf
         self.best_epoch = -1
@@ -87,7 +86,7 @@ class EarlyStopping(Callback):
                 f"{sorted(logs)} (val_* metrics need validation_data)"
             )
         value = logs[self.monitor]
-        if _improved(self.mode, value, self.best, self.min_delta):
+        if improved(self.mode, value, self.best, self.min_delta):
             self.best, self.best_epoch, self.wait = value, epoch, 0
             if self.restore_best_weights:
                 self.best_state = copy.deepcopy(self.model.state_dict())
@@ -100,46 +99,3 @@ class EarlyStopping(Callback):
     def on_train_end(self, logs: dict[str, float]) -> None:
         if self.restore_best_weights and self.best_state is not None:
             self.model.load_state_dict(self.best_state)
-
-
-class ModelCheckpoint(Callback):
-    """Save a checkpoint (gb.save, atomic) after each epoch, or only when ``monitor``
-    improves with save_best_only.  ``path`` may contain ``{epoch}``."""
-
-    main_process_only = True
-
-    def __init__(
-        self,
-        path: str | Path,
-        monitor: str = "val_loss",
-        save_best_only: bool = False,
-        mode: str = "auto",
-        save_optimizer: bool = True,
-    ):
-        self.path = str(path)
-        self.monitor, self.save_best_only = monitor, save_best_only
-        self.mode = _mode_for(monitor, mode)
-        self.save_optimizer = save_optimizer
-        self.best = math.inf if self.mode == "min" else -math.inf
-        self.saved: list[str] = []
-
-    def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
-        from .checkpoint import save
-
-        if self.save_best_only:
-            if self.monitor not in logs:
-                raise ValueError(
-                    f"ModelCheckpoint monitor={self.monitor!r} is not among the "
-                    f"metrics {sorted(logs)}"
-                )
-            if not _improved(self.mode, logs[self.monitor], self.best, 0.0):
-                return
-            self.best = logs[self.monitor]
-        path = self.path.format(epoch=epoch)
-        save(
-            path,
-            self.model,
-            self.optimizer if self.save_optimizer else None,
-            metadata={"epoch": epoch, **{k: float(v) for k, v in logs.items()}},
-        )
-        self.saved.append(path)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from .backends.base import ACTIVATIONS, check_activation
+from .checks import check_int
 from .parameters import Parameter
 from .random import generator
 
@@ -34,13 +35,6 @@ def init_weight(init: str, fan_in: int, fan_out: int, rng: np.random.Generator) 
         bound = math.sqrt(3.0 * variance)
         return rng.uniform(-bound, bound, size=shape)
     return rng.normal(0.0, math.sqrt(variance), size=shape)
-
-
-def check_positive_int(name: str, value: Any) -> int:
-    """``value`` as an int, or ValueError naming ``name`` unless it is an integer >= 1."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name}={value!r} is not accepted; expected an integer >= 1")
-    return int(value)
 
 
 class Layer:
@@ -75,8 +69,8 @@ class Dense(Layer):
     def __init__(
         self, in_features: int, out_features: int, bias: bool = True, init: str = "he_uniform"
     ):
-        self.in_features = check_positive_int("in_features", in_features)
-        self.out_features = check_positive_int("out_features", out_features)
+        self.in_features = check_int("in_features", in_features)
+        self.out_features = check_int("out_features", out_features)
         self.init = init
         self.weight = Parameter(
             "weight", init_weight(init, self.in_features, self.out_features, generator())
@@ -204,7 +198,14 @@ class SiLU(Activation):
     kind = "silu"
 
 
-class Residual(Layer):
+class Container(Layer):
+    """A layer made of other layers, held in ``layers`` in order: Sequential (model.py) and
+    Residual.  Code that walks a network (parameter names, exporters) recurses into these."""
+
+    layers: list[Layer]
+
+
+class Residual(Container):
     """y = x + f(x), f the layers given in order (a sub-network, fused like Sequential's).
 
     Backward: ∂L/∂x = ∂L/∂y + f'ᵀ ∂L/∂y — the identity path passes the gradient through."""

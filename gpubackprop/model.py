@@ -10,7 +10,8 @@ import numpy as np
 from .arrays import Array, dtype_of, import_array, shape_of, to_host
 from .backends import get_backend
 from .callbacks import Callback, History
-from .layers import Dense, Layer, Residual, build_steps, layer_from_config
+from .dtypes import check_dtype
+from .layers import Container, Dense, Layer, Residual, build_steps, layer_from_config
 from .losses import Loss, SoftmaxCrossEntropyLoss
 from .parameters import FlatStore, Parameter
 
@@ -18,20 +19,9 @@ if TYPE_CHECKING:
     from .optim import Optimizer
 
 logger = logging.getLogger("gpubackprop")
-DTYPES = ("float32", "float64")
 
 
-def _check_dtype(dtype: Any) -> np.dtype:
-    try:
-        resolved = np.dtype(dtype)
-    except TypeError:
-        resolved = None
-    if resolved is None or resolved.name not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not supported; expected one of {DTYPES}")
-    return resolved
-
-
-class Sequential(Layer):
+class Sequential(Container):
     """Layers applied in order.  ``to()`` places the parameters in flat buffers on a
     backend and builds the plan in which each Dense + activation pair is one fused step."""
 
@@ -53,7 +43,7 @@ class Sequential(Layer):
     @staticmethod
     def _name_parameters(layers: list[Layer], prefix: str) -> None:
         for i, layer in enumerate(layers):
-            if isinstance(layer, (Residual, Sequential)):
+            if isinstance(layer, Container):
                 Sequential._name_parameters(layer.layers, f"{prefix}{i}.")
             elif isinstance(layer, Dense):
                 layer.weight.name = f"{prefix}{i}.weight"
@@ -90,7 +80,7 @@ class Sequential(Layer):
         """Move parameters to ``backend`` ("numpy" | "cupy" | "emu" | "auto" | None = the
         GPUBACKPROP_BACKEND variable or "auto") in ``dtype``; build the fused plan."""
         self.backend = get_backend(backend)
-        self.dtype = _check_dtype(dtype)
+        self.dtype = check_dtype(dtype)
         params = self._all_parameters()
         self.store = FlatStore(self.backend, self.dtype, params)
         self.steps = build_steps(self.layers, self.backend)
@@ -257,3 +247,15 @@ class Sequential(Layer):
         from .training import evaluate
 
         return evaluate(self, x, y, loss or SoftmaxCrossEntropyLoss(), batch_size)
+
+
+def from_torch(module: Any, backend: Any = None, dtype: Any = None) -> Sequential:
+    """A model with the layers and weights of a ``torch.nn.Sequential`` (Linear, the activations,
+    nested Sequential, torch_interop.Residual); other modules are refused by name, placed on
+    ``backend`` in ``dtype`` (default: the dtype of the module's first floating-point
+    parameter, float32 or float64; float32 without any).  See gpubackprop.torch_interop.
+    Needs PyTorch."""
+    from .torch_interop import layers_from_torch  # PyTorch is optional: imported on use
+
+    layers, module_dtype = layers_from_torch(module)
+    return Sequential(*layers).to(backend, dtype=dtype or module_dtype)

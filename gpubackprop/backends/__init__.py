@@ -12,9 +12,18 @@ import os
 from .base import ACTIVATIONS, Backend
 from .numpy_backend import NumpyBackend
 
-__all__ = ["ACTIVATIONS", "BACKEND_NAMES", "Backend", "available_backends", "get_backend"]
+__all__ = [
+    "ACTIVATIONS",
+    "BACKEND_NAMES",
+    "DEVICE_BACKENDS",
+    "Backend",
+    "available_backends",
+    "get_backend",
+]
 
-BACKEND_NAMES = ("auto", "numpy", "cupy", "emu")
+# The backends that run the ops; "auto" picks cupy when usable, else numpy.
+DEVICE_BACKENDS = ("numpy", "cupy", "emu")
+BACKEND_NAMES = ("auto", *DEVICE_BACKENDS)
 ENV_VARIABLE = "GPUBACKPROP_BACKEND"
 
 logger = logging.getLogger("gpubackprop")
@@ -89,7 +98,4 @@ def get_backend(name: str | Backend | None = None) -> Backend:
 
 def available_backends() -> dict[str, tuple[bool, str]]:
     """{name: (available, reason)} for every concrete backend, for `gpubackprop info`."""
-    return {
-        name: (_instance(name).available, _instance(name).reason)
-        for name in ("numpy", "cupy", "emu")
-    }
+    return {name: (_instance(name).available, _instance(name).reason) for name in DEVICE_BACKENDS}
