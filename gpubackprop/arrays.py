@@ -102,12 +102,19 @@ def _on_gpu(xp: Any) -> bool:
     return getattr(xp, "__name__", "") == "cupy"
 
 
+def _on_current_gpu(array: Any, xp: Any) -> Any:
+    """A CuPy array on the GPU the kernels launch on: itself, or a copy from another GPU
+    (ndarray.copy copies onto the current device)."""
+    return array if array.device.id == xp.cuda.Device().id else array.copy()
+
+
 def import_array(array: Any, xp: Any, name: str = "x") -> Any:
     """``array`` in a form ``xp.asarray`` reads without misreading it; ``xp`` is a backend's array
     module (numpy, cupy, or the emulator's device_xp).
 
     - NumPy arrays, this backend's own arrays, lists and scalars are returned as they are.
-    - A device array of another backend (a CuPy array on the numpy backend) is copied to the host.
+    - A device array of another backend (a CuPy array on the numpy backend) is copied to the host;
+      a CuPy array on another GPU than the current one is copied onto the current one.
     - An array with ``__dlpack__`` (PyTorch, JAX, CuPy, ...) is imported through DLPack: without a
       copy where it already is where ``xp`` computes (host memory for numpy and the emulator, the
       current GPU for cupy, where ``cupy.from_dlpack`` hands the producer CuPy's current stream
@@ -120,16 +127,15 @@ def import_array(array: Any, xp: Any, name: str = "x") -> Any:
     if isinstance(array, np.ndarray):
         return array
     if is_device_array(array):
-        return array if xp is not np and isinstance(array, xp.ndarray) else array.get()
+        if xp is not np and isinstance(array, xp.ndarray):
+            return _on_current_gpu(array, xp) if _on_gpu(xp) else array
+        return array.get()
     if not hasattr(array, "__dlpack__"):
         return array
     device = dlpack_device_type(array)
     try:
         if device == DLPACK_CUDA and _on_gpu(xp):
-            imported = xp.from_dlpack(array)
-            if imported.device.id != xp.cuda.Device().id:
-                imported = imported.copy()  # CuPy copies onto the current device
-            return imported
+            return _on_current_gpu(xp.from_dlpack(array), xp)
         # Host memory is read in place; a device array is asked for a host copy (DLPack 1.0's
         # dl_device), which producers that cannot make one refuse.
         return np.from_dlpack(array, device="cpu")

@@ -56,7 +56,9 @@ class Loss:
         """The loss of ``pred`` against ``target`` (any arrays import_array reads: a foreign
         array is imported through DLPack or the NumPy array protocol, copied only if needed)."""
         backend = self.backend or _backend_of(pred)
-        pred = backend.asarray(import_array(pred, backend.xp, "pred"))
+        pred = import_array(pred, backend.xp, "pred")
+        if not isinstance(pred, backend.xp.ndarray):  # the model's output passes untouched
+            pred = backend.asarray(pred)
         target = import_array(target, backend.xp, "target")
         if shape_of(pred) and len(shape_of(pred)) != 2:
             raise ValueError(f"pred has shape {shape_of(pred)}; expected (batch, features)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -329,6 +330,19 @@ def test_bench_data_parallel_row():
 
 
 # -- single-process tests -------------------------------------------------------------------------
+
+
+def test_docs_example_runs_on_one_rank(tmp_path, monkeypatch):
+    """docs/distributed.md's script, as written, in this process (an MPI job of one rank)."""
+    pytest.importorskip("mpi4py")
+    page = (ROOT / "docs" / "distributed.md").read_text(encoding="utf-8")
+    (block,) = re.findall(r"```python\n(.*?)```", page, re.S)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GPUBACKPROP_BACKEND", "numpy")
+    namespace: dict = {}
+    exec(compile(block, "docs/distributed.md", "exec"), namespace)
+    assert namespace["history"]["accuracy"][-1] > 0.9
+    assert (tmp_path / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4, 7])

@@ -7,6 +7,8 @@ the same values, which a misread stride, a lost offset or a wrong dtype would no
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -245,6 +247,53 @@ def test_state_dict_loads_from_torch_tensors():
     model.load_state_dict(state)
     for name, value in model.state_dict().items():
         np.testing.assert_array_equal(value, expected[name], err_msg=name)
+
+
+class _FakeCupyArray:
+    """Stands in for a cupy.ndarray on GPU ``device_id`` (recognised as CuPy's by its module)."""
+
+    def __init__(self, device_id: int, source=None):
+        self.device, self.source = SimpleNamespace(id=device_id), source
+
+    def copy(self):  # cupy.ndarray.copy copies onto the current device
+        return _FakeCupyArray(_FAKE_CURRENT_GPU, source=self)
+
+
+_FakeCupyArray.__module__ = "cupy._core.core"
+_FAKE_CURRENT_GPU = 0
+_fake_cupy = SimpleNamespace(
+    __name__="cupy",
+    ndarray=_FakeCupyArray,
+    cuda=SimpleNamespace(Device=lambda: SimpleNamespace(id=_FAKE_CURRENT_GPU)),
+    from_dlpack=lambda producer: _FakeCupyArray(producer.__dlpack_device__()[1], producer),
+)
+
+
+class _CudaProducer:
+    """A DLPack producer on GPU ``device_id`` (a CUDA torch tensor, say)."""
+
+    def __init__(self, device_id: int):
+        self.device_id = device_id
+
+    def __dlpack_device__(self):
+        return (2, self.device_id)
+
+    def __dlpack__(self, **kwargs):
+        raise AssertionError("the cupy path imports with xp.from_dlpack, not NumPy")
+
+
+def test_gpu_arrays_are_taken_in_place_on_the_current_gpu_and_copied_from_another():
+    """The routing on the cupy backend, with a stand-in for CuPy (no GPU here): DLPack through
+    cupy.from_dlpack (CuPy's current stream), one copy when the array is on another GPU."""
+    here, there = _FakeCupyArray(0), _FakeCupyArray(1)
+    assert import_array(here, _fake_cupy) is here
+    moved = import_array(there, _fake_cupy)
+    assert moved.device.id == 0 and moved.source is there
+    producer_here, producer_there = _CudaProducer(0), _CudaProducer(1)
+    imported = import_array(producer_here, _fake_cupy)
+    assert imported.device.id == 0 and imported.source is producer_here  # no copy
+    copied = import_array(producer_there, _fake_cupy)
+    assert copied.device.id == 0 and copied.source.source is producer_there  # one copy
 
 
 @pytest.mark.gpu
