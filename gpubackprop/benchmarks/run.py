@@ -239,7 +239,7 @@ def _run_backend(
             from ..backends.gemm_config import GEMM_VERSIONS
 
             versions = tuple(v for v in GEMM_VERSIONS if v != backend.gemm_version)
-        cases = cases_for(SIZES[preset], dtype.itemsize, config.only, versions)
+        cases = cases_for(SIZES[preset], dtype.itemsize, config.only, versions, preset)
     if not cases:
         return  # --only left this backend no row: no ceilings to measure either
     if device_class == "gpu":
