@@ -9,12 +9,24 @@ import logging
 from . import distributed
 from ._version import __version__
 from .backends import available_backends, get_backend
-from .callbacks import Callback, EarlyStopping, History
+from .callbacks import Callback, CosineSchedule, EarlyStopping, History
 from .checkpoint import ModelCheckpoint, load, save
 from .gradcheck import gradcheck
-from .layers import GELU, Dense, Identity, LeakyReLU, ReLU, Residual, Sigmoid, SiLU, Tanh
+from .layers import (
+    GELU,
+    Dense,
+    Identity,
+    LeakyReLU,
+    ReLU,
+    Residual,
+    Sigmoid,
+    SiLU,
+    Standardize,
+    Tanh,
+    init_for_activation,
+)
 from .losses import BCELoss, BCEWithLogitsLoss, MSELoss, SoftmaxCrossEntropyLoss
-from .model import Sequential, from_torch
+from .model import Sequential, from_torch, mlp
 from .onnx_export import export_onnx
 from .optim import SGD, Adam, AdamW, Optimizer, clip_grad_norm
 from .parameters import Parameter
@@ -31,6 +43,7 @@ __all__ = [
     "BCELoss",
     "BCEWithLogitsLoss",
     "Callback",
+    "CosineSchedule",
     "Dense",
     "EarlyStopping",
     "History",
@@ -46,6 +59,7 @@ __all__ = [
     "SiLU",
     "Sigmoid",
     "SoftmaxCrossEntropyLoss",
+    "Standardize",
     "Tanh",
     "__version__",
     "available_backends",
@@ -55,7 +69,9 @@ __all__ = [
     "from_torch",
     "get_backend",
     "gradcheck",
+    "init_for_activation",
     "load",
+    "mlp",
     "save",
     "seed",
 ]

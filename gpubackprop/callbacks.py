@@ -1,9 +1,12 @@
-"""Training callbacks: History (always on), EarlyStopping, ModelCheckpoint."""
+"""Training callbacks: History (always on), EarlyStopping, CosineSchedule.  ModelCheckpoint,
+which saves checkpoints, lives in checkpoint.py (above the model it saves)."""
 
 from __future__ import annotations
 
 import copy
 import math
+
+from .checks import check_int, check_number
 
 
 class Callback:
@@ -99,3 +102,36 @@ class EarlyStopping(Callback):
     def on_train_end(self, logs: dict[str, float]) -> None:
         if self.restore_best_weights and self.best_state is not None:
             self.model.load_state_dict(self.best_state)
+
+
+class CosineSchedule(Callback):
+    """Cosine learning-rate decay over ``epochs``: after epoch e the optimizer's lr becomes
+
+        η_e = η_min + (η₀ − η_min) · ½(1 + cos(π e / E))
+
+    so epoch 1 trains at η₀ and the rate falls to η_min after epoch E.  η₀ is ``base_lr``, or
+    the optimizer's lr when fit starts.  When fit ends the optimizer is given η₀ back, so an
+    optimizer saved after training (gb.save) carries the base rate, not the final η_E = η_min,
+    and a later fit with a new schedule starts from it."""
+
+    def __init__(self, epochs: int, base_lr: float | None = None, min_lr: float = 0.0):
+        self.epochs = check_int("epochs", epochs)
+        self.base_lr = None if base_lr is None else check_number("base_lr", base_lr)
+        self.min_lr = check_number("min_lr", min_lr)
+        self._start_lr: float | None = None
+
+    def learning_rate(self, epoch: int, base_lr: float) -> float:
+        """η after ``epoch`` (0 = before training) of a schedule starting at ``base_lr``."""
+        progress = min(epoch, self.epochs) / self.epochs
+        return self.min_lr + (base_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def on_train_begin(self, model, optimizer) -> None:
+        super().on_train_begin(model, optimizer)
+        self._start_lr = optimizer.lr if self.base_lr is None else self.base_lr
+        optimizer.lr = self._start_lr
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
+        self.optimizer.lr = self.learning_rate(epoch, self._start_lr)
+
+    def on_train_end(self, logs: dict[str, float]) -> None:
+        self.optimizer.lr = self._start_lr

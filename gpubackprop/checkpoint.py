@@ -2,7 +2,8 @@
 
 No pickle: the file is a safetensors container, so loading one runs no code.  Layout:
 
-- tensors ``model.<parameter name>`` (``model.0.weight``, ``model.2.layers.0.bias``, ...) and
+- tensors ``model.<parameter or buffer name>`` (``model.0.weight``, ``model.2.0.bias``,
+  ``model.0.mean``, ...) and
   ``optimizer.<buffer>.<parameter name>`` (``optimizer.exp_avg.0.weight``), all in the model's
   dtype, bitwise as they were in memory;
 - string metadata: ``format`` = "gpubackprop-checkpoint", ``format_version``, ``config`` (the
@@ -445,6 +446,10 @@ def load(
         model.to(backend, dtype=target_dtype)
         parameters = model.named_parameters()
         expected = {f"{MODEL_PREFIX}{name}": p.shape for name, p in parameters.items()}
+        # buffers (Standardize's mean and std) are saved beside the parameters
+        expected.update(
+            {f"{MODEL_PREFIX}{name}": b.shape for name, b in model.named_buffers().items()}
+        )
 
         optimizer_info = header["optimizer"]
         if optimizer_info is not None:

@@ -489,13 +489,17 @@ def train(args: argparse.Namespace) -> int:
     from gpubackprop.data import load_dataset
 
     started = time.perf_counter()
+    # Data-parallel: join the ranks first (a failure from here on ends them all, see main), and
+    # pick this rank's GPU before the model is placed; rank 0 alone prints and writes.
+    main_rank = gb.distributed.init().is_main if args.distributed else True
     for option, path in (
         ("--save", args.save),
         ("--export-onnx", args.export_onnx),
         ("--metrics-json", args.metrics_json),
         ("--plot", args.plot),
     ):
-        _check_output_path(option, path)
+        if main_rank:  # only rank 0 writes them (other nodes may not have the directory)
+            _check_output_path(option, path)
     if args.export_onnx:
         from gpubackprop.onnx_export import require_onnx
 
@@ -521,8 +525,6 @@ def train(args: argparse.Namespace) -> int:
     loss = gb.MSELoss() if regression else gb.SoftmaxCrossEntropyLoss()
 
     gb.seed(args.seed)
-    # Data-parallel: the rank's GPU is chosen before the model is placed; rank 0 alone talks.
-    main_rank = gb.distributed.init().is_main if args.distributed else True
     model = _build_model(dataset.n_features, args.hidden, args.activation, dataset.n_outputs)
     model.to(args.backend, dtype=args.dtype)
     optimizer = _build_optimizer(args.optimizer, model.parameters(), optimizer_options)
@@ -812,7 +814,7 @@ def _parity_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",
         action="append",
-        choices=("float32", "float64"),
+        choices=DTYPES,
         default=None,
         help="dtype to check (repeatable; default float32)",
     )
@@ -875,6 +877,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop_other_ranks(code: int, error: BaseException) -> None:
+    """After `train --distributed` failed on this rank: end every rank (the others would wait
+    in their next collective for this one)."""
+    from gpubackprop import distributed
+
+    distributed.abort_other_ranks(code, error)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (the console script exits with it)."""
     parser = build_parser()
@@ -901,11 +911,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("GPUBACKPROP_DEBUG"):
             raise
         print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
+        _stop_other_ranks(2, error)
         return 2
     except (RuntimeError, FloatingPointError, OSError) as error:
         if os.environ.get("GPUBACKPROP_DEBUG"):
             raise
         print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
+        _stop_other_ranks(1, error)
         return 1
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)

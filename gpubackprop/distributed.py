@@ -22,7 +22,9 @@ GPU per rank chosen from the node-local rank.
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any
@@ -62,7 +64,7 @@ class ProcessGroup:
 
     def abort(self, error: BaseException | None = None, code: int = 1) -> None:
         """Stop every rank: the others may be waiting in a collective that this rank will never
-        join, and would otherwise hang.  Prints the error first (MPI_Abort prints nothing)."""
+        join, and would otherwise hang.  Prints the error first (MPI_Abort prints no traceback)."""
         if error is not None:
             print(
                 f"gpubackprop: rank {self.rank} of {self.size} failed; aborting all ranks:\n"
@@ -70,10 +72,26 @@ class ProcessGroup:
                 file=sys.stderr,
                 flush=True,
             )
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # The launcher forwards each rank's output through a pipe and stops forwarding when it
+        # tears the job down: give it a moment to pass on the message just written.
+        time.sleep(_ABORT_GRACE_S)
         self.comm.Abort(code)
+        # MPICH's MPI_Abort can return to the caller once the launcher has been told (the
+        # launcher then kills every rank): this rank must not go on running meanwhile.
+        os._exit(code)
 
 
 _group: ProcessGroup | None = None
+_ABORT_GRACE_S = 0.5
+
+
+class RanksDisagree(ValueError):
+    """The ranks' setups differ.  Raised on every rank at once (collective), so the ranks can
+    all stop by themselves: no MPI_Abort needed."""
+
+    collective = True
 
 
 def _import_mpi():
@@ -154,10 +172,21 @@ def _install_abort_hook(group: ProcessGroup) -> None:
 
     def abort_all_ranks(kind, value, tb):
         previous(kind, value, tb)
-        sys.stderr.flush()
-        group.comm.Abort(1)
+        if not getattr(value, "collective", False):  # raised on every rank: all stop alone
+            group.abort()
 
     sys.excepthook = abort_all_ranks
+
+
+def abort_other_ranks(code: int, error: BaseException | None = None) -> None:
+    """In a job of several ranks, end them all, this one included, with exit status ``code``
+    (a rank that stops alone leaves the others waiting in their next collective); nothing in
+    a process that is not distributed or is the only rank, or for an ``error`` that every
+    rank raised together (RanksDisagree)."""
+    if getattr(error, "collective", False):
+        return
+    if _group is not None and _group.size > 1:
+        _group.abort(code=code)
 
 
 def is_initialized() -> bool:
@@ -349,7 +378,7 @@ def check_same_setup(group: ProcessGroup, setup: dict[str, Any]) -> None:
         found = first_difference(setups[0], setups[other])
         if found:
             where, on_zero, on_other = found
-            raise ValueError(
+            raise RanksDisagree(
                 f"distributed ranks disagree: {where} is {on_zero!r} on rank 0 but "
                 f"{on_other!r} on rank {other}; every rank must build the same model, "
                 "optimizer and loss and call fit with the same data and arguments"

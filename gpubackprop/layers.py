@@ -1,9 +1,9 @@
-"""Layers: Dense, the activations, Residual.
+"""Layers: Dense, Standardize, the activations, and the containers (Residual; Sequential
+in model.py).
 
-A layer's ``forward(x)`` keeps what its ``backward(dout)`` needs and nothing more;
-``backward`` overwrites the gradients of the layer's parameters and returns
-∂L/∂x.  Inside a Sequential, a Dense followed by an activation runs as one fused
-step (GEMM + bias + activation in one kernel on the GPU); see model.py.
+Layers describe the model: parameters, buffers, config.  They do not run: ``Sequential.to()``
+builds the execution plan (plan.py) from them, in which a Dense followed by an activation is
+one fused step (GEMM + bias + activation in one kernel on the GPU).
 """
 
 from __future__ import annotations
@@ -38,21 +38,33 @@ def init_weight(init: str, fan_in: int, fan_out: int, rng: np.random.Generator) 
 
 
 class Layer:
-    """Base class.  ``backend`` is set by Sequential.to()."""
+    """Base class.  A layer describes a part of the model: its parameters (trainable), its
+    buffers (saved with the model, never trained) and its config.  It holds no backend and no
+    activations: ``Sequential.to()`` builds the execution plan (plan.py) from the layers and
+    leaves them as the user built them."""
 
-    backend: Any = None
+    def named_parameters(self) -> dict[str, Parameter]:
+        """{local name: Parameter} ("weight", "bias"; "0.weight" inside a container)."""
+        return {}
 
     def parameters(self) -> list[Parameter]:
-        return []
+        return list(self.named_parameters().values())
+
+    def named_buffers(self) -> dict[str, np.ndarray]:
+        """{local name: float64 host array} of the non-trainable tensors a checkpoint keeps."""
+        return {}
 
     def config(self) -> dict:
         return {"type": type(self).__name__}
 
-    def forward(self, x):
-        raise NotImplementedError
-
-    def backward(self, dout, need_dinp: bool = True):
-        raise NotImplementedError
+    @classmethod
+    def from_config(cls, config: dict) -> Layer:
+        """The layer a ``config()`` describes, with fresh parameters."""
+        arguments = {k: v for k, v in config.items() if k != "type"}
+        try:
+            return cls(**arguments)
+        except TypeError as error:
+            raise ValueError(f"layer config {config!r:.200} is invalid: {error}") from None
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "type")
@@ -64,25 +76,24 @@ class Dense(Layer):
 
     Same layout and names (``weight``, ``bias``) as torch.nn.Linear.  Biases start at
     zero; ``init`` picks the weight distribution (INITS), drawn from the generator
-    that gb.seed() seeds."""
+    that gb.seed() seeds.  Inside a Sequential, a Dense followed by an activation runs
+    as one fused step (GEMM + bias + activation in one kernel)."""
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool = True, init: str = "he_uniform"
     ):
         self.in_features = check_int("in_features", in_features)
         self.out_features = check_int("out_features", out_features)
+        if not isinstance(bias, (bool, np.bool_)):
+            raise ValueError(f"bias={bias!r} is not accepted; expected True or False")
         self.init = init
         self.weight = Parameter(
             "weight", init_weight(init, self.in_features, self.out_features, generator())
         )
-        self.bias = Parameter("bias", np.zeros(self.out_features)) if bias else None
-        # Set by the Sequential plan when an activation follows (fused epilogue).
-        self.activation = "identity"
-        self.alpha = 0.0
-        self._x = self._saved = None
+        self.bias = Parameter("bias", np.zeros(self.out_features)) if bool(bias) else None
 
-    def parameters(self) -> list[Parameter]:
-        return [self.weight] + ([self.bias] if self.bias is not None else [])
+    def named_parameters(self) -> dict[str, Parameter]:
+        return {"weight": self.weight, **({"bias": self.bias} if self.bias is not None else {})}
 
     def config(self) -> dict:
         return {
@@ -93,31 +104,70 @@ class Dense(Layer):
             "init": self.init,
         }
 
-    def forward(self, x):
-        """z = x Wᵀ + b and, when fused, y = f(z); keeps x (for ∂L/∂W) and y or z (for f')."""
-        bias = self.bias.data if self.bias is not None else None
-        y, self._saved = self.backend.dense_forward(
-            x, self.weight.data, bias, self.activation, self.alpha
-        )
-        self._x = x
-        return y
 
-    def backward(self, dout, need_dinp: bool = True):
-        """δ = dout ⊙ f'(z); ∂L/∂W = δᵀ x; ∂L/∂b = Σ_rows δ; returns ∂L/∂x = δ W."""
-        if self._x is None:
-            raise RuntimeError("Dense.backward called before forward")
-        dbias = self.bias.grad if self.bias is not None else None
-        return self.backend.dense_backward(
-            dout,
-            self._x,
-            self.weight.data,
-            self._saved,
-            self.activation,
-            self.alpha,
-            self.weight.grad,
-            dbias,
-            need_dinp,
+class Standardize(Layer):
+    """Input preprocessing as part of the model: y = (x − mean) / std per feature.
+
+    ``mean`` and ``std`` (one value per feature, std > 0) are buffers: saved in the checkpoint
+    with the weights, never updated by an optimizer.  Backward: ∂L/∂x = ∂L/∂y / std.
+    The config records the width only (``features``); the values travel as tensors, as a
+    Dense layer's weights do."""
+
+    def __init__(self, mean: Any, std: Any):
+        self.mean = _feature_vector("mean", mean)
+        self.std = _feature_vector("std", std)
+        if self.std.shape != self.mean.shape:
+            raise ValueError(
+                f"std has {self.std.size} values but mean has {self.mean.size}; "
+                "expected one of each per feature"
+            )
+        if not np.all(self.std > 0):
+            bad = float(self.std[~(self.std > 0)][0])
+            raise ValueError(
+                f"std holds {bad!r}; expected every std > 0 (map a constant feature with std 1)"
+            )
+
+    @property
+    def features(self) -> int:
+        return int(self.mean.size)
+
+    in_features = out_features = features
+
+    def named_buffers(self) -> dict[str, np.ndarray]:
+        return {"mean": self.mean, "std": self.std}
+
+    def config(self) -> dict:
+        return {"type": "Standardize", "features": self.features}
+
+    @classmethod
+    def from_config(cls, config: dict) -> Standardize:
+        """An identity Standardize (mean 0, std 1) of ``features`` values; the saved mean and
+        std are loaded as tensors (load_state_dict, gb.load)."""
+        unknown = sorted(set(config) - {"type", "features"})
+        if unknown or "features" not in config:
+            raise ValueError(
+                f"layer config {config!r:.200} is invalid: Standardize takes 'features' only"
+            )
+        features = check_int("features", config["features"])
+        return cls(np.zeros(features), np.ones(features))
+
+    def __repr__(self) -> str:
+        return f"Standardize(features={self.features})"
+
+
+def _feature_vector(name: str, value: Any) -> np.ndarray:
+    """``value`` as a fresh 1-D float64 array of finite numbers, or ValueError naming it."""
+    try:
+        array = np.array(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r:.80} is not accepted; expected numbers") from None
+    if array.ndim != 1 or array.size == 0:
+        raise ValueError(
+            f"{name} has shape {array.shape}; expected one value per feature, shape (features,)"
         )
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"{name} holds non-finite values; expected finite numbers")
+    return array
 
 
 class Activation(Layer):
@@ -127,14 +177,6 @@ class Activation(Layer):
 
     def __init__(self):
         self.alpha = 0.0
-        self._saved = None
-
-    def forward(self, x):
-        y, self._saved = self.backend.activation_forward(x, self.kind, self.alpha)
-        return y
-
-    def backward(self, dout, need_dinp: bool = True):
-        return self.backend.activation_backward(dout, self._saved, self.kind, self.alpha)
 
 
 class Identity(Activation):
@@ -199,10 +241,47 @@ class SiLU(Activation):
 
 
 class Container(Layer):
-    """A layer made of other layers, held in ``layers`` in order: Sequential (model.py) and
-    Residual.  Code that walks a network (parameter names, exporters) recurses into these."""
+    """Layers in order (Residual, Sequential): their parameters and buffers are named by
+    position, "<index>.<name>", recursively ("2.0.weight")."""
 
-    layers: list[Layer]
+    def __init__(self, *layers: Layer):
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Layer):
+                raise TypeError(
+                    f"{type(self).__name__} layer {i} is {layer!r}, not a gpubackprop Layer"
+                )
+        self.layers = list(layers)
+
+    def named_parameters(self) -> dict[str, Parameter]:
+        return {
+            f"{i}.{name}": p
+            for i, layer in enumerate(self.layers)
+            for name, p in layer.named_parameters().items()
+        }
+
+    def named_buffers(self) -> dict[str, np.ndarray]:
+        return {
+            f"{i}.{name}": b
+            for i, layer in enumerate(self.layers)
+            for name, b in layer.named_buffers().items()
+        }
+
+    def config(self) -> dict:
+        return {"type": type(self).__name__, "layers": [layer.config() for layer in self.layers]}
+
+    @classmethod
+    def from_config(cls, config: dict, depth: int = 0) -> Container:
+        unknown = sorted(set(config) - {"type", "layers"})
+        layers = config.get("layers", [])
+        if unknown or not isinstance(layers, list):
+            raise ValueError(
+                f"layer config {config!r:.200} is invalid: {cls.__name__} takes a list "
+                "'layers' only"
+            )
+        return cls(*(layer_from_config(c, depth + 1) for c in layers))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(repr(layer) for layer in self.layers)})"
 
 
 class Residual(Container):
@@ -213,43 +292,19 @@ class Residual(Container):
     def __init__(self, *layers: Layer):
         if not layers:
             raise ValueError("Residual() needs at least one layer")
-        for i, layer in enumerate(layers):
-            if not isinstance(layer, Layer):
-                raise TypeError(f"Residual layer {i} is {layer!r}, not a gpubackprop Layer")
-        self.layers = list(layers)
-        self.steps: list[Layer] = []
-
-    def parameters(self) -> list[Parameter]:
-        return [p for layer in self.layers for p in layer.parameters()]
-
-    def config(self) -> dict:
-        return {"type": "Residual", "layers": [layer.config() for layer in self.layers]}
-
-    def __repr__(self) -> str:
-        return f"Residual({', '.join(repr(layer) for layer in self.layers)})"
-
-    def forward(self, x):
-        h = x
-        for step in self.steps:
-            h = step.forward(h)
-        if tuple(h.shape) != tuple(x.shape):
-            raise ValueError(
-                f"Residual: f(x) has shape {tuple(h.shape)} but x has {tuple(x.shape)}; "
-                "y = x + f(x) needs f to keep the shape"
-            )
-        return self.backend.add(x, h)
-
-    def backward(self, dout, need_dinp: bool = True):
-        grad = dout
-        for step in reversed(self.steps):
-            grad = step.backward(grad, True)
-        return self.backend.add(dout, grad)
+        super().__init__(*layers)
 
 
 ACTIVATION_LAYERS: dict[str, type[Activation]] = {
     cls.__name__: cls for cls in (Identity, ReLU, LeakyReLU, Sigmoid, Tanh, GELU, SiLU)
 }
-LAYER_TYPES: dict[str, type[Layer]] = {"Dense": Dense, "Residual": Residual, **ACTIVATION_LAYERS}
+# Every layer type a config may name; model.py adds "Sequential".
+LAYER_TYPES: dict[str, type[Layer]] = {
+    "Dense": Dense,
+    "Standardize": Standardize,
+    "Residual": Residual,
+    **ACTIVATION_LAYERS,
+}
 assert {cls.kind for cls in ACTIVATION_LAYERS.values() if cls is not GELU} | {
     "gelu",
     "gelu_tanh",
@@ -267,40 +322,33 @@ def activation_layer(kind: str, alpha: float = 0.01) -> Activation:
     return next(cls for cls in ACTIVATION_LAYERS.values() if cls.kind == kind)()
 
 
-def layer_from_config(config: dict) -> Layer:
-    """Build a layer from ``config()`` output; unknown types and keys raise ValueError."""
+# Deeper configs are refused with a ValueError (a hostile file must not hit the recursion limit).
+MAX_CONFIG_DEPTH = 64
+
+
+def layer_from_config(config: dict, depth: int = 0) -> Layer:
+    """Build a layer from ``config()`` output (fresh parameters); unknown types and keys, and
+    containers nested deeper than MAX_CONFIG_DEPTH, raise ValueError."""
     if not isinstance(config, dict) or "type" not in config:
-        raise ValueError(f"layer config {config!r} is not a dict with a 'type' key")
+        raise ValueError(f"layer config {config!r:.200} is not a dict with a 'type' key")
     kind = config["type"]
-    if kind not in LAYER_TYPES:
+    if not isinstance(kind, str) or kind not in LAYER_TYPES:
         raise ValueError(f"layer type {kind!r} is unknown; expected one of {sorted(LAYER_TYPES)}")
-    arguments = {k: v for k, v in config.items() if k != "type"}
-    if kind == "Residual":
-        return Residual(*(layer_from_config(c) for c in arguments.get("layers", [])))
-    try:
-        return LAYER_TYPES[kind](**arguments)
-    except TypeError as error:
-        raise ValueError(f"layer config {config!r} is invalid: {error}") from None
+    cls = LAYER_TYPES[kind]
+    if issubclass(cls, Container):
+        if depth >= MAX_CONFIG_DEPTH:
+            raise ValueError(
+                f"the model config nests containers deeper than {MAX_CONFIG_DEPTH} levels"
+            )
+        return cls.from_config(config, depth)
+    return cls.from_config(config)
 
 
-def build_steps(layers: list[Layer], backend) -> list[Layer]:
-    """The execution plan: a Dense followed by an activation becomes one fused step
-    (the activation runs in the Dense's epilogue and is not run on its own)."""
-    steps: list[Layer] = []
-    i = 0
-    while i < len(layers):
-        layer = layers[i]
-        layer.backend = backend
-        if isinstance(layer, Dense):
-            following = layers[i + 1] if i + 1 < len(layers) else None
-            if isinstance(following, Activation):
-                following.backend = backend
-                layer.activation, layer.alpha = following.kind, following.alpha
-                i += 1
-            else:
-                layer.activation, layer.alpha = "identity", 0.0
-        elif isinstance(layer, Residual):
-            layer.steps = build_steps(layer.layers, backend)
-        steps.append(layer)
-        i += 1
-    return steps
+def init_for_activation(activation: str) -> str:
+    """The weight init for a Dense followed by ``activation``: He for ReLU-like activations
+    (they zero about half the inputs, so Var(W) = 2/fan_in keeps the activations' variance),
+    Xavier for the saturating and linear ones (derivative about 1 near 0)."""
+    check_activation(activation)
+    if activation in ("sigmoid", "tanh", "identity"):
+        return "xavier_uniform"
+    return "he_uniform"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -11,9 +12,18 @@ from .arrays import Array, dtype_of, import_array, shape_of, to_host
 from .backends import get_backend
 from .callbacks import Callback, History
 from .dtypes import check_dtype
-from .layers import Container, Dense, Layer, Residual, build_steps, layer_from_config
+from .layers import (
+    LAYER_TYPES,
+    Container,
+    Dense,
+    Layer,
+    Standardize,
+    activation_layer,
+    init_for_activation,
+)
 from .losses import Loss, SoftmaxCrossEntropyLoss
 from .parameters import FlatStore, Parameter
+from .plan import Plan, Step, build_steps
 
 if TYPE_CHECKING:
     from .optim import Optimizer
@@ -23,86 +33,91 @@ logger = logging.getLogger("gpubackprop")
 
 class Sequential(Container):
     """Layers applied in order.  ``to()`` places the parameters in flat buffers on a
-    backend and builds the plan in which each Dense + activation pair is one fused step."""
+    backend and builds the execution plan (plan.py), in which each Dense + activation pair
+    is one fused step; nested containers are walked at every depth and the layers
+    themselves are left as they were built."""
 
     def __init__(self, *layers: Layer):
         if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
             layers = tuple(layers[0])
-        for i, layer in enumerate(layers):
-            if not isinstance(layer, Layer):
-                raise TypeError(f"layer {i} is {layer!r}, not a gpubackprop Layer")
-        self.layers = list(layers)
-        self.backend = None
-        self.dtype: np.dtype | None = None
-        self.store: FlatStore | None = None
-        self.steps: list[Layer] = []
+        super().__init__(*layers)
+        self.plan: Plan | None = None
         self.stop_training = False
-        self._name_parameters(self.layers, "")
+        for name, parameter in self.named_parameters().items():
+            parameter.name = name
 
     # -- structure ----------------------------------------------------------------------
-    @staticmethod
-    def _name_parameters(layers: list[Layer], prefix: str) -> None:
-        for i, layer in enumerate(layers):
-            if isinstance(layer, Container):
-                Sequential._name_parameters(layer.layers, f"{prefix}{i}.")
-            elif isinstance(layer, Dense):
-                layer.weight.name = f"{prefix}{i}.weight"
-                if layer.bias is not None:
-                    layer.bias.name = f"{prefix}{i}.bias"
-
-    def config(self) -> dict:
-        return {"type": "Sequential", "layers": [layer.config() for layer in self.layers]}
-
     @classmethod
-    def from_config(cls, config: dict) -> Sequential:
-        """Rebuild a model (fresh weights) from ``config()`` output."""
+    def from_config(cls, config: dict, depth: int = 0) -> Sequential:
+        """Rebuild a model (fresh weights, identity Standardize buffers) from ``config()``
+        output: the inverse of ``config()``; ``gpubackprop train --model`` reads this format."""
         if not isinstance(config, dict) or config.get("type") != "Sequential":
             raise ValueError(
                 f"model config must be a dict with type 'Sequential', got {config!r:.200}"
             )
-        return cls(*(layer_from_config(c) for c in config.get("layers", [])))
+        return super().from_config(config, depth)
 
     def __repr__(self) -> str:
-        inner = ",\n  ".join(repr(layer) for layer in self.layers)
+        inner = ",\n  ".join(repr(layer).replace("\n", "\n  ") for layer in self.layers)
         return f"Sequential(\n  {inner}\n)"
 
     @property
     def in_features(self) -> int | None:
-        for layer in self.layers:
-            if isinstance(layer, Dense):
-                return layer.in_features
-            if isinstance(layer, (Residual, Sequential)):
-                return None
+        """Input width, from the first layer that fixes it (None for an activation-only model)."""
+        for layer in _leaf_layers(self.layers):
+            width = getattr(layer, "in_features", None)
+            if width is not None:
+                return width
+        return None
+
+    @property
+    def out_features(self) -> int | None:
+        """Output width, from the last layer that fixes it."""
+        for layer in reversed(_leaf_layers(self.layers)):
+            width = getattr(layer, "out_features", None)
+            if width is not None:
+                return width
         return None
 
     # -- placement ------------------------------------------------------------------------
     def to(self, backend: Any = None, dtype: Any = "float32") -> Sequential:
         """Move parameters to ``backend`` ("numpy" | "cupy" | "emu" | "auto" | None = the
         GPUBACKPROP_BACKEND variable or "auto") in ``dtype``; build the fused plan."""
-        self.backend = get_backend(backend)
-        self.dtype = check_dtype(dtype)
-        params = self._all_parameters()
-        self.store = FlatStore(self.backend, self.dtype, params)
-        self.steps = build_steps(self.layers, self.backend)
+        resolved = get_backend(backend)
+        dtype = check_dtype(dtype)
+        self.plan = Plan.build(self.layers, self.parameters(), resolved, dtype)
         return self
 
     def _ensure_placed(self) -> None:
-        if self.backend is None:
+        if self.plan is None:
             self.to()
 
-    def _all_parameters(self) -> list[Parameter]:
-        return [p for layer in self.layers for p in layer.parameters()]
+    @property
+    def backend(self):
+        """The backend the model is placed on (None before ``to()``)."""
+        return None if self.plan is None else self.plan.backend
+
+    @property
+    def dtype(self) -> np.dtype | None:
+        return None if self.plan is None else self.plan.dtype
+
+    @property
+    def store(self) -> FlatStore | None:
+        """The flat buffers every parameter's ``data`` and ``grad`` are views into."""
+        return None if self.plan is None else self.plan.store
+
+    @property
+    def steps(self) -> list[Step]:
+        """The execution plan's steps ([] before ``to()``)."""
+        return [] if self.plan is None else self.plan.steps
 
     def parameters(self) -> list[Parameter]:
-        """Every Parameter (``name``, ``data``, ``grad`` views into the flat buffers)."""
-        self._ensure_placed()
-        return self._all_parameters()
-
-    def named_parameters(self) -> dict[str, Parameter]:
-        return {p.name: p for p in self.parameters()}
+        """Every Parameter (``name``, ``data``, ``grad``; views into the flat buffers once the
+        model is placed).  Reading them places nothing."""
+        return list(self.named_parameters().values())
 
     def num_parameters(self) -> int:
-        return sum(p.size for p in self._all_parameters())
+        return sum(p.size for p in self.parameters())
 
     # -- forward / backward ------------------------------------------------------------------
     def prepare_input(self, x: Array, name: str = "x") -> Array:
@@ -117,7 +132,8 @@ class Sequential(Container):
         expected = self.in_features
         if expected is not None and shape[1] != expected:
             raise ValueError(
-                f"{name} has {shape[1]} features per row; the first Dense layer expects {expected}"
+                f"{name} has {shape[1]} features per row; "
+                f"the model's first layer expects {expected}"
             )
         if shape[0] == 0:
             raise ValueError(f"{name} has no rows")
@@ -132,51 +148,63 @@ class Sequential(Container):
 
     def run_steps(self, h):
         """The plan on ``h``, already an array of this model's backend and dtype."""
-        for step in self.steps:
-            h = step.forward(h)
-        return h
+        return self.plan.forward(h)
 
     __call__ = forward
 
     def backward(self, dout: Array, need_input_grad: bool = True) -> Array | None:
         """Backpropagate ∂L/∂output through the plan, overwriting every ``p.grad``.
         Returns ∂L/∂x (None when need_input_grad is False, which skips one GEMM)."""
-        if not self.steps:
+        if self.plan is None or not self.plan.steps:
             raise RuntimeError("Sequential.backward called before forward")
-        grad = dout
-        for i in range(len(self.steps) - 1, -1, -1):
-            grad = self.steps[i].backward(grad, need_input_grad or i > 0)
-        return grad
+        return self.plan.backward(dout, need_input_grad)
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:
-        """{name: NumPy copy} for every parameter."""
-        self._ensure_placed()
-        return {p.name: np.array(self.backend.to_numpy(p.data)) for p in self._all_parameters()}
+        """{name: NumPy copy} for every parameter and buffer (Standardize's mean and std), in
+        the model's dtype (float64 before ``to()``).  Reading it places nothing."""
+        dtype = self.dtype or np.dtype(np.float64)
+        state = {p.name: np.array(to_host(p.data), dtype=dtype) for p in self.parameters()}
+        for name, buffer in self.named_buffers().items():
+            state[name] = np.array(buffer, dtype=dtype)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Copy values in by name.  Every name and shape is checked before anything is
         written, so a failed load changes nothing."""
-        self._ensure_placed()
-        params = {p.name: p for p in self._all_parameters()}
-        missing = sorted(set(params) - set(state))
-        unexpected = sorted(set(state) - set(params))
+        params = self.named_parameters()
+        buffers = self.named_buffers()
+        shapes = {name: p.shape for name, p in params.items()}
+        shapes.update({name: b.shape for name, b in buffers.items()})
+        missing = sorted(set(shapes) - set(state))
+        unexpected = sorted(set(state) - set(shapes))
         if missing or unexpected:
             raise ValueError(f"state_dict mismatch: missing {missing}, unexpected {unexpected}")
         host = {}
-        for name, p in params.items():
+        for name, shape in shapes.items():
             value = to_host(state[name])
-            if value.shape != p.shape:
-                raise ValueError(
-                    f"state_dict[{name!r}] has shape {value.shape}; expected {p.shape}"
-                )
+            if value.shape != shape:
+                raise ValueError(f"state_dict[{name!r}] has shape {value.shape}; expected {shape}")
             if value.dtype.kind != "f":
                 raise ValueError(f"state_dict[{name!r}] has dtype {value.dtype}; expected floats")
+            if name in buffers and not np.all(np.isfinite(value)):
+                raise ValueError(f"state_dict[{name!r}] holds non-finite values")
             host[name] = value
-        flat = np.zeros(self.store.size, dtype=self.dtype)
-        for p, offset in zip(self.store.parameters, self.store.offsets):
+            if name.rsplit(".", 1)[-1] == "std" and not np.all(value > 0):
+                raise ValueError(f"state_dict[{name!r}] holds a std <= 0; expected std > 0")
+        for name, buffer in buffers.items():
+            buffer[...] = host[name]
+        if self.plan is None:
+            for name, p in params.items():
+                p.data[...] = host[name]
+            return
+        store = self.plan.store
+        flat = np.zeros(store.size, dtype=self.dtype)
+        for p, offset in zip(store.parameters, store.offsets):
             flat[offset : offset + p.size] = host[p.name].ravel()
-        self.store.data[...] = self.backend.asarray(flat, self.dtype)
+        store.data[...] = self.plan.backend.asarray(flat, self.dtype)
+        # the steps hold device copies of the buffers: rebuild them from the new values
+        self.plan.steps = build_steps(self.layers, self.plan.backend, self.plan.dtype)
 
     # -- training loop -------------------------------------------------------------------------
     def fit(
@@ -247,6 +275,48 @@ class Sequential(Container):
         from .training import evaluate
 
         return evaluate(self, x, y, loss or SoftmaxCrossEntropyLoss(), batch_size)
+
+
+LAYER_TYPES["Sequential"] = Sequential
+
+
+def _leaf_layers(layers: list[Layer]) -> list[Layer]:
+    """The layers inside every container, in order (a Residual keeps its width, so its inner
+    layers say what it expects and gives)."""
+    leaves: list[Layer] = []
+    for layer in layers:
+        if isinstance(layer, Container):
+            leaves += _leaf_layers(layer.layers)
+        else:
+            leaves.append(layer)
+    return leaves
+
+
+def mlp(
+    in_features: int,
+    hidden: Sequence[int],
+    out_features: int,
+    activation: str = "relu",
+    *,
+    alpha: float = 0.01,
+    standardize: tuple[Any, Any] | None = None,
+) -> Sequential:
+    """A multi-layer perceptron: [Standardize(mean, std)], then Dense + ``activation`` per
+    width in ``hidden``, then a Dense to ``out_features`` (no activation: logits or values).
+
+    Hidden layers take the init that suits ``activation`` (init_for_activation); the output
+    layer Xavier, as it feeds a loss, not a ReLU.  ``standardize=(mean, std)`` puts the input
+    standardisation in the model as its first layer."""
+    layers: list[Layer] = []
+    if standardize is not None:
+        layers.append(Standardize(*standardize))
+    init = init_for_activation(activation)
+    width = in_features
+    for size in hidden:
+        layers += [Dense(width, size, init=init), activation_layer(activation, alpha)]
+        width = size
+    layers.append(Dense(width, out_features, init="xavier_uniform"))
+    return Sequential(*layers)
 
 
 def from_torch(module: Any, backend: Any = None, dtype: Any = None) -> Sequential:

@@ -262,9 +262,12 @@ def _dense_backward_label(variant):
 ELEMENTWISE_SHAPES = [(1, 1), (7, 33), (129, 1000)]
 
 
+def _elementwise_shapes(quick: bool) -> list[Shape]:
+    return ELEMENTWISE_SHAPES[: 2 if quick else None]
+
+
 def _elementwise_cases(quick, activations=ACTIVATIONS):
-    shapes = ELEMENTWISE_SHAPES[: 2 if quick else None]
-    return [({"activation": a}, shape) for shape in shapes for a in activations]
+    return [({"activation": a}, shape) for shape in _elementwise_shapes(quick) for a in activations]
 
 
 def _activation_forward_run(backend, variant, x):
@@ -293,6 +296,22 @@ def _bytes_per_element(count: int) -> Callable[[Shape, int, Variant], tuple[floa
         return 0.0, float(count * itemsize * math.prod(shape))
 
     return cost
+
+
+def _standardize_build(rng, shape, variant):
+    """σ from 0.01 to 100, so that the division is exercised at several scales."""
+    cols = shape[1]
+    std = np.exp(rng.uniform(np.log(0.01), np.log(100.0), size=cols))
+    if variant["direction"] == "forward":
+        return {"x": rng.normal(0, 10, size=shape), "mean": rng.normal(0, 5, size=cols), "std": std}
+    return {"dout": rng.normal(size=shape), "std": std}
+
+
+def _standardize_cost(shape, itemsize, variant):
+    """Reads x (or ∂L/∂y) and the per-column statistics, writes y (or ∂L/∂x)."""
+    rows, cols = shape
+    stats = 2 if variant["direction"] == "forward" else 1
+    return 0.0, float(itemsize * (2 * rows * cols + stats * cols))
 
 
 # -- losses ---------------------------------------------------------------------------------------
@@ -467,6 +486,24 @@ _OPS = [
         cost=_bytes_per_element(3),
         label=lambda v: f"[{v['activation']}]",
         nonfinite=("dout", "saved"),
+    ),
+    Op(
+        "standardize_forward",
+        build=_standardize_build,
+        run=lambda backend, v, x, mean, std: {"y": backend.standardize_forward(x, mean, std)},
+        cases=lambda quick: [({"direction": "forward"}, s) for s in _elementwise_shapes(quick)],
+        cost=_standardize_cost,
+        strided=("x",),
+        nonfinite=("x",),
+    ),
+    Op(
+        "standardize_backward",
+        build=_standardize_build,
+        run=lambda backend, v, dout, std: {"dinp": backend.standardize_backward(dout, std)},
+        cases=lambda quick: [({"direction": "backward"}, s) for s in _elementwise_shapes(quick)],
+        cost=_standardize_cost,
+        strided=("dout",),
+        nonfinite=("dout",),
     ),
     Op(
         "softmax_cross_entropy",

@@ -64,7 +64,7 @@ class Optimizer:
             if p.store is None:
                 raise RuntimeError(
                     f"parameter {p.name!r} is not placed on a backend; call "
-                    "model.to() (or model.parameters()) before building the optimizer"
+                    "model.to() before building the optimizer"
                 )
         store = self.params[0].store
         if self._state and store is not self._store:

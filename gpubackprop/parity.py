@@ -122,6 +122,31 @@ def _nonfinite_shape(shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
     return min(roomy or shapes, key=math.prod)
 
 
+def _standardize_cases(rng, shape):
+    """Input standardisation (gb.Standardize): y = (x − μ)/σ and ∂L/∂x = ∂L/∂y / σ, σ from
+    0.01 to 100 so that the division is exercised at several scales."""
+    cols = shape[1]
+    mean = rng.normal(0, 5, size=cols)
+    std = np.exp(rng.uniform(np.log(0.01), np.log(100.0), size=cols))
+    label = "x".join(map(str, shape))
+    return [
+        OpCase(
+            "standardize_forward",
+            label,
+            {"x": rng.normal(0, 10, size=shape), "mean": mean, "std": std},
+            lambda backend, x, mean, std: {"y": backend.standardize_forward(x, mean, std)},
+            noncontiguous=("x",),
+        ),
+        OpCase(
+            "standardize_backward",
+            label,
+            {"dout": rng.normal(size=shape), "std": std},
+            lambda backend, dout, std: {"dinp": backend.standardize_backward(dout, std)},
+            noncontiguous=("dout",),
+        ),
+    ]
+
+
 def op_cases(seed: int = 0, quick: bool = False) -> list[OpCase]:
     """Every case of every op of the table (ops.OPS) on odd shapes, fresh random inputs for
     each seed; then each op's variants once more with NaN and ±Inf inputs (ops.with_nonfinite)

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from gpubackprop import kernels
+from gpubackprop.arrays import to_host
 from gpubackprop.backends import available_backends
 from gpubackprop.backends.base import ACTIVATIONS
 from gpubackprop.backends.kernel_backend import KernelBackend
@@ -50,15 +51,16 @@ class _Function:
 
 
 class _RawModule:
-    def __init__(self, *, code: str, options: tuple = ()) -> None:
+    def __init__(self, *, code: str, options: tuple = (), name_expressions=None) -> None:
         if not isinstance(options, tuple):
             raise TypeError("options must be a tuple of str")
         self.code, self.options, self.module = code, options, None
+        self.name_expressions = tuple(name_expressions or ())
         self.seam = EMULATED_SEAM
 
     def compile(self, log_stream=None):
         try:
-            self.module = self.seam.compile_text(self.code, "RawModule")
+            self.module = self.seam.compile_text(self.code, "RawModule", self.name_expressions)
         except EmuCompileError as error:  # what CuPy raises for an NVRTC error
             raise CompileException(str(error), self.code, "RawModule", self.options) from None
 
@@ -145,6 +147,29 @@ def test_seam_caches_modules_and_names_a_missing_kernel(backend):
     x = device_xp.asarray(np.ones((3, 4), np.float32))
     seam.check_device("x", x)  # device 0 on both sides
     assert isinstance(seam.empty((2,), np.float32), DeviceArray)
+
+
+def test_seam_launches_a_templated_kernel_by_name_expression(tmp_path, monkeypatch):
+    from gpubackprop.backends.cupy_backend import CupySeam
+
+    monkeypatch.setattr(kernels, "kernel_dir", lambda: tmp_path)
+    (tmp_path / "scaled.cu").write_text(
+        "template <typename T, int FACTOR>\n"
+        "__global__ void scaled_copy(const T* x, T* y, int n) {\n"
+        "    int i = blockIdx.x * blockDim.x + threadIdx.x;\n"
+        "    if (i < n) y[i] = FACTOR * x[i];\n"
+        "}\n"
+    )
+    expressions = ("scaled_copy<float, 3>", "scaled_copy<double, -2>")
+    for seam in (CupySeam(EmulatedCupy()), EmuSeam()):
+        module = seam.compile("scaled.cu", {"REAL_T": "float"}, expressions)
+        for expression, dtype, factor in zip(expressions, (np.float32, np.float64), (3, -2)):
+            x = np.arange(5, dtype=dtype)
+            if seam.name == "cupy":
+                x = device_xp.asarray(x)
+            y = seam.empty((5,), dtype)
+            seam.launch(module, expression, (1, 1, 1), (32, 1, 1), (x, y, np.int32(5)))
+            np.testing.assert_array_equal(to_host(y), factor * np.arange(5))
 
 
 def test_seam_wraps_a_compile_error(tmp_path, monkeypatch):

@@ -154,18 +154,28 @@ def _worker(scenario: str, out: Path) -> None:
 
         model, opt = _model_and_optimizer("sgd", seed=0)
         x, y = _data(64)
-        model.fit(
-            x,
-            y,
-            loss=gb.SoftmaxCrossEntropyLoss(),
-            optimizer=opt,
-            epochs=50,
-            batch_size=16,
-            verbose=0,
-            callbacks=[FailOnRankOne()],
-            distributed=True,
-        )
+        try:  # caught, as the CLI catches errors to print them: fit itself must abort
+            model.fit(
+                x,
+                y,
+                loss=gb.SoftmaxCrossEntropyLoss(),
+                optimizer=opt,
+                epochs=50,
+                batch_size=16,
+                verbose=0,
+                callbacks=[FailOnRankOne()],
+                distributed=True,
+            )
+        except RuntimeError:
+            print("rank caught the error and carried on", flush=True)
+        group.comm.Barrier()
         print("rank finished training", flush=True)
+    elif scenario == "uncaught":
+        # Outside fit: rank 1 fails in the user's own code while rank 0 waits in a collective.
+        if rank == 1:
+            raise KeyError("rank one's own code fails")
+        group.comm.Barrier()
+        print("rank passed the barrier", flush=True)
     elif scenario == "mismatch":
         model, opt = _model_and_optimizer("sgd", seed=0, hidden=HIDDEN + rank)
         x, y = _data(64)
@@ -273,15 +283,23 @@ def test_failing_rank_stops_every_rank(tmp_path):
     assert "rank 1 of 2 failed" in result.stderr
     assert "rank one gives up after epoch 1" in result.stderr
     assert "rank finished training" not in result.stdout
+    assert "carried on" not in result.stdout
+
+
+def test_uncaught_error_after_init_stops_every_rank(tmp_path):
+    result = _launch(2, [str(HERE), "uncaught", str(tmp_path)], tmp_path, timeout=60)
+    assert result.returncode != 0
+    assert "rank one's own code fails" in result.stderr
+    assert "rank passed the barrier" not in result.stdout
 
 
 def test_ranks_with_different_models_fail_naming_the_difference(tmp_path):
+    """Every rank raises the same error at fit's start and stops by itself (no MPI_Abort)."""
     result = _launch(2, [str(HERE), "mismatch", str(tmp_path)], tmp_path, timeout=60)
     assert result.returncode != 0
-    assert (
-        f"model.layers[0].out_features is {HIDDEN} on rank 0 but {HIDDEN + 1} on rank 1"
-        in result.stderr
-    )
+    message = f"model.layers[0].out_features is {HIDDEN} on rank 0 but {HIDDEN + 1} on rank 1"
+    assert result.stderr.count(message) == 2
+    assert "MPI_Abort" not in result.stderr
 
 
 def test_cli_train_distributed_matches_one_process(tmp_path):
@@ -327,6 +345,23 @@ def test_bench_data_parallel_row():
     model = gb.Sequential(gb.Dense(64, 512), gb.Dense(512, 256), gb.Dense(256, 10)).to("numpy")
     assert row["flat_elements"] == model.store.size
     assert "scaling efficiency" in format_table(record)
+
+
+def test_cli_rank_failing_alone_stops_the_job(tmp_path):
+    """One rank's `train --distributed` fails before training (its data file is missing) while
+    the other waits for it in fit's first collective: the job ends with the error, no hang."""
+    mpiexec = _mpiexec()
+    options = ["-m", "gpubackprop", "train", "--distributed", "--hidden", "8", "--verbose", "0"]
+    missing = str(tmp_path / "missing.npz")
+    command = [mpiexec, "-n", "1", sys.executable, *options, ":"]
+    command += ["-n", "1", sys.executable, *options, "--dataset", f"npz:{missing}"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env
+    )
+    assert result.returncode != 0
+    assert "missing.npz" in result.stderr
+    assert "test accuracy" not in result.stdout
 
 
 # -- single-process tests -------------------------------------------------------------------------
@@ -393,6 +428,12 @@ def test_missing_nccl_names_what_to_install(monkeypatch):
         monkeypatch.setattr(nccl, "available", False)
     with pytest.raises(RuntimeError, match=r'pip install "nvidia-nccl-cu1[23]>=2\.27\.7,<3"'):
         dist.require_nccl()
+
+
+def test_missing_mpi4py_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # import mpi4py now raises ImportError
+    with pytest.raises(ImportError, match=r"pip install \"gpubackprop\[mpi\]\""):
+        dist._import_mpi()
 
 
 def test_nccl_hint_follows_the_cuda_major():

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpubackprop.emulator import EmuSeam, find_compiler
+from gpubackprop.emulator import EmuCompileError, EmuSeam, EmuUnsupportedError, find_compiler
 
 CONFORMANCE = Path(__file__).resolve().parent / "emu_conformance"
 SOURCES = sorted(path.name for path in CONFORMANCE.glob("*.cu"))
@@ -371,3 +371,199 @@ def test_16bit_parameters_take_matching_arrays_only(seam):
     half_in = np.zeros(4, np.float16)
     with pytest.raises(TypeError, match=r"'a' is const __half\*, got an array of dtype uint16"):
         seam.launch(mod, "half_arithmetic", 1, 4, (a, half_in, half_in, out, np.int32(4)))
+
+
+# ---- dynamic shared memory and templates (dynamic_shared_and_templates.cu) -------------------
+
+TEMPLATES = ("block_sum<float, 128>", "block_sum<double, 64>", "demo::affine_fill<3>")
+
+
+@pytest.fixture(scope="module")
+def templates(seam):
+    text = (CONFORMANCE / "dynamic_shared_and_templates.cu").read_text()
+    return seam.compile_text(text, "dynamic_shared_and_templates.cu", TEMPLATES)
+
+
+@needs_compiler
+@pytest.mark.parametrize("n,block", [(1, 32), (100, 32), (257, 64)])
+def test_extern_shared_at_file_scope_is_sized_by_the_launch(seam, templates, n, block):
+    x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    out = seam.empty((n,), np.float32)
+    blocks = -(-n // block)
+    seam.launch(
+        templates, "reverse_each_block", blocks, block, (x, out, np.int32(n)), shared_mem=4 * block
+    )
+    padded = np.concatenate([x, np.zeros(blocks * block - n, np.float32)])
+    np.testing.assert_array_equal(out, padded.reshape(blocks, block)[:, ::-1].reshape(-1)[:n])
+
+
+@needs_compiler
+@pytest.mark.parametrize(
+    "expression,dtype,block",
+    [("block_sum<float, 128>", np.float32, 128), ("block_sum<double, 64>", np.float64, 64)],
+)
+def test_templated_kernel_launched_by_name_expression(seam, templates, expression, dtype, block):
+    n, blocks = 5000, 7
+    x = np.random.default_rng(7).standard_normal(n).astype(dtype)
+    partial = seam.empty((blocks,), dtype)
+    seam.launch(
+        templates,
+        expression,
+        blocks,
+        block,
+        (x, partial, np.int32(n)),
+        shared_mem=block * np.dtype(dtype).itemsize,
+    )
+    expected = [
+        x.reshape(-1)[np.arange(n) % (block * blocks) // block == b].astype(np.float64).sum()
+        for b in range(blocks)
+    ]
+    np.testing.assert_allclose(partial, expected, rtol=1e-5 if dtype == np.float32 else 1e-12)
+    # The parameter types come from the instantiation: float* for one, double* for the other.
+    other = np.float64 if dtype == np.float32 else np.float32
+    with pytest.raises(TypeError, match=r"parameter 'x' is const (float|double)\*"):
+        seam.launch(templates, expression, 1, block, (x.astype(other), partial, np.int32(n)))
+
+
+@needs_compiler
+def test_namespaced_template_and_unlisted_instantiations(seam, templates):
+    out = seam.empty((40,), np.int32)
+    seam.launch(templates, "demo::affine_fill<3>", 2, 32, (out, np.int32(-5), np.int32(40)))
+    np.testing.assert_array_equal(out, 3 * np.arange(40) - 5)
+    # As in CuPy, only the listed instantiations exist.
+    with pytest.raises(ValueError, match=r"block_sum<float, 32>.*name expression"):
+        seam.launch(templates, "block_sum<float, 32>", 1, 32, (out, out, np.int32(1)))
+
+
+@needs_compiler
+@pytest.mark.parametrize("cols", [1, 33, 700])
+def test_dynamic_shared_row_buffer(seam, templates, cols):
+    rows = 3
+    x = np.random.default_rng(cols).standard_normal((rows, cols)).astype(np.float32) * 4
+    y = seam.empty((rows, cols), np.float32)
+    seam.launch(templates, "row_softmax", rows, 64, (x, y, np.int32(cols)), shared_mem=4 * cols)
+    e = np.exp(x.astype(np.float64) - x.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(y, e / e.sum(axis=1, keepdims=True), rtol=2e-6, atol=1e-7)
+
+
+@needs_compiler
+def test_a_name_expression_naming_no_kernel_is_a_compile_error_naming_it(seam):
+    text = (CONFORMANCE / "dynamic_shared_and_templates.cu").read_text()
+    with pytest.raises(EmuCompileError, match=r"name expression no_such_kernel<int>"):
+        seam.compile_text(text, "dynamic_shared_and_templates.cu", ("no_such_kernel<int>",))
+    with pytest.raises(ValueError, match=r"'kern\{\}' is not a kernel name expression"):
+        seam.compile_text(text, "dynamic_shared_and_templates.cu", ("kern{}",))
+
+
+@needs_compiler
+def test_an_extern_shared_form_the_emulator_cannot_read_is_refused_with_its_line(seam):
+    text = "\n\nextern __shared__ float rows[][4];\n" + 'extern "C" __global__ void k() {}\n'
+    with pytest.raises(EmuUnsupportedError, match=r"odd.cu:3: .*extern __shared__ T name\[\];"):
+        seam.compile_text(text, "odd.cu")
+
+
+# ---- cooperative groups (cooperative_groups.cu) ---------------------------------------------
+
+COOPERATIVE = ("tile_collectives<32>", "tile_collectives<16>", "tile_collectives<4>")
+
+
+@pytest.fixture(scope="module")
+def cooperative(seam):
+    text = (CONFORMANCE / "cooperative_groups.cu").read_text()
+    return seam.compile_text(text, "cooperative_groups.cu", COOPERATIVE)
+
+
+def _butterfly_sum(values: np.ndarray) -> np.float32:
+    """The float32 sum in cg::reduce's order: v = v + shfl_xor(v, m) for m = 16, 8, 4, 2, 1."""
+    v = values.astype(np.float32).copy()
+    lanes = np.arange(v.size)
+    m = v.size // 2
+    while m:
+        v = (v + v[lanes ^ m]).astype(np.float32)
+        m //= 2
+    return v[0]
+
+
+@needs_compiler
+@pytest.mark.parametrize("n,block,blocks", [(1, 32, 1), (1000, 128, 3), (4099, 256, 2)])
+def test_block_sum_with_tiles_and_cg_reduce(seam, cooperative, n, block, blocks):
+    x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    partial = seam.empty((blocks,), np.float32)
+    seam.launch(cooperative, "block_sum_tiles", blocks, block, (x, partial, np.int32(n)))
+    slices = np.arange(n) % (block * blocks) // block
+    expected = [x[slices == b].astype(np.float64).sum() for b in range(blocks)]
+    np.testing.assert_allclose(partial, expected, rtol=1e-5, atol=1e-5)
+    if n == 1000:  # one tile's cg::reduce adds in the GPU's butterfly order, bit for bit
+        one = seam.empty((1,), np.float32)
+        seam.launch(cooperative, "block_sum_tiles", 1, 32, (x[:32].copy(), one, np.int32(32)))
+        tile = x[:32]
+        assert one[0] == _butterfly_sum(np.concatenate([[_butterfly_sum(tile)], np.zeros(31)]))
+
+
+@needs_compiler
+@pytest.mark.parametrize("tile", [32, 16, 4])
+def test_tile_shuffles_reduce_and_meta_group(seam, cooperative, tile):
+    block, n = 64, 120  # the last block's threads past n still take part in the collectives
+    x = np.random.default_rng(tile).integers(-1000, 1000, n).astype(np.int32)
+    out = seam.empty((4 * n,), np.int32)
+    blocks = -(-n // block)
+    seam.launch(cooperative, f"tile_collectives<{tile}>", blocks, block, (x, out, np.int32(n)))
+    out = out.reshape(n, 4)
+    padded = np.concatenate([x, np.zeros(blocks * block - n, np.int32)])
+    groups = padded.reshape(-1, tile)
+    valid = (np.arange(blocks * block) < n).reshape(-1, tile)
+    sums = np.repeat(groups.sum(axis=1), tile)[:n]
+    peaks = np.repeat(np.where(valid, groups, np.iinfo(np.int32).min).max(axis=1), tile)[:n]
+    np.testing.assert_array_equal(out[:, 0], sums)
+    np.testing.assert_array_equal(out[:, 1], peaks)
+    np.testing.assert_array_equal(out[:, 2], np.arange(n) % block // tile)
+    np.testing.assert_array_equal(out[:, 3], np.full(n, block // tile))
+
+
+@needs_compiler
+def test_cg_reduce_with_a_lambda_over_a_struct_and_ballot(seam, cooperative):
+    n = 100
+    x = np.random.default_rng(11).standard_normal(n).astype(np.float32)
+    x[37] = x[45] = 5.0  # a tie: the lower index wins
+    warps = -(-n // 32)
+    value, index = seam.empty((warps,), np.float32), seam.empty((warps,), np.int32)
+    lanes = seam.empty((warps,), np.uint32)
+    seam.launch(cooperative, "tile_argmax", 2, 64, (x, value, index, lanes, np.int32(n)))
+    padded = np.concatenate([x, np.full(warps * 32 - n, -np.inf, np.float32)]).reshape(warps, 32)
+    np.testing.assert_array_equal(value, padded.max(axis=1))
+    np.testing.assert_array_equal(index, padded.argmax(axis=1) + 32 * np.arange(warps))
+    assert index[1] == 37
+    bits = (padded > 0) * (np.uint64(1) << np.arange(32, dtype=np.uint64))
+    np.testing.assert_array_equal(lanes, bits.sum(axis=1).astype(np.uint32))
+
+
+@needs_compiler
+def test_a_tile_of_a_tile(seam, cooperative):
+    x = np.random.default_rng(12).standard_normal(64) * 2
+    sums, flags = seam.empty((64,), np.float64), seam.empty((128,), np.int32)
+    seam.launch(cooperative, "nested_tiles", 1, 64, (x, sums, flags))
+    groups = x.reshape(8, 8)
+    np.testing.assert_allclose(sums, np.repeat(groups.sum(axis=1), 8), rtol=1e-14)
+    flags = flags.reshape(64, 2)
+    np.testing.assert_array_equal(flags[:, 0], np.repeat((groups > 1).any(axis=1), 8))
+    meta = np.arange(64) % 32 // 8
+    np.testing.assert_array_equal(flags[:, 1], np.repeat((groups > -1).all(axis=1), 8) + 2 * meta)
+
+
+@needs_compiler
+@pytest.mark.parametrize(
+    "use,named",
+    [
+        ("cg::this_grid();", "this_grid"),
+        ("cg::coalesced_threads();", "coalesced_threads"),
+        ("float s = cg::reduce(cg::this_thread_block(), 1.0f, cg::plus<float>());", "reduce"),
+    ],
+)
+def test_cooperative_groups_the_emulator_refuses_are_named_with_their_line(seam, use, named):
+    text = (
+        "#include <cooperative_groups.h>\n#include <cooperative_groups/reduce.h>\n"
+        "namespace cg = cooperative_groups;\n"
+        f'extern "C" __global__ void k(float* out) {{\n    {use}\n}}\n'
+    )
+    with pytest.raises(EmuCompileError, match=rf"(?s)refused\.cu:5.*{named}"):
+        seam.compile_text(text, "refused.cu")

@@ -51,8 +51,9 @@ def test_same_seed_gives_a_bitwise_identical_run(backend):
 def test_plan_fuses_dense_and_activation():
     model = _mlp().to("numpy")
     kinds = [type(step).__name__ for step in model.steps]
-    assert kinds == ["Dense", "Residual", "Dense"]
+    assert kinds == ["DenseStep", "ResidualStep", "DenseStep"]
     assert model.steps[0].activation == "relu"
+    assert model.steps[0].weight is model.layers[0].weight
     assert model.steps[1].steps[0].activation == "tanh"
     assert model.steps[2].activation == "identity"
 
@@ -220,7 +221,7 @@ def test_diverging_training_raises_a_clear_error():
     [
         (
             lambda m: m.forward(np.zeros((3, 5))),
-            "5 features per row; the first Dense layer expects 4",
+            "5 features per row; the model.s first layer expects 4",
         ),
         (lambda m: m.forward(np.zeros(4)), r"shape \(4,\); expected \(batch, features\)"),
         (lambda m: m.forward(np.array([["a"] * 4])), "expected numbers"),

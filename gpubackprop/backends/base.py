@@ -97,6 +97,15 @@ class Backend:
         """a + b (residual connections)."""
         raise NotImplementedError
 
+    # -- input standardisation (gb.Standardize) ----------------------------------------------
+    def standardize_forward(self, x, mean, std):
+        """y = (x − mean) / std per feature: x (batch, features), mean and std (features,)."""
+        raise NotImplementedError
+
+    def standardize_backward(self, dout, std):
+        """∂L/∂x = ∂L/∂y / std per feature."""
+        raise NotImplementedError
+
     # -- losses: each returns (loss as a 0-d array, dL/dinput) ------------------------------
     def mse_loss(self, pred, target, reduction: str):
         """Squared error summed over every element, divided by their count for "mean";

@@ -116,13 +116,18 @@ class CupySeam:
     def _device(self) -> int:
         return int(self.cupy.cuda.Device().id)
 
-    def compile(self, source_file: str, defines: dict[str, str]) -> _Module:
+    def compile(
+        self, source_file: str, defines: dict[str, str], name_expressions: tuple[str, ...] = ()
+    ) -> _Module:
         source = load_source(source_file, defines)
-        key = (source.key, self._device())
+        name_expressions = tuple(name_expressions)
+        key = (source.key, name_expressions, self._device())
         if key not in self._modules:
             from cupy.cuda.compiler import CompileException
 
-            raw = self.cupy.RawModule(code=source.text, options=NVRTC_OPTIONS)
+            # Templated kernels are instantiated by name expression and looked up by it.
+            extra = {"name_expressions": list(name_expressions)} if name_expressions else {}
+            raw = self.cupy.RawModule(code=source.text, options=NVRTC_OPTIONS, **extra)
             try:
                 raw.compile()
             except Exception as error:

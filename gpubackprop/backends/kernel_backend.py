@@ -33,6 +33,8 @@ _REDUCE_THREADS = 256  # REDUCE_THREADS and LOSS_THREADS
 _MAX_REDUCE_BLOCKS = 1024  # partial sums per reduction: fixed by n alone, so results are too
 _COLUMN_SUM = (32, 8)  # COLUMN_SUM_COLS, COLUMN_SUM_ROWS
 _COLUMN_SUM_MAX_CHUNKS = 256
+_STANDARDIZE = (32, 8)  # STANDARDIZE_COLS, STANDARDIZE_ROWS
+_STANDARDIZE_MAX_ROW_BLOCKS = 1024
 # The launch geometry reduce.cu and loss.cu are compiled for (their __launch_bounds__ and
 # shared arrays), passed as defines so that the numbers above are the only ones that count.
 KERNEL_DEFINES: dict[str, dict[str, int]] = {
@@ -42,6 +44,7 @@ KERNEL_DEFINES: dict[str, dict[str, int]] = {
         "COLUMN_SUM_ROWS": _COLUMN_SUM[1],
     },
     "loss.cu": {"LOSS_THREADS": _REDUCE_THREADS},
+    "standardize.cu": {"STANDARDIZE_COLS": _STANDARDIZE[0], "STANDARDIZE_ROWS": _STANDARDIZE[1]},
 }
 
 
@@ -335,6 +338,43 @@ class KernelBackend(Backend):
         if a.size:
             self._elementwise("gb_add", a.dtype)(a, b, out)
         return out
+
+    # -- input standardisation -----------------------------------------------------------------
+    def _per_feature(self, name: str, a, dtype: np.dtype, cols: int):
+        a = self._float_operand(name, a, dtype, ndim=1)
+        same_shape(name, a, (cols,))
+        return a
+
+    def _standardize_launch(self, kernel: str, matrix, vectors: tuple, out) -> None:
+        rows, cols = matrix.shape
+        if matrix.size == 0:
+            return
+        check_int32(kernel, tuple(matrix.shape))
+        row_blocks = min(_STANDARDIZE_MAX_ROW_BLOCKS, _ceil_div(rows, _STANDARDIZE[1]))
+        self._launch(
+            self._module("standardize.cu", matrix.dtype),
+            kernel,
+            (_ceil_div(cols, _STANDARDIZE[0]), row_blocks, 1),
+            (_STANDARDIZE[0], _STANDARDIZE[1], 1),
+            (matrix, *vectors, np.int32(rows), np.int32(cols), out),
+        )
+
+    def standardize_forward(self, x, mean, std):
+        """y = (x − mean) / std per column (standardize.cu: standardize_forward)."""
+        x = self._float_operand("x", x, ndim=2)
+        mean = self._per_feature("mean", mean, x.dtype, x.shape[1])
+        std = self._per_feature("std", std, x.dtype, x.shape[1])
+        y = self.empty(x.shape, x.dtype)
+        self._standardize_launch("standardize_forward", x, (mean, std), y)
+        return y
+
+    def standardize_backward(self, dout, std):
+        """∂L/∂x = ∂L/∂y / std per column (standardize.cu: standardize_backward)."""
+        dout = self._float_operand("dout", dout, ndim=2)
+        std = self._per_feature("std", std, dout.dtype, dout.shape[1])
+        dinp = self.empty(dout.shape, dout.dtype)
+        self._standardize_launch("standardize_backward", dout, (std,), dinp)
+        return dinp
 
     # -- reductions -----------------------------------------------------------------------------
     def _sum(

@@ -168,6 +168,15 @@ class NumpyBackend(Backend):
     def add(self, a, b):
         return a + b
 
+    # -- input standardisation ------------------------------------------------------------
+    def standardize_forward(self, x, mean, std):
+        """y = (x − μ) / σ, μ and σ per feature (column)."""
+        return (x - mean) / std
+
+    def standardize_backward(self, dout, std):
+        """∂L/∂x = ∂L/∂y / σ."""
+        return dout / std
+
     # -- losses ---------------------------------------------------------------------------
     def mse_loss(self, pred, target, reduction):
         """L = Σ (ŷ − y)² [/ n];  ∂L/∂ŷ = 2(ŷ − y) [/ n]."""

@@ -39,8 +39,12 @@ class DeviceSeam(Protocol):
     name: str
     xp: Any  # array module whose arrays the seam accepts (numpy for emu, cupy for cupy)
 
-    def compile(self, source_file: str, defines: dict[str, str]) -> CompiledModule:
-        """Compile kernels/<source_file> with #defines (cached per source text, defines, device)."""
+    def compile(
+        self, source_file: str, defines: dict[str, str], name_expressions: tuple[str, ...] = ()
+    ) -> CompiledModule:
+        """Compile kernels/<source_file> with #defines (cached per source text, defines, name
+        expressions, device).  ``name_expressions`` (``"gemm<float, 64>"``) instantiate
+        templated kernels, launched by that same string, as CuPy's RawModule does."""
         ...
 
     def launch(

@@ -66,8 +66,17 @@ class EmuUnsupportedError(EmuCompileError):
 
 @dataclass(frozen=True)
 class KernelDecl:
+    """A kernel the library exports: ``name`` is how it is looked up (an extern "C" name, or a
+    name expression such as ``"gemm<float, 64>"``), ``symbol`` the suffix of its trampolines
+    (gbemu_launch_<symbol>, gbemu_signature_<symbol>)."""
+
     name: str
     param_names: tuple[str, ...]
+    symbol: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.symbol:
+            object.__setattr__(self, "symbol", self.name)
 
 
 def find_compiler() -> str | None:
@@ -202,6 +211,67 @@ def check_supported(text: str, label: str) -> None:
         )
 
 
+# `extern __shared__ T name[];` -- dynamic shared memory, sized by the launch.  g++ cannot take
+# it as written (the emulator's __shared__ is `static`), so it becomes GBEMU_EXTERN_SHARED(T,
+# name): a constant pointer to the launch's dynamic shared buffer, whose address never changes
+# (cuda_emu_runtime.h), valid at file and at function scope.
+_ALIGN_ARGUMENT = r"\(\s*(?:[^()]|\([^()]*\))*\)"  # (16), (sizeof(T))
+_EXTERN_SHARED_START = re.compile(r"\b(?:extern\s+__shared__|__shared__\s+extern)\b")
+_EXTERN_SHARED = re.compile(
+    r"\b(?:extern\s+__shared__|__shared__\s+extern)\s+(?P<type>(?:[^;{}()\[\]]|"
+    rf"(?:__align__|alignas)\s*{_ALIGN_ARGUMENT})*?)\s*\b(?P<name>[A-Za-z_]\w*)\s*\[\s*\]\s*;"
+)
+_ALIGN = re.compile(rf"(?:__align__|alignas)\s*(?P<argument>{_ALIGN_ARGUMENT})")
+DYNAMIC_SHARED_ALIGNMENT = 256  # the dynamic shared buffer's alignment (cuda_emu_runtime.h)
+
+
+def _in_directive(code: str, position: int) -> bool:
+    """Whether ``position`` lies in a preprocessor directive (continuation lines included)."""
+    start = code.rfind("\n", 0, position) + 1
+    while start > 1 and code[start - 2] == "\\":
+        start = code.rfind("\n", 0, start - 1) + 1
+    return code[start:position].lstrip().startswith("#")
+
+
+def rewrite_extern_shared(text: str, label: str) -> str:
+    """``text`` with each ``extern __shared__ T name[];`` replaced by GBEMU_EXTERN_SHARED(T,
+    name), on the same line (every newline kept, so g++'s lines are the source's)."""
+    code = strip_comments(text, keep_strings=False)
+    pieces, last = [], 0
+    for match in _EXTERN_SHARED.finditer(code):
+        declared = match.group("type")
+        for align in _ALIGN.finditer(declared):
+            argument = align.group("argument")[1:-1].strip()
+            alignment = int(argument) if argument.isdigit() else 1  # sizeof(T): at most 256
+            if alignment > DYNAMIC_SHARED_ALIGNMENT or alignment & (alignment - 1):
+                file, line = origin(text, match.start(), label)
+                raise EmuUnsupportedError(
+                    f"{file}:{line}: extern __shared__ {match.group('name')}[] asks for "
+                    f"{alignment}-byte alignment; the emulator's dynamic shared memory is "
+                    f"{DYNAMIC_SHARED_ALIGNMENT}-byte aligned (a power of two up to that is "
+                    "accepted)"
+                )
+        element = " ".join(_ALIGN.sub(" ", declared).split())
+        newlines = text.count("\n", match.start(), match.end())
+        pieces += [
+            text[last : match.start()],
+            f"GBEMU_EXTERN_SHARED({element}, {match.group('name')});" + "\n" * newlines,
+        ]
+        last = match.end()
+    rewritten = "".join(pieces) + text[last:] if pieces else text
+    code = strip_comments(rewritten, keep_strings=False)
+    for left in _EXTERN_SHARED_START.finditer(code):
+        if _in_directive(code, left.start()):
+            continue  # a macro body (kernels/common.cuh's GB_DYNAMIC_SHARED for NVRTC)
+        file, line = origin(rewritten, left.start(), label)
+        raise EmuUnsupportedError(
+            f"{file}:{line}: the emulator reads dynamic shared memory declared as `extern "
+            "__shared__ T name[];` (an array of unknown size, optionally __align__(n)); this "
+            "declaration is not of that form"
+        )
+    return rewritten
+
+
 _KERNEL = re.compile(
     r'extern\s+"C"\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?__global__\s+'
     r"(?:__launch_bounds__\s*\([^)]*\)\s*)?void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?"
@@ -226,6 +296,38 @@ def parse_kernels(text: str) -> list[KernelDecl]:
     return kernels
 
 
+# Any __global__ function, templated or in a namespace: the parameter names of the kernels a
+# name expression instantiates.
+_ANY_KERNEL = re.compile(
+    r"__global__\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?void\s+"
+    r"(?:__launch_bounds__\s*\([^)]*\)\s*)?([A-Za-z_]\w*)\s*\(([^)]*)\)"
+)
+_NAME_EXPRESSION = re.compile(r"[A-Za-z_:][\w:<>, *&+\-().]*")
+
+
+def name_expression_kernels(text: str, expressions: tuple[str, ...]) -> list[KernelDecl]:
+    """A KernelDecl per name expression (``"kern<float, 64>"``, ``"ns::kern"``), as CuPy's
+    RawModule(name_expressions=...) takes them: its trampolines instantiate the template."""
+    params: dict[str, tuple[str, ...]] = {}
+    for match in _ANY_KERNEL.finditer(strip_comments(text)):
+        names = [p.strip() for p in match.group(2).split(",") if p.strip() and p.strip() != "void"]
+        params.setdefault(
+            match.group(1),
+            tuple((re.findall(r"[A-Za-z_]\w*", p) or [f"arg{i}"])[-1] for i, p in enumerate(names)),
+        )
+    kernels = []
+    for expression in expressions:
+        if not isinstance(expression, str) or not _NAME_EXPRESSION.fullmatch(expression.strip()):
+            raise ValueError(
+                f"name_expressions entry {expression!r} is not a kernel name expression; "
+                "expected a C++ name with template arguments, such as 'kern<float, 64>'"
+            )
+        base = expression.split("<", 1)[0].split("::")[-1].strip()
+        symbol = "expr_" + hashlib.sha256(expression.encode()).hexdigest()[:16]
+        kernels.append(KernelDecl(expression, params.get(base, ()), symbol))
+    return kernels
+
+
 _SOURCE_STARTS = "gbemu_kernel_source_starts_here"
 
 
@@ -244,17 +346,19 @@ def directives_applied(cxx: str, flags: tuple[str, ...], text: str, label: str) 
 
 
 def translation_unit(text: str, label: str, kernels: list[KernelDecl]) -> str:
-    parts = ['#include "cuda_emu.h"', f'#line 1 "{label}"', text, f'#line 1 "{TRAMPOLINE_LABEL}"']
+    parts = ['#include "cuda_emu.h"', f'#line 1 "{label}"', text]
     for kernel in kernels:
-        name = kernel.name
+        name, symbol = kernel.name, kernel.symbol
+        where = TRAMPOLINE_LABEL if name == symbol else f"<name expression {name}>"
+        parts.append(f'#line 1 "{where}"')
         parts.append(
-            f'extern "C" __attribute__((visibility("default"))) int gbemu_launch_{name}('
+            f'extern "C" __attribute__((visibility("default"))) int gbemu_launch_{symbol}('
             "const long long* dims, long long shared_bytes, void** args, "
             "unsigned long long seed, char* error, int error_size) {\n"
             f"    return gbemu::launch(&{name}, dims, shared_bytes, args, seed, error, "
             "error_size);\n}\n"
             f'extern "C" __attribute__((visibility("default"))) const char* '
-            f"gbemu_signature_{name}() {{ return gbemu::signature(&{name}); }}"
+            f"gbemu_signature_{symbol}() {{ return gbemu::signature(&{name}); }}"
         )
     return "\n".join(parts) + "\n"
 
@@ -269,10 +373,14 @@ def _header_text() -> str:
     return "".join(f"{path.relative_to(HERE)}\0{path.read_text()}" for path in paths)
 
 
-def build(text: str, label: str) -> tuple[Path, list[KernelDecl]]:
+def build(
+    text: str, label: str, name_expressions: tuple[str, ...] = ()
+) -> tuple[Path, list[KernelDecl]]:
     """Compile ``text`` (a kernels/ source after loading) into a cached shared library.
 
-    ``label`` names the source in messages.  Returns the library path and its kernels.
+    ``label`` names the source in messages.  Returns the library path and its kernels: every
+    ``extern "C"`` kernel, and one per name expression (a template instantiated, as CuPy's
+    ``RawModule(name_expressions=...)`` does).
     Raises EmuUnsupportedError for inline PTX and EmuCompileError with g++'s diagnostics.
 
     The cache entry for a key is ``<key>.so`` with ``<key>.json`` beside it (the library's size
@@ -282,6 +390,8 @@ def build(text: str, label: str) -> tuple[Path, list[KernelDecl]]:
     or empty library, a killed copy) is rebuilt instead of loaded.
     """
     check_supported(text, label)
+    name_expressions = tuple(name_expressions)
+    text = rewrite_extern_shared(text, label)
     cxx = find_compiler()
     if cxx is None:
         raise EmuCompileError(
@@ -289,7 +399,8 @@ def build(text: str, label: str) -> tuple[Path, list[KernelDecl]]:
         )
     flags = compile_flags()
     digest = hashlib.sha256()
-    for part in (text, label, _header_text(), " ".join(flags), compiler_identity(cxx)):
+    expressions = "\n".join(name_expressions)
+    for part in (text, label, expressions, _header_text(), " ".join(flags), compiler_identity(cxx)):
         digest.update(part.encode())
         digest.update(b"\0")
     key = digest.hexdigest()[:32]
@@ -299,7 +410,8 @@ def build(text: str, label: str) -> tuple[Path, list[KernelDecl]]:
     if kernels is not None:
         stats["cache_hits"] += 1
         return library, kernels
-    kernels = parse_kernels(directives_applied(cxx, flags, text, label))
+    decided = directives_applied(cxx, flags, text, label)
+    kernels = parse_kernels(decided) + name_expression_kernels(decided, name_expressions)
     unit = translation_unit(text, label, kernels)
     directory.mkdir(parents=True, exist_ok=True)
     _remove_stale_builds(directory)
@@ -325,7 +437,7 @@ def build(text: str, label: str) -> tuple[Path, list[KernelDecl]]:
             "size": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
             "label": label,
-            "kernels": [[k.name, list(k.param_names)] for k in kernels],
+            "kernels": [[k.name, list(k.param_names), k.symbol] for k in kernels],
         }
         written = Path(private) / "record.json"
         written.write_text(json.dumps(entry))
@@ -354,7 +466,9 @@ def _verified_entry(library: Path, record: Path) -> list[KernelDecl] | None:
         elif hashlib.sha256(library.read_bytes()).hexdigest() != entry["sha256"]:
             problem = "its checksum does not match the one recorded after the build"
         else:
-            return [KernelDecl(name, tuple(params)) for name, params in entry["kernels"]]
+            return [
+                KernelDecl(name, tuple(params), symbol) for name, params, symbol in entry["kernels"]
+            ]
     except FileNotFoundError:
         problem = f"its record {record.name} is missing"
     except (OSError, ValueError, KeyError, TypeError) as error:

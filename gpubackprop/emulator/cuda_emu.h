@@ -7,8 +7,9 @@
 // of a block run as fibers (one stack each) that switch only at barriers: __syncthreads(),
 // __syncwarp() and the warp shuffles/votes.  So
 //   - `__shared__` is `static`: one copy per block is right because blocks never overlap;
-//   - dynamic shared memory is declared only through GB_DYNAMIC_SHARED (kernels/common.cuh),
-//     predefined here to point at a per-launch buffer, refilled with 0xFF (NaN) for each block;
+//   - dynamic shared memory (`extern __shared__ T name[];`, which compiler.py rewrites, or
+//     kernels/common.cuh's GB_DYNAMIC_SHARED) points at one buffer sized by the launch and
+//     refilled with 0xFF (NaN) for each block;
 //   - threadIdx/blockIdx are plain globals that the scheduler sets before it resumes a fiber;
 //   - atomics are plain read-modify-write: no fiber switch can happen inside one;
 //   - warp-synchronous code without __syncwarp() runs lane by lane, not in lockstep: such code
@@ -356,6 +357,11 @@ static inline void __brkpt() { gbemu::trap("the kernel called __brkpt()"); }
 #undef assert
 #define assert(e) \
     ((e) ? (void)0 : gbemu::assert_fail(#e, __FILE__, __LINE__))
+
+// `extern __shared__ T name[];` as written in CUDA, rewritten by compiler.py into this: a
+// constant pointer to the launch's dynamic shared memory (at file or function scope).
+#define GBEMU_EXTERN_SHARED(type, name) \
+    static type* const name = reinterpret_cast<type*>(gbemu::dynamic_shared_base())
 
 // Must be used inside a function body (kernels/common.cuh documents it for kernels).
 #define GB_DYNAMIC_SHARED(type, name) \

@@ -158,6 +158,18 @@ static const int fault_signals[4] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL};
 
 static inline unsigned char* dynamic_shared() { return g.dynamic_shared; }
 
+// The dynamic shared buffer is reserved once at its largest size, so its address never changes:
+// `extern __shared__ T name[];` (GBEMU_EXTERN_SHARED) is a constant pointer to it, even at file
+// scope.  228 KiB: the most a block of any GPU can opt in to.
+#ifndef GBEMU_MAX_DYNAMIC_SHARED
+#define GBEMU_MAX_DYNAMIC_SHARED (228 * 1024)
+#endif
+static unsigned char* dynamic_shared_base() {
+    const size_t capacity = (size_t)GBEMU_MAX_DYNAMIC_SHARED + 256;
+    if (g.dynamic_shared_storage.capacity() < capacity) g.dynamic_shared_storage.reserve(capacity);
+    return (unsigned char*)(((uintptr_t)g.dynamic_shared_storage.data() + 255) & ~(uintptr_t)255);
+}
+
 static inline void yield_to_scheduler() {
     Fiber& f = g.fibers[g.current];
 #if GBEMU_ASM_SWITCH
@@ -657,9 +669,13 @@ __attribute__((noinline)) static int run_blocks(const long long* dims, long long
                  nthreads, stack_kib);
         return 1;
     }
-    g.dynamic_shared_storage.resize((size_t)shared_bytes + 256);
-    g.dynamic_shared = (unsigned char*)(((uintptr_t)g.dynamic_shared_storage.data() + 255) &
-                                        ~(uintptr_t)255);
+    if (shared_bytes < 0 || shared_bytes > GBEMU_MAX_DYNAMIC_SHARED) {
+        snprintf(error, error_size, "shared_mem=%lld bytes of dynamic shared memory; at most %d",
+                 shared_bytes, GBEMU_MAX_DYNAMIC_SHARED);
+        return 1;
+    }
+    g.dynamic_shared = dynamic_shared_base();
+    g.dynamic_shared_storage.resize((size_t)shared_bytes + 256);  // within capacity: not moved
     g.body = body;
     g.body_context = context;
     g.failed = false;

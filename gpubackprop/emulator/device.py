@@ -39,20 +39,32 @@ class EmuSeam:
         self._elementwise: dict[tuple, Any] = {}
 
     # -- compile ----------------------------------------------------------------------------
-    def compile(self, source_file: str, defines: dict[str, str]) -> EmuModule:
-        """Compile kernels/<source_file> with ``defines`` (cached in memory and on disk)."""
+    def compile(
+        self, source_file: str, defines: dict[str, str], name_expressions: tuple[str, ...] = ()
+    ) -> EmuModule:
+        """Compile kernels/<source_file> with ``defines`` (cached in memory and on disk);
+        ``name_expressions`` instantiate templated kernels (``"kern<float, 64>"``), as CuPy's
+        RawModule does, and are launched by that string."""
         from ..kernels import load_source, note_compiled
 
         source = load_source(source_file, defines)
-        module = self.compile_text(source.text, source.file)
+        module = self.compile_text(source.text, source.file, name_expressions)
         note_compiled(source)
         return module
 
-    def compile_text(self, text: str, label: str) -> EmuModule:
+    def compile_text(
+        self, text: str, label: str, name_expressions: tuple[str, ...] = ()
+    ) -> EmuModule:
         """Compile a source text; ``label`` names it in messages.  For tests and tools."""
-        key = hashlib.sha256(text.encode()).hexdigest() + compiler.compile_flags().__repr__()
+        name_expressions = tuple(name_expressions)
+        key = (
+            hashlib.sha256(text.encode()).hexdigest(),
+            label,
+            name_expressions,
+            compiler.compile_flags(),
+        )
         if key not in self._modules:
-            path, decls = compiler.build(text, label)
+            path, decls = compiler.build(text, label, name_expressions)
             self._modules[key] = EmuModule(path, label, decls)
         return self._modules[key]
 

@@ -129,7 +129,7 @@ class EmuModule:
         self.library = ctypes.CDLL(str(path))  # CDLL releases the GIL during calls
         self.kernels: dict[str, Kernel] = {}
         for decl in decls:
-            signature_fn = getattr(self.library, f"gbemu_signature_{decl.name}")
+            signature_fn = getattr(self.library, f"gbemu_signature_{decl.symbol}")
             signature_fn.restype = ctypes.c_char_p
             codes = signature_fn().decode().split()
             names = list(decl.param_names)
@@ -138,7 +138,7 @@ class EmuModule:
                 Param(names[i], code[0] == "p", code[1] == "c", code[2:])
                 for i, code in enumerate(codes)
             )
-            entry = getattr(self.library, f"gbemu_launch_{decl.name}")
+            entry = getattr(self.library, f"gbemu_launch_{decl.symbol}")
             entry.restype = ctypes.c_int
             entry.argtypes = [
                 ctypes.POINTER(ctypes.c_longlong),
@@ -250,8 +250,9 @@ def launch(
     """Run ``kernel`` of ``module`` on the emulator; see the module docstring for the checks."""
     if kernel not in module.kernels:
         raise ValueError(
-            f'kernel={kernel!r} is not an extern "C" __global__ function of {module.label}; '
-            f"it has {sorted(module.kernels)}"
+            f'kernel={kernel!r} is not an extern "C" __global__ function or a name expression '
+            f"compiled into {module.label}; it has {sorted(module.kernels)} (a template is "
+            "launched by the name expression it was compiled with, as in CuPy)"
         )
     info = module.kernels[kernel]
     where = f"kernel {kernel!r} ({module.label})"

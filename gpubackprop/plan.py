@@ -1,0 +1,233 @@
+"""The execution plan: the steps ``Sequential.to()`` builds from the user's layers.
+
+The layers describe a model; the plan runs it.  ``build_steps`` walks every container
+(a Sequential inside a Sequential is inlined, a Residual becomes a ResidualStep over its own
+steps) and turns the layers into steps:
+
+- ``DenseStep``: z = x Wᵀ + b and, when an activation follows the Dense, y = f(z) in the
+  same kernel (the GEMM's epilogue); the activation layer gets no step of its own.
+- ``ActivationStep``: y = f(x) for an activation that follows no Dense.
+- ``ResidualStep``: y = x + g(x), g its own list of steps.
+- ``StandardizeStep``: y = (x − mean) / std per feature, mean and std copied to the backend.
+
+A step's ``forward(x)`` keeps what its ``backward(dout)`` needs and nothing more; ``backward``
+overwrites the gradients of the parameters it uses and returns ∂L/∂x.  Steps refer to the
+layers' Parameter objects (whose ``data`` and ``grad`` are views into the model's FlatStore)
+but write nothing into the layers, so a model's layers are the same before and after
+``to()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .layers import Activation, Container, Dense, Layer, Residual, Standardize
+from .parameters import FlatStore, Parameter
+
+
+class Step:
+    """One unit of the plan, run on ``backend``."""
+
+    backend: Any
+
+    def forward(self, x):
+        raise NotImplementedError
+
+    def backward(self, dout, need_dinp: bool = True):
+        raise NotImplementedError
+
+
+@dataclass(eq=False)
+class DenseStep(Step):
+    """y = f(x Wᵀ + b) in one fused launch; f = ``activation`` ("identity" when the Dense is
+    not followed by an activation)."""
+
+    backend: Any = field(repr=False)
+    weight: Parameter
+    bias: Parameter | None
+    activation: str = "identity"
+    alpha: float = 0.0
+    _x: Any = field(default=None, repr=False)
+    _saved: Any = field(default=None, repr=False)
+
+    def forward(self, x):
+        """Keeps x (for ∂L/∂W) and y or z (for f')."""
+        bias = self.bias.data if self.bias is not None else None
+        y, self._saved = self.backend.dense_forward(
+            x, self.weight.data, bias, self.activation, self.alpha
+        )
+        self._x = x
+        return y
+
+    def backward(self, dout, need_dinp: bool = True):
+        """δ = dout ⊙ f'(z); ∂L/∂W = δᵀ x; ∂L/∂b = Σ_rows δ; returns ∂L/∂x = δ W."""
+        if self._x is None:
+            raise RuntimeError("backward called before forward")
+        dbias = self.bias.grad if self.bias is not None else None
+        return self.backend.dense_backward(
+            dout,
+            self._x,
+            self.weight.data,
+            self._saved,
+            self.activation,
+            self.alpha,
+            self.weight.grad,
+            dbias,
+            need_dinp,
+        )
+
+
+@dataclass(eq=False)
+class ActivationStep(Step):
+    """y = f(x) elementwise, for an activation no Dense precedes."""
+
+    backend: Any = field(repr=False)
+    kind: str
+    alpha: float = 0.0
+    _saved: Any = field(default=None, repr=False)
+
+    def forward(self, x):
+        y, self._saved = self.backend.activation_forward(x, self.kind, self.alpha)
+        return y
+
+    def backward(self, dout, need_dinp: bool = True):
+        return self.backend.activation_backward(dout, self._saved, self.kind, self.alpha)
+
+
+@dataclass(eq=False)
+class ResidualStep(Step):
+    """y = x + g(x); ∂L/∂x = ∂L/∂y + g'ᵀ ∂L/∂y (the identity path passes the gradient on)."""
+
+    backend: Any = field(repr=False)
+    steps: list[Step]
+
+    def forward(self, x):
+        h = x
+        for step in self.steps:
+            h = step.forward(h)
+        if tuple(h.shape) != tuple(x.shape):
+            raise ValueError(
+                f"Residual: f(x) has shape {tuple(h.shape)} but x has {tuple(x.shape)}; "
+                "y = x + f(x) needs f to keep the shape"
+            )
+        return self.backend.add(x, h)
+
+    def backward(self, dout, need_dinp: bool = True):
+        grad = dout
+        for step in reversed(self.steps):
+            grad = step.backward(grad, True)
+        return self.backend.add(dout, grad)
+
+
+@dataclass(eq=False)
+class StandardizeStep(Step):
+    """y = (x − mean) / std per feature; ∂L/∂x = ∂L/∂y / std.  ``mean`` and ``std`` are
+    device copies of the layer's buffers, made when the plan is built."""
+
+    backend: Any = field(repr=False)
+    mean: Any = field(repr=False)
+    std: Any = field(repr=False)
+
+    def forward(self, x):
+        return self.backend.standardize_forward(x, self.mean, self.std)
+
+    def backward(self, dout, need_dinp: bool = True):
+        if not need_dinp:
+            return None  # nothing below it to pass a gradient to, and no parameters
+        return self.backend.standardize_backward(dout, self.std)
+
+
+@dataclass(eq=False)
+class UnsupportedStep(Step):
+    """A layer the plan cannot run (a Layer subclass of the user's own).  The model can still
+    be placed, saved or exported (the exporters say what they support); running it says why
+    it cannot."""
+
+    backend: Any = field(repr=False)
+    layer: Layer
+
+    def _refuse(self):
+        raise TypeError(
+            f"layer {self.layer!r} has no execution step; the plan runs Dense, Standardize, "
+            "the activations, Residual and Sequential"
+        )
+
+    def forward(self, x):
+        self._refuse()
+
+    def backward(self, dout, need_dinp: bool = True):
+        self._refuse()
+
+
+def _inline_containers(layers: list[Layer]) -> list[Layer]:
+    """``layers`` with every container that is not a Residual replaced by its own layers,
+    recursively: a nested Sequential is the same computation as its layers in its place."""
+    flat: list[Layer] = []
+    for layer in layers:
+        if isinstance(layer, Container) and not isinstance(layer, Residual):
+            flat += _inline_containers(layer.layers)
+        else:
+            flat.append(layer)
+    return flat
+
+
+def build_steps(layers: list[Layer], backend, dtype) -> list[Step]:
+    """The steps for ``layers`` on ``backend`` in ``dtype``: a Dense followed by an activation
+    becomes one fused DenseStep; containers are walked at every depth."""
+    flat = _inline_containers(layers)
+    steps: list[Step] = []
+    i = 0
+    while i < len(flat):
+        layer = flat[i]
+        if isinstance(layer, Dense):
+            following = flat[i + 1] if i + 1 < len(flat) else None
+            if isinstance(following, Activation):
+                steps.append(
+                    DenseStep(backend, layer.weight, layer.bias, following.kind, following.alpha)
+                )
+                i += 1
+            else:
+                steps.append(DenseStep(backend, layer.weight, layer.bias))
+        elif isinstance(layer, Activation):
+            steps.append(ActivationStep(backend, layer.kind, layer.alpha))
+        elif isinstance(layer, Residual):
+            steps.append(ResidualStep(backend, build_steps(layer.layers, backend, dtype)))
+        elif isinstance(layer, Standardize):
+            steps.append(
+                StandardizeStep(
+                    backend, backend.asarray(layer.mean, dtype), backend.asarray(layer.std, dtype)
+                )
+            )
+        else:
+            steps.append(UnsupportedStep(backend, layer))
+        i += 1
+    return steps
+
+
+@dataclass(eq=False)
+class Plan:
+    """A model placed on a backend: its parameters in one FlatStore and its steps."""
+
+    backend: Any
+    dtype: np.dtype
+    store: FlatStore
+    steps: list[Step]
+
+    @classmethod
+    def build(cls, layers: list[Layer], parameters: list[Parameter], backend, dtype) -> Plan:
+        store = FlatStore(backend, dtype, parameters)
+        return cls(backend, np.dtype(dtype), store, build_steps(layers, backend, dtype))
+
+    def forward(self, h):
+        for step in self.steps:
+            h = step.forward(h)
+        return h
+
+    def backward(self, dout, need_input_grad: bool = True):
+        grad = dout
+        for i in range(len(self.steps) - 1, -1, -1):
+            grad = self.steps[i].backward(grad, need_input_grad or i > 0)
+        return grad
