@@ -806,7 +806,7 @@ def _parity_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend",
         action="append",
-        choices=("numpy", "emu", "cupy"),
+        choices=DEVICE_BACKENDS,
         default=None,
         help="backend to check (repeatable; default: every available one but numpy, "
         "or numpy alone when no kernel backend is usable)",

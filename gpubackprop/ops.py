@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from .backends.base import ACTIVATIONS
+from .backends.numpy_backend import NumpyBackend
 
 __all__ = [
     "OPS",
@@ -127,8 +128,6 @@ class Op:
 
     def reference(self, variant: Variant, inputs: dict[str, np.ndarray]) -> dict[str, Any]:
         """The op on the NumPy backend in float64."""
-        from .backends.numpy_backend import NumpyBackend
-
         as64 = {
             k: v if v.dtype.kind in "iu" else np.asarray(v, np.float64) for k, v in inputs.items()
         }
@@ -194,8 +193,6 @@ def _gemm_cost(shape: Shape, itemsize: int) -> tuple[float, float]:
 
 
 def _dense_backward_build(rng, shape, variant):
-    from .backends.numpy_backend import NumpyBackend
-
     m, k, n = shape
     x = rng.normal(size=(m, k))
     weight = rng.normal(size=(n, k)) / math.sqrt(k)
@@ -276,8 +273,6 @@ def _activation_forward_run(backend, variant, x):
 
 
 def _activation_backward_build(rng, shape, variant):
-    from .backends.numpy_backend import NumpyBackend
-
     x = rng.normal(0, 2, size=shape)
     alpha = variant.get("alpha", ALPHA)
     _, saved = NumpyBackend().activation_forward(x, variant["activation"], alpha)
