@@ -47,16 +47,18 @@ def train_time(setting: dict[str, str], extra_args: list[str]) -> float:
         return float(json.loads(metrics.read_text())["train_time_s"])
 
 
-def measure(condition: str, repeats: int, extra_args: list[str]) -> dict[str, list[float]]:
+def measure(
+    condition: str, repeats: int, extra_args: list[str], settings: list[str]
+) -> dict[str, list[float]]:
     busy = None
     if condition == "busy":
         busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
         time.sleep(1.0)  # let it reach a core
     try:
-        times: dict[str, list[float]] = {name: [] for name in SETTINGS}
+        times: dict[str, list[float]] = {name: [] for name in settings}
         for round_ in range(repeats):
-            for name, setting in SETTINGS.items():
-                seconds = train_time(setting, extra_args)
+            for name in settings:
+                seconds = train_time(SETTINGS[name], extra_args)
                 times[name].append(seconds)
                 print(f"{condition:>4} round {round_ + 1} threads={name:<6} {seconds:6.2f} s")
         return times
@@ -71,6 +73,10 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--conditions", default="idle,busy")
     parser.add_argument("--out", type=Path, default=None, help="default: bench/results/<name>")
+    parser.add_argument(
+        "--settings", default=",".join(SETTINGS), help=f"subset of {list(SETTINGS)}, in order"
+    )
+    parser.add_argument("--note", default="", help="what else ran on the machine, and so on")
     parser.add_argument("train_args", nargs="*", help="extra `gpubackprop train` arguments")
     args = parser.parse_args()
     record = {
@@ -82,6 +88,7 @@ def main() -> int:
         "processor": platform.processor(),
         "python": platform.python_version(),
         "train_args": args.train_args,
+        "note": args.note,
         "commit": subprocess.run(
             ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
             capture_output=True,
@@ -91,7 +98,7 @@ def main() -> int:
         "conditions": {},
     }
     for condition in args.conditions.split(","):
-        times = measure(condition, args.repeats, args.train_args)
+        times = measure(condition, args.repeats, args.train_args, args.settings.split(","))
         record["conditions"][condition] = {
             "median_s": {name: statistics.median(values) for name, values in times.items()},
             "times_s": times,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 
-from . import distributed
+from . import data, distributed
 from ._version import __version__
 from .backends import available_backends, get_backend
 from .callbacks import Callback, CosineSchedule, EarlyStopping, History
@@ -64,6 +64,7 @@ __all__ = [
     "__version__",
     "available_backends",
     "clip_grad_norm",
+    "data",
     "distributed",
     "export_onnx",
     "from_torch",

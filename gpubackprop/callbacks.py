@@ -16,6 +16,10 @@ class Callback:
     # In a distributed fit, a callback that only writes files runs on rank 0 alone.
     main_process_only: bool = False
 
+    def check_setup(self, metrics: set[str]) -> None:
+        """Raise ValueError, before the first epoch, for a setting that cannot work in this fit;
+        ``metrics`` are the names each epoch's logs will hold."""
+
     def on_train_begin(self, model, optimizer) -> None:
         self.model, self.optimizer = model, optimizer
 
@@ -51,6 +55,17 @@ def improved(mode: str, value: float, best: float, min_delta: float) -> bool:
     return value > best + min_delta
 
 
+def check_monitor(owner: str, monitor: str, metrics: set[str]) -> None:
+    if monitor not in metrics:
+        hint = ""
+        if monitor.startswith("val_") and not any(m.startswith("val_") for m in metrics):
+            hint = " (val_* metrics need validation_data)"
+        raise ValueError(
+            f"{owner} monitor={monitor!r} is not a metric of this fit; expected one of "
+            f"{sorted(metrics)}{hint}"
+        )
+
+
 def mode_for(monitor: str, mode: str) -> str:
     if mode not in ("auto", "min", "max"):
         raise ValueError(f"mode={mode!r} is not supported; expected 'auto', 'min' or 'max'")
@@ -81,6 +96,9 @@ class EarlyStopping(Callback):
         self.best_state = None
         self.wait = 0
         self.stopped_epoch: int | None = None
+
+    def check_setup(self, metrics: set[str]) -> None:
+        check_monitor("EarlyStopping", self.monitor, metrics)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
         if self.monitor not in logs:

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import socket
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -38,9 +39,10 @@ from typing import Any
 import numpy as np
 
 from ._version import __version__
-from .callbacks import Callback, improved, mode_for
+from .callbacks import Callback, check_monitor, improved, mode_for
 from .checks import check_int
 from .dtypes import DTYPES
+from .layers import MAX_CONFIG_DEPTH
 from .model import Sequential
 from .optim import OPTIMIZER_TYPES, optimizer_from_state_dict
 from .random import generator
@@ -236,6 +238,14 @@ def _open(path: Path):
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     if path.is_dir():
         raise IsADirectoryError(f"checkpoint {str(path)!r} is a directory, not a file")
+    try:  # the safetensors reader reports an unreadable file as "No such file or directory"
+        os.close(os.open(path, os.O_RDONLY))
+    except PermissionError:
+        mode = stat.filemode(path.stat().st_mode)
+        raise PermissionError(
+            f"checkpoint {str(path)!r} cannot be read: permission denied (mode {mode}); "
+            "give this user read access (chmod u+r)"
+        ) from None
     try:
         return safe_open(str(path), framework="numpy")
     except Exception as error:  # SafetensorError, or OSError from the reader
@@ -275,6 +285,11 @@ def _parse_header(path: Path, metadata: dict[str, str] | None) -> dict[str, Any]
             header[key] = json.loads(metadata[key])
         except json.JSONDecodeError as error:
             raise ValueError(f"{where} has invalid JSON in its {key!r} entry: {error}") from None
+        except RecursionError:
+            raise ValueError(
+                f"{where} has JSON nested too deeply to read in its {key!r} entry; a "
+                "gpubackprop checkpoint nests at most a few levels"
+            ) from None
     dtype = metadata.get("dtype")
     if dtype not in DTYPES:
         raise ValueError(f"{where} has dtype {dtype!r}; expected one of {DTYPES}")
@@ -355,7 +370,12 @@ def _config_backed_by_tensors(config: Any, shapes: dict[str, tuple[int, ...]], w
                 "(from the model config)"
             )
 
-    def walk(layers: Any, prefix: str) -> None:
+    def walk(layers: Any, prefix: str, depth: int = 0) -> None:
+        if depth > MAX_CONFIG_DEPTH:
+            raise ValueError(
+                f"{where} has an invalid model config: containers nest deeper than "
+                f"{MAX_CONFIG_DEPTH} levels"
+            )
         if not isinstance(layers, list):
             raise ValueError(
                 f"{where} has an invalid model config: 'layers' is {layers!r:.100}; expected a list"
@@ -368,7 +388,7 @@ def _config_backed_by_tensors(config: Any, shapes: dict[str, tuple[int, ...]], w
                 )
             kind = layer.get("type")
             if kind in _CONTAINER_TYPES:
-                walk(layer.get("layers", []), f"{prefix}{i}.")
+                walk(layer.get("layers", []), f"{prefix}{i}.", depth + 1)
             elif kind == "Dense":
                 sizes = []
                 for key in ("in_features", "out_features"):
@@ -555,6 +575,24 @@ class ModelCheckpoint(Callback):
         self.save_optimizer = save_optimizer
         self.best = math.inf if self.mode == "min" else -math.inf
         self.saved: list[str] = []
+
+    def check_setup(self, metrics: set[str]) -> None:
+        if self.save_best_only:
+            check_monitor("ModelCheckpoint", self.monitor, metrics)
+        try:
+            first = Path(self.path.format(epoch=1))
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(
+                f"ModelCheckpoint path={self.path!r} is not a valid template: {error!r}; the "
+                "only field it may hold is {epoch}"
+            ) from None
+        if first.is_dir():
+            raise ValueError(f"ModelCheckpoint path={self.path!r} is a directory; expected a file")
+        if not first.parent.is_dir():
+            raise FileNotFoundError(
+                f"ModelCheckpoint path={self.path!r}: directory {str(first.parent)!r} does not "
+                "exist; create it first"
+            )
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
         if self.save_best_only:

@@ -31,6 +31,7 @@ from .backends.base import ACTIVATIONS
 from .checks import check_int, check_number, describe_range
 from .dtypes import DTYPES
 from .layers import activation_layer
+from .precision import PRECISIONS
 
 # The CLI's order: "identity" last, so that `gradcheck --activation all` starts with ReLU.
 CLI_ACTIVATIONS = (*(name for name in ACTIVATIONS if name != "identity"), "identity")
@@ -127,6 +128,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "dataset": "digits",
     "hidden": "512,256",
     "activation": "relu",
+    "model": None,  # a JSON model config instead of hidden/activation
     "optimizer": "adam",
     "lr": None,  # per optimizer: OPTIMIZER_DEFAULTS
     "momentum": None,
@@ -140,6 +142,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "data_seed": 0,
     "backend": None,  # GPUBACKPROP_BACKEND or "auto"
     "dtype": "float32",
+    "precision": "fp32",
     "save": None,
     "export_onnx": None,
     "metrics_json": None,
@@ -186,18 +189,27 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         help="seed of the train/validation/test split (default 0)",
     )
     model = parser.add_argument_group("model")
+    # --hidden and --activation default to None so that --model can tell they were not given.
     model.add_argument(
         "--hidden",
         type=hidden_sizes,
-        default=hidden_sizes(d["hidden"]),
+        default=None,
         metavar="W1,W2,...",
         help=f"hidden layer widths (default {d['hidden']}; 'none' for none)",
     )
     model.add_argument(
         "--activation",
         choices=CLI_ACTIVATIONS,
-        default=d["activation"],
+        default=None,
         help=f"hidden activation (default {d['activation']})",
+    )
+    model.add_argument(
+        "--model",
+        metavar="JSON",
+        default=d["model"],
+        help="train the network a JSON model config describes (the format of "
+        "gb.Sequential.config(), read by gb.Sequential.from_config) instead of --hidden and "
+        "--activation",
     )
     optimization = parser.add_argument_group("optimization")
     optimization.add_argument(
@@ -256,6 +268,14 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     run.add_argument("--dtype", choices=DTYPES, default=d["dtype"], help=f"(default {d['dtype']})")
     run.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=d["precision"],
+        help="the dense layers' matrix products: fp32, or tf32 / bf16 operands with fp32 "
+        "accumulation and fp32 master weights (tensor cores: a GPU of compute capability 8.0+; "
+        f"float32 only) (default {d['precision']})",
+    )
+    run.add_argument(
         "--config",
         metavar="JSON",
         help="a JSON file whose keys are any of these options (e.g. "
@@ -296,12 +316,22 @@ def _config_to_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UsageError(f"--config file {path!r} does not exist") from None
+    except UnicodeDecodeError as error:
+        raise UsageError(
+            f"--config file {path!r} is not UTF-8 text (byte {error.object[error.start]:#04x} at "
+            f"offset {error.start}); expected a JSON file"
+        ) from None
     except OSError as error:
         raise UsageError(f"--config file {path!r} cannot be read: {error}") from None
     try:
         config = json.loads(text)
     except json.JSONDecodeError as error:
         raise UsageError(f"--config file {path!r} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise UsageError(
+            f"--config file {path!r} nests JSON too deeply; expected an object of option names "
+            "and values"
+        ) from None
     if not isinstance(config, dict):
         raise UsageError(
             f"--config file {path!r} holds a {type(config).__name__}; expected a JSON object "
@@ -351,18 +381,71 @@ def _resolve_optimizer_options(args: argparse.Namespace) -> dict[str, float]:
     return options
 
 
-def _build_model(n_features: int, hidden: Sequence[int], activation: str, n_outputs: int):
+def _read_model_config(path: str) -> Any:
+    """The Sequential a --model JSON file describes (fresh weights)."""
     import gpubackprop as gb
 
-    # He initialisation keeps ReLU-like activations at unit variance; Xavier suits the
-    # saturating and linear ones (their derivative is about 1 near 0).
-    init = "xavier_uniform" if activation in ("sigmoid", "tanh", "identity") else "he_uniform"
-    layers = []
-    width = n_features
-    for size in hidden:
-        layers += [gb.Dense(width, size, init=init), activation_layer(activation)]
-        width = size
-    layers.append(gb.Dense(width, n_outputs, init="xavier_uniform"))
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"--model file {path!r} does not exist") from None
+    except UnicodeDecodeError as error:
+        raise UsageError(f"--model file {path!r} is not UTF-8 text: {error}") from None
+    except OSError as error:
+        raise UsageError(f"--model file {path!r} cannot be read: {error}") from None
+    try:
+        config = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as error:
+        raise UsageError(f"--model file {path!r} is not valid JSON: {error}") from None
+    try:
+        return gb.Sequential.from_config(config)
+    except (ValueError, TypeError) as error:
+        raise UsageError(f"--model file {path!r}: {error}") from None
+
+
+def _build_model(args: argparse.Namespace, dataset: Any):
+    """The network to train: the --model config, or an MLP of --hidden and --activation; its
+    first layer standardises the inputs with the training statistics (gb.Standardize), so the
+    saved model takes the data set's raw features."""
+    import gpubackprop as gb
+
+    d = TRAIN_DEFAULTS
+    statistics = None
+    if dataset.feature_mean is not None:
+        statistics = (dataset.feature_mean, dataset.feature_std)
+    if args.model is None:
+        hidden = args.hidden if args.hidden is not None else hidden_sizes(d["hidden"])
+        activation = args.activation if args.activation is not None else d["activation"]
+        return gb.mlp(
+            dataset.n_features,
+            hidden,
+            dataset.n_outputs,
+            activation,
+            standardize=statistics,
+        )
+    options = (("--hidden", args.hidden), ("--activation", args.activation))
+    given = [flag for flag, value in options if value is not None]
+    if given:
+        raise UsageError(
+            f"--model describes the whole network; {' and '.join(given)} cannot be given with it"
+        )
+    model = _read_model_config(args.model)
+    where = f"--model file {args.model!r}"
+    if model.in_features is not None and model.in_features != dataset.n_features:
+        raise UsageError(
+            f"{where} takes {model.in_features} input features but data set "
+            f"{dataset.name!r} has {dataset.n_features}"
+        )
+    if model.out_features is not None and model.out_features != dataset.n_outputs:
+        raise UsageError(
+            f"{where} gives {model.out_features} outputs but data set {dataset.name!r} needs "
+            f"{dataset.n_outputs}"
+        )
+    layers = list(model.layers)
+    if layers and isinstance(layers[0], gb.Standardize):
+        layers = layers[1:]  # replaced by the statistics of this data set, or left out
+    if statistics is not None:
+        layers.insert(0, gb.Standardize(*statistics))
     return gb.Sequential(*layers)
 
 
@@ -372,17 +455,6 @@ def _build_optimizer(name: str, parameters, options: dict[str, float]):
     if name == "sgd":
         return gb.SGD(parameters, **options)
     return (gb.Adam if name == "adam" else gb.AdamW)(parameters, **options)
-
-
-def _cosine_schedule(base_lr: float, epochs: int):
-    """η_e = η₀ · ½(1 + cos(π e / E)) for epoch e + 1 (epoch 1 trains at η₀, decaying to 0)."""
-    import gpubackprop as gb
-
-    class CosineSchedule(gb.Callback):
-        def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
-            self.optimizer.lr = base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
-
-    return CosineSchedule()
 
 
 def _check_output_path(option: str, path: str | None) -> None:
@@ -437,10 +509,16 @@ def _train_metrics(
         {
             # the median epoch: the first one also pays for kernel compilation and warm-up
             "samples_per_s": float(statistics.median(throughput)) if throughput else None,
+            # the whole run: every training sample of every epoch over the time fit took
+            # (validation included), the rate the summary line prints
+            "total_samples_per_s": len(dataset.x_train)
+            * len(curves.get("loss", []))
+            / max(train_time, 1e-9),
             "epochs": len(curves.get("loss", [])),
             "backend": model.backend.name,
             "device": model.backend.device_name(),
             "dtype": args.dtype,
+            "precision": args.precision,
             "seed": args.seed,
             "data_seed": args.data_seed,
             "train_time_s": train_time,
@@ -466,7 +544,9 @@ def _train_metrics(
 def _summary_line(
     metrics: dict[str, Any], n_test: int, train_time: float, backend: str, dtype: str
 ) -> str:
-    """The line `gpubackprop train` ends with: the test result and the speed."""
+    """The line `gpubackprop train` ends with: the test result, the time and rate of the whole
+    run (samples of all epochs over the training time), and the backend (with how "auto" or
+    the environment chose it)."""
     if "test_mse" in metrics:
         headline = f"test MSE {metrics['test_mse']:.5g}"
     else:
@@ -475,7 +555,7 @@ def _summary_line(
             f"test accuracy {metrics['test_accuracy']:.4f} "
             f"({correct}/{n_test}), test loss {metrics['test_loss']:.4g}"
         )
-    rate = metrics["samples_per_s"]
+    rate = metrics["total_samples_per_s"]
     return (
         f"{headline}; {metrics['epochs']} epochs in {train_time:.1f} s"
         + (f" ({rate:,.0f} samples/s)" if rate else "")
@@ -520,24 +600,26 @@ def train(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         val_fraction=args.val_fraction,
         augment=augment,
+        standardize=False,  # the model standardises: its first layer is gb.Standardize
     )
     regression = dataset.task == "regression"
     loss = gb.MSELoss() if regression else gb.SoftmaxCrossEntropyLoss()
 
     gb.seed(args.seed)
-    model = _build_model(dataset.n_features, args.hidden, args.activation, dataset.n_outputs)
-    model.to(args.backend, dtype=args.dtype)
+    model = _build_model(args, dataset)
+    model.to(args.backend, dtype=args.dtype, precision=args.precision)
     optimizer = _build_optimizer(args.optimizer, model.parameters(), optimizer_options)
     callbacks = []
     if args.schedule == "cosine":
-        callbacks.append(_cosine_schedule(optimizer_options["lr"], args.epochs))
+        callbacks.append(gb.CosineSchedule(args.epochs, base_lr=optimizer_options["lr"]))
     validation = None if dataset.x_val is None else (dataset.x_val, dataset.y_val)
     if args.verbose and main_rank:
         print(
             f"{dataset.name}: {len(dataset.x_train)} train, "
             f"{0 if validation is None else len(dataset.x_val)} validation, "
             f"{len(dataset.x_test)} test samples; {model.num_parameters()} parameters on "
-            f"{model.backend.name} ({model.backend.device_name()}), {args.dtype}",
+            f"{model.backend.name} ({model.backend.device_name()}), {args.dtype}"
+            + ("" if args.precision == "fp32" else f", {args.precision} GEMMs"),
             file=sys.stderr,
         )
 
@@ -584,7 +666,10 @@ def train(args: argparse.Namespace) -> int:
     if args.metrics_json:
         Path(args.metrics_json).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
 
-    print(_summary_line(metrics, len(dataset.x_test), train_time, model.backend.name, args.dtype))
+    from gpubackprop.backends import describe_choice
+
+    backend = describe_choice(args.backend, model.backend.name)
+    print(_summary_line(metrics, len(dataset.x_test), train_time, backend, args.dtype))
     for label, path in (
         ("checkpoint", args.save),
         ("ONNX model", args.export_onnx),
@@ -844,9 +929,7 @@ def parity(args: argparse.Namespace) -> int:
     report = parity_report(
         backends, dtypes=tuple(args.dtype or ["float32"]), quick=not args.full, seed=args.seed
     )
-    if args.failures_only:
-        report.rows = [row for row in report.rows if not row.passed]
-    print(report.format())
+    print(report.format(failures_only=args.failures_only))
     return 0 if report.passed else 1
 
 
@@ -877,6 +960,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing what is still buffered at exit cannot raise
+    BrokenPipeError again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor
+        pass
+
+
 def _stop_other_ranks(code: int, error: BaseException) -> None:
     """After `train --distributed` failed on this rank: end every rank (the others would wait
     in their next collective for this one)."""
@@ -899,7 +993,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             tokens = _config_to_argv(args.config, sub_parser)
             # config first, then the user's flags: argparse keeps the last value given.
             args = parser.parse_args([args.command, *tokens, *argv[argv.index(args.command) + 1 :]])
-        return args.run(args)
+        status = args.run(args)
+        sys.stdout.flush()  # a closed pipe shows up here, not at interpreter exit
+        return status
+    except BrokenPipeError:
+        # The reader went away (`gpubackprop info | head -1`): stop quietly, as Unix tools do.
+        _silence_stdout()
+        return 0
     except (
         UsageError,
         ValueError,
@@ -917,6 +1017,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("GPUBACKPROP_DEBUG"):
             raise
         print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
+        _stop_other_ranks(1, error)
+        return 1
+    except MemoryError as error:
+        if os.environ.get("GPUBACKPROP_DEBUG"):
+            raise
+        # NumPy's message names the allocation ("Unable to allocate 1.9 TiB for an array with
+        # shape (4000000000, 64) ..."), which is the size the user asked for.
+        detail = str(error) or "an allocation failed"
+        print(
+            f"{PROG} {args.command}: error: out of memory: {detail} (smaller layer widths, "
+            "batches or data sets need less)",
+            file=sys.stderr,
+        )
         _stop_other_ranks(1, error)
         return 1
     except KeyboardInterrupt:

@@ -7,6 +7,11 @@ into training:
 
     x' = (x − μ_train) / σ_train,   σ_train := 1 where σ_train = 0 (a constant feature).
 
+The statistics are kept on the Dataset (``feature_mean``, ``feature_std``) whether or not they
+were applied: with ``standardize=False`` the features stay raw and a model can carry the
+standardisation itself as its first layer, ``gb.Standardize(d.feature_mean, d.feature_std)``
+(what ``gpubackprop train`` does), so that a saved model takes raw features.
+
 Classification labels are int64 class indices 0..n_classes−1; regression targets are floats of
 shape (N, n_targets).
 """
@@ -14,7 +19,9 @@ shape (N, n_targets).
 from __future__ import annotations
 
 import gzip
+import math
 import os
+import zipfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,6 +70,12 @@ class Dataset:
     task: str = "classification"
     x_val: np.ndarray | None = None
     y_val: np.ndarray | None = None
+    # μ and σ of the training part, one per feature (float64), or None for a data set that is
+    # not standardised (the synthetic regression); ``standardized`` says whether the features
+    # above had them applied.
+    feature_mean: np.ndarray | None = None
+    feature_std: np.ndarray | None = None
+    standardized: bool = False
 
     @property
     def n_features(self) -> int:
@@ -185,13 +198,16 @@ def _assemble(
     val_fraction: float = 0.0,
     augment: Augment | None = None,
     standardize_features: bool = True,
+    apply_standardization: bool = True,
     per_feature: bool = True,
     n_classes: int | None = None,
 ) -> Dataset:
     """Hold out the validation part, augment the rest, standardise with its statistics, cast.
 
     The order matters: validation and test rows are never augmented, and the standardisation
-    statistics come from the (augmented) training rows alone.
+    statistics come from the (augmented) training rows alone.  ``standardize_features``
+    says whether the data set has statistics at all; ``apply_standardization`` whether they
+    are applied to the features (else only recorded on the Dataset).
     """
     float_dtype = check_dtype(dtype)
     x_val = y_val = None
@@ -203,10 +219,16 @@ def _assemble(
         x_train, y_train, x_val, y_val = x_train[train], y_train[train], x_train[val], y_train[val]
     if augment is not None:
         x_train, y_train = augment(x_train, y_train)
+    mean = std = None
     if standardize_features:
         mean, std = feature_mean_and_std(x_train, per_feature=per_feature)
-        x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
-        x_val = None if x_val is None else (x_val - mean) / std
+        # one value per feature even for a global (scalar) statistic, as gb.Standardize takes
+        features = int(np.asarray(x_train).shape[1])
+        mean = np.broadcast_to(mean, (features,)).astype(np.float64)
+        std = np.broadcast_to(std, (features,)).astype(np.float64)
+        if apply_standardization:
+            x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+            x_val = None if x_val is None else (x_val - mean) / std
 
     def features(x):
         return None if x is None else np.ascontiguousarray(x, dtype=float_dtype)
@@ -231,6 +253,9 @@ def _assemble(
         task,
         features(x_val),
         targets(y_val, 0 if x_val is None else len(x_val)),
+        mean,
+        std,
+        bool(standardize_features and apply_standardization),
     )
 
 
@@ -262,13 +287,16 @@ def load_digits(
     dtype: Any = "float32",
     val_fraction: float = 0.0,
     augment: bool = False,
+    standardize: bool = True,
 ) -> Dataset:
     """The UCI optical handwritten digits (as shipped by scikit-learn): 1797 images of 8×8
     pixels with values 0..16, ten classes, embedded in the package (no download).
 
     Stratified split; ``val_fraction`` of the training part is held out for validation.
     ``augment`` adds one-pixel shifts of the training images (``shift_digits``).  Features
-    are standardised with the training mean and standard deviation.
+    are standardised with the training mean and standard deviation; ``standardize=False``
+    gives the same split with the raw 0–16 pixel values (the statistics are still on the
+    Dataset, ``feature_mean`` and ``feature_std``).
     """
     with np.load(_DIGITS_PATH, allow_pickle=False) as archive:
         images = archive["images"]
@@ -284,7 +312,14 @@ def load_digits(
         n_classes=10,
         val_fraction=val_fraction,
         augment=shift_digits if augment else None,
+        apply_standardization=_check_flag("standardize", standardize),
     )
+
+
+def _check_flag(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name}={value!r} is not accepted; expected True or False")
+    return bool(value)
 
 
 def make_spirals(
@@ -295,6 +330,7 @@ def make_spirals(
     test_fraction: float = 0.2,
     dtype: Any = "float32",
     val_fraction: float = 0.0,
+    standardize: bool = True,
 ) -> Dataset:
     """Interleaved 2-D spirals, one arm per class, not linearly separable.
 
@@ -325,6 +361,7 @@ def make_spirals(
         dtype=dtype,
         n_classes=n_classes,
         val_fraction=val_fraction,
+        apply_standardization=_check_flag("standardize", standardize),
     )
 
 
@@ -380,6 +417,11 @@ def make_regression(
 def _as_2d_features(x: np.ndarray, what: str) -> np.ndarray:
     if x.ndim == 0:
         raise ValueError(f"{what} is a scalar; expected an array of shape (n_samples, ...)")
+    if x.size == 0:
+        raise ValueError(
+            f"{what} is empty (shape {x.shape}); expected an array of shape (n_samples, ...) "
+            "with at least one sample and one feature"
+        )
     if x.ndim == 1:
         return x.reshape(-1, 1)
     return x.reshape(len(x), -1)  # images (N, H, W) become rows of H·W features
@@ -407,10 +449,30 @@ def _check_labels(y: np.ndarray, what: str) -> np.ndarray:
         )
     if np.issubdtype(y.dtype, np.floating) and not np.all(np.isfinite(y) & (y == np.round(y))):
         raise ValueError(f"{what} holds non-integer values; class labels must be integers")
+    # Compare before the cast to int64, which would wrap 2⁶³ + 5 (uint64) to a negative number.
+    if y.size and y.max() > np.iinfo(np.int64).max:
+        raise ValueError(
+            f"{what} holds the label {int(y.max())}, larger than any class index can be; "
+            "expected labels 0, 1, ..., n_classes - 1"
+        )
     labels = y.astype(np.int64)
     if labels.size and labels.min() < 0:
         raise ValueError(f"{what} holds the negative label {labels.min()}; expected 0, 1, ...")
     return labels
+
+
+def _check_finite(array: np.ndarray, source: str, name: str) -> None:
+    """Refuse NaN and ±Inf: standardisation would spread one of them over its whole column."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return
+    bad = ~np.isfinite(array)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        value = array[first]
+        raise ValueError(
+            f"{source}: {name} holds {int(bad.sum())} non-finite value(s) ({value} at index "
+            f"{first}, the first); expected finite numbers (drop or impute them before loading)"
+        )
 
 
 def _check_pair(x: np.ndarray, y: np.ndarray, source: str, x_name: str, y_name: str) -> None:
@@ -423,6 +485,9 @@ def _check_pair(x: np.ndarray, y: np.ndarray, source: str, x_name: str, y_name: 
         raise ValueError(f"{source}: {x_name} is empty")
     if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
         raise ValueError(f"{source}: {x_name} has dtype {x.dtype}; expected real numbers")
+    _check_finite(x, source, x_name)
+    if np.issubdtype(y.dtype, np.floating) and y.ndim >= 1:
+        _check_finite(y, source, y_name)
 
 
 def load_npz(
@@ -453,7 +518,10 @@ def load_npz(
     try:
         archive = np.load(path, allow_pickle=False)
     except Exception as error:
-        raise ValueError(f"{str(path)!r} is not a readable .npz archive: {error}") from error
+        raise ValueError(
+            f"npz data set {str(path)!r} is not a readable .npz archive "
+            f"({type(error).__name__}: {error}); expected a file written by numpy.savez"
+        ) from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise TypeError(f"{str(path)!r} holds a single array, not a .npz archive of named arrays")
     source = f"npz data set {str(path)!r}"
@@ -470,8 +538,14 @@ def load_npz(
                     f"{source} has arrays {sorted(keys)}; expected {x_key!r} and {y_key!r}, "
                     "or x_train, y_train, x_test and y_test"
                 )
-        except (zlib.error, OSError, EOFError) as error:  # a damaged member of the zip
-            raise ValueError(f"{source} is corrupt: {error}") from error
+        except (zlib.error, zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+            # a damaged member of the zip: bad CRC, cut deflate stream, or a broken .npy header
+            if isinstance(error, ValueError) and str(error).startswith(source):
+                raise
+            raise ValueError(
+                f"{source} is corrupt ({type(error).__name__}: {error}); expected an archive "
+                "written by numpy.savez"
+            ) from None
     name = f"npz:{path.name}"
     if "x" in arrays:
         x, y = _as_2d_features(arrays["x"], x_key), arrays["y"]
@@ -487,7 +561,7 @@ def load_npz(
             test_fraction=test_fraction,
             seed=seed,
             dtype=dtype,
-            standardize_features=standardize_features,
+            apply_standardization=_check_flag("standardize_features", standardize_features),
             val_fraction=val_fraction,
         )
     x_train = _as_2d_features(arrays["x_train"], "x_train")
@@ -512,7 +586,7 @@ def load_npz(
         task=task,
         dtype=dtype,
         seed=seed,
-        standardize_features=standardize_features,
+        apply_standardization=_check_flag("standardize_features", standardize_features),
         val_fraction=val_fraction,
     )
 
@@ -535,48 +609,82 @@ def _open_maybe_gzip(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
+# Deflate cannot expand data by more than about 1032:1, so a gzip file of n bytes holds at most
+# this many times n bytes: a header promising more is refused before anything is decompressed.
+_GZIP_MAX_EXPANSION = 1100
+_READ_CHUNK = 1 << 24
+
+
+def _read_at_most(handle, limit: int) -> bytes:
+    """Up to ``limit`` bytes from ``handle``, read in chunks (never more, whatever the file)."""
+    chunks, remaining = [], limit
+    while remaining > 0:
+        chunk = handle.read(min(remaining, _READ_CHUNK))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read an IDX file (optionally gzip-compressed, by a ``.gz`` suffix) into a native array.
 
     Layout: two zero bytes, a type byte (0x08 ubyte … 0x0E double), a byte with the number of
     dimensions n, n big-endian uint32 sizes, then the data, big-endian, row-major.
     Raises ValueError naming the file for a wrong magic, a truncated file or trailing bytes.
+    The header is checked against the file's size before the data is read (or decompressed),
+    and no more than the header's data size (plus one byte, to see trailing bytes) is read.
     """
     path = Path(path)
+    where = f"IDX file {str(path)!r}"
+    compressed = path.suffix == ".gz"
     try:
+        file_size = path.stat().st_size
         with _open_maybe_gzip(path) as handle:
-            raw = handle.read()
+            magic = handle.read(4)
+            if len(magic) < 4:
+                raise ValueError(
+                    f"{where} is truncated: {len(magic)} bytes, shorter than the 4-byte magic"
+                )
+            zero0, zero1, type_code, ndim = magic
+            if zero0 != 0 or zero1 != 0 or type_code not in _IDX_TYPES:
+                raise ValueError(
+                    f"{where} has magic number 0x{magic.hex()}; expected 0x0000TTNN with type "
+                    f"byte TT one of {[f'0x{code:02x}' for code in _IDX_TYPES]}"
+                )
+            header_size = 4 + 4 * ndim
+            sizes = handle.read(4 * ndim)
+            if len(sizes) < 4 * ndim:
+                raise ValueError(
+                    f"{where} is truncated: its {ndim} dimension sizes need {header_size} header "
+                    f"bytes, found {4 + len(sizes)}"
+                )
+            shape = tuple(int.from_bytes(sizes[4 * i : 4 * i + 4], "big") for i in range(ndim))
+            dtype = _IDX_TYPES[type_code]
+            expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
+            promised = f"header says shape {shape} of {dtype.name} = {expected} data bytes"
+            if not compressed and expected > file_size - header_size:
+                raise ValueError(
+                    f"{where} is truncated: {promised}, found {file_size - header_size}"
+                )
+            if compressed and expected > file_size * _GZIP_MAX_EXPANSION:
+                raise ValueError(
+                    f"{where} is truncated or its header is wrong: {promised}, but a "
+                    f"{file_size}-byte gzip file decompresses to at most "
+                    f"{file_size * _GZIP_MAX_EXPANSION}"
+                )
+            raw = _read_at_most(handle, expected + 1)
     except FileNotFoundError:
         raise
     except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
-        raise ValueError(f"IDX file {str(path)!r} is corrupt: {error}") from error
-    if len(raw) < 4:
-        raise ValueError(
-            f"IDX file {str(path)!r} is truncated: {len(raw)} bytes, shorter than the 4-byte magic"
-        )
-    zero0, zero1, type_code, ndim = raw[0], raw[1], raw[2], raw[3]
-    if zero0 != 0 or zero1 != 0 or type_code not in _IDX_TYPES:
-        raise ValueError(
-            f"IDX file {str(path)!r} has magic number 0x{raw[:4].hex()}; expected 0x0000TTNN "
-            f"with type byte TT one of {[f'0x{code:02x}' for code in _IDX_TYPES]}"
-        )
-    header_size = 4 + 4 * ndim
-    if len(raw) < header_size:
-        raise ValueError(
-            f"IDX file {str(path)!r} is truncated: its {ndim} dimension sizes need "
-            f"{header_size} header bytes, found {len(raw)}"
-        )
-    shape = tuple(int(v) for v in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    dtype = _IDX_TYPES[type_code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    found = len(raw) - header_size
-    if found != expected:
-        problem = "is truncated" if found < expected else "has trailing bytes"
-        raise ValueError(
-            f"IDX file {str(path)!r} {problem}: header says shape {shape} of {dtype.name} = "
-            f"{expected} data bytes, found {found}"
-        )
-    data = np.frombuffer(raw, dtype=dtype, offset=header_size).reshape(shape)
+        raise ValueError(f"{where} is corrupt: {error}") from error
+    found = len(raw)
+    if found < expected:
+        raise ValueError(f"{where} is truncated: {promised}, found {found}")
+    if found > expected:
+        raise ValueError(f"{where} has trailing bytes: {promised}, and more follow")
+    data = np.frombuffer(raw, dtype=dtype).reshape(shape)
     return data.astype(dtype.newbyteorder("="))
 
 
@@ -633,7 +741,8 @@ def load_mnist_idx(
 
     The official 60000/10000 split is kept.  Pixels 0..255 are standardised with the one
     scalar mean and standard deviation of all training pixels (per-pixel statistics would
-    blow up border pixels that are almost always 0).
+    blow up border pixels that are almost always 0).  ``standardize_features=False`` gives
+    pixels / 255 instead, and the Dataset's statistics are those of these values.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -662,11 +771,28 @@ def load_mnist_idx(
                 f"MNIST {split} files disagree: {str(image_path)!r} has {len(images)} images but "
                 f"{str(label_path)!r} has {len(labels)} labels"
             )
+    (train_path, train_images), (test_path, test_images) = (
+        arrays["train_images"],
+        arrays["test_images"],
+    )
+    if train_images.shape[1:] != test_images.shape[1:]:
+        raise ValueError(
+            f"MNIST images differ in size: {str(train_path)!r} holds "
+            f"{'x'.join(map(str, train_images.shape[1:]))} images but {str(test_path)!r} holds "
+            f"{'x'.join(map(str, test_images.shape[1:]))}; expected one size for both"
+        )
+    for part in ("train_labels", "test_labels"):
+        path, labels = arrays[part]
+        if labels.size and labels.max() > 9:
+            raise ValueError(
+                f"IDX file {str(path)!r} holds the label {int(labels.max())}; MNIST labels are "
+                "the classes 0..9"
+            )
     x_train = arrays["train_images"][1].reshape(len(arrays["train_images"][1]), -1)
     x_test = arrays["test_images"][1].reshape(len(arrays["test_images"][1]), -1)
     y_train = arrays["train_labels"][1].astype(np.int64)
     y_test = arrays["test_labels"][1].astype(np.int64)
-    if not standardize_features:
+    if not _check_flag("standardize_features", standardize_features):
         x_train, x_test = x_train / 255.0, x_test / 255.0
     return _assemble(
         x_train,
@@ -676,7 +802,7 @@ def load_mnist_idx(
         name=f"mnist:{directory.name}",
         task="classification",
         dtype=dtype,
-        standardize_features=standardize_features,
+        apply_standardization=standardize_features,
         per_feature=False,
         n_classes=10,
         val_fraction=val_fraction,
@@ -694,23 +820,27 @@ def load_dataset(
     dtype: Any = "float32",
     val_fraction: float = 0.0,
     augment: bool = False,
+    standardize: bool = True,
 ) -> Dataset:
     """Load a data set by its command-line name: "digits" (default), "spirals", "regression",
     "npz:PATH" or "mnist:DIR".  ``seed`` fixes the splits (and the synthetic samples);
-    ``val_fraction`` holds out part of the training data; ``augment`` is for digits only."""
+    ``val_fraction`` holds out part of the training data; ``augment`` is for digits only;
+    ``standardize=False`` leaves the features unstandardised (the statistics are still
+    recorded on the Dataset)."""
     text = str(name).strip()
     lowered = text.lower()
     if augment and lowered != "digits":
         raise ValueError(f"augment=True is only available for dataset 'digits', not {name!r}")
     common = {"seed": seed, "dtype": dtype, "val_fraction": val_fraction}
+    standardize = _check_flag("standardize", standardize)
     if lowered == "digits":
-        return load_digits(augment=augment, **common)
+        return load_digits(augment=augment, standardize=standardize, **common)
     if lowered == "spirals":
-        return make_spirals(**common)
+        return make_spirals(standardize=standardize, **common)
     if lowered == "regression":
-        return make_regression(**common)
+        return make_regression(**common)  # x ~ N(0, I) by construction: never standardised
     if lowered.startswith("npz:") and len(text) > 4:
-        return load_npz(text[4:], **common)
+        return load_npz(text[4:], standardize_features=standardize, **common)
     if lowered.startswith("mnist:") and len(text) > 6:
-        return load_mnist_idx(text[6:], **common)
+        return load_mnist_idx(text[6:], standardize_features=standardize, **common)
     raise ValueError(f"dataset={name!r} is not a data set; expected one of {DATASET_NAMES}")

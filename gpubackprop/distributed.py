@@ -22,6 +22,7 @@ GPU per rank chosen from the node-local rank.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import time
@@ -49,6 +50,9 @@ class ProcessGroup:
     local_rank: int
     local_size: int
     device: int | None = None  # the CUDA device this rank uses (None: no GPU chosen)
+    # Why no GPU could be chosen (more ranks than GPUs on the node): an error only for a
+    # model on the cupy backend, since ranks that train on the CPU need no GPU of their own.
+    device_error: str = ""
 
     @property
     def is_main(self) -> bool:
@@ -129,10 +133,14 @@ def init(abort_on_uncaught: bool = True) -> ProcessGroup:
     node.Free()
     count = _cuda_device_count()
     if count > 0:
-        group.device = select_device(group.local_rank, group.local_size, count)
-        import cupy
+        try:
+            group.device = select_device(group.local_rank, group.local_size, count)
+        except RuntimeError as error:
+            group.device_error = str(error)
+        else:
+            import cupy
 
-        cupy.cuda.Device(group.device).use()
+            cupy.cuda.Device(group.device).use()
     if abort_on_uncaught and group.size > 1:
         _install_abort_hook(group)
     _group = group
@@ -398,6 +406,12 @@ def training_setup(model, optimizer, loss, x_rows: int, batch_size: int, **extra
             "step": optimizer.step_count,
         },
         "loss": loss.config(),
+        # Buffers (Standardize's mean and std) are constants of the model, not broadcast:
+        # compare their bytes (a digest each).
+        "buffers": {
+            name: hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()[:16]
+            for name, value in model.named_buffers().items()
+        },
         "rows": int(x_rows),
         "batch_size": int(batch_size),
         **extra,
@@ -428,6 +442,8 @@ class DataParallel:
     def _check_device(self) -> None:
         if self.model.backend.name != "cupy":
             return
+        if self.group.device_error:
+            raise RuntimeError(self.group.device_error)
         device = int(self.model.store.data.device.id)
         if self.group.device is not None and device != self.group.device:
             raise RuntimeError(

@@ -16,6 +16,7 @@ from .losses import (
     SoftmaxCrossEntropyLoss,
     check_label_range,
 )
+from .threads import blas_threads_for
 
 __all__ = [
     "ACCURACY_LOSSES",
@@ -92,6 +93,12 @@ def evaluate(model, x, y, loss: Loss, batch_size: int = 1024) -> dict[str, float
         raise ValueError(f"y has {row_count(y)} rows but x has {xd.shape[0]}")
     yd = targets_on(model, loss, y)
     loss.backend = model.backend
+    n = xd.shape[0]
+    with blas_threads_for(model, min(batch_size, n)):
+        return _evaluate_batches(model, xd, yd, loss, batch_size)
+
+
+def _evaluate_batches(model, xd, yd, loss: Loss, batch_size: int) -> dict[str, float]:
     n = xd.shape[0]
     totals = EpochTotals(isinstance(loss, ACCURACY_LOSSES))
     for start in range(0, n, batch_size):

@@ -251,6 +251,7 @@ class Container(Layer):
                     f"{type(self).__name__} layer {i} is {layer!r}, not a gpubackprop Layer"
                 )
         self.layers = list(layers)
+        self.widths = chain_widths(self.layers, type(self).__name__)
 
     def named_parameters(self) -> dict[str, Parameter]:
         return {
@@ -284,6 +285,41 @@ class Container(Layer):
         return f"{type(self).__name__}({', '.join(repr(layer) for layer in self.layers)})"
 
 
+def layer_widths(layer: Layer) -> tuple[int | None, int | None]:
+    """(input width, output width) of a layer; None where the layer takes any width (an
+    activation) or passes it through."""
+    if isinstance(layer, Container):
+        return layer.widths
+    return getattr(layer, "in_features", None), getattr(layer, "out_features", None)
+
+
+def _one_line(layer: Layer) -> str:
+    return " ".join(repr(layer).split())
+
+
+def chain_widths(layers: list[Layer], owner: str) -> tuple[int | None, int | None]:
+    """(input width, output width) of ``layers`` applied in order.  Raises ValueError, naming
+    both layers, where a layer takes another width than the layer before it gives, so that the
+    mistake shows when the model is built, not as a shape error in the first forward pass."""
+    first_in: int | None = None
+    width: int | None = None
+    source: tuple[int, Layer] | None = None
+    for i, layer in enumerate(layers):
+        takes, gives = layer_widths(layer)
+        if takes is not None:
+            if source is not None and takes != width:
+                j, before = source
+                raise ValueError(
+                    f"{owner}: layer {i}, {_one_line(layer)}, takes {takes} features but layer "
+                    f"{j} before it, {_one_line(before)}, gives {width}; make the widths agree"
+                )
+            if source is None and first_in is None:
+                first_in = takes
+        if gives is not None:
+            width, source = gives, (i, layer)
+    return first_in, width
+
+
 class Residual(Container):
     """y = x + f(x), f the layers given in order (a sub-network, fused like Sequential's).
 
@@ -293,6 +329,14 @@ class Residual(Container):
         if not layers:
             raise ValueError("Residual() needs at least one layer")
         super().__init__(*layers)
+        takes, gives = self.widths
+        if takes is not None and gives is not None and takes != gives:
+            raise ValueError(
+                f"Residual: f maps {takes} features to {gives}; y = x + f(x) needs f to keep "
+                "the width"
+            )
+        width = takes if takes is not None else gives
+        self.widths = (width, width)
 
 
 ACTIVATION_LAYERS: dict[str, type[Activation]] = {

@@ -11,6 +11,7 @@ import numpy as np
 from .arrays import Array, dtype_of, import_array, shape_of, to_host
 from .backends import get_backend
 from .callbacks import Callback, History
+from .checks import check_int
 from .dtypes import check_dtype
 from .layers import (
     LAYER_TYPES,
@@ -24,6 +25,7 @@ from .layers import (
 from .losses import Loss, SoftmaxCrossEntropyLoss
 from .parameters import FlatStore, Parameter
 from .plan import Plan, Step, build_steps
+from .precision import check_precision
 
 if TYPE_CHECKING:
     from .optim import Optimizer
@@ -80,13 +82,32 @@ class Sequential(Container):
         return None
 
     # -- placement ------------------------------------------------------------------------
-    def to(self, backend: Any = None, dtype: Any = "float32") -> Sequential:
+    def to(
+        self, backend: Any = None, dtype: Any = "float32", precision: str = "fp32"
+    ) -> Sequential:
         """Move parameters to ``backend`` ("numpy" | "cupy" | "emu" | "auto" | None = the
-        GPUBACKPROP_BACKEND variable or "auto") in ``dtype``; build the fused plan."""
-        resolved = get_backend(backend)
+        GPUBACKPROP_BACKEND variable or "auto") in ``dtype``; build the fused plan.
+
+        ``precision`` ("fp32" | "tf32" | "bf16") is how the dense layers' matrix products
+        round their operands (docs/derivation.md, Mixed precision): parameters, gradients and
+        optimizer state stay ``dtype`` (the fp32 master copy); tf32 and bf16 need float32 and,
+        on a GPU, compute capability 8.0 or later (the error names the GPU otherwise)."""
+        check_precision(precision)
         dtype = check_dtype(dtype)
-        self.plan = Plan.build(self.layers, self.parameters(), resolved, dtype)
+        if precision != "fp32" and dtype != np.float32:
+            raise ValueError(
+                f"precision={precision!r} needs dtype='float32' (fp32 master weights and "
+                f"accumulation); got dtype={dtype.name!r}"
+            )
+        resolved = get_backend(backend)
+        resolved.check_precision(precision)
+        self.plan = Plan.build(self.layers, self.parameters(), resolved, dtype, precision)
         return self
+
+    @property
+    def precision(self) -> str:
+        """The GEMM precision the plan runs ("fp32" before ``to()``)."""
+        return "fp32" if self.plan is None else self.plan.precision
 
     def _ensure_placed(self) -> None:
         if self.plan is None:
@@ -204,7 +225,9 @@ class Sequential(Container):
             flat[offset : offset + p.size] = host[p.name].ravel()
         store.data[...] = self.plan.backend.asarray(flat, self.dtype)
         # the steps hold device copies of the buffers: rebuild them from the new values
-        self.plan.steps = build_steps(self.layers, self.plan.backend, self.plan.dtype)
+        self.plan.steps = build_steps(
+            self.layers, self.plan.backend, self.plan.dtype, self.plan.precision
+        )
 
     # -- training loop -------------------------------------------------------------------------
     def fit(
@@ -261,11 +284,15 @@ class Sequential(Container):
 
     def predict(self, x: Array, batch_size: int = 1024) -> np.ndarray:
         """Model outputs for ``x`` as a NumPy array, computed batch by batch."""
+        from .threads import blas_threads_for
+
+        batch_size = check_int("batch_size", batch_size)
         xd = self.prepare_input(x)
         outputs = []
-        for start in range(0, xd.shape[0], batch_size):
-            h = self.run_steps(xd[start : start + batch_size])
-            outputs.append(np.array(self.backend.to_numpy(h)))
+        with blas_threads_for(self, min(batch_size, xd.shape[0])):
+            for start in range(0, xd.shape[0], batch_size):
+                h = self.run_steps(xd[start : start + batch_size])
+                outputs.append(np.array(self.backend.to_numpy(h)))
         return np.concatenate(outputs, axis=0)
 
     def evaluate(
@@ -327,5 +354,5 @@ def from_torch(module: Any, backend: Any = None, dtype: Any = None) -> Sequentia
     Needs PyTorch."""
     from .torch_interop import layers_from_torch  # PyTorch is optional: imported on use
 
-    layers, module_dtype = layers_from_torch(module)
+    layers, module_dtype = layers_from_torch(module, Sequential)
     return Sequential(*layers).to(backend, dtype=dtype or module_dtype)

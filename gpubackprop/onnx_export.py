@@ -99,13 +99,12 @@ def _gelu_tanh(graph: _GraphBuilder, x: str) -> str:
 
 def _emit(graph: _GraphBuilder, layer: gbl.Layer, x: str, path: str) -> str:
     """The nodes of ``layer`` applied to value ``x``; returns the output value's name."""
-    standardize = getattr(gbl, "Standardize", None)
     if isinstance(layer, gbl.Dense):
         inputs = [x, graph.constant(f"{path}.weight", to_host(layer.weight.data))]
         if layer.bias is not None:
             inputs.append(graph.constant(f"{path}.bias", to_host(layer.bias.data)))
         return graph.op("Gemm", inputs, f"dense_{path}", transB=1)
-    if standardize is not None and isinstance(layer, standardize):
+    if isinstance(layer, gbl.Standardize):
         centred = graph.op("Sub", [x, graph.constant(f"{path}.mean", to_host(layer.mean))])
         return graph.op("Div", [centred, graph.constant(f"{path}.std", to_host(layer.std))])
     if isinstance(layer, (gbl.Residual, Sequential)):

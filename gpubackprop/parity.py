@@ -57,13 +57,16 @@ class ParityReport:
     def passed(self) -> bool:
         return all(row.passed for row in self.rows)
 
-    def format(self) -> str:
+    def format(self, failures_only: bool = False) -> str:
+        """The table (only the failing rows with ``failures_only``) and the counts of all rows."""
         header = (
             f"{'op':<28} {'shape':<18} {'backend':<7} {'dtype':<8} {'tensor':<12} "
             f"{'max abs err':>11} {'max rel err':>11}  result"
         )
         lines = [header, "-" * len(header)]
         for r in self.rows:
+            if failures_only and r.passed:
+                continue
             lines.append(
                 f"{r.op:<28} {r.shape:<18} {r.backend:<7} {r.dtype:<8} {r.tensor:<12} "
                 f"{r.max_abs_error:>11.2e} {r.max_rel_error:>11.2e}  "

@@ -50,6 +50,7 @@ class DenseStep(Step):
     bias: Parameter | None
     activation: str = "identity"
     alpha: float = 0.0
+    precision: str = "fp32"  # of the GEMMs (gpubackprop/precision.py)
     _x: Any = field(default=None, repr=False)
     _saved: Any = field(default=None, repr=False)
 
@@ -57,7 +58,7 @@ class DenseStep(Step):
         """Keeps x (for ∂L/∂W) and y or z (for f')."""
         bias = self.bias.data if self.bias is not None else None
         y, self._saved = self.backend.dense_forward(
-            x, self.weight.data, bias, self.activation, self.alpha
+            x, self.weight.data, bias, self.activation, self.alpha, precision=self.precision
         )
         self._x = x
         return y
@@ -77,6 +78,7 @@ class DenseStep(Step):
             self.weight.grad,
             dbias,
             need_dinp,
+            precision=self.precision,
         )
 
 
@@ -174,9 +176,10 @@ def _inline_containers(layers: list[Layer]) -> list[Layer]:
     return flat
 
 
-def build_steps(layers: list[Layer], backend, dtype) -> list[Step]:
+def build_steps(layers: list[Layer], backend, dtype, precision: str = "fp32") -> list[Step]:
     """The steps for ``layers`` on ``backend`` in ``dtype``: a Dense followed by an activation
-    becomes one fused DenseStep; containers are walked at every depth."""
+    becomes one fused DenseStep; containers are walked at every depth.  Every DenseStep runs
+    its GEMMs in ``precision``."""
     flat = _inline_containers(layers)
     steps: list[Step] = []
     i = 0
@@ -186,15 +189,24 @@ def build_steps(layers: list[Layer], backend, dtype) -> list[Step]:
             following = flat[i + 1] if i + 1 < len(flat) else None
             if isinstance(following, Activation):
                 steps.append(
-                    DenseStep(backend, layer.weight, layer.bias, following.kind, following.alpha)
+                    DenseStep(
+                        backend,
+                        layer.weight,
+                        layer.bias,
+                        following.kind,
+                        following.alpha,
+                        precision,
+                    )
                 )
                 i += 1
             else:
-                steps.append(DenseStep(backend, layer.weight, layer.bias))
+                steps.append(DenseStep(backend, layer.weight, layer.bias, precision=precision))
         elif isinstance(layer, Activation):
             steps.append(ActivationStep(backend, layer.kind, layer.alpha))
         elif isinstance(layer, Residual):
-            steps.append(ResidualStep(backend, build_steps(layer.layers, backend, dtype)))
+            steps.append(
+                ResidualStep(backend, build_steps(layer.layers, backend, dtype, precision))
+            )
         elif isinstance(layer, Standardize):
             steps.append(
                 StandardizeStep(
@@ -215,11 +227,20 @@ class Plan:
     dtype: np.dtype
     store: FlatStore
     steps: list[Step]
+    precision: str = "fp32"
 
     @classmethod
-    def build(cls, layers: list[Layer], parameters: list[Parameter], backend, dtype) -> Plan:
+    def build(
+        cls,
+        layers: list[Layer],
+        parameters: list[Parameter],
+        backend,
+        dtype,
+        precision: str = "fp32",
+    ) -> Plan:
         store = FlatStore(backend, dtype, parameters)
-        return cls(backend, np.dtype(dtype), store, build_steps(layers, backend, dtype))
+        steps = build_steps(layers, backend, dtype, precision)
+        return cls(backend, np.dtype(dtype), store, steps, precision)
 
     def forward(self, h):
         for step in self.steps:

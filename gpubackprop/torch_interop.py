@@ -22,6 +22,7 @@ one of these functions is called.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -71,11 +72,6 @@ SUPPORTED_TORCH_MODULES = (
 )
 
 
-def _standardize_class() -> type | None:
-    """gb.Standardize where this version has it (the model's input preprocessing layer)."""
-    return getattr(gbl, "Standardize", None)
-
-
 # -- gpubackprop -> torch -------------------------------------------------------------------------
 
 
@@ -94,7 +90,6 @@ def _tensor(values: Any, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _module_of(layer: gbl.Layer, dtype: torch.dtype) -> torch.nn.Module:
-    standardize = _standardize_class()
     if isinstance(layer, gbl.Dense):
         linear = torch.nn.Linear(
             layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=dtype
@@ -104,7 +99,7 @@ def _module_of(layer: gbl.Layer, dtype: torch.dtype) -> torch.nn.Module:
             if layer.bias is not None:
                 linear.bias.copy_(_tensor(layer.bias.data, dtype))
         return linear
-    if standardize is not None and isinstance(layer, standardize):
+    if isinstance(layer, gbl.Standardize):
         return Standardize(to_host(layer.mean), to_host(layer.std), dtype)
     if isinstance(layer, gbl.Residual):
         return Residual(*(_module_of(inner, dtype) for inner in layer.layers))
@@ -123,37 +118,42 @@ def _module_of(layer: gbl.Layer, dtype: torch.dtype) -> torch.nn.Module:
 # -- torch -> gpubackprop -------------------------------------------------------------------------
 
 
-def layers_from_torch(module: torch.nn.Module) -> tuple[list[gbl.Layer], str]:
+def layers_from_torch(
+    module: torch.nn.Module, sequential: Callable[..., gbl.Container]
+) -> tuple[list[gbl.Layer], str]:
     """The gpubackprop layers (with copies of the weights) computing what the
     torch.nn.Sequential ``module`` computes, and the dtype of its first floating-point
     parameter ("float32" or "float64"; "float32" without any).  model.from_torch (gb.from_torch)
     builds the Sequential from them.
 
-    The layers of a nested torch.nn.Sequential are spliced into their parent (the same
-    function; parameter names then follow the flat order).  A module with no gpubackprop
-    counterpart is refused with TypeError naming it and its place in ``module``."""
-    if not isinstance(module, torch.nn.Sequential) or isinstance(module, Residual):
+    A nested torch.nn.Sequential becomes a nested ``sequential`` (model.Sequential, passed in
+    so that this module sits below model.py), so parameter names agree.  A module with no
+    gpubackprop counterpart (a subclass of a supported one included: its forward may differ) is
+    refused with TypeError naming it and its place in ``module``."""
+    if type(module) is not torch.nn.Sequential:  # a subclass may compute something else
         raise TypeError(
             f"module is {type(module).__module__}.{type(module).__qualname__}; expected a "
             "torch.nn.Sequential"
         )
     floats = [p.dtype for p in module.parameters() if p.dtype.is_floating_point]
     dtype = {torch.float64: "float64"}.get(floats[0], "float32") if floats else "float32"
-    return _layers_of(module, ""), dtype
+    return _layers_of(module, "", sequential), dtype
 
 
 def _host_float64(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().to(device="cpu", dtype=torch.float64).numpy().copy()
 
 
-def _layers_of(container: torch.nn.Module, prefix: str) -> list[gbl.Layer]:
+def _layers_of(
+    container: torch.nn.Module, prefix: str, sequential: Callable[..., gbl.Container]
+) -> list[gbl.Layer]:
     layers: list[gbl.Layer] = []
     for name, child in container.named_children():
         path = f"{prefix}{name}"
         if isinstance(child, Residual):
-            layers.append(gbl.Residual(*_layers_of(child, f"{path}.")))
-        elif isinstance(child, torch.nn.Sequential):
-            layers.extend(_layers_of(child, f"{path}."))
+            layers.append(gbl.Residual(*_layers_of(child, f"{path}.", sequential)))
+        elif type(child) is torch.nn.Sequential:
+            layers.append(sequential(*_layers_of(child, f"{path}.", sequential)))
         else:
             layers.append(_layer_of(child, path))
     return layers
@@ -171,9 +171,8 @@ def _layer_of(child: torch.nn.Module, path: str) -> gbl.Layer:
         return gbl.LeakyReLU(child.negative_slope)
     if type(child) is torch.nn.GELU:
         return gbl.GELU(child.approximate)
-    standardize = _standardize_class()
-    if type(child) is Standardize and standardize is not None:
-        return standardize(_host_float64(child.mean), _host_float64(child.std))
+    if type(child) is Standardize:
+        return gbl.Standardize(_host_float64(child.mean), _host_float64(child.std))
     for ours, theirs in _SIMPLE_ACTIVATIONS:
         if type(child) is theirs:
             return ours()

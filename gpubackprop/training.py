@@ -25,6 +25,7 @@ from .evaluation import (
 )
 from .losses import Loss, SoftmaxCrossEntropyLoss, check_label_range
 from .random import generator
+from .threads import blas_threads_for
 
 
 def _check_finite(value: float, where: str, optimizer) -> None:
@@ -73,11 +74,19 @@ def run_fit(
         raise ValueError(f"verbose={verbose!r} is not accepted; expected 0, 1 or 2")
     if not isinstance(loss, Loss):
         raise TypeError(f"loss={loss!r} is not a gpubackprop Loss")
+    for i, callback in enumerate(callbacks):
+        if not isinstance(callback, Callback):
+            raise TypeError(f"callbacks[{i}]={callback!r:.80} is not a gpubackprop Callback")
     xd = model.prepare_input(x)
     n = xd.shape[0]
     if row_count(y) != n:
         raise ValueError(f"y has {row_count(y)} rows but x has {n}")
     yd = targets_on(model, loss, y)
+    if not callable(getattr(optimizer, "step", None)):
+        raise TypeError(
+            f"optimizer={optimizer!r:.80} is not an optimizer; expected a gpubackprop Optimizer "
+            "such as gb.Adam(model.parameters())"
+        )
     if validation_data is not None and len(validation_data) != 2:
         raise ValueError("validation_data must be a pair (x_val, y_val)")
     loss.backend = model.backend
@@ -87,6 +96,15 @@ def run_fit(
         # training (the same reduced metrics give the same decisions everywhere).
         verbose = 0
         callbacks = [c for c in callbacks if not getattr(c, "main_process_only", False)]
+    # Settings that cannot work (a monitor no epoch will log, a folder that does not exist)
+    # fail now, not after the first epoch has been paid for.
+    metrics = {"loss", "samples_per_s"} | (
+        {"accuracy"} if isinstance(loss, ACCURACY_LOSSES) else set()
+    )
+    if validation_data is not None:
+        metrics |= {f"val_{m}" for m in metrics if m != "samples_per_s"}
+    for callback in callbacks:
+        callback.check_setup(metrics)
     history = History()
     callbacks = [history, *callbacks]
     model.stop_training = False
@@ -96,23 +114,24 @@ def run_fit(
     labels_unchecked = isinstance(loss, SoftmaxCrossEntropyLoss) and yd.ndim == 1
     saved_check = getattr(loss, "check_labels", None)
     try:
-        logs = _epochs(
-            _Run(
-                model,
-                xd,
-                yd,
-                loss,
-                optimizer,
-                epochs,
-                batch_size,
-                shuffle,
-                validation_data,
-                verbose,
-                callbacks,
-                parallel,
-            ),
-            labels_unchecked,
-        )
+        with blas_threads_for(model, min(batch_size, n)):
+            logs = _epochs(
+                _Run(
+                    model,
+                    xd,
+                    yd,
+                    loss,
+                    optimizer,
+                    epochs,
+                    batch_size,
+                    shuffle,
+                    validation_data,
+                    verbose,
+                    callbacks,
+                    parallel,
+                ),
+                labels_unchecked,
+            )
     except BaseException as error:
         if parallel is not None:
             dist.guard(parallel.group, error)

@@ -356,3 +356,34 @@ def test_recording_seam_records_without_running():
     (launch,) = backend.seam.launches
     assert launch.file == "gemm.cu" and launch.kernel == "dense_forward"
     assert launch.grid == (1, 1, 1) and launch.args[0] is x and launch.args[1] is w
+
+
+def test_tables_explain_their_ratio_columns(tiny_record):
+    from gpubackprop.benchmarks.report import format_markdown, format_table
+
+    for table in (format_table(tiny_record), format_markdown(tiny_record)):
+        assert "of floor: the floor" in table and "Above 100% the row beat the ceilings" in table
+        if any(row["vs"] for row in tiny_record["results"]):
+            assert "vs <baseline>: the baseline's median time divided by ours" in table
+
+
+def test_tensor_core_gemm_rows_run_checked_on_the_emulator():
+    """The bf16 and tf32 GEMM rows (gemm_mma.cu against cuBLAS at the same precision on a GPU)
+    build, pass their check against the rounded-operand reference and are timed on emu."""
+    from gpubackprop.emulator import find_compiler
+
+    if find_compiler() is None:
+        pytest.skip("no C++ compiler for the emulator")
+    record = bench.run_benchmarks(
+        tiny_config(backends=["emu"], only=["gemm.forward.bf16", "gemm.dX+dW.tf32"])
+    )
+    rows = {r["name"]: r for r in record["results"]}
+    assert set(rows) == {"gemm.forward.bf16", "gemm.dX+dW.tf32"}
+    for row in rows.values():
+        assert row["status"] == "ok" and row["max_rel_error"] <= row["rtol"], row
+    # numpy and float64 get no tensor-core rows
+    assert not [
+        r
+        for r in bench.run_benchmarks(tiny_config(only=["bf16"]))["results"]
+        if "bf16" in r["name"]
+    ]

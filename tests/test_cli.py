@@ -77,7 +77,8 @@ def test_train_writes_metrics_plot_and_checkpoint(tmp_path, capsys):
     model = gb.load(checkpoint, backend="numpy")
     from gpubackprop.data import load_dataset
 
-    data = load_dataset("spirals", val_fraction=0.1)
+    # the model standardises its inputs (its first layer): it takes the raw features
+    data = load_dataset("spirals", val_fraction=0.1, standardize=False)
     evaluated = model.evaluate(data.x_test, data.y_test)
     assert evaluated["accuracy"] == pytest.approx(metrics["test_accuracy"], abs=1e-12)
     assert evaluated["loss"] == pytest.approx(metrics["test_loss"], rel=1e-6)
@@ -372,3 +373,129 @@ def test_cli_activation_order_starts_with_relu_and_ends_with_identity():
 
     assert cli.CLI_ACTIVATIONS[0] == "relu" and cli.CLI_ACTIVATIONS[-1] == "identity"
     assert sorted(cli.CLI_ACTIVATIONS) == sorted(ACTIVATIONS)
+
+
+# -- pipes, counts and the environment --------------------------------------------------------
+
+
+def test_parity_failures_only_counts_every_row(capsys, monkeypatch):
+    from gpubackprop import parity
+
+    rows = [
+        parity.ParityRow("add", "3x4", "numpy", "float32", "out", 0.0, 0.0, True),
+        parity.ParityRow("mul", "3x4", "numpy", "float32", "out", 1.0, 1.0, False),
+        parity.ParityRow("sub", "3x4", "numpy", "float32", "out", 0.0, 0.0, True),
+    ]
+    monkeypatch.setattr(parity, "parity_report", lambda *a, **k: parity.ParityReport(list(rows)))
+    assert cli.main(["parity", "--backend", "numpy", "--failures-only"]) == 1
+    out = capsys.readouterr().out
+    assert "mul" in out and "add " not in out and "sub " not in out
+    assert out.strip().endswith("2 passed, 1 failed")
+
+
+def test_info_into_a_closed_pipe_exits_quietly():
+    import os
+    import subprocess
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first byte, as after `| head -1`
+    try:
+        child = subprocess.run(
+            [sys.executable, "-m", "gpubackprop", "info"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        os.close(write_end)
+    assert child.returncode == 0, child.stderr
+    assert child.stderr == ""
+
+
+def test_broken_pipe_in_process_returns_zero(capsys, monkeypatch):
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert cli.main(["info"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_empty_backend_variable_means_not_set(monkeypatch, capsys):
+    from gpubackprop.backends import get_backend
+
+    monkeypatch.setenv("GPUBACKPROP_BACKEND", "")
+    assert get_backend().name == get_backend("auto").name
+    monkeypatch.setenv("GPUBACKPROP_BACKEND", "  ")
+    assert get_backend().name == get_backend("auto").name
+    status, _, err = _run(["train", *QUICK[:-2], "--epochs", "1"], capsys)
+    assert status == 0, err
+
+
+def test_a_layer_too_large_for_memory_is_one_line(capsys):
+    # 4e9 × 64 float64 weights are about 2 TB: no machine allocates that.
+    status, _, err = _run(
+        [
+            "train",
+            "--hidden",
+            "4000000000",
+            "--epochs",
+            "1",
+            "--verbose",
+            "0",
+            "--backend",
+            "numpy",
+        ],
+        capsys,
+    )
+    assert status == 1
+    assert err.count("\n") == 1, err
+    assert err.startswith("gpubackprop train: error: out of memory") and "4000000000" in err
+
+
+def test_a_huge_npz_label_is_one_line(tmp_path, capsys):
+    path = tmp_path / "labels.npz"
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 40)
+    y[7] = 10**9  # 10⁹ + 1 classes: an output layer of 256 × (10⁹ + 1) weights, 2 TB
+    np.savez(path, x=rng.standard_normal((40, 3)), y=y)
+    status, _, err = _run(
+        ["train", "--dataset", f"npz:{path}", "--epochs", "1", "--verbose", "0"], capsys
+    )
+    assert status in (1, 2)
+    assert err.count("\n") == 1, err
+    assert "1000000001" in err
+
+
+def test_summary_prints_the_total_rate_and_how_the_backend_was_chosen(
+    tmp_path, capsys, monkeypatch
+):
+    import re
+
+    from gpubackprop import backends
+    from gpubackprop.backends import UnavailableBackend
+
+    monkeypatch.delenv("GPUBACKPROP_BACKEND", raising=False)
+    monkeypatch.setattr(backends, "_instances", dict(backends._instances))
+    backends._instances["cupy"] = UnavailableBackend("cupy", "no GPU in this test; use numpy")
+    metrics_path = tmp_path / "m.json"
+    argv = ["train", *QUICK[:-2], "--metrics-json", str(metrics_path)]
+    status, out, err = _run(argv, capsys)
+    assert status == 0, err
+    summary = out.strip().splitlines()[0]
+    metrics = json.loads(metrics_path.read_text())
+    rate = float(re.search(r"\(([\d,]+) samples/s\)", summary).group(1).replace(",", ""))
+    total = metrics["n_train"] * metrics["epochs"] / metrics["train_time_s"]
+    assert rate == pytest.approx(total, rel=1e-3, abs=1.0)
+    assert metrics["total_samples_per_s"] == pytest.approx(total)
+    assert "on numpy (auto: no GPU in this test), float32" in summary
+    monkeypatch.setenv("GPUBACKPROP_BACKEND", "numpy")
+    status, out, _ = _run(["train", *QUICK[:-2]], capsys)
+    assert "on numpy (GPUBACKPROP_BACKEND=numpy), float32" in out
+    status, out, _ = _run(["train", *QUICK], capsys)
+    assert "on numpy, float32" in out

@@ -408,3 +408,36 @@ def test_load_dataset_names():
         data.load_dataset("cifar")
     with pytest.raises(ValueError, match="expected one of"):
         data.load_dataset("npz:")
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_read_idx_refuses_absurd_dims_before_reading(tmp_path, suffix):
+    # 65536⁴ overflows int64 (to 0): the size must be computed exactly, and refused by the file
+    # size, not reached by reshaping or by decompressing.
+    path = tmp_path / f"huge.idx{suffix}"
+    raw = _idx_bytes(0x08, (65535, 65535, 65535, 65535), bytes(64))
+    path.write_bytes(gzip.compress(raw) if suffix else raw)
+    with pytest.raises(ValueError, match=r"huge\.idx.*truncated.*\(65535, 65535, 65535, 65535\)"):
+        data.read_idx(path)
+
+
+def test_read_idx_gzip_bomb_is_refused_with_bounded_memory(tmp_path):
+    # 256 MiB of zeros compress to about 256 KiB; the header claims 16 MiB: the reader must stop
+    # at the header's size (plus one byte), not inflate all 256 MiB first.
+    import tracemalloc
+
+    path = tmp_path / "bomb.idx.gz"
+    with gzip.open(path, "wb", compresslevel=9) as handle:
+        handle.write(_idx_bytes(0x08, (16, 1024, 1024), b""))
+        zeros = bytes(1 << 24)
+        for _ in range(16):
+            handle.write(zeros)
+    assert path.stat().st_size < 2**20
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"bomb\.idx\.gz' has trailing bytes"):
+            data.read_idx(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 100 * 2**20, f"read_idx held {peak / 2**20:.0f} MiB"

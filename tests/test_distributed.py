@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,10 @@ CASES = [
     ("adam", 0.05, 24),
     ("sgd", None, 25),
 ]
+# A "sum" loss: the ranks' gradients are added, not weighted (uneven shards 13/12).
+SUM_CASE = ("sgd", None, 25)
+# Three ranks (not a power of two: MPI reduces in another pattern), uneven shards 9/8/8.
+THREE_RANK_CASE = ("adam", 0.05, 25)
 # The emu backend all-reduces the host memory of its arrays (CuPy-like device arrays in the
 # worker: GPUBACKPROP_EMU_DEVICE_ARRAYS=1); a few steps, the emulator being slow.
 EMU_CASE, EMU_STEPS = ("adam", 0.05, 24), 4
@@ -82,14 +87,20 @@ def _train_steps(
     parallel_group=None,
     backend: str = "numpy",
     steps: int = STEPS,
+    summed_mse: bool = False,
 ):
     """``steps`` steps on consecutive global batches; returns the flat parameters after each.
-    With a group: every rank takes its shard and the gradients are averaged."""
+    With a group: every rank takes its shard and the gradients are averaged.  The loss is
+    cross-entropy (a mean), or with ``summed_mse`` MSELoss(reduction="sum") on one-hot targets
+    (the ranks' gradients add up without weights)."""
     rank = 0 if parallel_group is None else parallel_group.rank
     # Ranks other than 0 start from other weights: the broadcast must replace them.
     model, opt = _model_and_optimizer(optimizer, seed=100 * rank, backend=backend)
-    loss = gb.SoftmaxCrossEntropyLoss().to(model.backend)
+    loss = (gb.MSELoss("sum") if summed_mse else gb.SoftmaxCrossEntropyLoss()).to(model.backend)
     x, y = _data(steps * batch)
+    if summed_mse:
+        y = np.eye(OUTPUTS)[y]
+        opt.lr = opt.lr / batch  # the summed gradient is ~batch times the mean's
     parallel = None
     if parallel_group is not None:
         parallel = dist.DataParallel(parallel_group, model, loss, opt)
@@ -99,7 +110,8 @@ def _train_steps(
         start, stop = step * batch, (step + 1) * batch
         lo, hi = (start, stop) if parallel is None else parallel.shard(start, stop)
         pred = model.forward(x[lo:hi])
-        loss.forward(pred, model.backend.asarray(y[lo:hi], np.int64))
+        target = y[lo:hi] if summed_mse else y[lo:hi].astype(np.int64)
+        loss.forward(pred, model.backend.asarray(target))
         model.backward(loss.backward(), need_input_grad=False)
         if parallel is not None:
             parallel.average_gradients(hi - lo, stop - start)
@@ -110,7 +122,7 @@ def _train_steps(
     return np.stack(after)
 
 
-def _fit_run(distributed: bool, verbose: int = 0):
+def _fit_run(distributed: bool, verbose: int = 0, checkpoint: Path | None = None):
     """fit with shuffling, an uneven last batch (100 rows, batch 24) and validation data."""
     model, opt = _model_and_optimizer("adam", seed=0 if not distributed else 100 * dist.rank())
     gb.seed(7 + 13 * dist.rank())  # the shuffling generator: rank 0's is broadcast
@@ -126,6 +138,7 @@ def _fit_run(distributed: bool, verbose: int = 0):
         validation_data=(xv + 0.5, yv),
         verbose=verbose,
         distributed=distributed,
+        callbacks=[] if checkpoint is None else [gb.ModelCheckpoint(checkpoint)],
     )
     return np.array(model.store.data), history.history
 
@@ -142,9 +155,16 @@ def _worker(scenario: str, out: Path) -> None:
             np.save(out / f"{_case_name(optimizer, max_norm, batch)}.rank{rank}.npy", params)
         params = _train_steps(*EMU_CASE, group, backend="emu", steps=EMU_STEPS)
         np.save(out / f"{_case_name(*EMU_CASE, backend='emu')}.rank{rank}.npy", params)
-        params, history = _fit_run(distributed=True, verbose=2)
+        # each rank names its own checkpoint file: only rank 0's may appear
+        checkpoint = out / f"checkpoint.rank{rank}.safetensors"
+        params, history = _fit_run(distributed=True, verbose=2, checkpoint=checkpoint)
         np.save(out / f"fit.rank{rank}.npy", params)
         (out / f"fit.rank{rank}.json").write_text(json.dumps(history))
+        params = _train_steps(*SUM_CASE, group, summed_mse=True)
+        np.save(out / f"sum.rank{rank}.npy", params)
+    elif scenario == "three":
+        params = _train_steps(*THREE_RANK_CASE, group)
+        np.save(out / f"three.rank{rank}.npy", params)
     elif scenario == "raise":
 
         class FailOnRankOne(gb.Callback):
@@ -236,6 +256,28 @@ def test_two_ranks_match_one_process_and_each_other(trained, optimizer, max_norm
     assert np.max(np.abs(single[-1] - single[0])) > 1e-2
 
 
+def test_sum_reduction_adds_the_ranks_gradients(trained):
+    out, _ = trained
+    rank0, rank1 = np.load(out / "sum.rank0.npy"), np.load(out / "sum.rank1.npy")
+    assert np.array_equal(rank0, rank1)
+    single = _train_steps(*SUM_CASE, summed_mse=True)
+    scale = np.max(np.abs(single), axis=1, keepdims=True)
+    assert np.max(np.abs(rank0 - single) / scale) <= RTOL
+    assert np.max(np.abs(single[-1] - single[0])) > 1e-2
+
+
+def test_three_ranks_stay_bitwise_identical_and_match_one_process(tmp_path):
+    result = _launch(3, [str(HERE), "three", str(tmp_path)], tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [np.load(tmp_path / f"three.rank{r}.npy") for r in range(3)]
+    for step in range(STEPS):
+        assert np.array_equal(ranks[0][step], ranks[1][step]), step
+        assert np.array_equal(ranks[0][step], ranks[2][step]), step
+    single = _train_steps(*THREE_RANK_CASE)
+    scale = np.max(np.abs(single), axis=1, keepdims=True)
+    assert np.max(np.abs(ranks[0] - single) / scale) <= RTOL
+
+
 def test_emu_ranks_match_one_numpy_process(trained):
     available, reason = gb.available_backends()["emu"]
     if not available:
@@ -270,6 +312,8 @@ def test_distributed_fit_matches_fit_and_rank_zero_alone_prints(trained):
         reduced = json.loads((out / f"fit.rank{rank}.json").read_text())
         for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
             np.testing.assert_allclose(reduced[key], history[key], rtol=1e-9, err_msg=key)
+    assert (out / "checkpoint.rank0.safetensors").is_file()
+    assert not (out / "checkpoint.rank1.safetensors").exists()
     # verbose=2 prints one line per epoch, from rank 0 only: 3 epochs, 3 lines
     assert result.stderr.count("epoch 1/3") == 1
     assert result.stderr.count("epoch 3/3") == 1
@@ -367,17 +411,21 @@ def test_cli_rank_failing_alone_stops_the_job(tmp_path):
 # -- single-process tests -------------------------------------------------------------------------
 
 
-def test_docs_example_runs_on_one_rank(tmp_path, monkeypatch):
-    """docs/distributed.md's script, as written, in this process (an MPI job of one rank)."""
+def test_docs_examples_run_on_one_rank(tmp_path, monkeypatch):
+    """docs/distributed.md's scripts, as written, in this process (an MPI job of one rank)."""
     pytest.importorskip("mpi4py")
     page = (ROOT / "docs" / "distributed.md").read_text(encoding="utf-8")
-    (block,) = re.findall(r"```python\n(.*?)```", page, re.S)
+    fit_script, loop_script = re.findall(r"```python\n(.*?)```", page, re.S)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GPUBACKPROP_BACKEND", "numpy")
     namespace: dict = {}
-    exec(compile(block, "docs/distributed.md", "exec"), namespace)
+    exec(compile(fit_script, "docs/distributed.md", "exec"), namespace)
     assert namespace["history"]["accuracy"][-1] > 0.9
     assert (tmp_path / "model.safetensors").is_file()
+    namespace = {}
+    exec(compile(loop_script, "docs/distributed.md", "exec"), namespace)
+    model, x, y = namespace["model"], namespace["x"], namespace["y"]
+    assert model.evaluate(x, y, gb.MSELoss())["loss"] < 0.1 * float(np.var(y))  # it learned
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4, 7])
@@ -407,6 +455,18 @@ def test_more_ranks_than_gpus_on_a_node_is_refused():
         dist.select_device(0, 1, 0)
 
 
+def test_too_many_ranks_for_the_gpus_fail_only_a_cupy_model():
+    """Ranks training on the CPU need no GPU each; a cupy model on such a rank is refused."""
+    group = dist.ProcessGroup(comm=None, rank=5, size=8, local_rank=5, local_size=8)
+    group.device_error = "8 ranks run on this node but only 4 GPUs are visible"
+    model, opt = _model_and_optimizer("sgd", seed=0)
+    numpy_parallel = dist.DataParallel(group, model, gb.MSELoss(), opt)
+    assert isinstance(numpy_parallel.transport, dist.MpiTransport)
+    on_gpu = types.SimpleNamespace(backend=types.SimpleNamespace(name="cupy"))  # a stand-in
+    with pytest.raises(RuntimeError, match="only 4 GPUs are visible"):
+        dist.DataParallel(group, on_gpu, gb.MSELoss(), opt)
+
+
 def test_first_difference_names_the_path():
     a = {"model": {"layers": [{"out_features": 8}, {"type": "Tanh"}]}, "lr": 0.1}
     b = {"model": {"layers": [{"out_features": 8}, {"type": "ReLU"}]}, "lr": 0.1}
@@ -414,6 +474,19 @@ def test_first_difference_names_the_path():
     assert dist.first_difference(a, a) is None
     assert dist.first_difference({"x": [1, 2]}, {"x": [1, 2, 3]}) == ("x length", 2, 3)
     assert dist.first_difference({"x": 1}, {"y": 1}) == ("x", 1, "<missing>")
+
+
+def test_setup_compares_standardize_buffers():
+    """Standardize's mean and std are not broadcast: ranks fitted on other data must differ."""
+
+    def setup(mean):
+        model = gb.Sequential(gb.Standardize(mean, [1.0, 2.0]), gb.Dense(2, 3)).to("numpy")
+        opt = gb.SGD(model.parameters(), lr=0.1)
+        return dist.training_setup(model, opt, gb.MSELoss(), 10, 5)
+
+    where, _, _ = dist.first_difference(setup([0.0, 1.0]), setup([0.0, 1.5]))
+    assert where == "buffers.0.mean"
+    assert dist.first_difference(setup([0.0, 1.0]), setup([0.0, 1.0])) is None
 
 
 def test_missing_nccl_names_what_to_install(monkeypatch):
@@ -428,6 +501,19 @@ def test_missing_nccl_names_what_to_install(monkeypatch):
         monkeypatch.setattr(nccl, "available", False)
     with pytest.raises(RuntimeError, match=r'pip install "nvidia-nccl-cu1[23]>=2\.27\.7,<3"'):
         dist.require_nccl()
+
+
+def test_bench_without_mpi_skips_the_row_and_still_passes(monkeypatch):
+    from gpubackprop import benchmarks as bench
+
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    config = bench.BenchConfig(
+        backends=["numpy"], preset="tiny", only=("data_parallel",), verbose=False, torch=False
+    )
+    record = bench.run_benchmarks(config)
+    assert record["results"] == []
+    (entry,) = [e for e in record["skipped"] if e["name"] == "data_parallel.step"]
+    assert 'pip install ".[mpi]"' in entry["reason"]
 
 
 def test_missing_mpi4py_names_the_extra(monkeypatch):
@@ -461,6 +547,12 @@ def test_nccl_one_rank_allreduce_and_broadcast_on_the_gpu():
         pytest.skip(f"backend 'cupy' is unavailable here: {reason}")
     import cupy
 
+    try:
+        dist.require_nccl()
+    except RuntimeError as error:
+        if os.environ.get("GPUBACKPROP_REQUIRE_GPU"):
+            raise
+        pytest.skip(str(error))
     # a one-rank group needs no MPI (the GPU machine may lack the mpi extra)
     group = dist.ProcessGroup(comm=None, rank=0, size=1, local_rank=0, local_size=1)
     transport = dist.NcclTransport(group)

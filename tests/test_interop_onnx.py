@@ -133,22 +133,29 @@ def test_layer_without_export_is_refused(tmp_path):
     assert not (tmp_path / "model.onnx").exists()
 
 
-def test_train_exports_onnx(tmp_path, capsys):
+def test_train_exports_onnx_that_predicts_from_raw_features(tmp_path, capsys):
+    from gpubackprop.data import load_digits
+
     onnx_path, checkpoint = tmp_path / "digits.onnx", tmp_path / "digits.safetensors"
-    argv = ["train", "--epochs", "1", "--hidden", "32", "--activation", "gelu", "--verbose", "0",
+    metrics_path = tmp_path / "metrics.json"
+    argv = ["train", "--epochs", "3", "--hidden", "64", "--lr", "0.01", "--activation", "gelu",
+            "--verbose", "0",
             "--backend", "numpy", "--no-augment", "--save", str(checkpoint),
-            "--export-onnx", str(onnx_path)]  # fmt: skip
+            "--metrics-json", str(metrics_path), "--export-onnx", str(onnx_path)]  # fmt: skip
     assert cli.main(argv) == 0
     assert f"wrote ONNX model {onnx_path}" in capsys.readouterr().out
-    trained = gb.load(checkpoint)
-    x = _digits_like(50)
+    # The model carries its standardisation: the file takes the raw 0..16 pixels.
+    raw = load_digits(standardize=False)
+    assert raw.x_test.max() > 10
+    nodes = [node.op_type for node in onnx.load(str(onnx_path)).graph.node]
+    assert nodes[:3] == ["Sub", "Div", "Gemm"]
+    logits = _run_onnxruntime(onnx_path, np.ascontiguousarray(raw.x_test, dtype=np.float32))
+    accuracy = float((logits.argmax(axis=1) == raw.y_test).mean())
+    trained = json.loads(metrics_path.read_text())["test_accuracy"]
+    assert accuracy > 0.8 and abs(accuracy - trained) <= 1 / len(raw.y_test)
     np.testing.assert_allclose(
-        _run_onnxruntime(onnx_path, x), trained.predict(x), rtol=1e-5, atol=1e-5
+        logits, gb.load(checkpoint).predict(raw.x_test), rtol=1e-5, atol=1e-5
     )
-
-
-def _digits_like(rows: int) -> np.ndarray:
-    return np.random.default_rng(7).normal(size=(rows, 64)).astype(np.float32)
 
 
 def test_train_without_onnx_fails_before_training(tmp_path, capsys, monkeypatch):

@@ -23,8 +23,7 @@ def _every_activation_model() -> gb.Sequential:
         gb.Dense(7, 12), gb.LeakyReLU(0.23),
         gb.Residual(gb.Dense(12, 12), gb.GELU()),
         gb.Residual(gb.Dense(12, 12, bias=False), gb.GELU(approximate="tanh"), gb.Dense(12, 12)),
-        gb.Dense(12, 11), gb.SiLU(),
-        gb.Dense(11, 10), gb.Sigmoid(),
+        gb.Sequential(gb.Dense(12, 11), gb.SiLU(), gb.Sequential(gb.Dense(11, 10), gb.Sigmoid())),
         gb.Dense(10, 9), gb.Tanh(),
         gb.Dense(9, 8), gb.ReLU(),
         gb.Identity(),
@@ -94,8 +93,14 @@ def test_from_torch_same_function_and_gradients():
     model = gb.from_torch(module, backend="numpy")
     assert model.dtype == np.float64  # the module's own dtype
     types = [type(layer).__name__ for layer in model.layers]
-    assert types[:5] == ["Dense", "GELU", "Residual", "Dense", "SiLU"]  # nested Sequential spliced
+    assert types[:5] == ["Dense", "GELU", "Residual", "Sequential", "Dense"]
     assert model.layers[1].approximate == "tanh" and model.layers[2].layers[1].alpha == 0.07
+    assert [type(layer).__name__ for layer in model.layers[3].layers] == [
+        "Dense",
+        "SiLU",
+        "Sequential",
+    ]
+    assert [p.name for p in model.parameters()] == [name for name, _ in module.named_parameters()]
     rng = np.random.default_rng(1)
     x = rng.normal(size=(11, 6)) * 2
     dout = rng.normal(size=(11, 3))
@@ -144,6 +149,17 @@ def test_unsupported_modules_are_refused_by_name():
         gb.from_torch(nn.Sequential(ScaledLinear(3, 4)))
     with pytest.raises(TypeError, match=r"module is torch\.nn\.modules\.linear\.Linear; expected"):
         gb.from_torch(nn.Linear(3, 4))
+    with pytest.raises(
+        TypeError, match=r"module is gpubackprop\.torch_interop\.Residual; expected"
+    ):
+        gb.from_torch(torch_interop.Residual(nn.Linear(3, 3)))
+    with pytest.raises(TypeError, match=r"module '1' is .*ScaledSequential"):
+
+        class ScaledSequential(nn.Sequential):
+            def forward(self, x):
+                return 2 * super().forward(x)
+
+        gb.from_torch(nn.Sequential(nn.Linear(3, 3), ScaledSequential(nn.ReLU())))
     with pytest.raises(TypeError, match="expected a gpubackprop Sequential"):
         torch_interop.to_torch(gb.Dense(3, 4))
 

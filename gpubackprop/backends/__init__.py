@@ -17,7 +17,9 @@ __all__ = [
     "BACKEND_NAMES",
     "DEVICE_BACKENDS",
     "Backend",
+    "auto_reason",
     "available_backends",
+    "describe_choice",
     "get_backend",
 ]
 
@@ -67,8 +69,8 @@ def _instance(name: str) -> Backend:
 def get_backend(name: str | Backend | None = None) -> Backend:
     """Return the backend called ``name``.
 
-    ``None`` reads the GPUBACKPROP_BACKEND environment variable and otherwise means
-    "auto": the CuPy backend when CuPy and a GPU are usable, else NumPy; the choice
+    ``None`` reads the GPUBACKPROP_BACKEND environment variable (unset or empty means
+    "auto"): the CuPy backend when CuPy and a GPU are usable, else NumPy; the choice
     and its reason are logged once.  Asking for an unavailable backend by name raises
     RuntimeError with the reason.
     """
@@ -77,7 +79,8 @@ def get_backend(name: str | Backend | None = None) -> Backend:
         return name
     source = "argument"
     if name is None:
-        name, source = os.environ.get(ENV_VARIABLE, "auto"), ENV_VARIABLE
+        # An empty value (GPUBACKPROP_BACKEND= in a shell) means "not set", as for other tools.
+        name, source = os.environ.get(ENV_VARIABLE, "").strip() or "auto", ENV_VARIABLE
     key = str(name).strip().lower()
     if key not in BACKEND_NAMES:
         where = f"{ENV_VARIABLE}={name!r}" if source == ENV_VARIABLE else f"backend={name!r}"
@@ -94,6 +97,28 @@ def get_backend(name: str | Backend | None = None) -> Backend:
     if not backend.available:
         raise RuntimeError(f"backend {key!r} is not available: {backend.reason}")
     return backend
+
+
+def auto_reason() -> str:
+    """Why "auto" picks the backend it picks: CuPy is usable, or the first clause of the reason
+    it is not (the backend's full reason also says what to do about it)."""
+    cupy_backend = _instance("cupy")
+    if cupy_backend.available:
+        return "CuPy and a GPU are usable"
+    return cupy_backend.reason.split(";")[0].strip() or "the cupy backend is unavailable"
+
+
+def describe_choice(requested: str | None, used: str) -> str:
+    """``used``, and how it was chosen when the user did not name it: "numpy (auto: no NVIDIA
+    GPU found ...)", "emu (GPUBACKPROP_BACKEND=emu)"."""
+    if requested is None:
+        from_environment = os.environ.get(ENV_VARIABLE, "").strip()
+        if from_environment and from_environment.lower() != "auto":
+            return f"{used} ({ENV_VARIABLE}={from_environment})"
+        requested = "auto"
+    if str(requested).strip().lower() == "auto":
+        return f"{used} (auto: {auto_reason()})"
+    return used
 
 
 def available_backends() -> dict[str, tuple[bool, str]]:

@@ -12,11 +12,18 @@ is ignored by the others.
 What forward keeps for backward (``SAVES_OUTPUT``): relu, sigmoid and tanh
 express f'(z) through y = f(z), so forward keeps y; leaky_relu, gelu,
 gelu_tanh and silu need z, so forward keeps z; identity keeps nothing (None).
+
+GEMM precision (``precision`` of dense_forward / dense_backward, gpubackprop/precision.py):
+"fp32" (the default), "tf32" or "bf16": the matrix products' operands are rounded to that
+format, products accumulate in fp32; everything else (bias, activation, loss, reductions,
+optimizer) stays fp32.  Only float32 arrays take tf32 or bf16.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from ..precision import PRECISIONS, check_precision
 
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu")
 # f'(z) written through y = f(z): relu' = [y > 0], sigmoid' = y(1 - y), tanh' = 1 - y^2.
@@ -72,13 +79,42 @@ class Backend:
     def device_name(self) -> str:
         raise NotImplementedError
 
+    def precisions(self) -> tuple[str, ...]:
+        """The GEMM precisions this backend's device can run (every one, unless a GPU lacks
+        the tensor-core instructions)."""
+        return PRECISIONS
+
+    def check_precision(self, precision: str) -> str:
+        """``precision`` if this backend runs it, else a ValueError naming the device and the
+        precisions it can use."""
+        check_precision(precision)
+        allowed = self.precisions()
+        if precision not in allowed:
+            raise ValueError(
+                f"precision={precision!r} is not available on {self.device_name()}; it can use "
+                f"{', '.join(repr(p) for p in allowed)}"
+            )
+        return precision
+
     # -- dense layer ---------------------------------------------------------------
-    def dense_forward(self, x, weight, bias, activation: str, alpha: float = 0.01):
+    def dense_forward(
+        self, x, weight, bias, activation: str, alpha: float = 0.01, precision: str = "fp32"
+    ):
         """z = x Wᵀ + b, y = f(z).  Returns (y, saved), saved y, z or None (SAVES_OUTPUT)."""
         raise NotImplementedError
 
     def dense_backward(
-        self, dout, x, weight, saved, activation: str, alpha: float, dweight, dbias, need_dinp: bool
+        self,
+        dout,
+        x,
+        weight,
+        saved,
+        activation: str,
+        alpha: float,
+        dweight,
+        dbias,
+        need_dinp: bool,
+        precision: str = "fp32",
     ):
         """δ = dout ⊙ f'(z); writes dweight[...] = δᵀ x and dbias[...] = Σ_rows δ (dbias may be
         None); returns dinp = δ W, or None when need_dinp is False."""

@@ -27,6 +27,7 @@ from ..kernels import (
     load_source,
     note_compiled,
 )
+from ..precision import PRECISIONS, check_precision
 from .kernel_backend import KernelBackend
 from .seam import ElementwiseSpec
 
@@ -217,6 +218,11 @@ class _Elementwise:
             ) from None
 
 
+def tensor_core_precisions(compute_capability: tuple[int, int]) -> tuple[str, ...]:
+    """The GEMM precisions a GPU of ``compute_capability`` runs: all from 8.0 on, else fp32."""
+    return PRECISIONS if tuple(compute_capability) >= (8, 0) else ("fp32",)
+
+
 class CupyBackend(KernelBackend):
     """The kernels of kernels/ on the current CUDA device."""
 
@@ -225,6 +231,7 @@ class CupyBackend(KernelBackend):
     def __init__(self, gemm_version: str = "tiled", gemm_tiles: dict | None = None) -> None:
         self.available = False
         self.reason = ""
+        self.compute_capability = (0, 0)
         self.seam = None
         self.xp = None
         try:
@@ -257,8 +264,26 @@ class CupyBackend(KernelBackend):
             return
         name = props.get("name", b"")
         name = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+        self.compute_capability = (int(props.get("major", 0)), int(props.get("minor", 0)))
         super().__init__(CupySeam(cupy, name), gemm_version=gemm_version, gemm_tiles=gemm_tiles)
         self.available = True
+
+    def precisions(self) -> tuple[str, ...]:
+        """bf16 and tf32 mma.sync need compute capability 8.0 (Ampere) or later."""
+        return tensor_core_precisions(self.compute_capability)
+
+    def check_precision(self, precision: str) -> str:
+        check_precision(precision)
+        allowed = self.precisions()
+        if precision not in allowed:
+            major, minor = self.compute_capability
+            raise ValueError(
+                f"precision={precision!r} is not available on {self.device_name()} (compute "
+                f"capability {major}.{minor}): bf16 and tf32 GEMMs need the tensor-core "
+                f"mma.sync of compute capability 8.0 or later; this GPU can use "
+                f"{', '.join(repr(p) for p in allowed)}"
+            )
+        return precision
 
     def synchronize(self) -> None:
         if self.seam is not None:

@@ -48,6 +48,33 @@ KERNEL_DEFINES: dict[str, dict[str, int]] = {
 }
 
 
+# gemm_mma.cu (tensor cores, precision "bf16" / "tf32"): block tile MMA_BM = MMA_BN = 64,
+# 128 threads, MMA_STAGES = 3 slices in flight; per precision the slice depth BK, the elements
+# of one 16-byte copy and the element size.
+MMA_FILE = "gemm_mma.cu"
+MMA_BLOCK = 64
+MMA_THREADS = 128
+MMA_STAGES = 3
+_MMA_SLICE = {"bf16": (32, 8, 2), "tf32": (16, 4, 4)}
+# (A, B) staging of each layout: "inner" tiles are [r][BK + CHUNK], "outer" ones [BK][64 + 8].
+MMA_LAYOUTS = {
+    "dense_forward": ("inner", "inner"),
+    "dense_backward_data": ("inner", "outer"),
+    "dense_backward_weight": ("outer", "outer"),
+}
+
+
+def mma_shared_bytes(kernel: str, precision: str) -> int:
+    """Dynamic shared memory of gemm_mma.cu's ``<kernel>_<precision>`` (its MmaShared::BYTES)."""
+    depth, chunk, size = _MMA_SLICE[precision]
+
+    def tile(layout: str) -> int:
+        return MMA_BLOCK * (depth + chunk) if layout == "inner" else depth * (MMA_BLOCK + 8)
+
+    layout_a, layout_b = MMA_LAYOUTS[kernel]
+    return MMA_STAGES * (tile(layout_a) + tile(layout_b)) * size
+
+
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -156,11 +183,13 @@ class KernelBackend(Backend):
         return operands.updated_buffer(self.seam, name, a, dtype, shape)
 
     # -- dense layer ----------------------------------------------------------------------
-    def dense_forward(self, x, weight, bias, activation, alpha=0.01):
-        """z = x Wᵀ + b, y = f(z) in one GEMM launch (gemm.cu: dense_forward)."""
+    def dense_forward(self, x, weight, bias, activation, alpha=0.01, precision="fp32"):
+        """z = x Wᵀ + b, y = f(z) in one GEMM launch (gemm.cu: dense_forward; gemm_mma.cu:
+        dense_forward_<precision> for "bf16" and "tf32")."""
         code = check_activation(activation)
         x = self._float_operand("x", x, ndim=2)
         dtype = x.dtype
+        self._check_gemm_precision(precision, dtype)
         weight = self._float_operand("weight", weight, dtype, ndim=2)
         m, k = x.shape
         n = weight.shape[0]
@@ -173,7 +202,22 @@ class KernelBackend(Backend):
         needs_z = activation != "identity" and activation not in SAVES_OUTPUT
         y = self.empty((m, n), dtype)
         z = self.empty((m, n), dtype) if needs_z else None
-        if m and n:
+        if m and n and precision != "fp32":
+            has_bias = bias is not None
+            self._mma_forward(
+                x,
+                weight,
+                bias if has_bias else y,
+                y,
+                z if needs_z else y,
+                (m, n, k),
+                has_bias,
+                needs_z,
+                code,
+                alpha,
+                precision,
+            )
+        elif m and n:
             real = dtype.type
             common = (
                 x,
@@ -200,12 +244,15 @@ class KernelBackend(Backend):
             return y, None
         return y, (y if activation in SAVES_OUTPUT else z)
 
-    def dense_backward(self, dout, x, weight, saved, activation, alpha, dweight, dbias, need_dinp):
-        """δ = dout ⊙ f'(saved) (elementwise), dW = δᵀx and dX = δW (gemm.cu), db = Σ_rows δ
-        (reduce.cu: column_sum)."""
+    def dense_backward(
+        self, dout, x, weight, saved, activation, alpha, dweight, dbias, need_dinp, precision="fp32"
+    ):
+        """δ = dout ⊙ f'(saved) (elementwise), dW = δᵀx and dX = δW (gemm.cu, or gemm_mma.cu in
+        "bf16" / "tf32"), db = Σ_rows δ (reduce.cu: column_sum, on the fp32 δ)."""
         check_activation(activation)
         dout = self._float_operand("dout", dout, ndim=2)
         dtype = dout.dtype
+        self._check_gemm_precision(precision, dtype)
         x = self._float_operand("x", x, dtype, ndim=2)
         weight = self._float_operand("weight", weight, dtype, ndim=2)
         m, n = dout.shape
@@ -228,6 +275,10 @@ class KernelBackend(Backend):
             saved = self._float_operand("saved", saved, dtype)
             same_shape("saved", saved, (m, n))
             delta = self.activation_backward(dout, saved, activation, alpha)
+        if precision != "fp32":
+            return self._mma_backward(
+                delta, x, weight, dweight, dbias, need_dinp, m, n, k, precision
+            )
         self._gemm_backward_weight(delta, x, dweight, m, n, k)
         if dbias is not None:
             self._column_sum(delta, dbias)
@@ -235,6 +286,69 @@ class KernelBackend(Backend):
             return None
         dinp = self.empty((m, k), dtype)
         self._gemm_backward_data(delta, weight, dinp, m, n, k)
+        return dinp
+
+    # -- tensor-core GEMMs (gemm_mma.cu) ------------------------------------------------------
+    def _check_gemm_precision(self, precision: str, dtype: np.dtype) -> None:
+        if precision == "fp32":
+            return
+        self.check_precision(precision)
+        if dtype != np.float32:
+            raise ValueError(f"precision={precision!r} needs float32 arrays; got {dtype}")
+
+    def to_bf16(self, a):
+        """A bf16 copy of the float32 array ``a`` (uint16 bits, round to nearest even;
+        gemm_mma.cu: to_bf16)."""
+        out = self.empty(tuple(a.shape), np.uint16)
+        n = int(np.prod(a.shape))
+        if n:
+            grid = min(_ceil_div(n, 256), 4096)
+            self._launch(
+                self._module(MMA_FILE, np.dtype(np.float32)),
+                "to_bf16",
+                (grid, 1, 1),
+                (256, 1, 1),
+                (a, out, np.int64(n)),
+            )
+        return out
+
+    def _mma_operand(self, a, precision: str):
+        """What gemm_mma.cu reads: bf16 bits for "bf16", the float32 array itself for "tf32"."""
+        return self.to_bf16(a) if precision == "bf16" else a
+
+    def _mma(self, kernel: str, rows: int, cols: int, args: tuple, precision: str) -> None:
+        grid = (max(1, _ceil_div(rows, MMA_BLOCK)), max(1, _ceil_div(cols, MMA_BLOCK)), 1)
+        self._launch(
+            self._module(MMA_FILE, np.dtype(np.float32)),
+            f"{kernel}_{precision}",
+            grid,
+            (MMA_THREADS, 1, 1),
+            args,
+            mma_shared_bytes(kernel, precision),
+        )
+
+    def _mma_forward(self, x, weight, bias, y, z, dims, has_bias, write_z, code, alpha, precision):
+        m, n, k = dims
+        xa, wa = self._mma_operand(x, precision), self._mma_operand(weight, precision)
+        y16 = (xa, np.int32(0)) if precision == "bf16" else ()  # bf16 Y not requested
+        args = (xa, wa, bias, y, z, *y16[:1], np.int32(m), np.int32(n), np.int32(k))
+        args += (np.int32(has_bias), np.int32(write_z), *y16[1:], np.int32(code), np.float32(alpha))
+        self._mma("dense_forward", m, n, args, precision)
+
+    def _mma_backward(self, delta, x, weight, dweight, dbias, need_dinp, m, n, k, precision):
+        dims = (np.int32(m), np.int32(n), np.int32(k))
+        delta_a = self._mma_operand(delta, precision)
+        if n and k:
+            xa = self._mma_operand(x, precision)
+            self._mma("dense_backward_weight", n, k, (delta_a, xa, dweight, *dims), precision)
+        if dbias is not None:
+            self._column_sum(delta, dbias)
+        if not need_dinp:
+            return None
+        dinp = self.empty((m, k), np.float32)
+        if m and k:
+            wa = self._mma_operand(weight, precision)
+            self._mma("dense_backward_data", m, k, (delta_a, wa, dinp, *dims), precision)
         return dinp
 
     def _gemm(self, kernel: str, rows: int, cols: int, args: tuple, vec_flags: tuple) -> None:

@@ -15,6 +15,7 @@ import math
 
 import numpy as np
 
+from ..precision import check_precision, matmul
 from .base import SAVES_OUTPUT, Backend, check_activation, check_reduction
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -48,6 +49,17 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     e = np.exp(-np.abs(z))
     r = 1.0 / (1.0 + e)
     return _select(z >= 0, r, e * r).astype(z.dtype, copy=False)
+
+
+def _matmul(a: np.ndarray, b: np.ndarray, precision: str) -> np.ndarray:
+    """a @ b in ``precision``: fp32/fp64 as is; tf32/bf16 (float32 only) with both operands
+    rounded to that format and the products accumulated in fp32 (precision.matmul)."""
+    if precision == "fp32":
+        return a @ b
+    check_precision(precision)
+    if a.dtype != np.float32:
+        raise ValueError(f"precision={precision!r} needs float32 arrays; got {a.dtype}")
+    return matmul(a, b, precision)
 
 
 def activation_value(name: str, z: np.ndarray, alpha: float) -> np.ndarray:
@@ -136,22 +148,27 @@ class NumpyBackend(Backend):
         return f"CPU ({platform.machine()}, NumPy {np.__version__})"
 
     # -- dense layer ------------------------------------------------------------------
-    def dense_forward(self, x, weight, bias, activation, alpha=0.01):
-        z = x @ weight.T  # z = x Wᵀ + b
+    def dense_forward(self, x, weight, bias, activation, alpha=0.01, precision="fp32"):
+        z = _matmul(x, weight.T, precision)  # z = x Wᵀ + b
         if bias is not None:
             z += bias
         return self.activation_forward(z, activation, alpha)
 
-    def dense_backward(self, dout, x, weight, saved, activation, alpha, dweight, dbias, need_dinp):
+    def dense_backward(
+        self, dout, x, weight, saved, activation, alpha, dweight, dbias, need_dinp, precision="fp32"
+    ):
         delta = (
             dout
             if activation == "identity"
             else activation_gradient(activation, dout, saved, alpha)
         )  # δ = ∂L/∂y ⊙ f'(z)
-        np.matmul(delta.T, x, out=dweight)  # ∂L/∂W = δᵀ x
+        if precision == "fp32":
+            np.matmul(delta.T, x, out=dweight)  # ∂L/∂W = δᵀ x
+        else:
+            dweight[...] = _matmul(delta.T, x, precision)
         if dbias is not None:
             np.sum(delta, axis=0, out=dbias)  # ∂L/∂b = Σ_rows δ
-        return delta @ weight if need_dinp else None  # ∂L/∂x = δ W
+        return _matmul(delta, weight, precision) if need_dinp else None  # ∂L/∂x = δ W
 
     # -- standalone activation ----------------------------------------------------------
     def activation_forward(self, x, activation, alpha=0.01):

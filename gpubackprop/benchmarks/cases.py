@@ -290,6 +290,112 @@ def gemm_case(
     return Case(name, {"M": m, "N": n, "K": k}, parts, working, False, build)
 
 
+def mma_gemm_case(m: int, n: int, k: int, layout: str, precision: str) -> Case:
+    """One dense-layer GEMM layout on the tensor cores (gemm_mma.cu) in ``precision`` ("bf16":
+    bf16 operands, "tf32": fp32 operands rounded to tf32; fp32 accumulation), against cuBLAS at
+    the same precision: cupy.matmul with the TF32 compute type for tf32 and PyTorch for both
+    (bf16 tensors; allow_tf32 for tf32).  Checked against float64 products of the operands
+    rounded as the precision rounds them, so only fp32 summation errors remain."""
+    from ..precision import round_operand
+
+    operand_bytes = 2 if precision == "bf16" else 4
+    parts = _gemm_parts(m, n, k, operand_bytes, layout)
+    name = f"gemm.{layout}.{precision}"
+
+    def build(ctx: Context, copies: int) -> Prepared:
+        backend = ctx.backend
+        if precision not in backend.precisions() or not hasattr(backend, "to_bf16"):
+            raise ValueError(f"{backend.name} does not run tensor-core GEMMs in {precision}")
+        x_h, w_h, dz_h = ctx.host((m, k)), ctx.host((n, k)), ctx.host((m, n))
+        rx, rw, rdz = (
+            round_operand(a.astype(np.float32), precision).astype(np.float64)
+            for a in (x_h, w_h, dz_h)
+        )
+        sets = []
+        for _ in range(copies):
+            x, w, dz = ctx.ours(x_h), ctx.ours(w_h), ctx.ours(dz_h)
+            sets.append((x, w, dz, backend.empty((n, k), np.float32)))
+        take = cycle(sets)
+        need_dinp = layout == "dX+dW"
+
+        def run():
+            x, w, dz, dw = take()
+            if layout == "forward":
+                return backend.dense_forward(x, w, None, "identity", precision=precision)[0]
+            return backend.dense_backward(
+                dz, x, w, None, "identity", 0.0, dw, None, need_dinp, precision=precision
+            )
+
+        def check():
+            x, w, dz = ctx.ours(x_h), ctx.ours(w_h), ctx.ours(dz_h)
+            if layout == "forward":
+                out = backend.dense_forward(x, w, None, "identity", precision=precision)[0]
+                return [backend.to_numpy(out)], [rx @ rw.T]
+            dw = backend.empty((n, k), np.float32)
+            dx = backend.dense_backward(
+                dz, x, w, None, "identity", 0.0, dw, None, need_dinp, precision=precision
+            )
+            outs, refs = [backend.to_numpy(dw)], [rdz.T @ rx]
+            if need_dinp:
+                outs.append(backend.to_numpy(dx))
+                refs.append(rdz @ rw)
+            return outs, refs
+
+        prepared = Prepared(run, check, copies=copies)
+        if ctx.cupy is not None and precision == "tf32":
+            cp = ctx.cupy
+            cublas = {"forward": _cublas_forward, "dW": _cublas_dw, "dX+dW": _cublas_dx_dw}[layout]
+            prepared.baselines["cublas"] = Impl(
+                lambda: _with_cupy_tf32(cp, cublas, take), ctx.timer
+            )
+        else:
+            prepared.skipped["cublas"] = (
+                "CuPy has no bf16 matmul: cuBLAS bf16 is the torch row"
+                if precision == "bf16"
+                else "no CuPy device"
+            )
+        if ctx.torch is not None:
+            torch = ctx.torch
+            tdtype = torch.bfloat16 if precision == "bf16" else torch.float32
+            tsets = [
+                tuple(ctx.torch_tensor(a).to(tdtype) for a in (x_h, w_h, dz_h))
+                for _ in range(copies)
+            ]
+            ttake = cycle(tsets)
+
+            def torch_run():
+                x, w, dz = ttake()
+                previous = torch.backends.cuda.matmul.allow_tf32
+                torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+                try:
+                    if layout == "forward":
+                        return torch.nn.functional.linear(x, w)
+                    if layout == "dW":
+                        return torch.matmul(dz.t(), x)
+                    return torch.matmul(dz.t(), x), torch.matmul(dz, w)
+                finally:
+                    torch.backends.cuda.matmul.allow_tf32 = previous
+
+            prepared.baselines["torch"] = ctx.torch_impl(torch_run)
+        else:
+            prepared.skipped["torch"] = ctx.torch_reason
+        return prepared
+
+    working = sum(p.bytes for p in parts)
+    return Case(name, {"M": m, "N": n, "K": k}, parts, working, False, build)
+
+
+def _with_cupy_tf32(cp: Any, cublas: Callable, take: Callable[[], Any]) -> Any:
+    """cublas(cp, take) with cupy.matmul's float32 compute type set to TF32 for the call."""
+    from cupy._core import _routines_linalg as linalg
+
+    linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32)
+    try:
+        return cublas(cp, take)
+    finally:
+        linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_DEFAULT)
+
+
 def _cublas_forward(cp: Any, take: Callable[[], Any]) -> Any:
     x, w, _, _ = take()
     return cp.matmul(x, w.T)
@@ -716,10 +822,13 @@ def cases_for(
     itemsize: int,
     only: Sequence[str] = (),
     gemm_versions: Sequence[str] = (),
+    precisions: Sequence[str] = (),
     preset: str = "cpu",
 ) -> list[Case]:
-    """The rows of a run: the dedicated builders' over ``sizes``, then a generic row for each
-    (variant, shape) an op-table entry lists for ``preset`` (ops.Op.bench)."""
+    """The rows of one backend over ``sizes``; ``precisions`` adds the tensor-core GEMM rows
+    ("bf16", "tf32") for a backend that runs them (gemm_mma.cu on sm_80+ or the emulator); then
+    a generic row for each (variant, shape) an op-table entry lists for ``preset``
+    (ops.Op.bench)."""
     # Whole training steps first, then the GEMMs: the headline rows, kept by a run that is
     # stopped by a time limit (the JSON record is rewritten after every row).
     cases: list[Case] = [train_case(layers, batch, itemsize) for layers, batch in sizes.train]
@@ -728,6 +837,8 @@ def cases_for(
             cases.append(gemm_case(m, n, k, layout, itemsize))
             for version in gemm_versions:
                 cases.append(gemm_case(m, n, k, layout, itemsize, version))
+            for precision in precisions:
+                cases.append(mma_gemm_case(m, n, k, layout, precision))
     for name in sizes.activation_names:
         for rows, cols in sizes.activation:
             for direction in ("forward", "backward"):

@@ -45,6 +45,11 @@ RANKS = (1, 2)
 WORKER_TIMEOUT_S = 120
 
 
+class Unavailable(Exception):
+    """This machine cannot run the row (no MPI, no NCCL): recorded under "skipped", which
+    is not a failure of the benchmark run."""
+
+
 def wanted(only: Any, backend: str, backends: Any) -> list[str]:
     """The data-parallel rows this run asks for: by backend (default: all) and --only."""
     rows = {"numpy": ROW_STEP, "cupy": ROW_NCCL}
@@ -95,12 +100,10 @@ def step_row(dtype: str, steps: int) -> dict[str, Any]:
     try:
         import mpi4py  # noqa: F401
     except ImportError:
-        row.update(status="skipped", reason='needs mpi4py and mpiexec: pip install ".[mpi]"')
-        return row
+        raise Unavailable('needs mpi4py and mpiexec: pip install ".[mpi]"') from None
     launcher = _mpiexec()
     if launcher is None:
-        row.update(status="skipped", reason='no mpiexec: pip install ".[mpi]"')
-        return row
+        raise Unavailable('no mpiexec next to the interpreter or on PATH: pip install ".[mpi]"')
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         for ranks in RANKS:
@@ -205,8 +208,7 @@ def nccl_row(dtype: str, steps: int) -> dict[str, Any]:
         group = dist.ProcessGroup(comm=None, rank=0, size=1, local_rank=0, local_size=1)
         transport = dist.NcclTransport(group)
     except Exception as error:
-        row.update(status="skipped", reason=f"{type(error).__name__}: {str(error)[:300]}")
-        return row
+        raise Unavailable(f"{type(error).__name__}: {str(error)[:300]}") from error
     host = np.random.default_rng(0).standard_normal(elements).astype(dtype)
     flat = cupy.asarray(host)
     copy = cupy.empty_like(flat)
@@ -257,7 +259,13 @@ def append_rows(config: Any, record: dict[str, Any], backend: str) -> None:
     for name in wanted(config.only, backend, config.backends):
         build = step_row if name == ROW_STEP else nccl_row
         preset = "tiny" if config.preset == "tiny" else "quick" if config.quick else "full"
-        row = build(np.dtype(config.dtype).name, DP_STEPS[preset])
+        try:
+            row = build(np.dtype(config.dtype).name, DP_STEPS[preset])
+        except Unavailable as why:
+            record["skipped"].append({"backend": backend, "name": name, "reason": str(why)})
+            if config.verbose:
+                print(f"[{backend}] {name}: skipped: {why}", file=sys.stderr)
+            continue
         record["results"].append(row)
         if config.verbose:
             print(f"[{backend}] {name}: {row['status']} {row['reason']}", file=sys.stderr)

@@ -34,6 +34,22 @@ def shape_text(shape: dict[str, Any]) -> str:
 BASELINE_ORDER = ("cublas", "torch", "torch_compile", "torch_fused")
 
 
+def legend(baselines: list[str]) -> list[str]:
+    """What the derived columns of the tables mean, printed under them."""
+    lines = [
+        "of floor: the floor (the row's FLOPs at the measured GEMM ceiling, or its bytes at the "
+        "measured copy bandwidth, whichever takes longer) divided by our median time; 100% runs "
+        "at the ceiling. Above 100% the row beat the ceilings: its data stayed in cache (the copy "
+        "ceiling streams arrays larger than the caches) or the ceiling's own run was slowed.",
+    ]
+    if baselines:
+        lines.append(
+            "vs <baseline>: the baseline's median time divided by ours: above 1.00x we are "
+            "faster, below it slower (" + ", ".join(baselines) + ")."
+        )
+    return lines
+
+
 def format_table(record: dict[str, Any]) -> str:
     """The rows as a text table; ratios are baseline_time / our_time (>1: we are faster)."""
     rows = record["results"]
@@ -69,7 +85,7 @@ def format_table(record: dict[str, Any]) -> str:
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     out = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
-    notes = []
+    notes = legend(names)
     for backend, ceiling in record["ceilings"].items():
         if "gemm_tflops" in ceiling:
             notes.append(
@@ -111,7 +127,7 @@ def format_markdown(record: dict[str, Any]) -> str:
         ]
         cells += [f"{r['vs'][b]:.2f}x" if r["vs"].get(b) else "-" for b in names]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *legend(names)])
 
 
 def _numpy_to_json(value: Any) -> Any:

@@ -239,7 +239,12 @@ def _run_backend(
             from ..backends.gemm_config import GEMM_VERSIONS
 
             versions = tuple(v for v in GEMM_VERSIONS if v != backend.gemm_version)
-        cases = cases_for(SIZES[preset], dtype.itemsize, config.only, versions, preset)
+        # Tensor-core rows (bf16, tf32) where the backend runs them: float32 on a GPU of
+        # compute capability 8.0+ or the emulator.
+        precisions: tuple[str, ...] = ()
+        if dtype == np.float32 and hasattr(backend, "to_bf16"):
+            precisions = tuple(p for p in backend.precisions() if p != "fp32")
+        cases = cases_for(SIZES[preset], dtype.itemsize, config.only, versions, precisions, preset)
     if not cases:
         return  # --only left this backend no row: no ceilings to measure either
     if device_class == "gpu":

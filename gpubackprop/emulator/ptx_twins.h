@@ -219,48 +219,54 @@ struct MmaOperands {
     const uint32_t* b;
 };
 
-// D (16×8) = A (16×K) · B (K×8) + C, from the fragments of the 32 lanes.  A_AT(r) gives the
-// (row, column) of A's register r's low element, B_AT likewise (k, n); ELEMENTS_PER_REG is 2
-// for bf16 (low half first), 1 for tf32.
+// D (16×8) = A (16×K) · B (K×8) + C, from the fragments of the 32 lanes.  ELEMENTS_PER_REG
+// is 2 for bf16 (two per .b32 register, the lower index in the low half), 1 for tf32.  Lane l
+// (group g = l/4, thread t = l%4) computes D rows g and g + 8, columns 2t and 2t + 1: it reads
+// those rows of A from the four lanes of group g and those columns of B from the lanes of
+// groups 2t and 2t + 1, placed by the ISA's fragment tables.
 template <int K, int ELEMENTS_PER_REG>
 static void mma_m16n8(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4],
                       const char* what) {
     MmaOperands mine = {a, b};
     Warp& w = publish(&mine, what);
-    float A[16][K], B[K][8];
-    for (int lane = 0; lane < 32; ++lane) {
-        const MmaOperands* other = published<MmaOperands>(w, lane);
-        const int group = lane >> 2, in_group = lane & 3;
+    const int lane = current_fiber().lane;
+    const int group = lane >> 2, in_group = lane & 3;
+    float A[2][K], B[K][2];  // A rows group, group + 8; B columns 2 in_group, 2 in_group + 1
+    for (int source_thread = 0; source_thread < 4; ++source_thread) {
+        const MmaOperands* other = published<MmaOperands>(w, 4 * group + source_thread);
         for (int r = 0; r < 4; ++r) {
             const uint32_t word = other->a[r];
-            const int row = group + 8 * (r & 1);
-            if (ELEMENTS_PER_REG == 2) {  // bf16: a0..a7, two per register
-                const int col = 2 * in_group + 8 * (r >> 1);
-                A[row][col] = bf16_value((uint16_t)(word & 0xffffu));
-                A[row][col + 1] = bf16_value((uint16_t)(word >> 16));
-            } else {  // tf32: a0..a3, one per register
-                A[row][in_group + 4 * (r >> 1)] = tf32_value(word);
-            }
-        }
-        for (int r = 0; r < 2; ++r) {
-            const uint32_t word = other->b[r];
-            if (ELEMENTS_PER_REG == 2) {
-                const int k = 2 * in_group + 8 * r;
-                B[k][group] = bf16_value((uint16_t)(word & 0xffffu));
-                B[k + 1][group] = bf16_value((uint16_t)(word >> 16));
-            } else {
-                B[in_group + 4 * r][group] = tf32_value(word);
+            const int half = r & 1;  // row group + 8 (r & 1)
+            if (ELEMENTS_PER_REG == 2) {  // bf16: a_{2r}, a_{2r+1}
+                const int col = 2 * source_thread + 8 * (r >> 1);
+                A[half][col] = bf16_value((uint16_t)(word & 0xffffu));
+                A[half][col + 1] = bf16_value((uint16_t)(word >> 16));
+            } else {  // tf32: a_r
+                A[half][source_thread + 4 * (r >> 1)] = tf32_value(word);
             }
         }
     }
-    warp_barrier(0xffffffffu, what);  // every lane has read every fragment
-    const int lane = current_fiber().lane;
-    const int group = lane >> 2, in_group = lane & 3;
+    for (int column = 0; column < 2; ++column) {
+        const int source_group = 2 * in_group + column;  // B column n lives in group n
+        for (int source_thread = 0; source_thread < 4; ++source_thread) {
+            const MmaOperands* other = published<MmaOperands>(w, 4 * source_group + source_thread);
+            for (int r = 0; r < 2; ++r) {
+                const uint32_t word = other->b[r];
+                if (ELEMENTS_PER_REG == 2) {  // b_{2r}, b_{2r+1}: k = 2 thread + 8 r (+1)
+                    const int k = 2 * source_thread + 8 * r;
+                    B[k][column] = bf16_value((uint16_t)(word & 0xffffu));
+                    B[k + 1][column] = bf16_value((uint16_t)(word >> 16));
+                } else {  // b_r: k = thread + 4 r
+                    B[source_thread + 4 * r][column] = tf32_value(word);
+                }
+            }
+        }
+    }
+    warp_barrier(0xffffffffu, what);  // every lane has read what it needs
     float out[4];
-    for (int i = 0; i < 4; ++i) {
-        const int row = group + 8 * (i >> 1), col = 2 * in_group + (i & 1);
+    for (int i = 0; i < 4; ++i) {  // c_i: row group + 8 (i / 2), column 2 in_group + i % 2
         float sum = c[i];
-        for (int k = 0; k < K; ++k) sum += A[row][k] * B[k][col];  // exact products
+        for (int k = 0; k < K; ++k) sum += A[i >> 1][k] * B[k][i & 1];  // exact products
         out[i] = sum;
     }
     for (int i = 0; i < 4; ++i) d[i] = out[i];
