@@ -2,7 +2,7 @@
 
 One rule for every count, size and hyper-parameter: ``check_int`` and ``check_number`` accept a
 finite value inside an interval and otherwise raise ValueError naming the argument, the value
-and the interval ("batch_size=0 is not accepted; expected an integer in [1, inf)").  The CLI's
+and what is accepted ("batch_size=0 is not accepted; expected an integer >= 1").  The CLI's
 argparse types (cli.py) parse the text and apply the same checks.
 """
 
@@ -36,7 +36,11 @@ def check_int(name: str, value: Any, minimum: int = 1, maximum: float = math.inf
     """``value`` as an int if it is an integer (not a bool) in [minimum, maximum]."""
     integral = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
     if not integral or not _inside(int(value), minimum, maximum, False, False):
-        what = describe_range(int, minimum, maximum)
+        what = (
+            f"an integer >= {minimum}"
+            if math.isinf(maximum)
+            else describe_range(int, minimum, maximum)
+        )
         raise ValueError(f"{name}={value!r} is not accepted; expected {what}")
     return int(value)
 

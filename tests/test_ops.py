@@ -17,7 +17,17 @@ from gpubackprop.benchmarks import cases as bench_cases
 from gpubackprop.benchmarks.config import RTOL, SIZES
 from gpubackprop.dtypes import DTYPES
 
-NOT_OPS = {"asarray", "to_numpy", "empty", "zeros", "synchronize", "device_name"}
+# Methods of the contract that are no ops: arrays, synchronisation, what the backend can run.
+NOT_OPS = {
+    "asarray",
+    "to_numpy",
+    "empty",
+    "zeros",
+    "synchronize",
+    "device_name",
+    "precisions",
+    "check_precision",
+}
 
 
 def test_every_op_of_the_backend_contract_has_an_entry():
