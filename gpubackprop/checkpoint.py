@@ -68,7 +68,9 @@ def _json(value: Any, what: str) -> str:
 
 def _optimizer_payload(model, optimizer) -> tuple[dict[str, str], dict[str, np.ndarray]]:
     """The optimizer's metadata entry and tensors; checks that it updates this model."""
-    model_params = {id(p): p.name for p in model.parameters()}
+    # Names by position in this model (as its state_dict has them), not Parameter.name, which
+    # another Sequential built around the same layers may have overwritten.
+    model_params = {id(p): name for name, p in model.named_parameters().items()}
     names = []
     for p in optimizer.params:
         if id(p) not in model_params:
@@ -84,10 +86,14 @@ def _optimizer_payload(model, optimizer) -> tuple[dict[str, str], dict[str, np.n
         "step": int(state["step"]),
         "params": names,
     }
-    tensors = {
-        f"{OPTIMIZER_PREFIX}{key}": np.ascontiguousarray(value)
-        for key, value in state["buffers"].items()
-    }
+    # state_dict keys are "<buffer>.<Parameter.name>" (buffer names hold no dot)
+    renamed = {p.name: model_params[id(p)] for p in optimizer.params}
+    tensors = {}
+    for key, value in state["buffers"].items():
+        buffer, _, name = key.partition(".")
+        tensors[f"{OPTIMIZER_PREFIX}{buffer}.{renamed.get(name, name)}"] = np.ascontiguousarray(
+            value
+        )
     return {"optimizer": _json(info, "optimizer hyperparameters")}, tensors
 
 

@@ -744,6 +744,7 @@ def info_report() -> dict[str, Any]:
         return {"directory": str(directory), "entries": len(libraries)}
 
     report["emulator_cache"] = _guarded("emulator cache", emulator_cache)
+    report["distributed"] = _guarded("distributed", gb.distributed.availability)
     return report
 
 
@@ -767,6 +768,7 @@ def _format_info(report: dict[str, Any]) -> str:
             else:
                 lines.append(f"  {name:<6} available: no   ({entry['reason']})")
     lines.append(f"GPU: {report['gpu'] or 'none'}")
+    lines.append(_format_distributed(report.get("distributed") or {}))
     kernels = report["kernels"]
     lines.append("")
     if "error" in kernels:
@@ -789,6 +791,18 @@ def _format_info(report: dict[str, Any]) -> str:
             f"emulator cache: {emulator['directory']} ({emulator['entries']} compiled libraries)"
         )
     return "\n".join(lines)
+
+
+def _format_distributed(entry: dict[str, Any]) -> str:
+    """The info line for data-parallel training (docs/distributed.md)."""
+    if "error" in entry:
+        return f"distributed: {entry['error']}"
+    if entry.get("mpi_hint"):
+        mpi = f"no MPI ({entry['mpi_hint']})"
+    else:
+        mpi = f"mpi4py {entry['mpi4py']}, mpich {entry['mpich'] or '(system MPI)'}, "
+        mpi += f"mpiexec {entry['mpiexec']}"
+    return f"distributed: {mpi}; NCCL {entry.get('nccl')}"
 
 
 @subcommand("info", "versions, backends, GPU and kernel files", _info_arguments)

@@ -180,9 +180,14 @@ def _data_parallel(model, loss, optimizer, n, batch_size, epochs, shuffle, distr
     broadcast), or None."""
     if not distributed:
         return None
-    parallel = dist.DataParallel(dist.init(), model, loss, optimizer)
-    setup = dist.training_setup(model, optimizer, loss, n, batch_size)
-    parallel.start({**setup, "epochs": epochs, "shuffle": shuffle})
+    group = dist.init()
+    try:
+        parallel = dist.DataParallel(group, model, loss, optimizer)
+        setup = dist.training_setup(model, optimizer, loss, n, batch_size)
+        parallel.start({**setup, "epochs": epochs, "shuffle": shuffle})
+    except BaseException as error:  # e.g. NCCL failing on one rank: the others wait in start
+        dist.guard(group, error)
+        raise
     return parallel
 
 

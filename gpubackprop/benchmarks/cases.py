@@ -496,6 +496,65 @@ def activation_case(name: str, rows: int, cols: int, direction: str, itemsize: i
     return Case(label, {"rows": rows, "cols": cols}, [Part(0.0, moved)], moved, True, build)
 
 
+def standardize_case(rows: int, cols: int, direction: str, itemsize: int) -> Case:
+    """gb.Standardize: y = (x − mean)/std (reads x, writes y) or dinp = dout/std (reads dout,
+    writes dinp); the per-feature vectors are negligible beside the matrix."""
+    moved = itemsize * rows * cols * 2
+
+    def build(ctx: Context, copies: int) -> Prepared:
+        backend, ref = ctx.backend, ctx.reference
+        x_h, d_h = ctx.host((rows, cols), 3.0), ctx.host((rows, cols))
+        mean_h = ctx.host((cols,))
+        std_h = np.exp(ctx.host((cols,), 0.5))
+        mean, std = ctx.ours(mean_h), ctx.ours(std_h)
+        take = cycle([ctx.ours(x_h if direction == "forward" else d_h) for _ in range(copies)])
+        if direction == "forward":
+
+            def run():
+                return backend.standardize_forward(take(), mean, std)
+
+            def reference():
+                return ref.standardize_forward(x_h, mean_h, std_h)
+        else:
+
+            def run():
+                return backend.standardize_backward(take(), std)
+
+            def reference():
+                return ref.standardize_backward(d_h, std_h)
+
+        def check():
+            return [backend.to_numpy(run())], [reference()]
+
+        prepared = Prepared(run, check, copies=copies)
+        if ctx.torch is None:
+            prepared.skipped["torch"] = ctx.torch_reason
+            return prepared
+        with ctx.torch.no_grad():
+            tmean, tstd = ctx.torch_tensor(mean_h), ctx.torch_tensor(std_h)
+            ttake = cycle(
+                [ctx.torch_tensor(x_h if direction == "forward" else d_h) for _ in range(copies)]
+            )
+
+        def torch_forward(x):
+            return (x - tmean) / tstd
+
+        def torch_backward(dout):
+            return dout / tstd
+
+        fn = torch_forward if direction == "forward" else torch_backward
+
+        def call(f):
+            return lambda: f(ttake())
+
+        prepared.baselines["torch"] = ctx.torch_impl(call(fn))
+        ctx.add_torch_compile(prepared, "elementwise", lambda: call(ctx.torch.compile(fn)))
+        return prepared
+
+    label = f"standardize.{direction}"
+    return Case(label, {"rows": rows, "cols": cols}, [Part(0.0, moved)], moved, True, build)
+
+
 def loss_case(rows: int, classes: int, itemsize: int) -> Case:
     """Softmax cross-entropy with integer labels: the loss and ∂L/∂logits in one call."""
     _, moved = OPS["softmax_cross_entropy"].cost((rows, classes), itemsize, {"target": "labels"})
@@ -843,6 +902,9 @@ def cases_for(
         for rows, cols in sizes.activation:
             for direction in ("forward", "backward"):
                 cases.append(activation_case(name, rows, cols, direction, itemsize))
+    for rows, cols in sizes.activation[:1]:
+        for direction in ("forward", "backward"):
+            cases.append(standardize_case(rows, cols, direction, itemsize))
     for rows, classes in sizes.loss:
         cases.append(loss_case(rows, classes, itemsize))
     for n in sizes.optimizer:
