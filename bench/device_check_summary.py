@@ -17,7 +17,7 @@ from pathlib import Path
 
 # pytest's -rfE lines: "FAILED tests/x.py::test[a] - AssertionError: ..." and "ERROR ...".
 _FAILING = re.compile(r"^(FAILED|ERROR) (\S+)(?: - (.*))?$")
-PYTEST_STEPS = ("parity", "gpu_tests")
+PYTEST_STEPS = ("parity", "captured_step", "tensor_cores", "nccl", "gpu_tests")
 
 
 def _run(command: list[str]) -> str:

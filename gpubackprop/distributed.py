@@ -24,13 +24,18 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from . import random
+from .evaluation import evaluate
 
 MPI_INSTALL_HINT = 'pip install "gpubackprop[mpi]" (mpi4py and the mpich wheel)'
 
@@ -192,6 +197,30 @@ def abort_other_ranks(code: int, error: BaseException | None = None) -> None:
         return
     if _group is not None and _group.size > 1:
         _group.abort(code=code)
+
+
+def availability() -> dict[str, Any]:
+    """What data-parallel training can use here, without starting MPI: the mpi4py and MPI wheel
+    versions, the mpiexec found, and whether CuPy can load NCCL (else why not)."""
+    from importlib import metadata
+
+    report: dict[str, Any] = {}
+    for package in ("mpi4py", "mpich"):
+        try:
+            report[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            report[package] = None
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    report["mpiexec"] = beside if os.path.isfile(beside) else shutil.which("mpiexec")
+    report["mpi_hint"] = None if report["mpi4py"] and report["mpiexec"] else MPI_INSTALL_HINT
+    with warnings.catch_warnings():  # CuPy warns when it cannot load NCCL: the reason is kept
+        warnings.simplefilter("ignore")
+        try:
+            require_nccl()
+            report["nccl"] = "available"
+        except Exception as error:
+            report["nccl"] = f"unavailable: {error}"
+    return report
 
 
 def is_initialized() -> bool:
@@ -457,8 +486,6 @@ class DataParallel:
         for buffers in self.optimizer._state.values():
             for buffer in buffers:
                 self.transport.broadcast_(buffer)
-        from . import random
-
         state = self.group.comm.bcast(random.generator().bit_generator.state, root=0)
         random.generator().bit_generator.state = state
         self.transport.synchronize()
@@ -493,8 +520,6 @@ class DataParallel:
     def evaluate(self, x, y, loss, batch_size: int = 1024) -> dict[str, float]:
         """``evaluate`` on this rank's share of the rows, reduced over the ranks: the same
         numbers on every rank, each rank evaluating 1/N of the rows."""
-        from .training import evaluate
-
         n = int(x.shape[0])
         lo, hi = shard_bounds(0, n, self.group.rank, self.group.size)
         if hi > lo:
@@ -520,6 +545,7 @@ def _any_op():
 
 def guard(group: ProcessGroup, error: BaseException) -> None:
     """Abort every rank when one rank fails inside a data-parallel run (the others would wait
-    in the next all-reduce forever); a one-rank job just raises."""
-    if group.size > 1:
+    in the next collective forever); a one-rank job, or an error every rank raised together
+    (RanksDisagree), just raises."""
+    if group.size > 1 and not getattr(error, "collective", False):
         group.abort(error)

@@ -190,6 +190,22 @@ def _worker(scenario: str, out: Path) -> None:
             print("rank caught the error and carried on", flush=True)
         group.comm.Barrier()
         print("rank finished training", flush=True)
+    elif scenario == "start_fails":
+        # Rank 1 fails while fit sets the ranks up (rank 0 waits in the setup exchange), and
+        # the caller catches the error: fit itself must end the job.
+        class LossThatCannotDescribeItself(gb.SoftmaxCrossEntropyLoss):
+            def config(self):
+                raise RuntimeError("rank one's loss cannot describe itself")
+
+        model, opt = _model_and_optimizer("sgd", seed=0)
+        x, y = _data(64)
+        loss = LossThatCannotDescribeItself() if rank == 1 else gb.SoftmaxCrossEntropyLoss()
+        try:
+            model.fit(x, y, loss=loss, optimizer=opt, verbose=0, distributed=True)
+        except RuntimeError:
+            print("rank caught the error and carried on", flush=True)
+        group.comm.Barrier()
+        print("rank finished training", flush=True)
     elif scenario == "uncaught":
         # Outside fit: rank 1 fails in the user's own code while rank 0 waits in a collective.
         if rank == 1:
@@ -328,6 +344,14 @@ def test_failing_rank_stops_every_rank(tmp_path):
     assert "rank one gives up after epoch 1" in result.stderr
     assert "rank finished training" not in result.stdout
     assert "carried on" not in result.stdout
+
+
+def test_rank_failing_while_fit_starts_stops_every_rank(tmp_path):
+    result = _launch(2, [str(HERE), "start_fails", str(tmp_path)], tmp_path, timeout=60)
+    assert result.returncode != 0
+    assert "rank 1 of 2 failed" in result.stderr
+    assert "rank one's loss cannot describe itself" in result.stderr
+    assert "carried on" not in result.stdout and "finished" not in result.stdout
 
 
 def test_uncaught_error_after_init_stops_every_rank(tmp_path):
@@ -520,6 +544,23 @@ def test_missing_mpi4py_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "mpi4py", None)  # import mpi4py now raises ImportError
     with pytest.raises(ImportError, match=r"pip install \"gpubackprop\[mpi\]\""):
         dist._import_mpi()
+
+
+def test_info_reports_what_distributed_training_can_use(capsys):
+    from gpubackprop.cli import main
+
+    assert main(["info", "--json"]) == 0
+    entry = json.loads(capsys.readouterr().out)["distributed"]
+    assert entry["mpi4py"] == pytest.importorskip("mpi4py").__version__
+    assert entry["mpiexec"] == _mpiexec() and entry["mpi_hint"] is None
+    nccl_loads = "available"
+    try:
+        dist.require_nccl()
+    except RuntimeError as error:
+        nccl_loads = f"unavailable: {error}"
+    assert entry["nccl"] == nccl_loads
+    assert main(["info"]) == 0
+    assert f"distributed: mpi4py {entry['mpi4py']}" in capsys.readouterr().out
 
 
 def test_nccl_hint_follows_the_cuda_major():

@@ -374,7 +374,9 @@ def faults(seam):
 
 
 def _assert_still_works(seam, faults, checks):
-    """After a fault, the same library and another one run correctly."""
+    """After a fault, the same library and another one run correctly, and the process's own
+    floating point mode is back (a float32 launch flushes subnormals; Python must not)."""
+    assert np.float32(1e-40) * np.float32(1.0) != 0
     x = np.arange(64, dtype=np.float32)
     out = seam.empty((16,), np.float32)
     seam.launch(faults, "misaligned_load", 2, 8, (x, out, np.int32(4)))  # aligned: offset 4

@@ -1,8 +1,13 @@
 """CUDA written the way it is usually written, on the emulator (tests/emu_conformance/*.cu).
 
-Each kernel uses one construct as CUDA code found elsewhere does (not this project's macros) and
-is checked against NumPy on the emulator; every source also compiles with NVRTC for sm_75..sm_90
-(no GPU needed), so the emulator accepts nothing a GPU build would reject.
+Each kernel uses one construct as CUDA code found elsewhere does (not this project's macros):
+half and bfloat16, `extern __shared__`, templates launched by name expression, cooperative
+groups, float32 subnormals under -ftz=true.  Each is checked against NumPy on the emulator in
+every CI run and, through the ``seam`` fixture's "cupy" case (gpu marker), on a real GPU by the
+device check (bench/device_check.sh); every source also compiles with NVRTC for sm_75..sm_90
+(no GPU needed), so the emulator accepts nothing a GPU build would reject.  Planted races (a
+removed __syncthreads, a missing __syncwarp) must be caught by the shuffle mode, and reads and
+writes past a buffer's ends by the emulator's guard zones.
 """
 
 from __future__ import annotations
@@ -10,11 +15,18 @@ from __future__ import annotations
 import os
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from gpubackprop.emulator import EmuCompileError, EmuSeam, EmuUnsupportedError, find_compiler
+from gpubackprop.emulator import (
+    EmuCompileError,
+    EmuLaunchError,
+    EmuSeam,
+    EmuUnsupportedError,
+    find_compiler,
+)
 
 CONFORMANCE = Path(__file__).resolve().parent / "emu_conformance"
 SOURCES = sorted(path.name for path in CONFORMANCE.glob("*.cu"))
@@ -25,8 +37,45 @@ needs_compiler = pytest.mark.skipif(
 )
 
 
+class CupySeam:
+    """The conformance kernels through CuPy on a GPU, with the emulator seam's calls: arrays are
+    NumPy arrays, copied to the device for the launch and back into themselves after it."""
+
+    name = "cupy"
+
+    def __init__(self, cupy: Any) -> None:
+        self.cupy = cupy
+
+    def compile_text(self, text, label, name_expressions=(), nvrtc_options=None):
+        from gpubackprop.kernels import NVRTC_OPTIONS
+
+        # CuPy adds -ftz=true itself: the GPU runs only the flushed variants.
+        assert not nvrtc_options or tuple(nvrtc_options) == ("-ftz=true",), nvrtc_options
+        raw = self.cupy.RawModule(
+            code=text, options=NVRTC_OPTIONS, name_expressions=list(name_expressions) or None
+        )
+        raw.compile()
+        return raw
+
+    def empty(self, shape, dtype):
+        return np.empty(shape, dtype)
+
+    def launch(self, module, kernel, grid, block, args, shared_mem=0):
+        def dims(value):
+            return (int(value),) if isinstance(value, (int, np.integer)) else tuple(value)
+
+        device = [self.cupy.asarray(a) if isinstance(a, np.ndarray) else a for a in args]
+        function = module.get_function(kernel)
+        function(dims(grid), dims(block), tuple(device), shared_mem=shared_mem)
+        self.cupy.cuda.Device().synchronize()
+        for host, on_device in zip(args, device, strict=True):
+            if isinstance(host, np.ndarray) and host.flags.writeable:
+                host[...] = on_device.get()
+
+
 @pytest.fixture(scope="module")
-def seam(tmp_path_factory):
+def emu(tmp_path_factory):
+    """The emulator alone: its own checks and messages."""
     mp = pytest.MonkeyPatch()
     mp.setenv("GPUBACKPROP_CACHE_DIR", str(tmp_path_factory.mktemp("emu_cache")))
     mp.delenv("GPUBACKPROP_EMU_SHUFFLE", raising=False)
@@ -34,13 +83,30 @@ def seam(tmp_path_factory):
     mp.undo()
 
 
-_modules: dict[str, object] = {}
+@pytest.fixture(scope="module", params=["emu", pytest.param("cupy", marks=pytest.mark.gpu)])
+def seam(request, emu):
+    """Where a conformance kernel runs: the emulator (every CI run) or a GPU through CuPy."""
+    if request.param == "emu":
+        if find_compiler() is None:
+            pytest.skip("no C++ compiler for the emulator")
+        return emu
+    try:
+        import cupy
+
+        cupy.cuda.runtime.getDeviceCount()
+        cupy.cuda.Device(0).compute_capability  # noqa: B018 (raises without a driver)
+    except Exception as error:
+        pytest.skip(f"no CUDA GPU: {type(error).__name__}: {error}")
+    return CupySeam(cupy)
+
+
+_modules: dict[tuple[str, str], object] = {}
 
 
 def module(seam, name: str):
-    if name not in _modules:
-        _modules[name] = seam.compile_text((CONFORMANCE / name).read_text(), name)
-    return _modules[name]
+    if (seam.name, name) not in _modules:
+        _modules[seam.name, name] = seam.compile_text((CONFORMANCE / name).read_text(), name)
+    return _modules[seam.name, name]
 
 
 # ---- NVRTC: every conformance source compiles for every target -------------------------------
@@ -225,7 +291,10 @@ def test_float_to_half_and_bfloat16_round_as_their_names_say(seam):
     np.testing.assert_array_equal(half_back, outs["h_rn"].view(np.float16).astype(np.float32))
     np.testing.assert_array_equal(bf16_back.view(np.uint32), outs["b_rn"].astype(np.uint32) << 16)
     # A third opinion where PyTorch is installed: its bfloat16 cast rounds to nearest even too.
-    torch = pytest.importorskip("torch")
+    try:
+        import torch
+    except ImportError:
+        return
     finite = ~np.isnan(x)
     reference = torch.from_numpy(x[finite]).to(torch.bfloat16).view(torch.int16).numpy()
     np.testing.assert_array_equal(outs["b_rn"][finite], reference.view(np.uint16))
@@ -362,7 +431,8 @@ def test_bfloat16_pair_types_feed_a_float_dot_product(seam):
 
 
 @needs_compiler
-def test_16bit_parameters_take_matching_arrays_only(seam):
+def test_16bit_parameters_take_matching_arrays_only(emu):
+    seam = emu
     mod = module(seam, "float16_conversions.cu")
     a = np.zeros(4, np.uint16)
     out = np.empty(20, np.uint16)
@@ -419,6 +489,8 @@ def test_templated_kernel_launched_by_name_expression(seam, templates, expressio
         for b in range(blocks)
     ]
     np.testing.assert_allclose(partial, expected, rtol=1e-5 if dtype == np.float32 else 1e-12)
+    if seam.name != "emu":
+        return
     # The parameter types come from the instantiation: float* for one, double* for the other.
     other = np.float64 if dtype == np.float32 else np.float32
     with pytest.raises(TypeError, match=r"parameter 'x' is const (float|double)\*"):
@@ -430,6 +502,8 @@ def test_namespaced_template_and_unlisted_instantiations(seam, templates):
     out = seam.empty((40,), np.int32)
     seam.launch(templates, "demo::affine_fill<3>", 2, 32, (out, np.int32(-5), np.int32(40)))
     np.testing.assert_array_equal(out, 3 * np.arange(40) - 5)
+    if seam.name != "emu":
+        return
     # As in CuPy, only the listed instantiations exist.
     with pytest.raises(ValueError, match=r"block_sum<float, 32>.*name expression"):
         seam.launch(templates, "block_sum<float, 32>", 1, 32, (out, out, np.int32(1)))
@@ -447,7 +521,8 @@ def test_dynamic_shared_row_buffer(seam, templates, cols):
 
 
 @needs_compiler
-def test_a_name_expression_naming_no_kernel_is_a_compile_error_naming_it(seam):
+def test_a_name_expression_naming_no_kernel_is_a_compile_error_naming_it(emu):
+    seam = emu
     text = (CONFORMANCE / "dynamic_shared_and_templates.cu").read_text()
     with pytest.raises(EmuCompileError, match=r"name expression no_such_kernel<int>"):
         seam.compile_text(text, "dynamic_shared_and_templates.cu", ("no_such_kernel<int>",))
@@ -456,7 +531,8 @@ def test_a_name_expression_naming_no_kernel_is_a_compile_error_naming_it(seam):
 
 
 @needs_compiler
-def test_an_extern_shared_form_the_emulator_cannot_read_is_refused_with_its_line(seam):
+def test_an_extern_shared_form_the_emulator_cannot_read_is_refused_with_its_line(emu):
+    seam = emu
     text = "\n\nextern __shared__ float rows[][4];\n" + 'extern "C" __global__ void k() {}\n'
     with pytest.raises(EmuUnsupportedError, match=r"odd.cu:3: .*extern __shared__ T name\[\];"):
         seam.compile_text(text, "odd.cu")
@@ -559,7 +635,8 @@ def test_a_tile_of_a_tile(seam, cooperative):
         ("float s = cg::reduce(cg::this_thread_block(), 1.0f, cg::plus<float>());", "reduce"),
     ],
 )
-def test_cooperative_groups_the_emulator_refuses_are_named_with_their_line(seam, use, named):
+def test_cooperative_groups_the_emulator_refuses_are_named_with_their_line(emu, use, named):
+    seam = emu
     text = (
         "#include <cooperative_groups.h>\n#include <cooperative_groups/reduce.h>\n"
         "namespace cg = cooperative_groups;\n"
@@ -567,3 +644,266 @@ def test_cooperative_groups_the_emulator_refuses_are_named_with_their_line(seam,
     )
     with pytest.raises(EmuCompileError, match=rf"(?s)refused\.cu:5.*{named}"):
         seam.compile_text(text, "refused.cu")
+
+
+# ---- float32 subnormals and -ftz=true (float32_subnormals.cu) --------------------------------
+
+TINY32 = np.finfo(np.float32).smallest_normal  # 2^-126
+
+
+def _subnormal_module(seam, flush: bool):
+    text = (CONFORMANCE / "float32_subnormals.cu").read_text()
+    options = (f"-ftz={'true' if flush else 'false'}",)
+    return seam.compile_text(text, "float32_subnormals.cu", nvrtc_options=options)
+
+
+def _flushed(values: np.ndarray) -> np.ndarray:
+    return np.where(np.abs(values) < TINY32, 0.0, values)
+
+
+@needs_compiler
+def test_sigmoid_tail_is_flushed_as_cupy_builds_it(seam):
+    _check_sigmoid_tail(seam, flush=True)
+
+
+@needs_compiler
+def test_sigmoid_tail_is_kept_by_a_build_without_ftz(emu):
+    _check_sigmoid_tail(emu, flush=False)
+
+
+def _check_sigmoid_tail(seam, flush: bool) -> None:
+    x = -np.linspace(80, 110, 301).astype(np.float32)  # sigmoid from 1.8e-35 down to 1.7e-48
+    y = seam.empty(x.shape, np.float32)
+    seam.launch(_subnormal_module(seam, flush), "sigmoid", 2, 256, (x, y, np.int32(x.size)))
+    exact = 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
+    # Within a few ulps of 2^-126 expf's error decides the side: those points are left out.
+    edge = np.abs(exact / TINY32 - 1) < 1e-5
+    subnormal, normal = (exact < TINY32) & ~edge, (exact >= TINY32) & ~edge
+    assert subnormal.sum() > 100 and normal.sum() > 50
+    np.testing.assert_allclose(y[normal], exact[normal], rtol=1e-5)
+    assert np.float32(1e-40) * np.float32(1.0) != 0  # the caller's mode is restored
+    if flush:
+        assert (y[subnormal] == 0).all()
+    else:  # kept, to within the subnormal spacing (2^-149) and expf's error
+        np.testing.assert_allclose(y[subnormal], exact[subnormal], rtol=1e-5, atol=3 * 2.0**-149)
+        assert (y[subnormal] > 0).sum() > 50
+
+
+@needs_compiler
+def test_softmax_tail_and_subnormal_inputs_as_cupy_builds_them(seam):
+    _check_softmax_tail(seam, flush=True)
+
+
+@needs_compiler
+def test_softmax_tail_and_subnormal_inputs_without_ftz(emu):
+    _check_softmax_tail(emu, flush=False)
+
+
+def _check_softmax_tail(seam, flush: bool) -> None:
+    x = np.array([[0.0, -50.0, -95.0, -100.0, -103.0, -120.0]], np.float32)
+    y = seam.empty(x.shape, np.float32)
+    module = _subnormal_module(seam, flush)
+    seam.launch(module, "softmax_rows", 1, 1, (x, y, np.int32(x.shape[1])))
+    e = np.exp(x.astype(np.float64) - x.max())
+    exact = e / e.sum()
+    expected = _flushed(exact) if flush else exact
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=0 if flush else 3 * 2.0**-149)
+    # A subnormal input reads as zero under -ftz=true; a product that lands below 2^-126 is 0.
+    tiny = np.array([1e-40, -3e-39, 1e-30, 2e-38], np.float32)
+    out = seam.empty(tiny.shape, np.float32)
+    seam.launch(module, "scale_float", 1, 32, (tiny, out, np.float32(1e-3), np.int32(4)))
+    exact = tiny.astype(np.float64) * np.float64(np.float32(1e-3))
+    if flush:
+        expected = _flushed(exact * (np.abs(tiny) >= TINY32)).astype(np.float32)
+        np.testing.assert_array_equal(out, expected)
+    else:
+        np.testing.assert_allclose(out, exact, rtol=1e-6, atol=2.0**-149)
+
+
+@needs_compiler
+def test_float64_subnormals_are_never_flushed(seam):
+    x = np.array([1e-310, -2.5e-320, 1e-300], np.float64)
+    y = seam.empty(x.shape, np.float64)
+    seam.launch(
+        _subnormal_module(seam, True), "scale_double", 1, 32, (x, y, np.float64(1e-10), np.int32(3))
+    )
+    np.testing.assert_array_equal(y, x * 1e-10)
+    assert y[2] != 0 and y[0] != 0
+
+
+def test_ftz_is_read_from_the_gpu_build_flags():
+    from gpubackprop.emulator.compiler import flushes_denormals
+    from gpubackprop.kernels import CUPY_ADDED_OPTIONS, NVRTC_OPTIONS
+
+    assert flushes_denormals((*NVRTC_OPTIONS, *CUPY_ADDED_OPTIONS))  # what CuPy compiles with
+    assert not flushes_denormals(NVRTC_OPTIONS)  # NVRTC's own default
+    assert not flushes_denormals(("-ftz=true", "--ftz=false"))  # the last one decides
+    assert flushes_denormals(("--use_fast_math",))
+    with pytest.raises(ValueError, match=r"'-ftz=yes'.*-ftz=true or -ftz=false"):
+        flushes_denormals(("-ftz=yes",))
+
+
+# ---- planted races and out-of-bounds accesses (races_and_bounds.cu), emulator only -----------
+
+SHUFFLE_SEEDS = (1, 2, 3)
+
+
+def _shift_right(x: np.ndarray, block: int) -> np.ndarray:
+    y = np.roll(x.reshape(-1, block), 1, axis=1)
+    y[:, 0] = x.reshape(-1, block)[:, 0]
+    return y.reshape(-1)
+
+
+def _race_is_seen(emu, mod, kernel, grid, block, args, out, expected) -> bool:
+    """Whether the emulator exposes a race: an EmuLaunchError (in guard-check mode, a read of
+    shared memory nobody wrote), or a result other than the race-free one."""
+    try:
+        emu.launch(mod, kernel, grid, block, args)
+    except EmuLaunchError as error:
+        assert "shared memory nobody wrote" in str(error), error
+        return True
+    return not np.array_equal(out, expected, equal_nan=False)
+
+
+@needs_compiler
+@pytest.mark.parametrize("guard_check", ["0", "1"])
+def test_a_removed_syncthreads_is_caught_by_the_shuffle_mode(emu, monkeypatch, guard_check):
+    monkeypatch.setenv("GPUBACKPROP_EMU_GUARD_CHECK", guard_check)
+    mod = module(emu, "races_and_bounds.cu")
+    block, n = 128, 256
+    x = np.random.default_rng(20).standard_normal(n).astype(np.float32)
+    expected = _shift_right(x, block)
+    y = emu.empty((n,), np.float32)
+    emu.launch(mod, "shift_right_no_barrier", 2, block, (x, y, np.int32(n)))
+    # In thread order the race happens to give the right answer: only shuffling shows it.
+    np.testing.assert_array_equal(y, expected)
+    for seed in SHUFFLE_SEEDS:
+        monkeypatch.setenv("GPUBACKPROP_EMU_SHUFFLE", str(seed))
+        good, racy = emu.empty((n,), np.float32), emu.empty((n,), np.float32)
+        emu.launch(mod, "shift_right", 2, block, (x, good, np.int32(n)))
+        np.testing.assert_array_equal(good, expected)
+        args = (x, racy, np.int32(n))
+        assert _race_is_seen(emu, mod, "shift_right_no_barrier", 2, block, args, racy, expected)
+
+
+@needs_compiler
+@pytest.mark.parametrize("guard_check", ["0", "1"])
+def test_a_missing_syncwarp_is_caught(emu, monkeypatch, guard_check):
+    monkeypatch.setenv("GPUBACKPROP_EMU_GUARD_CHECK", guard_check)
+    mod = module(emu, "races_and_bounds.cu")
+    x = np.random.default_rng(21).integers(-8, 8, 256).astype(np.float32)  # exact sums
+    expected = x.reshape(-1, 32).sum(axis=1)
+    for seed in (0, *SHUFFLE_SEEDS):
+        monkeypatch.setenv("GPUBACKPROP_EMU_SHUFFLE", str(seed))
+        good, racy = emu.empty((8,), np.float32), emu.empty((8,), np.float32)
+        emu.launch(mod, "warp_tree_sum", 2, 128, (x, good))
+        np.testing.assert_array_equal(good, expected)
+        racy_args = (x, racy)
+        assert _race_is_seen(
+            emu, mod, "warp_tree_sum_no_syncwarp", 2, 128, racy_args, racy, expected
+        ), f"seed {seed}: the race went unseen"
+
+
+@needs_compiler
+def test_a_read_past_the_end_is_caught(emu, monkeypatch):
+    mod = module(emu, "races_and_bounds.cu")
+    n = 100
+    x = np.random.default_rng(22).standard_normal(n).astype(np.float32)
+    good = emu.empty((n,), np.float32)
+    emu.launch(mod, "pair_sum", 1, 128, (x, good, np.int32(n)))
+    np.testing.assert_array_equal(good, np.append(x[:-1] + x[1:], x[-1]))
+    # Plain mode: the guard bytes past the end are NaN for a float, and show in the result.
+    monkeypatch.setenv("GPUBACKPROP_EMU_GUARD_CHECK", "0")
+    y = emu.empty((n,), np.float32)
+    emu.launch(mod, "pair_sum_reads_past_the_end", 1, 128, (x, y, np.int32(n)))
+    assert np.isnan(y[-1]) and not np.isnan(y[:-1]).any()
+    # Guard-check mode (on in this suite, conftest.py): a second run with other guard bytes
+    # changes the output, and the launch fails naming the argument; an int read is caught too.
+    monkeypatch.setenv("GPUBACKPROP_EMU_GUARD_CHECK", "1")
+    with pytest.raises(EmuLaunchError, match=r"argument 'y' \(float32\[100\]\) changed when"):
+        emu.launch(mod, "pair_sum_reads_past_the_end", 1, 128, (x, y, np.int32(n)))
+    xi, yi = np.arange(n, dtype=np.int32), np.zeros(n, np.int32)
+    with pytest.raises(EmuLaunchError, match=r"read out of bounds of an argument"):
+        emu.launch(mod, "int_pair_sum_reads_past_the_end", 1, 128, (xi, yi, np.int32(n)))
+    np.testing.assert_array_equal(yi, 0)  # left unchanged
+
+
+@needs_compiler
+@pytest.mark.parametrize(
+    "kernel,message",
+    [
+        (
+            "copy_writes_past_the_end",
+            r"wrote out of bounds of argument 'y' \(float32\[50\]\): 4 bytes after its end "
+            r"\(first at element 50, size 50\)",
+        ),
+        (
+            "copy_writes_before_the_start",
+            r"wrote out of bounds of argument 'y' \(float32\[50\]\): 4 bytes before its start "
+            r"\(lowest at element -1\).*left 1 elements of argument 'y' \(float32\[50\]\) "
+            r"unwritten \(first at index 49\)",
+        ),
+    ],
+)
+def test_a_write_past_either_end_is_caught(emu, kernel, message):
+    mod = module(emu, "races_and_bounds.cu")
+    x = np.ones(50, np.float32)
+    y = emu.empty((50,), np.float32)
+    with pytest.raises(EmuLaunchError, match=message):
+        emu.launch(mod, kernel, 1, 64, (x, y, np.int32(50)))
+
+
+@needs_compiler
+def test_a_write_past_the_end_of_dynamic_shared_memory_is_caught(emu):
+    mod = module(emu, "races_and_bounds.cu")
+    x = np.arange(40, dtype=np.float32)
+    y = emu.empty((40,), np.float32)
+    emu.launch(mod, "stage_in_shared", 2, 32, (x, y, np.int32(40), np.int32(0)), shared_mem=128)
+    np.testing.assert_array_equal(y, 2 * x)
+    with pytest.raises(
+        EmuLaunchError,
+        match=r"block \(0,0,0\) wrote past the end of its dynamic shared memory \(shared_mem=128 "
+        r"bytes; first byte written: 128\)",
+    ):
+        emu.launch(mod, "stage_in_shared", 2, 32, (x, y, np.int32(40), np.int32(1)), shared_mem=128)
+
+
+@needs_compiler
+def test_rewritten_extern_shared_keeps_the_line_numbers_of_errors(emu):
+    text = (
+        'extern "C" __global__ void k(float* y) {\n'
+        "    extern __shared__\n"
+        "        __align__(16) float staged[];\n"
+        "    staged[threadIdx.x] = 1.0f;\n"
+        "    y[0] = undefined_name;\n"
+        "}\n"
+    )
+    with pytest.raises(EmuCompileError, match=r"lines\.cu:5:.*undefined_name"):
+        emu.compile_text(text, "lines.cu")
+
+
+@needs_compiler
+def test_16bit_scalars_by_value(seam):
+    n = 50
+    rng = np.random.default_rng(30)
+    x = rng.standard_normal(n).astype(np.float16)
+    u = _bf16_model(rng.standard_normal(n), "rn")
+    y, v = np.empty(n, np.float16), np.empty(n, np.uint16)
+    scale, offset = np.float16(1.5), np.float16(-0.25)
+    u_scale = _bf16_model(np.array([3.0]), "rn")[0]  # a np.uint16 holding bf16 bits
+    seam.launch(
+        module(seam, "float16_conversions.cu"),
+        "axpb_16bit",
+        1,
+        64,
+        (x, y, scale, offset, u, v, u_scale, np.int32(n)),
+    )
+    product = _half_model(x.astype(np.float64) * 1.5, "rn").view(np.float16)
+    separate = _half_model(product.astype(np.float64) - 0.25, "rn")  # each op rounded
+    fused = _half_model(x.astype(np.float64) * 1.5 - 0.25, "rn")  # one rounding (exact in f64)
+    if seam.name == "emu":  # g++ never contracts a * b + c into an fma
+        np.testing.assert_array_equal(y.view(np.uint16), separate)
+    else:  # a GPU build may (-fmad=true, the default)
+        assert ((y.view(np.uint16) == separate) | (y.view(np.uint16) == fused)).all()
+    u64 = (u.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    np.testing.assert_array_equal(v, _bf16_model(u64 * 3.0, "rn"))

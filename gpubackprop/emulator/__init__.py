@@ -1,4 +1,7 @@
-"""CPU emulator for the CUDA kernels in kernels/: g++-compiled, one fiber per CUDA thread.
+"""CPU emulator for CUDA kernels: g++-compiled, one fiber per CUDA thread.
+
+``RawModule``/``RawKernel`` (raw.py) mirror CuPy's, so a kernel of your own runs on the CPU by
+changing one import; docs/emulator.md says what the emulator runs, checks and refuses.
 
 See cuda_emu.h for the execution model and launch.py for the checks it adds (out-of-bounds
 writes, unwritten outputs, divergent barriers, argument types, faults and misaligned vector
@@ -25,6 +28,7 @@ from __future__ import annotations
 from .compiler import EmuCompileError, EmuUnsupportedError, cache_dir, find_compiler
 from .device import EmuSeam, device_arrays_from_env
 from .launch import EmuLaunchError, EmuModule
+from .raw import RawKernel, RawModule, UnsupportedCupyFeature
 
 __all__ = [
     "EmuCompileError",
@@ -32,6 +36,9 @@ __all__ = [
     "EmuModule",
     "EmuSeam",
     "EmuUnsupportedError",
+    "RawKernel",
+    "RawModule",
+    "UnsupportedCupyFeature",
     "cache_dir",
     "device_arrays_from_env",
     "find_compiler",

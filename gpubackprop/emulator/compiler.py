@@ -121,6 +121,21 @@ def compile_flags() -> tuple[str, ...]:
     return tuple(flags)
 
 
+def flushes_denormals(options: tuple[str, ...] | list[str]) -> bool:
+    """Whether NVRTC options flush float32 subnormals to zero: the last ``-ftz=``/``--ftz=``
+    (or ``--use_fast_math``, which implies it) decides; NVRTC's default is false."""
+    flush = False
+    for option in options:
+        name, _, value = str(option).lstrip("-").partition("=")
+        if name == "ftz":
+            if value not in ("true", "false"):
+                raise ValueError(f"option {option!r}: expected -ftz=true or -ftz=false")
+            flush = value == "true"
+        elif name in ("use_fast_math", "use-fast-math"):
+            flush = True
+    return flush
+
+
 def include_flags() -> list[str]:
     """The emulator's headers, and its CUDA headers for a kernel's ``#include <cuda_fp16.h>``."""
     return [f"-I{HERE}", f"-I{INCLUDE_DIR}"]
@@ -345,8 +360,16 @@ def directives_applied(cxx: str, flags: tuple[str, ...], text: str, label: str) 
     return result.stdout[result.stdout.rfind(_SOURCE_STARTS) + len(_SOURCE_STARTS) :]
 
 
+# Exported once per library: launch.py sets the flush-to-zero mode of the next launch with it.
+_CONFIGURE = (
+    'extern "C" __attribute__((visibility("default"))) void '
+    "gbemu_set_flush_denormals(int on) { gbemu::g.flush_denormals = on; }"
+)
+
+
 def translation_unit(text: str, label: str, kernels: list[KernelDecl]) -> str:
     parts = ['#include "cuda_emu.h"', f'#line 1 "{label}"', text]
+    parts += [f'#line 1 "{TRAMPOLINE_LABEL}"', _CONFIGURE]
     for kernel in kernels:
         name, symbol = kernel.name, kernel.symbol
         where = TRAMPOLINE_LABEL if name == symbol else f"<name expression {name}>"
@@ -374,13 +397,17 @@ def _header_text() -> str:
 
 
 def build(
-    text: str, label: str, name_expressions: tuple[str, ...] = ()
+    text: str,
+    label: str,
+    name_expressions: tuple[str, ...] = (),
+    extra_flags: tuple[str, ...] = (),
 ) -> tuple[Path, list[KernelDecl]]:
     """Compile ``text`` (a kernels/ source after loading) into a cached shared library.
 
     ``label`` names the source in messages.  Returns the library path and its kernels: every
     ``extern "C"`` kernel, and one per name expression (a template instantiated, as CuPy's
-    ``RawModule(name_expressions=...)`` does).
+    ``RawModule(name_expressions=...)`` does).  ``extra_flags``: g++ options (-D, -U, -std)
+    translated from a RawModule's NVRTC options.
     Raises EmuUnsupportedError for inline PTX and EmuCompileError with g++'s diagnostics.
 
     The cache entry for a key is ``<key>.so`` with ``<key>.json`` beside it (the library's size
@@ -397,7 +424,7 @@ def build(
         raise EmuCompileError(
             "no C++ compiler found (set CXX or GPUBACKPROP_EMU_CXX, or install g++)"
         )
-    flags = compile_flags()
+    flags = compile_flags() + tuple(extra_flags)  # -D/-U/-std from a RawModule's options
     digest = hashlib.sha256()
     expressions = "\n".join(name_expressions)
     for part in (text, label, expressions, _header_text(), " ".join(flags), compiler_identity(cxx)):

@@ -129,6 +129,8 @@ struct State {
     unsigned int block_generation = 0;
     int block_result[2] = {0, 0};
     bool failed = false;
+    int flush_denormals = 0;                // set by gbemu_set_flush_denormals before a launch
+    unsigned long long saved_fp_control = 0;  // the caller's MXCSR/FPCR, restored after it
     char message[2048];
     void (*body)(void*) = nullptr;
     void* body_context = nullptr;
@@ -164,8 +166,9 @@ static inline unsigned char* dynamic_shared() { return g.dynamic_shared; }
 #ifndef GBEMU_MAX_DYNAMIC_SHARED
 #define GBEMU_MAX_DYNAMIC_SHARED (228 * 1024)
 #endif
+#define GBEMU_SHARED_GUARD 1024  // bytes checked past the end of the launch's dynamic shared memory
 static unsigned char* dynamic_shared_base() {
-    const size_t capacity = (size_t)GBEMU_MAX_DYNAMIC_SHARED + 256;
+    const size_t capacity = (size_t)GBEMU_MAX_DYNAMIC_SHARED + GBEMU_SHARED_GUARD + 256;
     if (g.dynamic_shared_storage.capacity() < capacity) g.dynamic_shared_storage.reserve(capacity);
     return (unsigned char*)(((uintptr_t)g.dynamic_shared_storage.data() + 255) & ~(uintptr_t)255);
 }
@@ -610,23 +613,83 @@ static void describe_deadlock(char* out, size_t size) {
 static int run_blocks(const long long* dims, long long shared_bytes, unsigned long long seed,
                       char* error, int error_size, void (*body)(void*), void* context);
 
+// Flush-to-zero, as a GPU build with -ftz=true does for float32: subnormal results become zero
+// (x86 MXCSR.FTZ, bit 15) and subnormal inputs read as zero (MXCSR.DAZ, bit 6); on AArch64 the
+// FPCR.FZ bit does both.  The bits apply to double too, so launch.py turns them on only for
+// kernels without a double parameter (the float32 builds), where a GPU flushes.  Every fiber
+// runs on the launching OS thread, so setting the register around the launch covers them all.
+#if defined(__x86_64__) || defined(__i386__)
+static inline unsigned long long fp_control() {
+    unsigned int csr;
+    __asm__ __volatile__("stmxcsr %0" : "=m"(csr));
+    return csr;
+}
+static inline void set_fp_control(unsigned long long value) {
+    unsigned int csr = (unsigned int)value;
+    __asm__ __volatile__("ldmxcsr %0" : : "m"(csr));
+}
+static const unsigned long long FP_FLUSH_BITS = 0x8040ull;
+#define GBEMU_HAS_FLUSH_CONTROL 1
+#elif defined(__aarch64__)
+static inline unsigned long long fp_control() {
+    unsigned long long value;
+    __asm__ __volatile__("mrs %0, fpcr" : "=r"(value));
+    return value;
+}
+static inline void set_fp_control(unsigned long long value) {
+    __asm__ __volatile__("msr fpcr, %0" : : "r"(value));
+}
+static const unsigned long long FP_FLUSH_BITS = 1ull << 24;
+#define GBEMU_HAS_FLUSH_CONTROL 1
+#else
+#define GBEMU_HAS_FLUSH_CONTROL 0
+#endif
+
+// Returns false (with a message) if flushing was asked for on a CPU this file cannot set up.
+static bool enter_fp_mode(char* error, int error_size) {
+#if GBEMU_HAS_FLUSH_CONTROL
+    g.saved_fp_control = fp_control();
+    if (g.flush_denormals) set_fp_control(g.saved_fp_control | FP_FLUSH_BITS);
+    return true;
+#else
+    if (g.flush_denormals) {
+        snprintf(error, error_size,
+                 "the kernel is built with -ftz=true (float32 subnormals flushed to zero), "
+                 "which the emulator implements on x86-64 and AArch64 only");
+        return false;
+    }
+    return true;
+#endif
+}
+static void leave_fp_mode() {
+#if GBEMU_HAS_FLUSH_CONTROL
+    set_fp_control(g.saved_fp_control);
+#endif
+}
+
 // Runs the whole grid.  Returns 0, or 1 with a message in `error`.
 static int run_grid(const long long* dims, long long shared_bytes, unsigned long long seed,
                     char* error, int error_size, void (*body)(void*), void* context) {
     error[0] = 0;
-    if (!install_fault_handlers(error, error_size)) return 1;
+    if (!enter_fp_mode(error, error_size)) return 1;
+    if (!install_fault_handlers(error, error_size)) {
+        leave_fp_mode();
+        return 1;
+    }
     // Nothing in this frame changes after sigsetjmp, so nothing here needs to be volatile.
     if (sigsetjmp(g.fault_jump, 1) != 0) {
         // Back from fault_handler: every fiber of the launch is abandoned; the next launch
         // re-initialises fibers, warps and barrier state from scratch.
         const uint3 block = blockIdx;
         const bool in_fiber = g.in_fiber != 0;
+        leave_fp_mode();
         restore_fault_handlers();
         describe_fault(error, (size_t)error_size, block, in_fiber);
         g.failed = true;
         return 1;
     }
     const int status = run_blocks(dims, shared_bytes, seed, error, error_size, body, context);
+    leave_fp_mode();
     restore_fault_handlers();
     return status;
 }
@@ -675,7 +738,8 @@ __attribute__((noinline)) static int run_blocks(const long long* dims, long long
         return 1;
     }
     g.dynamic_shared = dynamic_shared_base();
-    g.dynamic_shared_storage.resize((size_t)shared_bytes + 256);  // within capacity: not moved
+    // Within the capacity reserved by dynamic_shared_base: the buffer never moves.
+    g.dynamic_shared_storage.resize((size_t)shared_bytes + GBEMU_SHARED_GUARD + 256);
     g.body = body;
     g.body_context = context;
     g.failed = false;
@@ -691,7 +755,9 @@ __attribute__((noinline)) static int run_blocks(const long long* dims, long long
                 // Shared memory is uninitialised on a GPU: NaN bytes make a read-before-write
                 // visible in the result (and the guard-check run's 0x7F bytes one that fmaxf
                 // would hide).
-                if (shared_bytes > 0) memset(g.dynamic_shared, fill, (size_t)shared_bytes);
+                // The bytes past the launch's dynamic shared memory are filled too: a write
+                // there is reported after the block, a read shows up like any unwritten byte.
+                memset(g.dynamic_shared, fill, (size_t)shared_bytes + GBEMU_SHARED_GUARD);
                 if (+__start_gbemu_shared != +__stop_gbemu_shared) {
                     memset(__start_gbemu_shared, fill,
                            (size_t)(__stop_gbemu_shared - __start_gbemu_shared));
@@ -723,6 +789,17 @@ __attribute__((noinline)) static int run_blocks(const long long* dims, long long
                         char text[1536];
                         describe_deadlock(text, sizeof(text));
                         snprintf(error, error_size, "block (%u,%u,%u): %s", bx, by, bz, text);
+                        return 1;
+                    }
+                }
+                const unsigned char* guard = g.dynamic_shared + shared_bytes;
+                for (int b = 0; b < GBEMU_SHARED_GUARD; ++b) {
+                    if (guard[b] != (unsigned char)fill) {
+                        snprintf(error, error_size,
+                                 "block (%u,%u,%u) wrote past the end of its dynamic shared "
+                                 "memory (shared_mem=%lld bytes; first byte written: %lld); on "
+                                 "a GPU: an illegal address, or another block's data",
+                                 bx, by, bz, shared_bytes, shared_bytes + b);
                         return 1;
                     }
                 }

@@ -53,19 +53,32 @@ class EmuSeam:
         return module
 
     def compile_text(
-        self, text: str, label: str, name_expressions: tuple[str, ...] = ()
+        self,
+        text: str,
+        label: str,
+        name_expressions: tuple[str, ...] = (),
+        nvrtc_options: tuple[str, ...] | None = None,
+        extra_flags: tuple[str, ...] = (),
     ) -> EmuModule:
-        """Compile a source text; ``label`` names it in messages.  For tests and tools."""
+        """Compile a source text; ``label`` names it in messages.  ``nvrtc_options``: the
+        options a GPU build compiles it with (default: the project's, kernels.NVRTC_OPTIONS plus
+        what CuPy adds), whose -ftz decides whether float32 subnormals are flushed to zero."""
+        from ..kernels import CUPY_ADDED_OPTIONS, NVRTC_OPTIONS
+
+        if nvrtc_options is None:
+            nvrtc_options = (*NVRTC_OPTIONS, *CUPY_ADDED_OPTIONS)
+        flush = compiler.flushes_denormals(nvrtc_options)
         name_expressions = tuple(name_expressions)
         key = (
             hashlib.sha256(text.encode()).hexdigest(),
             label,
             name_expressions,
-            compiler.compile_flags(),
+            flush,
+            compiler.compile_flags() + tuple(extra_flags),
         )
         if key not in self._modules:
-            path, decls = compiler.build(text, label, name_expressions)
-            self._modules[key] = EmuModule(path, label, decls)
+            path, decls = compiler.build(text, label, name_expressions, tuple(extra_flags))
+            self._modules[key] = EmuModule(path, label, decls, flush)
         return self._modules[key]
 
     # -- launch -------------------------------------------------------------------------------

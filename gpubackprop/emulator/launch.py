@@ -118,15 +118,30 @@ class Kernel:
     name: str
     params: tuple[Param, ...]
     entry: Any  # ctypes function
+    # Launch with float32 subnormals flushed to zero (see EmuModule), through `configure`.
+    flush_denormals: bool = False
+    configure: Any = None
 
 
 class EmuModule:
-    """A compiled kernels/ source: its kernels by name, loaded from a shared library."""
+    """A compiled kernels/ source: its kernels by name, loaded from a shared library.
 
-    def __init__(self, path: Path, label: str, decls: list[Any]) -> None:
+    ``flush_denormals``: the GPU build's flags flush float32 subnormals to zero (-ftz=true, which
+    CuPy always passes).  The CPU's flush bits (MXCSR FTZ/DAZ) act on double as well, which a GPU
+    never flushes; so a kernel runs flushed when the module is and none of its parameters is a
+    double or a pointer to double (a float32 build), and unflushed otherwise.
+    """
+
+    def __init__(
+        self, path: Path, label: str, decls: list[Any], flush_denormals: bool = False
+    ) -> None:
         self.path = path
         self.label = label
+        self.flush_denormals = flush_denormals
         self.library = ctypes.CDLL(str(path))  # CDLL releases the GIL during calls
+        configure = self.library.gbemu_set_flush_denormals
+        configure.restype = None
+        configure.argtypes = [ctypes.c_int]
         self.kernels: dict[str, Kernel] = {}
         for decl in decls:
             signature_fn = getattr(self.library, f"gbemu_signature_{decl.symbol}")
@@ -148,7 +163,8 @@ class EmuModule:
                 ctypes.c_char_p,
                 ctypes.c_int,
             ]
-            self.kernels[decl.name] = Kernel(decl.name, params, entry)
+            flush = flush_denormals and not any(p.code == "f8" for p in params)
+            self.kernels[decl.name] = Kernel(decl.name, params, entry, flush, configure)
 
     def __repr__(self) -> str:
         return f"EmuModule({self.label!r}, kernels={sorted(self.kernels)})"
@@ -246,8 +262,11 @@ def launch(
     args: tuple[Any, ...],
     shared_mem: int = 0,
     shuffle_seed: int | None = None,
+    max_shared_mem: int = MAX_DYNAMIC_SHARED,
 ) -> None:
-    """Run ``kernel`` of ``module`` on the emulator; see the module docstring for the checks."""
+    """Run ``kernel`` of ``module`` on the emulator; see the module docstring for the checks.
+    ``max_shared_mem``: the dynamic shared memory the kernel may ask for (48 KiB unless opted
+    in, as CuPy's ``max_dynamic_shared_size_bytes`` does)."""
     if kernel not in module.kernels:
         raise ValueError(
             f'kernel={kernel!r} is not an extern "C" __global__ function or a name expression '
@@ -262,9 +281,9 @@ def launch(
     if threads > MAX_THREADS_PER_BLOCK:
         raise ValueError(f"{where}: block={block3} has {threads} threads; at most 1024 are allowed")
     shared_mem = int(shared_mem)
-    if not 0 <= shared_mem <= MAX_DYNAMIC_SHARED:
+    if not 0 <= shared_mem <= max_shared_mem:
         raise ValueError(
-            f"{where}: shared_mem={shared_mem} bytes; expected 0 to {MAX_DYNAMIC_SHARED} "
+            f"{where}: shared_mem={shared_mem} bytes; expected 0 to {max_shared_mem} "
             "(more needs an opt-in function attribute on the GPU)"
         )
     where = f"kernel {kernel!r} (grid={grid3}, block={block3})"
@@ -338,6 +357,7 @@ def _run_once(
         # Shared memory is filled with the same byte as the guard zones (read by the runtime).
         os.environ["GBEMU_SHARED_FILL"] = f"{guard_byte:02x}"
         try:
+            info.configure(int(info.flush_denormals))
             status = info.entry(dims, shared_mem, pointers, seed, error, ERROR_BUFFER)
         finally:
             del os.environ["GBEMU_SHARED_FILL"]
@@ -400,6 +420,13 @@ def _check_pointer(where: str, param: Param, value: Any) -> np.ndarray:
 
 
 def _check_scalar(where: str, param: Param, value: Any) -> np.ndarray:
+    if param.code == "bf2":  # a __nv_bfloat16 by value: its bits, as a 2-byte NumPy scalar
+        if isinstance(value, np.generic) and value.dtype.name in BFLOAT16_DTYPE_NAMES:
+            return np.array([value]).view(np.uint16)
+        raise TypeError(
+            f"{where}: parameter {param.name!r} is __nv_bfloat16, got {value!r}; pass its bit "
+            "pattern as np.uint16(...) (or an ml_dtypes.bfloat16 scalar)"
+        )
     expected = SCALAR_TYPES.get(param.code)
     if expected is None:
         raise TypeError(

@@ -1,5 +1,6 @@
 // Dynamic shared memory declared the usual way (`extern __shared__ T name[];`, at file and at
 // function scope) and templated kernels, launched by name expression as CuPy launches them.
+#include <cuda_runtime.h>  // as many kernels begin (the built-ins need no include)
 
 extern __shared__ float file_scope_tile[];  // one buffer for every kernel, sized by the launch
 
