@@ -153,9 +153,13 @@ def test_train_exports_onnx_that_predicts_from_raw_features(tmp_path, capsys):
     accuracy = float((logits.argmax(axis=1) == raw.y_test).mean())
     trained = json.loads(metrics_path.read_text())["test_accuracy"]
     assert accuracy > 0.8 and abs(accuracy - trained) <= 1 / len(raw.y_test)
-    np.testing.assert_allclose(
-        logits, gb.load(checkpoint).predict(raw.x_test), rtol=1e-5, atol=1e-5
-    )
+    loaded = gb.load(checkpoint)
+    np.testing.assert_allclose(logits, loaded.predict(raw.x_test), rtol=1e-5, atol=1e-5)
+    torch = pytest.importorskip("torch")  # the same model moved to PyTorch, standardisation too
+    with torch.no_grad():
+        torch_logits = loaded.to_torch()(torch.from_numpy(raw.x_test.astype(np.float32))).numpy()
+    torch_accuracy = float((torch_logits.argmax(axis=1) == raw.y_test).mean())
+    assert abs(torch_accuracy - trained) <= 1 / len(raw.y_test)
 
 
 def test_train_without_onnx_fails_before_training(tmp_path, capsys, monkeypatch):

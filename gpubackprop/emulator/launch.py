@@ -420,6 +420,13 @@ def _check_pointer(where: str, param: Param, value: Any) -> np.ndarray:
 
 
 def _check_scalar(where: str, param: Param, value: Any) -> np.ndarray:
+    if param.code == "bf2":  # a __nv_bfloat16 by value: its bits, as a 2-byte NumPy scalar
+        if isinstance(value, np.generic) and value.dtype.name in BFLOAT16_DTYPE_NAMES:
+            return np.array([value]).view(np.uint16)
+        raise TypeError(
+            f"{where}: parameter {param.name!r} is __nv_bfloat16, got {value!r}; pass its bit "
+            "pattern as np.uint16(...) (or an ml_dtypes.bfloat16 scalar)"
+        )
     expected = SCALAR_TYPES.get(param.code)
     if expected is None:
         raise TypeError(

@@ -78,3 +78,14 @@ extern "C" __global__ void bf16_dot_pairs(const __nv_bfloat162* x, const __nv_bf
     }
     out[row] = sum;
 }
+
+// 16-bit scalars by value: y[i] = x[i] * scale + offset, in the 16-bit type's arithmetic.
+extern "C" __global__ void axpb_16bit(const __half* x, __half* y, __half scale, __half offset,
+                                      const __nv_bfloat16* u, __nv_bfloat16* v,
+                                      __nv_bfloat16 u_scale, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) {
+        y[i] = x[i] * scale + offset;
+        v[i] = u[i] * u_scale;
+    }
+}
