@@ -1,4 +1,5 @@
-"""Sequential: the model, its execution plan, and the training loop."""
+"""Sequential: the model (a container of layers), its placement on a backend (the plan is
+plan.py's), state dicts, and the entry points of training and evaluation (training.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import numpy as np
 from .arrays import Array, dtype_of, import_array, shape_of, to_host
 from .backends import get_backend
 from .callbacks import Callback, History
+from .checks import check_int
+from .dtypes import check_dtype
 from .layers import (
     LAYER_TYPES,
     Container,
@@ -18,7 +21,6 @@ from .layers import (
     Layer,
     Standardize,
     activation_layer,
-    check_positive_int,
     init_for_activation,
 )
 from .losses import Loss, SoftmaxCrossEntropyLoss
@@ -30,17 +32,6 @@ if TYPE_CHECKING:
     from .optim import Optimizer
 
 logger = logging.getLogger("gpubackprop")
-DTYPES = ("float32", "float64")
-
-
-def _check_dtype(dtype: Any) -> np.dtype:
-    try:
-        resolved = np.dtype(dtype)
-    except TypeError:
-        resolved = None
-    if resolved is None or resolved.name not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not supported; expected one of {DTYPES}")
-    return resolved
 
 
 class Sequential(Container):
@@ -75,21 +66,14 @@ class Sequential(Container):
 
     @property
     def in_features(self) -> int | None:
-        """Input width, from the first layer that fixes it (None for an activation-only model)."""
-        for layer in _leaf_layers(self.layers):
-            width = getattr(layer, "in_features", None)
-            if width is not None:
-                return width
-        return None
+        """Input width, from the first layer that fixes it (None for an activation-only
+        model); checked against every later layer when the model was built (chain_widths)."""
+        return self.widths[0]
 
     @property
     def out_features(self) -> int | None:
         """Output width, from the last layer that fixes it."""
-        for layer in reversed(_leaf_layers(self.layers)):
-            width = getattr(layer, "out_features", None)
-            if width is not None:
-                return width
-        return None
+        return self.widths[1]
 
     # -- placement ------------------------------------------------------------------------
     def to(
@@ -103,7 +87,7 @@ class Sequential(Container):
         optimizer state stay ``dtype`` (the fp32 master copy); tf32 and bf16 need float32 and,
         on a GPU, compute capability 8.0 or later (the error names the GPU otherwise)."""
         check_precision(precision)
-        dtype = _check_dtype(dtype)
+        dtype = check_dtype(dtype)
         if precision != "fp32" and dtype != np.float32:
             raise ValueError(
                 f"precision={precision!r} needs dtype='float32' (fp32 master weights and "
@@ -195,7 +179,10 @@ class Sequential(Container):
         """{name: NumPy copy} for every parameter and buffer (Standardize's mean and std), in
         the model's dtype (float64 before ``to()``).  Reading it places nothing."""
         dtype = self.dtype or np.dtype(np.float64)
-        state = {p.name: np.array(to_host(p.data), dtype=dtype) for p in self.parameters()}
+        state = {
+            name: np.array(to_host(p.data), dtype=dtype)
+            for name, p in self.named_parameters().items()
+        }
         for name, buffer in self.named_buffers().items():
             state[name] = np.array(buffer, dtype=dtype)
         return state
@@ -230,9 +217,10 @@ class Sequential(Container):
                 p.data[...] = host[name]
             return
         store = self.plan.store
+        name_of = {id(p): name for name, p in params.items()}  # names by position, not p.name
         flat = np.zeros(store.size, dtype=self.dtype)
         for p, offset in zip(store.parameters, store.offsets):
-            flat[offset : offset + p.size] = host[p.name].ravel()
+            flat[offset : offset + p.size] = host[name_of[id(p)]].ravel()
         store.data[...] = self.plan.backend.asarray(flat, self.dtype)
         # the steps hold device copies of the buffers: rebuild them from the new values
         self.plan.steps = build_steps(
@@ -288,15 +276,17 @@ class Sequential(Container):
         """A ``torch.nn.Sequential`` with copies of this model's weights that computes the same
         function (Linear for Dense, the same activations and parameters, Residual blocks as a
         small module); see gpubackprop.torch_interop.  Needs PyTorch."""
-        from .torch_interop import to_torch
-
+        try:
+            from .torch_interop import to_torch
+        except ImportError as error:
+            raise ImportError(f"to_torch needs PyTorch (pip install torch): {error}") from None
         return to_torch(self, device)
 
     def predict(self, x: Array, batch_size: int = 1024) -> np.ndarray:
         """Model outputs for ``x`` as a NumPy array, computed batch by batch."""
         from .threads import blas_threads_for
 
-        batch_size = check_positive_int("batch_size", batch_size)
+        batch_size = check_int("batch_size", batch_size)
         xd = self.prepare_input(x)
         outputs = []
         with blas_threads_for(self, min(batch_size, xd.shape[0])):
@@ -315,18 +305,6 @@ class Sequential(Container):
 
 
 LAYER_TYPES["Sequential"] = Sequential
-
-
-def _leaf_layers(layers: list[Layer]) -> list[Layer]:
-    """The layers inside every container, in order (a Residual keeps its width, so its inner
-    layers say what it expects and gives)."""
-    leaves: list[Layer] = []
-    for layer in layers:
-        if isinstance(layer, Container):
-            leaves += _leaf_layers(layer.layers)
-        else:
-            leaves.append(layer)
-    return leaves
 
 
 def mlp(
@@ -354,3 +332,18 @@ def mlp(
         width = size
     layers.append(Dense(width, out_features, init="xavier_uniform"))
     return Sequential(*layers)
+
+
+def from_torch(module: Any, backend: Any = None, dtype: Any = None) -> Sequential:
+    """A model with the layers and weights of a ``torch.nn.Sequential`` (Linear, the activations,
+    nested Sequential, torch_interop.Residual); other modules are refused by name, placed on
+    ``backend`` in ``dtype`` (default: the dtype of the module's first floating-point
+    parameter, float32 or float64; float32 without any).  See gpubackprop.torch_interop.
+    Needs PyTorch."""
+    try:  # PyTorch is optional: imported on use
+        from .torch_interop import layers_from_torch
+    except ImportError as error:
+        raise ImportError(f"gb.from_torch needs PyTorch (pip install torch): {error}") from None
+
+    layers, module_dtype = layers_from_torch(module, Sequential)
+    return Sequential(*layers).to(backend, dtype=dtype or module_dtype)

@@ -161,13 +161,17 @@ def test_fit_and_evaluate_take_tensors(backend):
             gb.BCEWithLogitsLoss(),
             lambda rows: torch.rand(2 * rows, CLASSES, dtype=torch.float64)[::2],
         ),
+        (gb.BCELoss(), lambda rows: torch.rand(rows, CLASSES, dtype=torch.float64)),
     ],
-    ids=["mse", "cross_entropy", "bce_with_logits"],
+    ids=["mse", "cross_entropy", "bce_with_logits", "bce"],
 )
 def test_losses_take_tensors(loss, target):
     pred = torch.randn(
         CLASSES, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
     ).T
+    if isinstance(loss, gb.BCELoss):  # probabilities, still a transposed view
+        pred = torch.sigmoid(pred.T).T
+    assert not pred.is_contiguous()
     y = target(5)
     value = loss.forward(pred, y)
     grad = np.array(loss.backward())
@@ -180,6 +184,7 @@ def test_losses_take_tensors(loss, target):
         "MSELoss": torch.nn.functional.mse_loss,
         "SoftmaxCrossEntropyLoss": torch.nn.functional.cross_entropy,
         "BCEWithLogitsLoss": torch.nn.functional.binary_cross_entropy_with_logits,
+        "BCELoss": torch.nn.functional.binary_cross_entropy,
     }[type(loss).__name__](torch_pred, y)
     torch_loss.backward()
     np.testing.assert_allclose(float(value), torch_loss.item(), rtol=1e-12)

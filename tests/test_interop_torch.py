@@ -6,6 +6,8 @@ blocks; a model trained here keeps its test accuracy in PyTorch."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -185,3 +187,12 @@ def test_trained_model_keeps_its_test_accuracy_in_torch():
     # float32 sums in another order can only flip a prediction whose two top logits tie to ~1e-6.
     assert abs(torch_accuracy - accuracy) <= 1 / len(data.y_test)
     np.testing.assert_allclose(logits.numpy(), model.predict(data.x_test), rtol=1e-4, atol=1e-4)
+
+
+def test_without_torch_the_error_says_what_to_install(monkeypatch):
+    monkeypatch.delitem(sys.modules, "gpubackprop.torch_interop")
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch now fails
+    with pytest.raises(ImportError, match=r"to_torch needs PyTorch \(pip install torch\)"):
+        gb.Sequential(gb.Dense(2, 2)).to_torch()
+    with pytest.raises(ImportError, match=r"gb\.from_torch needs PyTorch \(pip install torch\)"):
+        gb.from_torch(object())

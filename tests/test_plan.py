@@ -225,3 +225,41 @@ def test_a_foreign_layer_is_refused_when_the_model_runs():
     model = gb.Sequential(gb.Dense(2, 2), Custom()).to("numpy")
     with pytest.raises(TypeError, match=r"layer Custom\(\) has no execution step"):
         model.forward(np.zeros((1, 2)))
+
+
+def test_state_dict_names_come_from_the_models_own_structure():
+    """A second Sequential built around the same layers renames their Parameters; the first
+    model's state dict still names each tensor by its own position and loads back intact."""
+    gb.seed(0)
+    model = gb.Sequential(gb.Dense(2, 3), gb.ReLU(), gb.Dense(3, 1)).to("numpy", "float64")
+    before = model.state_dict()
+    gb.Sequential(gb.Dense(5, 2), *model.layers)  # names the shared Parameters "1.weight", ...
+    after = model.state_dict()
+    assert after.keys() == before.keys() == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    for name, value in before.items():
+        np.testing.assert_array_equal(after[name], value)
+    changed = {name: value + 1.0 for name, value in before.items()}
+    model.load_state_dict(changed)
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(value, changed[name])
+
+
+def test_checkpoint_names_survive_a_second_model_around_the_same_layers(tmp_path):
+    gb.seed(0)
+    model = gb.Sequential(gb.Dense(2, 3), gb.Tanh(), gb.Dense(3, 2)).to("numpy", "float64")
+    optimizer = gb.Adam(model.parameters(), lr=1e-2)
+    x = np.random.default_rng(0).normal(size=(6, 2))
+    model.fit(x, np.arange(6) % 2, loss=gb.SoftmaxCrossEntropyLoss(), optimizer=optimizer,
+              epochs=2, batch_size=3, verbose=0)  # fmt: skip
+    gb.Sequential(gb.Dense(4, 2), gb.ReLU(), *model.layers)  # renames the shared Parameters
+    gb.save(tmp_path / "m.safetensors", model, optimizer)
+    loaded, loaded_optimizer = gb.load(tmp_path / "m.safetensors", with_optimizer=True)
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(loaded.state_dict()[name], value)
+    saved = optimizer.state_dict()["buffers"]
+    restored = loaded_optimizer.state_dict()["buffers"]
+    assert sorted(restored) == sorted(f"exp_avg.{n}" for n in model.state_dict()) + sorted(
+        f"exp_avg_sq.{n}" for n in model.state_dict()
+    )
+    for p, q in zip(optimizer.params, loaded_optimizer.params):
+        np.testing.assert_array_equal(restored[f"exp_avg.{q.name}"], saved[f"exp_avg.{p.name}"])

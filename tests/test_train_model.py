@@ -145,3 +145,27 @@ def test_raw_and_standardised_splits_agree():
     np.testing.assert_array_equal(raw.x_train, np.round(raw.x_train))
     with pytest.raises(ValueError, match="standardize='no' is not accepted"):
         gb.data.load_digits(standardize="no")
+
+
+def test_mnist_format_gets_its_global_standardisation_in_the_model(tmp_path, capsys):
+    """MNIST is standardised with one scalar mean and std of all training pixels: the model's
+    first layer holds that pair for every feature and takes the loader's unstandardised
+    pixels (÷ 255)."""
+    rng = np.random.default_rng(0)
+    directory = tmp_path / "mnist"
+    directory.mkdir()
+    for stem, kind, rows in (("train", "images", 200), ("t10k", "images", 60)):
+        labels = rng.integers(0, 10, rows).astype(np.uint8)
+        images = rng.integers(0, 40, (rows, 4, 4)) + 20 * labels[:, None, None]
+        gb.data.write_idx(directory / f"{stem}-{kind}-idx3-ubyte", images.astype(np.uint8))
+        gb.data.write_idx(directory / f"{stem}-labels-idx1-ubyte", labels)
+    checkpoint, metrics = _train(
+        tmp_path, capsys, "--dataset", f"mnist:{directory}", "--hidden", "16", "--epochs", "3"
+    )
+    model = gb.load(checkpoint)
+    first = model.layers[0]
+    assert isinstance(first, gb.Standardize) and first.features == 16
+    assert np.all(first.mean == first.mean[0]) and np.all(first.std == first.std[0])
+    raw = gb.data.load_mnist_idx(directory, standardize_features=False)
+    assert raw.x_test.max() <= 1.0  # pixels ÷ 255
+    assert model.evaluate(raw.x_test, raw.y_test)["accuracy"] == metrics["test_accuracy"]

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ..ops import OPS
 from .config import LEAKY_ALPHA, BenchConfig, Sizes
 from .timing import CpuTimer, CupyEventTimer, Impl, TorchCudaTimer
 
@@ -186,11 +187,30 @@ def cycle(items: list[Any]) -> Callable[[], Any]:
     return itertools.cycle(items).__next__
 
 
+# The op table's variant of dense_backward each GEMM layout times (no bias, identity).
+_GEMM_LAYOUTS = {
+    "forward": ("dense_forward", {"activation": "identity", "bias": False}),
+    "dW": ("dense_backward", {"activation": "identity", "bias": False, "need_dinp": False}),
+    "dX+dW": ("dense_backward", {"activation": "identity", "bias": False, "need_dinp": True}),
+}
+
+
 def _gemm_parts(m: int, n: int, k: int, itemsize: int, layout: str) -> list[Part]:
-    forward = Part(2.0 * m * n * k, itemsize * (m * k + n * k + m * n))  # read X, W; write Y
-    weight = Part(2.0 * m * n * k, itemsize * (m * n + m * k + n * k))  # read dZ, X; write dW
-    data = Part(2.0 * m * n * k, itemsize * (m * n + n * k + m * k))  # read dZ, W; write dX
-    return {"forward": [forward], "dW": [weight], "dX+dW": [weight, data]}[layout]
+    """The op table's cost of the layout, one Part per GEMM (dX+dW is two)."""
+    op, variant = _GEMM_LAYOUTS[layout]
+    gemms = 2 if variant.get("need_dinp") else 1
+    flops, moved = OPS[op].cost((m, k, n), itemsize, variant)
+    return [Part(flops / gemms, moved / gemms) for _ in range(gemms)]
+
+
+def _table_check(backend: Any, op: str, variant: dict, inputs: dict[str, np.ndarray], ours: Any):
+    """(our outputs, the op table's float64 references) of ``op`` on ``inputs`` (host float64
+    arrays, rounded to the benchmark dtype), ``ours`` putting each on the backend."""
+    entry = OPS[op]
+    outputs = entry.run(backend, variant, **{k: ours(v) for k, v in inputs.items()})
+    references = entry.reference(variant, inputs)
+    names = list(references)
+    return [backend.to_numpy(outputs[k]) for k in names], [references[k] for k in names]
 
 
 def gemm_case(
@@ -226,19 +246,12 @@ def gemm_case(
                 return backend.dense_backward(dz, x, w, None, "identity", 0.0, dw, None, need_dinp)
 
         def check():
-            x, w, dz = ctx.ours(x_h), ctx.ours(w_h), ctx.ours(dz_h)
-            if layout == "forward":
-                out = backend.dense_forward(x, w, None, "identity")[0]
-                return [backend.to_numpy(out)], [x_h @ w_h.T]
-            dw = backend.empty((n, k), ctx.dtype)
-            dx = backend.dense_backward(
-                dz, x, w, None, "identity", 0.0, dw, None, layout == "dX+dW"
-            )
-            outs, refs = [backend.to_numpy(dw)], [dz_h.T @ x_h]
-            if layout == "dX+dW":
-                outs.append(backend.to_numpy(dx))
-                refs.append(dz_h @ w_h)
-            return outs, refs
+            op, variant = _GEMM_LAYOUTS[layout]
+            if op == "dense_forward":
+                inputs = {"x": x_h, "weight": w_h}
+            else:
+                inputs = {"dout": dz_h, "x": x_h, "weight": w_h}
+            return _table_check(backend, op, variant, inputs, ctx.ours)
 
         prepared = Prepared(run, check, copies=copies)
         if ctx.cupy is not None:
@@ -423,8 +436,7 @@ def _torch_activation(torch: Any, name: str, alpha: float):
 
 def activation_case(name: str, rows: int, cols: int, direction: str, itemsize: int) -> Case:
     """y = f(x) (reads x, writes y) or dinp = dout ⊙ f'(saved) (reads dout and saved)."""
-    n = rows * cols
-    moved = itemsize * n * (2 if direction == "forward" else 3)
+    _, moved = OPS[f"activation_{direction}"].cost((rows, cols), itemsize, {"activation": name})
     alpha = LEAKY_ALPHA
 
     def build(ctx: Context, copies: int) -> Prepared:
@@ -447,12 +459,13 @@ def activation_case(name: str, rows: int, cols: int, direction: str, itemsize: i
                 return backend.activation_backward(dout, saved, name, alpha)
 
         def check():
-            x = ctx.ours(x_h)
-            y, saved = backend.activation_forward(x, name, alpha)
+            variant = {"activation": name, "alpha": alpha}
             if direction == "forward":
-                return [backend.to_numpy(y)], [ref.activation_forward(x_h, name, alpha)[0]]
-            dinp = backend.activation_backward(ctx.ours(d_h), saved, name, alpha)
-            return [backend.to_numpy(dinp)], [ref.activation_backward(d_h, saved_h, name, alpha)]
+                return _table_check(backend, "activation_forward", variant, {"x": x_h}, ctx.ours)
+            # saved as our forward computed it (the same values to the dtype's rounding)
+            saved = backend.to_numpy(backend.activation_forward(ctx.ours(x_h), name, alpha)[1])
+            inputs = {"dout": d_h, "saved": np.asarray(saved, np.float64)}
+            return _table_check(backend, "activation_backward", variant, inputs, ctx.ours)
 
         prepared = Prepared(run, check, copies=copies)
         if ctx.torch is None:
@@ -483,12 +496,71 @@ def activation_case(name: str, rows: int, cols: int, direction: str, itemsize: i
     return Case(label, {"rows": rows, "cols": cols}, [Part(0.0, moved)], moved, True, build)
 
 
-def loss_case(rows: int, classes: int, itemsize: int) -> Case:
-    """Softmax cross-entropy with integer labels: the loss and ∂L/∂logits in one call."""
-    moved = itemsize * 2 * rows * classes + 8 * rows  # read logits and labels, write the gradient
+def standardize_case(rows: int, cols: int, direction: str, itemsize: int) -> Case:
+    """gb.Standardize: y = (x − mean)/std (reads x, writes y) or dinp = dout/std (reads dout,
+    writes dinp); the per-feature vectors are negligible beside the matrix."""
+    moved = itemsize * rows * cols * 2
 
     def build(ctx: Context, copies: int) -> Prepared:
         backend, ref = ctx.backend, ctx.reference
+        x_h, d_h = ctx.host((rows, cols), 3.0), ctx.host((rows, cols))
+        mean_h = ctx.host((cols,))
+        std_h = np.exp(ctx.host((cols,), 0.5))
+        mean, std = ctx.ours(mean_h), ctx.ours(std_h)
+        take = cycle([ctx.ours(x_h if direction == "forward" else d_h) for _ in range(copies)])
+        if direction == "forward":
+
+            def run():
+                return backend.standardize_forward(take(), mean, std)
+
+            def reference():
+                return ref.standardize_forward(x_h, mean_h, std_h)
+        else:
+
+            def run():
+                return backend.standardize_backward(take(), std)
+
+            def reference():
+                return ref.standardize_backward(d_h, std_h)
+
+        def check():
+            return [backend.to_numpy(run())], [reference()]
+
+        prepared = Prepared(run, check, copies=copies)
+        if ctx.torch is None:
+            prepared.skipped["torch"] = ctx.torch_reason
+            return prepared
+        with ctx.torch.no_grad():
+            tmean, tstd = ctx.torch_tensor(mean_h), ctx.torch_tensor(std_h)
+            ttake = cycle(
+                [ctx.torch_tensor(x_h if direction == "forward" else d_h) for _ in range(copies)]
+            )
+
+        def torch_forward(x):
+            return (x - tmean) / tstd
+
+        def torch_backward(dout):
+            return dout / tstd
+
+        fn = torch_forward if direction == "forward" else torch_backward
+
+        def call(f):
+            return lambda: f(ttake())
+
+        prepared.baselines["torch"] = ctx.torch_impl(call(fn))
+        ctx.add_torch_compile(prepared, "elementwise", lambda: call(ctx.torch.compile(fn)))
+        return prepared
+
+    label = f"standardize.{direction}"
+    return Case(label, {"rows": rows, "cols": cols}, [Part(0.0, moved)], moved, True, build)
+
+
+def loss_case(rows: int, classes: int, itemsize: int) -> Case:
+    """Softmax cross-entropy with integer labels: the loss and ∂L/∂logits in one call."""
+    _, moved = OPS["softmax_cross_entropy"].cost((rows, classes), itemsize, {"target": "labels"})
+
+    def build(ctx: Context, copies: int) -> Prepared:
+        backend = ctx.backend
         z_h = ctx.host((rows, classes), 3.0)
         labels_h = ctx.rng.integers(0, classes, rows)
         sets = [(ctx.ours(z_h), backend.asarray(labels_h, np.int64)) for _ in range(copies)]
@@ -499,11 +571,12 @@ def loss_case(rows: int, classes: int, itemsize: int) -> Case:
             return backend.softmax_cross_entropy(z, labels)
 
         def check():
-            loss, grad = backend.softmax_cross_entropy(
-                ctx.ours(z_h), backend.asarray(labels_h, np.int64)
-            )
-            ref_loss, ref_grad = ref.softmax_cross_entropy(z_h, labels_h)
-            return ([backend.to_numpy(loss), backend.to_numpy(grad)], [ref_loss, ref_grad])
+            def ours(a):
+                return backend.asarray(a, np.int64) if a.dtype.kind in "iu" else ctx.ours(a)
+
+            inputs = {"logits": z_h, "target": labels_h}
+            variant = {"target": "labels"}
+            return _table_check(backend, "softmax_cross_entropy", variant, inputs, ours)
 
         prepared = Prepared(run, check, copies=copies)
         if ctx.torch is None:
@@ -558,15 +631,22 @@ ADAM_HYPER = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_dec
 
 ADAM_STEP = 10  # a step past the first, so that the bias corrections are not trivial
 
+# The op table's entry and variant each optimizer row times.
+_OPTIMIZER_VARIANTS = {
+    "sgd_momentum": ("sgd_step", {"hyper": SGD_HYPER, "first_step": False}),
+    "adam": ("adam_step", {"hyper": {**ADAM_HYPER, "step": ADAM_STEP}}),
+}
+
 
 def optimizer_case(kind: str, n: int, itemsize: int) -> Case:
     """One update of a flat buffer of n parameters: SGD with momentum reads θ, g, b and writes
     θ, b; Adam reads θ, g, m, v and writes θ, m, v."""
     buffers = 1 if kind == "sgd_momentum" else 2
-    moved = itemsize * n * (2 + buffers + 1 + buffers)
+    op, variant = _OPTIMIZER_VARIANTS[kind]
+    _, moved = OPS[op].cost((n,), itemsize, variant)
 
     def build(ctx: Context, copies: int) -> Prepared:
-        backend, ref = ctx.backend, ctx.reference
+        backend = ctx.backend
         p_h, g_h = ctx.host((n,)), ctx.host((n,), 0.1)
         m_h = ctx.host((n,), 0.1)
         v_h = np.abs(ctx.host((n,), 0.01)).astype(ctx.dtype).astype(np.float64)
@@ -588,12 +668,12 @@ def optimizer_case(kind: str, n: int, itemsize: int) -> Case:
             return step(backend, take())
 
         def check():
-            ours = state(ctx.ours)
-            step(backend, ours)
-            refs = state(lambda a: a.copy())
-            step(ref, refs)
-            keep = [0, 2, 3][: 1 + buffers]  # θ and the state buffers, not the gradient
-            return [backend.to_numpy(ours[i]) for i in keep], [refs[i] for i in keep]
+            inputs = {"param": p_h, "grad": g_h}
+            if kind == "sgd_momentum":
+                inputs["buf"] = m_h
+            else:
+                inputs.update(m=m_h, v=v_h)
+            return _table_check(backend, op, variant, inputs, ctx.ours)
 
         prepared = Prepared(run, check, copies=copies)
         if ctx.torch is None:
@@ -764,15 +844,50 @@ def train_case(sizes: Sequence[int], batch: int, itemsize: int) -> Case:
     )
 
 
+def table_case(op: str, variant: dict, shape: tuple[int, ...], itemsize: int) -> Case:
+    """A row built from the op table alone: ``op`` run on random inputs of ``shape`` (rotated
+    through copies), checked against its reference, its floor from its cost model.  What a new
+    op gets in the benchmark with no code here."""
+    entry = OPS[op]
+    flops, moved = entry.cost(shape, itemsize, variant)
+    name = f"{entry.case_name(variant)}." + "x".join(map(str, shape))
+
+    def build(ctx: Context, copies: int) -> Prepared:
+        backend = ctx.backend
+        inputs = {
+            k: v if v.dtype.kind in "iu" else v.astype(ctx.dtype).astype(np.float64)
+            for k, v in entry.inputs(ctx.rng, shape, variant).items()
+        }
+
+        def ours(a: np.ndarray) -> Any:
+            return backend.asarray(a, np.int64) if a.dtype.kind in "iu" else ctx.ours(a)
+
+        take = cycle([{k: ours(v) for k, v in inputs.items()} for _ in range(copies)])
+
+        def run():
+            return entry.run(backend, variant, **take())
+
+        prepared = Prepared(
+            run, lambda: _table_check(backend, op, variant, inputs, ours), copies=copies
+        )
+        prepared.skipped["torch"] = "no baseline for a generic op-table row"
+        return prepared
+
+    return Case(name, {"shape": list(shape)}, [Part(flops, moved)], moved, flops == 0.0, build)
+
+
 def cases_for(
     sizes: Sizes,
     itemsize: int,
     only: Sequence[str] = (),
     gemm_versions: Sequence[str] = (),
     precisions: Sequence[str] = (),
+    preset: str = "cpu",
 ) -> list[Case]:
-    """The rows of one backend; ``precisions`` adds the tensor-core GEMM rows ("bf16", "tf32")
-    for a backend that runs them (gemm_mma.cu on sm_80+ or the emulator)."""
+    """The rows of one backend over ``sizes``; ``precisions`` adds the tensor-core GEMM rows
+    ("bf16", "tf32") for a backend that runs them (gemm_mma.cu on sm_80+ or the emulator); then
+    a generic row for each (variant, shape) an op-table entry lists for ``preset``
+    (ops.Op.bench)."""
     # Whole training steps first, then the GEMMs: the headline rows, kept by a run that is
     # stopped by a time limit (the JSON record is rewritten after every row).
     cases: list[Case] = [train_case(layers, batch, itemsize) for layers, batch in sizes.train]
@@ -787,11 +902,17 @@ def cases_for(
         for rows, cols in sizes.activation:
             for direction in ("forward", "backward"):
                 cases.append(activation_case(name, rows, cols, direction, itemsize))
+    for rows, cols in sizes.activation[:1]:
+        for direction in ("forward", "backward"):
+            cases.append(standardize_case(rows, cols, direction, itemsize))
     for rows, classes in sizes.loss:
         cases.append(loss_case(rows, classes, itemsize))
     for n in sizes.optimizer:
         cases.append(optimizer_case("sgd_momentum", n, itemsize))
         cases.append(optimizer_case("adam", n, itemsize))
+    for op in OPS.values():
+        if op.bench is not None:
+            cases += [table_case(op.name, v, shape, itemsize) for v, shape in op.bench(preset)]
     if only:
         cases = [c for c in cases if any(word in c.name for word in only)]
     return cases

@@ -244,7 +244,7 @@ def _run_backend(
         precisions: tuple[str, ...] = ()
         if dtype == np.float32 and hasattr(backend, "to_bf16"):
             precisions = tuple(p for p in backend.precisions() if p != "fp32")
-        cases = cases_for(SIZES[preset], dtype.itemsize, config.only, versions, precisions)
+        cases = cases_for(SIZES[preset], dtype.itemsize, config.only, versions, precisions, preset)
     if not cases:
         return  # --only left this backend no row: no ceilings to measure either
     if device_class == "gpu":
