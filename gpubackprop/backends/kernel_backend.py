@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..arrays import to_host
+from ..dtypes import C_TYPES
 from ..kernels import real_type
 from . import operands
 from .base import SAVES_OUTPUT, Backend, check_activation, check_reduction
@@ -73,6 +74,10 @@ def mma_shared_bytes(kernel: str, precision: str) -> int:
 
     layout_a, layout_b = MMA_LAYOUTS[kernel]
     return MMA_STAGES * (tile(layout_a) + tile(layout_b)) * size
+
+
+# dtype -> C type, looked up per launch (kernels.real_type validates, and costs microseconds).
+_C_TYPE = {np.dtype(name): c_type for name, c_type in C_TYPES.items()}
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -355,7 +360,7 @@ class KernelBackend(Backend):
         """Launch gemm.cu's ``kernel`` over a (rows, cols) output in this backend's GEMM version
         (gemm_config.GemmConfig.launch); the tiled versions also take the 16-byte-load flags."""
         dtype = args[0].dtype
-        launch = self.gemm.launch(kernel, real_type(dtype), rows, cols)
+        launch = self.gemm.launch(kernel, _C_TYPE[dtype], rows, cols)
         if launch.takes_vector_flags:
             args = (*args, *vec_flags)
         self._launch(self._module("gemm.cu", dtype), launch.kernel, launch.grid, launch.block, args)
