@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
+from gpubackprop.dtypes import DTYPES
 from gpubackprop.parity import check_case, op_cases
 
 
@@ -28,7 +29,7 @@ def main() -> int:
         os.environ.setdefault("GPUBACKPROP_EMU_GUARD_CHECK", "1")
     backend = get_backend(name)
     failed = 0
-    for dtype in ("float32", "float64"):
+    for dtype in DTYPES:
         for case in op_cases(seed=7, quick=True):
             for row in check_case(case, backend, dtype):
                 if not row.passed:

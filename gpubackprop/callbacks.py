@@ -1,10 +1,12 @@
-"""Training callbacks: History (always on), EarlyStopping, ModelCheckpoint, CosineSchedule."""
+"""Training callbacks: History (always on), EarlyStopping, CosineSchedule.  ModelCheckpoint,
+which saves checkpoints, lives in checkpoint.py (above the model it saves)."""
 
 from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
+
+from .checks import check_int, check_number
 
 
 class Callback:
@@ -47,13 +49,13 @@ class History(Callback):
         return f"History(epochs={len(self.epoch)}, metrics={sorted(self.history)})"
 
 
-def _improved(mode: str, value: float, best: float, min_delta: float) -> bool:
+def improved(mode: str, value: float, best: float, min_delta: float) -> bool:
     if mode == "min":
         return value < best - min_delta
     return value > best + min_delta
 
 
-def _check_monitor(owner: str, monitor: str, metrics: set[str]) -> None:
+def check_monitor(owner: str, monitor: str, metrics: set[str]) -> None:
     if monitor not in metrics:
         hint = ""
         if monitor.startswith("val_") and not any(m.startswith("val_") for m in metrics):
@@ -64,7 +66,7 @@ def _check_monitor(owner: str, monitor: str, metrics: set[str]) -> None:
         )
 
 
-def _mode_for(monitor: str, mode: str) -> str:
+def mode_for(monitor: str, mode: str) -> str:
     if mode not in ("auto", "min", "max"):
         raise ValueError(f"mode={mode!r} is not supported; expected 'auto', 'min' or 'max'")
     if mode != "auto":
@@ -87,7 +89,7 @@ class EarlyStopping(Callback):
         if patience < 0:
             raise ValueError(f"patience={patience!r} is not accepted; expected an integer >= 0")
         self.monitor, self.patience, self.min_delta = monitor, patience, abs(min_delta)
-        self.mode = _mode_for(monitor, mode)
+        self.mode = mode_for(monitor, mode)
         self.restore_best_weights = restore_best_weights
         self.best = math.inf if self.mode == "min" else -math.inf
         self.best_epoch = -1
@@ -96,7 +98,7 @@ class EarlyStopping(Callback):
         self.stopped_epoch: int | None = None
 
     def check_setup(self, metrics: set[str]) -> None:
-        _check_monitor("EarlyStopping", self.monitor, metrics)
+        check_monitor("EarlyStopping", self.monitor, metrics)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
         if self.monitor not in logs:
@@ -105,7 +107,7 @@ class EarlyStopping(Callback):
                 f"{sorted(logs)} (val_* metrics need validation_data)"
             )
         value = logs[self.monitor]
-        if _improved(self.mode, value, self.best, self.min_delta):
+        if improved(self.mode, value, self.best, self.min_delta):
             self.best, self.best_epoch, self.wait = value, epoch, 0
             if self.restore_best_weights:
                 self.best_state = copy.deepcopy(self.model.state_dict())
@@ -120,67 +122,6 @@ class EarlyStopping(Callback):
             self.model.load_state_dict(self.best_state)
 
 
-class ModelCheckpoint(Callback):
-    """Save a checkpoint (gb.save, atomic) after each epoch, or only when ``monitor``
-    improves with save_best_only.  ``path`` may contain ``{epoch}``."""
-
-    main_process_only = True
-
-    def __init__(
-        self,
-        path: str | Path,
-        monitor: str = "val_loss",
-        save_best_only: bool = False,
-        mode: str = "auto",
-        save_optimizer: bool = True,
-    ):
-        self.path = str(path)
-        self.monitor, self.save_best_only = monitor, save_best_only
-        self.mode = _mode_for(monitor, mode)
-        self.save_optimizer = save_optimizer
-        self.best = math.inf if self.mode == "min" else -math.inf
-        self.saved: list[str] = []
-
-    def check_setup(self, metrics: set[str]) -> None:
-        if self.save_best_only:
-            _check_monitor("ModelCheckpoint", self.monitor, metrics)
-        try:
-            first = Path(self.path.format(epoch=1))
-        except (KeyError, IndexError, ValueError) as error:
-            raise ValueError(
-                f"ModelCheckpoint path={self.path!r} is not a valid template: {error!r}; the "
-                "only field it may hold is {epoch}"
-            ) from None
-        if first.is_dir():
-            raise ValueError(f"ModelCheckpoint path={self.path!r} is a directory; expected a file")
-        if not first.parent.is_dir():
-            raise FileNotFoundError(
-                f"ModelCheckpoint path={self.path!r}: directory {str(first.parent)!r} does not "
-                "exist; create it first"
-            )
-
-    def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
-        from .checkpoint import save
-
-        if self.save_best_only:
-            if self.monitor not in logs:
-                raise ValueError(
-                    f"ModelCheckpoint monitor={self.monitor!r} is not among the "
-                    f"metrics {sorted(logs)}"
-                )
-            if not _improved(self.mode, logs[self.monitor], self.best, 0.0):
-                return
-            self.best = logs[self.monitor]
-        path = self.path.format(epoch=epoch)
-        save(
-            path,
-            self.model,
-            self.optimizer if self.save_optimizer else None,
-            metadata={"epoch": epoch, **{k: float(v) for k, v in logs.items()}},
-        )
-        self.saved.append(path)
-
-
 class CosineSchedule(Callback):
     """Cosine learning-rate decay over ``epochs``: after epoch e the optimizer's lr becomes
 
@@ -192,16 +133,9 @@ class CosineSchedule(Callback):
     and a later fit with a new schedule starts from it."""
 
     def __init__(self, epochs: int, base_lr: float | None = None, min_lr: float = 0.0):
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise ValueError(f"epochs={epochs!r} is not accepted; expected an integer >= 1")
-        for name, value in (("base_lr", base_lr), ("min_lr", min_lr)):
-            if value is not None and not (
-                isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
-            ):
-                raise ValueError(f"{name}={value!r} is not accepted; expected a number >= 0")
-        self.epochs = epochs
-        self.base_lr = None if base_lr is None else float(base_lr)
-        self.min_lr = float(min_lr)
+        self.epochs = check_int("epochs", epochs)
+        self.base_lr = None if base_lr is None else check_number("base_lr", base_lr)
+        self.min_lr = check_number("min_lr", min_lr)
         self._start_lr: float | None = None
 
     def learning_rate(self, epoch: int, base_lr: float) -> float:

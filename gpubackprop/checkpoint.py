@@ -27,6 +27,7 @@ import contextlib
 import glob
 import hashlib
 import json
+import math
 import os
 import socket
 import stat
@@ -37,7 +38,14 @@ from typing import Any
 
 import numpy as np
 
+from ._version import __version__
+from .callbacks import Callback, check_monitor, improved, mode_for
+from .checks import check_int
+from .dtypes import DTYPES
 from .layers import MAX_CONFIG_DEPTH
+from .model import Sequential
+from .optim import OPTIMIZER_TYPES, optimizer_from_state_dict
+from .random import generator
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load", "read_metadata", "remove_stale_temporaries", "save"]
 
@@ -46,21 +54,6 @@ FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 MODEL_PREFIX = "model."
 OPTIMIZER_PREFIX = "optimizer."
-_FLOAT_DTYPES = ("float32", "float64")
-
-
-def _package_version() -> str:
-    import gpubackprop
-
-    version = getattr(gpubackprop, "__version__", None)
-    if version:
-        return str(version)
-    try:
-        from importlib.metadata import version as distribution_version
-
-        return distribution_version("gpubackprop")
-    except Exception:  # a source checkout that was never installed
-        return "unknown"
 
 
 def _json(value: Any, what: str) -> str:
@@ -117,7 +110,7 @@ def _serialize(model, optimizer, metadata: dict | None) -> bytes:
         "config": _json(config, "model config"),
         "dtype": dtype,
         "metadata": _json(metadata or {}, "metadata"),
-        "gpubackprop_version": _package_version(),
+        "gpubackprop_version": __version__,
     }
     if optimizer is not None:
         optimizer_header, optimizer_tensors = _optimizer_payload(model, optimizer)
@@ -285,7 +278,7 @@ def _parse_header(path: Path, metadata: dict[str, str] | None) -> dict[str, Any]
     if version not in SUPPORTED_VERSIONS:
         raise ValueError(
             f"{where} has format_version {raw_version!r}, which this gpubackprop "
-            f"({_package_version()}) does not support; supported: {list(SUPPORTED_VERSIONS)}"
+            f"({__version__}) does not support; supported: {list(SUPPORTED_VERSIONS)}"
         )
     header: dict[str, Any] = {"format_version": version}
     for key in ("config", "metadata", "optimizer"):
@@ -304,8 +297,8 @@ def _parse_header(path: Path, metadata: dict[str, str] | None) -> dict[str, Any]
                 "gpubackprop checkpoint nests at most a few levels"
             ) from None
     dtype = metadata.get("dtype")
-    if dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{where} has dtype {dtype!r}; expected one of {_FLOAT_DTYPES}")
+    if dtype not in DTYPES:
+        raise ValueError(f"{where} has dtype {dtype!r}; expected one of {DTYPES}")
     header["dtype"] = dtype
     header["gpubackprop_version"] = metadata.get("gpubackprop_version", "unknown")
     optimizer = header["optimizer"]
@@ -405,13 +398,13 @@ def _config_backed_by_tensors(config: Any, shapes: dict[str, tuple[int, ...]], w
             elif kind == "Dense":
                 sizes = []
                 for key in ("in_features", "out_features"):
-                    value = layer.get(key)
-                    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    try:
+                        sizes.append(check_int(key, layer.get(key)))
+                    except ValueError as error:
                         raise ValueError(
-                            f"{where} has an invalid model config: layer {prefix}{i} (Dense) has "
-                            f"{key}={value!r}; expected an integer >= 1"
-                        )
-                    sizes.append(value)
+                            f"{where} has an invalid model config: layer {prefix}{i} (Dense): "
+                            f"{error}"
+                        ) from None
                 need(f"{prefix}{i}.weight", (sizes[1], sizes[0]))
                 if layer.get("bias", True):
                     need(f"{prefix}{i}.bias", (sizes[1],))
@@ -429,8 +422,6 @@ def _config_backed_by_tensors(config: Any, shapes: dict[str, tuple[int, ...]], w
 
 def _build_model(config: Any, where: str):
     """Sequential.from_config without disturbing gb.seed()'s stream (init draws from it)."""
-    from .model import Sequential
-    from .random import generator
 
     state = generator().bit_generator.state
     try:
@@ -536,7 +527,6 @@ def load(
 
 
 def _buffer_names(optimizer_info: dict, where: str) -> tuple[str, ...]:
-    from .optim import OPTIMIZER_TYPES
 
     kind = optimizer_info["type"]
     if kind not in OPTIMIZER_TYPES:
@@ -551,7 +541,6 @@ def _buffer_names(optimizer_info: dict, where: str) -> tuple[str, ...]:
 
 
 def _build_optimizer(model, optimizer_info: dict, tensors: dict[str, np.ndarray], where: str):
-    from .optim import optimizer_from_state_dict
 
     parameters = model.named_parameters()
     buffers = {
@@ -570,3 +559,62 @@ def _build_optimizer(model, optimizer_info: dict, tensors: dict[str, np.ndarray]
         return optimizer_from_state_dict(params, state)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{where} has an invalid optimizer state: {error}") from None
+
+
+class ModelCheckpoint(Callback):
+    """Save a checkpoint (gb.save, atomic) after each epoch, or only when ``monitor``
+    improves with save_best_only.  ``path`` may contain ``{epoch}``."""
+
+    main_process_only = True
+
+    def __init__(
+        self,
+        path: str | Path,
+        monitor: str = "val_loss",
+        save_best_only: bool = False,
+        mode: str = "auto",
+        save_optimizer: bool = True,
+    ):
+        self.path = str(path)
+        self.monitor, self.save_best_only = monitor, save_best_only
+        self.mode = mode_for(monitor, mode)
+        self.save_optimizer = save_optimizer
+        self.best = math.inf if self.mode == "min" else -math.inf
+        self.saved: list[str] = []
+
+    def check_setup(self, metrics: set[str]) -> None:
+        if self.save_best_only:
+            check_monitor("ModelCheckpoint", self.monitor, metrics)
+        try:
+            first = Path(self.path.format(epoch=1))
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(
+                f"ModelCheckpoint path={self.path!r} is not a valid template: {error!r}; the "
+                "only field it may hold is {epoch}"
+            ) from None
+        if first.is_dir():
+            raise ValueError(f"ModelCheckpoint path={self.path!r} is a directory; expected a file")
+        if not first.parent.is_dir():
+            raise FileNotFoundError(
+                f"ModelCheckpoint path={self.path!r}: directory {str(first.parent)!r} does not "
+                "exist; create it first"
+            )
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
+        if self.save_best_only:
+            if self.monitor not in logs:
+                raise ValueError(
+                    f"ModelCheckpoint monitor={self.monitor!r} is not among the "
+                    f"metrics {sorted(logs)}"
+                )
+            if not improved(self.mode, logs[self.monitor], self.best, 0.0):
+                return
+            self.best = logs[self.monitor]
+        path = self.path.format(epoch=epoch)
+        save(
+            path,
+            self.model,
+            self.optimizer if self.save_optimizer else None,
+            metadata={"epoch": epoch, **{k: float(v) for k, v in logs.items()}},
+        )
+        self.saved.append(path)

@@ -26,7 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from .backends import BACKEND_NAMES, DEVICE_BACKENDS
 from .backends.base import ACTIVATIONS
+from .checks import check_int, check_number, describe_range
+from .dtypes import DTYPES
 from .layers import activation_layer
 from .precision import PRECISIONS
 
@@ -72,20 +75,17 @@ class UsageError(ValueError):
 def _number(
     kind: type, low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False
 ) -> Callable[[str], Any]:
-    left = "(" if low_open else "["
-    right = ")" if high_open or math.isinf(high) else "]"
-    what = f"{'an integer' if kind is int else 'a number'} in {left}{low:g}, {high:g}{right}"
+    """An argparse type: the text as ``kind``, accepted by checks.check_int / check_number."""
+    what = describe_range(kind, low, high, low_open, high_open)
 
     def parse(text: str):
         try:
             value = kind(text)
+            if kind is int:
+                return check_int("value", value, int(low) + int(low_open), high)
+            return check_number("value", value, low, high, low_open=low_open, high_open=high_open)
         except (TypeError, ValueError):
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        too_low = value <= low if low_open else value < low
-        too_high = value >= high if high_open else value > high
-        if not math.isfinite(value) or too_low or too_high:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
-        return value
 
     parse.__name__ = what  # argparse shows it in "invalid <name> value"
     return parse
@@ -117,8 +117,6 @@ def hidden_sizes(text: str) -> tuple[int, ...]:
 
 
 OPTIMIZER_NAMES = ("sgd", "adam", "adamw")
-BACKEND_CHOICES = ("auto", "numpy", "cupy", "emu")
-DTYPE_CHOICES = ("float32", "float64")
 SCHEDULES = ("constant", "cosine")
 
 # Defaults of `gpubackprop train`, chosen on the digits data set (stratified 80/20 split, data
@@ -264,14 +262,12 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("run")
     run.add_argument(
         "--backend",
-        choices=BACKEND_CHOICES,
+        choices=BACKEND_NAMES,
         default=d["backend"],
         help="default: the GPUBACKPROP_BACKEND variable, else auto (cupy when a "
         "GPU is usable, else numpy)",
     )
-    run.add_argument(
-        "--dtype", choices=DTYPE_CHOICES, default=d["dtype"], help=f"(default {d['dtype']})"
-    )
+    run.add_argument("--dtype", choices=DTYPES, default=d["dtype"], help=f"(default {d['dtype']})")
     run.add_argument(
         "--precision",
         choices=PRECISIONS,
@@ -831,7 +827,7 @@ def info(args: argparse.Namespace) -> int:
 def _gradcheck_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend",
-        choices=("numpy", "cupy", "emu"),
+        choices=DEVICE_BACKENDS,
         default="numpy",
         help="backend whose float64 gradients are checked (default numpy)",
     )
@@ -918,7 +914,7 @@ def _parity_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend",
         action="append",
-        choices=("numpy", "emu", "cupy"),
+        choices=DEVICE_BACKENDS,
         default=None,
         help="backend to check (repeatable; default: every available one but numpy, "
         "or numpy alone when no kernel backend is usable)",
@@ -926,7 +922,7 @@ def _parity_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",
         action="append",
-        choices=("float32", "float64"),
+        choices=DTYPES,
         default=None,
         help="dtype to check (repeatable; default float32)",
     )

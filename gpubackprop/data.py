@@ -30,6 +30,9 @@ from typing import Any
 
 import numpy as np
 
+from .checks import check_int, check_number
+from .dtypes import check_dtype
+
 __all__ = [
     "DATASET_NAMES",
     "Dataset",
@@ -94,13 +97,6 @@ class Dataset:
 # -- splitting and standardising -----------------------------------------------------------------
 
 
-def _check_fraction(fraction: float, name: str = "test_fraction") -> float:
-    value = float(fraction)
-    if not 0.0 < value < 1.0:
-        raise ValueError(f"{name}={fraction!r} must lie strictly between 0 and 1")
-    return value
-
-
 def train_test_split(
     n_samples: int,
     test_fraction: float,
@@ -114,7 +110,7 @@ def train_test_split(
     n_c samples to the test set, so class proportions match in both parts.  Both index arrays
     are shuffled (training data must not arrive sorted by class).
     """
-    fraction = _check_fraction(test_fraction, name)
+    fraction = check_number(name, test_fraction, 0.0, 1.0, low_open=True, high_open=True)
     if n_samples < 2:
         raise ValueError(f"n_samples={n_samples} is too small to split; need at least 2")
     rng = np.random.default_rng(seed)
@@ -157,16 +153,6 @@ def standardize(
     mean, std = feature_mean_and_std(x_train, per_feature=per_feature)
     train, test = np.asarray(x_train, np.float64), np.asarray(x_test, np.float64)
     return (train - mean) / std, (test - mean) / std
-
-
-def _resolve_dtype(dtype: Any) -> np.dtype:
-    try:
-        resolved = np.dtype(dtype)
-    except TypeError:
-        resolved = None
-    if resolved not in (np.dtype(np.float32), np.dtype(np.float64)):
-        raise ValueError(f"dtype={dtype!r} is not supported; expected 'float32' or 'float64'")
-    return resolved
 
 
 Augment = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -223,7 +209,7 @@ def _assemble(
     says whether the data set has statistics at all; ``apply_standardization`` whether they
     are applied to the features (else only recorded on the Dataset).
     """
-    float_dtype = _resolve_dtype(dtype)
+    float_dtype = check_dtype(dtype)
     x_val = y_val = None
     if val_fraction:
         stratify = y_train if task == "classification" else None
@@ -336,12 +322,6 @@ def _check_flag(name: str, value: Any) -> bool:
     return bool(value)
 
 
-def _check_count(name: str, value: int, minimum: int) -> int:
-    if isinstance(value, bool) or int(value) != value or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
-    return int(value)
-
-
 def make_spirals(
     n_samples: int = 1500,
     n_classes: int = 3,
@@ -358,8 +338,8 @@ def make_spirals(
     θ = 2πk/K + 4t + noise·ε, ε ~ N(0, 1): x = (r sin θ, r cos θ).  The angular noise grows
     the overlap of neighbouring arms; noise=0 gives exact curves.
     """
-    n_samples = _check_count("n_samples", n_samples, 2 * n_classes if n_classes >= 1 else 2)
-    n_classes = _check_count("n_classes", n_classes, 2)
+    n_samples = check_int("n_samples", n_samples, 2 * n_classes if n_classes >= 1 else 2)
+    n_classes = check_int("n_classes", n_classes, 2)
     if not noise >= 0:
         raise ValueError(f"noise={noise!r} must be >= 0")
     rng = np.random.default_rng(seed)
@@ -403,9 +383,9 @@ def make_regression(
     y = g(x) + noise·ε.  The best achievable test MSE is therefore noise².
     Targets are returned unscaled, with shape (n_samples, n_targets).
     """
-    n_samples = _check_count("n_samples", n_samples, 2)
-    n_features = _check_count("n_features", n_features, 1)
-    n_targets = _check_count("n_targets", n_targets, 1)
+    n_samples = check_int("n_samples", n_samples, 2)
+    n_features = check_int("n_features", n_features, 1)
+    n_targets = check_int("n_targets", n_targets, 1)
     if not noise >= 0:
         raise ValueError(f"noise={noise!r} must be >= 0")
     rng = np.random.default_rng(seed)

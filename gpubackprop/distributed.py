@@ -34,6 +34,9 @@ from typing import Any
 
 import numpy as np
 
+from . import random
+from .evaluation import evaluate
+
 MPI_INSTALL_HINT = 'pip install "gpubackprop[mpi]" (mpi4py and the mpich wheel)'
 
 
@@ -483,8 +486,6 @@ class DataParallel:
         for buffers in self.optimizer._state.values():
             for buffer in buffers:
                 self.transport.broadcast_(buffer)
-        from . import random
-
         state = self.group.comm.bcast(random.generator().bit_generator.state, root=0)
         random.generator().bit_generator.state = state
         self.transport.synchronize()
@@ -519,8 +520,6 @@ class DataParallel:
     def evaluate(self, x, y, loss, batch_size: int = 1024) -> dict[str, float]:
         """``evaluate`` on this rank's share of the rows, reduced over the ranks: the same
         numbers on every rank, each rank evaluating 1/N of the rows."""
-        from .training import evaluate
-
         n = int(x.shape[0])
         lo, hi = shard_bounds(0, n, self.group.rank, self.group.size)
         if hi > lo:

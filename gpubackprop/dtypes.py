@@ -10,9 +10,11 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DTYPES", "FLOAT_DTYPES", "check_dtype"]
+__all__ = ["C_TYPES", "DTYPES", "FLOAT_DTYPES", "check_dtype"]
 
-DTYPES: tuple[str, ...] = ("float32", "float64")
+# NumPy name -> the C type the kernels are compiled with (REAL_T).
+C_TYPES: dict[str, str] = {"float32": "float", "float64": "double"}
+DTYPES: tuple[str, ...] = tuple(C_TYPES)
 FLOAT_DTYPES: tuple[np.dtype, ...] = tuple(np.dtype(name) for name in DTYPES)
 
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from .arrays import to_host
 from .losses import Loss, MSELoss
+from .model import Sequential
 
 
 @dataclass
@@ -59,8 +60,6 @@ def gradcheck(
     A float64 copy of the model on ``backend`` is checked (the model itself is not
     changed).  ``max_elements`` caps the elements checked per tensor (a random subset);
     None checks all.  Passes when |numeric − analytic| ≤ atol + rtol·|numeric| everywhere."""
-    from .model import Sequential
-
     loss = loss if loss is not None else MSELoss()
     checked_model = Sequential.from_config(model.config()).to(backend, "float64")
     checked_model.load_state_dict(model.state_dict())

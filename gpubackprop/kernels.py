@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .dtypes import C_TYPES, check_dtype
+
 __all__ = [
     "CUPY_ADDED_OPTIONS",
     "NVRTC_OPTIONS",
@@ -102,15 +104,9 @@ def kernel_files() -> list[str]:
 
 
 def real_type(dtype: Any) -> str:
-    """The C type for a float dtype: "float" or "double"."""
-    import numpy as np
-
-    kind = np.dtype(dtype)
-    if kind == np.float32:
-        return "float"
-    if kind == np.float64:
-        return "double"
-    raise ValueError(f"dtype={kind} is not supported by the kernels; expected float32 or float64")
+    """The C type for a float dtype: "float" or "double" (dtypes.C_TYPES)."""
+    kind = check_dtype(dtype)
+    return C_TYPES[kind.name]
 
 
 def _inline(name: str, directory: Path, seen: set[str], parent: str | None, line: int) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from .backends.base import ACTIVATIONS, check_activation
+from .checks import check_int
 from .parameters import Parameter
 from .random import generator
 
@@ -34,13 +35,6 @@ def init_weight(init: str, fan_in: int, fan_out: int, rng: np.random.Generator) 
         bound = math.sqrt(3.0 * variance)
         return rng.uniform(-bound, bound, size=shape)
     return rng.normal(0.0, math.sqrt(variance), size=shape)
-
-
-def check_positive_int(name: str, value: Any) -> int:
-    """``value`` as an int, or ValueError naming ``name`` unless it is an integer >= 1."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name}={value!r} is not accepted; expected an integer >= 1")
-    return int(value)
 
 
 class Layer:
@@ -88,8 +82,8 @@ class Dense(Layer):
     def __init__(
         self, in_features: int, out_features: int, bias: bool = True, init: str = "he_uniform"
     ):
-        self.in_features = check_positive_int("in_features", in_features)
-        self.out_features = check_positive_int("out_features", out_features)
+        self.in_features = check_int("in_features", in_features)
+        self.out_features = check_int("out_features", out_features)
         if not isinstance(bias, (bool, np.bool_)):
             raise ValueError(f"bias={bias!r} is not accepted; expected True or False")
         self.init = init
@@ -154,7 +148,7 @@ class Standardize(Layer):
             raise ValueError(
                 f"layer config {config!r:.200} is invalid: Standardize takes 'features' only"
             )
-        features = check_positive_int("features", config["features"])
+        features = check_int("features", config["features"])
         return cls(np.zeros(features), np.ones(features))
 
     def __repr__(self) -> str:

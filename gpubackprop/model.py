@@ -12,6 +12,8 @@ import numpy as np
 from .arrays import Array, dtype_of, import_array, shape_of, to_host
 from .backends import get_backend
 from .callbacks import Callback, History
+from .checks import check_int
+from .dtypes import check_dtype
 from .layers import (
     LAYER_TYPES,
     Container,
@@ -19,7 +21,6 @@ from .layers import (
     Layer,
     Standardize,
     activation_layer,
-    check_positive_int,
     init_for_activation,
 )
 from .losses import Loss, SoftmaxCrossEntropyLoss
@@ -31,17 +32,6 @@ if TYPE_CHECKING:
     from .optim import Optimizer
 
 logger = logging.getLogger("gpubackprop")
-DTYPES = ("float32", "float64")
-
-
-def _check_dtype(dtype: Any) -> np.dtype:
-    try:
-        resolved = np.dtype(dtype)
-    except TypeError:
-        resolved = None
-    if resolved is None or resolved.name not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not supported; expected one of {DTYPES}")
-    return resolved
 
 
 class Sequential(Container):
@@ -97,7 +87,7 @@ class Sequential(Container):
         optimizer state stay ``dtype`` (the fp32 master copy); tf32 and bf16 need float32 and,
         on a GPU, compute capability 8.0 or later (the error names the GPU otherwise)."""
         check_precision(precision)
-        dtype = _check_dtype(dtype)
+        dtype = check_dtype(dtype)
         if precision != "fp32" and dtype != np.float32:
             raise ValueError(
                 f"precision={precision!r} needs dtype='float32' (fp32 master weights and "
@@ -298,7 +288,7 @@ class Sequential(Container):
         """Model outputs for ``x`` as a NumPy array, computed batch by batch."""
         from .threads import blas_threads_for
 
-        batch_size = check_positive_int("batch_size", batch_size)
+        batch_size = check_int("batch_size", batch_size)
         xd = self.prepare_input(x)
         outputs = []
         with blas_threads_for(self, min(batch_size, xd.shape[0])):
@@ -344,3 +334,18 @@ def mlp(
         width = size
     layers.append(Dense(width, out_features, init="xavier_uniform"))
     return Sequential(*layers)
+
+
+def from_torch(module: Any, backend: Any = None, dtype: Any = None) -> Sequential:
+    """A model with the layers and weights of a ``torch.nn.Sequential`` (Linear, the activations,
+    nested Sequential, torch_interop.Residual); other modules are refused by name, placed on
+    ``backend`` in ``dtype`` (default: the dtype of the module's first floating-point
+    parameter, float32 or float64; float32 without any).  See gpubackprop.torch_interop.
+    Needs PyTorch."""
+    try:  # PyTorch is optional: imported on use
+        from .torch_interop import layers_from_torch
+    except ImportError as error:
+        raise ImportError(f"gb.from_torch needs PyTorch (pip install torch): {error}") from None
+
+    layers, module_dtype = layers_from_torch(module, Sequential)
+    return Sequential(*layers).to(backend, dtype=dtype or module_dtype)

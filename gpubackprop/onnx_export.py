@@ -31,7 +31,10 @@ from typing import Any
 import numpy as np
 
 from . import layers as gbl
+from ._version import __version__
 from .arrays import to_host
+from .checkpoint import _write_atomic
+from .model import Sequential
 
 __all__ = ["OPSET", "export_onnx"]
 
@@ -96,8 +99,6 @@ def _gelu_tanh(graph: _GraphBuilder, x: str) -> str:
 
 def _emit(graph: _GraphBuilder, layer: gbl.Layer, x: str, path: str) -> str:
     """The nodes of ``layer`` applied to value ``x``; returns the output value's name."""
-    from .model import Sequential
-
     if isinstance(layer, gbl.Dense):
         inputs = [x, graph.constant(f"{path}.weight", to_host(layer.weight.data))]
         if layer.bias is not None:
@@ -132,9 +133,6 @@ def _emit(graph: _GraphBuilder, layer: gbl.Layer, x: str, path: str) -> str:
 
 def to_onnx(model: Any) -> Any:
     """The ``onnx.ModelProto`` of ``model`` (checked with onnx.checker), not written anywhere."""
-    from . import __version__
-    from .model import Sequential
-
     onnx = require_onnx()
     if not isinstance(model, Sequential):
         raise TypeError(f"model is {type(model).__name__}; expected a gpubackprop Sequential")
@@ -180,7 +178,5 @@ def export_onnx(model: Any, path: str | os.PathLike) -> None:
     """Write ``model`` to ``path`` as an ONNX model (opset 17; see the module docstring for the
     operators), atomically.  Its input preprocessing (a Standardize layer) is part of the graph,
     so the file predicts from raw features as ``model.predict`` does."""
-    from .checkpoint import _write_atomic
-
     proto = to_onnx(model)
     _write_atomic(Path(path), proto.SerializeToString())

@@ -14,32 +14,14 @@ device and returns the norm as a 0-d array.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 
 from .arrays import shape_of, to_host
 from .backends.base import STEP_LR, STEP_SCALARS, STEP_T
+from .checks import check_number
 from .parameters import Parameter
-
-
-def _check_hyper(
-    name: str, value: Any, low: float = 0.0, high: float = math.inf, high_open: bool = False
-) -> float:
-    ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
-    ok = (
-        ok
-        and math.isfinite(value)
-        and low <= value
-        and (value < high if high_open else value <= high)
-    )
-    if not ok:
-        bracket = ")" if high_open else "]"
-        raise ValueError(
-            f"{name}={value!r} is not accepted; expected a number in [{low}, {high}{bracket}"
-        )
-    return float(value)
 
 
 class Optimizer:
@@ -74,7 +56,7 @@ class Optimizer:
 
     @lr.setter
     def lr(self, value: float) -> None:
-        self.hyperparams["lr"] = _check_hyper("lr", value)
+        self.hyperparams["lr"] = check_number("lr", value)
         if self._scalars is not None:
             self._scalars[STEP_LR] = self.hyperparams["lr"]  # in place: graphs hold this array
 
@@ -247,10 +229,10 @@ class SGD(Optimizer):
         nesterov: bool = False,
         weight_decay: float = 0.0,
     ):
-        _check_hyper("lr", lr)
-        _check_hyper("momentum", momentum)
-        _check_hyper("dampening", dampening)
-        _check_hyper("weight_decay", weight_decay)
+        check_number("lr", lr)
+        check_number("momentum", momentum)
+        check_number("dampening", dampening)
+        check_number("weight_decay", weight_decay)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError(
                 "nesterov=True needs momentum > 0 and dampening = 0 "
@@ -296,11 +278,11 @@ class Adam(Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
     ):
-        _check_hyper("lr", lr)
-        _check_hyper("betas[0]", betas[0], 0.0, 1.0, high_open=True)
-        _check_hyper("betas[1]", betas[1], 0.0, 1.0, high_open=True)
-        _check_hyper("eps", eps)
-        _check_hyper("weight_decay", weight_decay)
+        check_number("lr", lr)
+        check_number("betas[0]", betas[0], 0.0, 1.0, high_open=True)
+        check_number("betas[1]", betas[1], 0.0, 1.0, high_open=True)
+        check_number("eps", eps)
+        check_number("weight_decay", weight_decay)
         super().__init__(
             params,
             lr=float(lr),
@@ -368,7 +350,7 @@ def clip_grad_norm(params, max_norm: float) -> Any:
     a 0-d array on the parameters' backend (as torch returns a tensor): the norm and the scale
     are computed and applied on the device, so nothing waits for it; ``float(norm)`` reads it."""
     params = list(params)
-    max_norm = _check_hyper("max_norm", max_norm)
+    max_norm = check_number("max_norm", max_norm)
     if not params:
         return np.asarray(0.0)
     store = params[0].store

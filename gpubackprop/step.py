@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 
 from .arrays import dtype_of, is_device_array, shape_of
+from .checks import check_number
 from .losses import Loss, SoftmaxCrossEntropyLoss
-from .optim import Optimizer, _check_hyper, clip_grad_norm
+from .optim import Optimizer, clip_grad_norm
 
 __all__ = ["CompiledStep", "compile_step"]
 
@@ -79,7 +80,7 @@ class CompiledStep:
         self.model = model
         self.loss_fn = loss_fn
         self.optimizer = optimizer
-        self.max_norm = None if max_norm is None else _check_hyper("max_norm", max_norm)
+        self.max_norm = None if max_norm is None else check_number("max_norm", max_norm)
         self.backend = model.backend
         seam = getattr(self.backend, "seam", None)
         self._seam = seam if seam is not None and hasattr(seam, "capture") else None

@@ -22,6 +22,7 @@ one of these functions is called.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,7 @@ import torch
 from . import layers as gbl
 from .arrays import to_host
 
-__all__ = ["Residual", "Standardize", "from_torch", "to_torch"]
+__all__ = ["Residual", "Standardize", "layers_from_torch", "to_torch"]
 
 _TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 
@@ -77,9 +78,7 @@ SUPPORTED_TORCH_MODULES = (
 def to_torch(model: Any, device: Any = None) -> torch.nn.Sequential:
     """A torch.nn.Sequential computing what ``model`` computes, with copies of its weights in
     the model's dtype (float32 before the model is placed), on ``device`` (default CPU)."""
-    from .model import Sequential
-
-    if not isinstance(model, Sequential):
+    if not isinstance(model, gbl.Container) or isinstance(model, gbl.Residual):
         raise TypeError(f"model is {type(model).__name__}; expected a gpubackprop Sequential")
     dtype = _TORCH_DTYPES[np.dtype(model.dtype or np.float32)]
     module = torch.nn.Sequential(*(_module_of(layer, dtype) for layer in model.layers))
@@ -91,8 +90,6 @@ def _tensor(values: Any, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _module_of(layer: gbl.Layer, dtype: torch.dtype) -> torch.nn.Module:
-    from .model import Sequential
-
     if isinstance(layer, gbl.Dense):
         linear = torch.nn.Linear(
             layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=dtype
@@ -106,7 +103,7 @@ def _module_of(layer: gbl.Layer, dtype: torch.dtype) -> torch.nn.Module:
         return Standardize(to_host(layer.mean), to_host(layer.std), dtype)
     if isinstance(layer, gbl.Residual):
         return Residual(*(_module_of(inner, dtype) for inner in layer.layers))
-    if isinstance(layer, Sequential):
+    if isinstance(layer, gbl.Container):  # a nested Sequential
         return torch.nn.Sequential(*(_module_of(inner, dtype) for inner in layer.layers))
     if isinstance(layer, gbl.LeakyReLU):
         return torch.nn.LeakyReLU(negative_slope=layer.alpha)
@@ -121,42 +118,42 @@ def _module_of(layer: gbl.Layer, dtype: torch.dtype) -> torch.nn.Module:
 # -- torch -> gpubackprop -------------------------------------------------------------------------
 
 
-def from_torch(module: torch.nn.Module, backend: Any = None, dtype: Any = None) -> Any:
-    """A gpubackprop Sequential computing what the torch.nn.Sequential ``module`` computes, with
-    copies of its weights, placed on ``backend`` in ``dtype`` (default: the dtype of the
-    module's first floating-point parameter, float32 or float64; float32 without any).
+def layers_from_torch(
+    module: torch.nn.Module, sequential: Callable[..., gbl.Container]
+) -> tuple[list[gbl.Layer], str]:
+    """The gpubackprop layers (with copies of the weights) computing what the
+    torch.nn.Sequential ``module`` computes, and the dtype of its first floating-point
+    parameter ("float32" or "float64"; "float32" without any).  model.from_torch (gb.from_torch)
+    builds the Sequential from them.
 
-    A nested torch.nn.Sequential becomes a nested Sequential, so parameter names agree.  A
-    module with no gpubackprop counterpart (a subclass of a supported one included: its forward
-    may differ) is refused with TypeError naming it and its place in ``module``."""
-    from .model import Sequential
-
+    A nested torch.nn.Sequential becomes a nested ``sequential`` (model.Sequential, passed in
+    so that this module sits below model.py), so parameter names agree.  A module with no
+    gpubackprop counterpart (a subclass of a supported one included: its forward may differ) is
+    refused with TypeError naming it and its place in ``module``."""
     if type(module) is not torch.nn.Sequential:  # a subclass may compute something else
         raise TypeError(
             f"module is {type(module).__module__}.{type(module).__qualname__}; expected a "
             "torch.nn.Sequential"
         )
-    if dtype is None:
-        floats = [p.dtype for p in module.parameters() if p.dtype.is_floating_point]
-        dtype = {torch.float64: "float64"}.get(floats[0], "float32") if floats else "float32"
-    layers = _layers_of(module, "")
-    return Sequential(*layers).to(backend, dtype=dtype)
+    floats = [p.dtype for p in module.parameters() if p.dtype.is_floating_point]
+    dtype = {torch.float64: "float64"}.get(floats[0], "float32") if floats else "float32"
+    return _layers_of(module, "", sequential), dtype
 
 
 def _host_float64(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().to(device="cpu", dtype=torch.float64).numpy().copy()
 
 
-def _layers_of(container: torch.nn.Module, prefix: str) -> list[gbl.Layer]:
-    from .model import Sequential
-
+def _layers_of(
+    container: torch.nn.Module, prefix: str, sequential: Callable[..., gbl.Container]
+) -> list[gbl.Layer]:
     layers: list[gbl.Layer] = []
     for name, child in container.named_children():
         path = f"{prefix}{name}"
         if isinstance(child, Residual):
-            layers.append(gbl.Residual(*_layers_of(child, f"{path}.")))
+            layers.append(gbl.Residual(*_layers_of(child, f"{path}.", sequential)))
         elif type(child) is torch.nn.Sequential:
-            layers.append(Sequential(*_layers_of(child, f"{path}.")))
+            layers.append(sequential(*_layers_of(child, f"{path}.", sequential)))
         else:
             layers.append(_layer_of(child, path))
     return layers

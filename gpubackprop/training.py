@@ -10,74 +10,23 @@ from typing import Any
 
 import numpy as np
 
-from .arrays import dtype_of, import_array, shape_of
+from . import distributed as dist
 from .backends import get_backend
 from .callbacks import Callback, History
-from .layers import check_positive_int
-from .losses import (
-    BCELoss,
-    BCEWithLogitsLoss,
-    Loss,
-    SoftmaxCrossEntropyLoss,
-    check_label_range,
+from .checks import check_int
+from .evaluation import (
+    ACCURACY_LOSSES,
+    EpochTotals,
+    correct_count,
+    evaluate,
+    per_row,
+    reading_syncs,
+    row_count,
+    targets_on,
 )
+from .losses import Loss, SoftmaxCrossEntropyLoss, check_label_range
 from .random import generator
 from .threads import blas_threads_for
-
-
-def _rows(a) -> int:
-    return shape_of(a)[0]
-
-
-def _targets_on(model, loss: Loss, y):
-    """Targets on the model's backend: int64 labels for cross-entropy, else model dtype."""
-    y = import_array(y, model.backend.xp, "y")
-    kind = dtype_of(y).kind
-    if isinstance(loss, SoftmaxCrossEntropyLoss) and kind in "iub":
-        return model.backend.asarray(y, np.int64)
-    return model.backend.asarray(y, model.dtype)
-
-
-# Losses whose predictions can be scored as right or wrong.
-ACCURACY_LOSSES = (SoftmaxCrossEntropyLoss, BCEWithLogitsLoss, BCELoss)
-
-
-def correct_count(xp, loss: Loss, pred, target):
-    """Correct predictions in a batch as a 0-d array on the backend (no sync), or None when
-    accuracy has no meaning (regression)."""
-    if isinstance(loss, SoftmaxCrossEntropyLoss):
-        labels = target if target.ndim == 1 else xp.argmax(target, axis=1)
-        return (xp.argmax(pred, axis=1) == labels).sum()
-    if isinstance(loss, BCEWithLogitsLoss):
-        return ((pred > 0) == (target > 0.5)).sum()
-    if isinstance(loss, BCELoss):
-        return ((pred > 0.5) == (target > 0.5)).sum()
-    return None
-
-
-def reading_syncs(backend) -> bool:
-    """True when reading a value back to the host waits for the device (a GPU backend)."""
-    return backend.xp is not np
-
-
-class _EpochTotals:
-    """Σ loss·rows and Σ correct over an epoch.  On a GPU they stay device arrays between
-    reads, so a training step needs no device-to-host sync; reading them syncs once."""
-
-    def __init__(self, has_accuracy: bool):
-        self.loss_sum = 0.0
-        self.correct = 0 if has_accuracy else None
-        self.seen = 0
-
-    def add(self, loss_value, batch_correct, rows: int) -> None:
-        self.loss_sum = self.loss_sum + loss_value * rows
-        if self.correct is not None:
-            self.correct = self.correct + batch_correct
-        self.seen += rows
-
-    def read(self) -> tuple[float, int | None]:
-        correct = None if self.correct is None else int(self.correct)
-        return float(self.loss_sum), correct
 
 
 def _check_finite(value: float, where: str, optimizer) -> None:
@@ -88,37 +37,6 @@ def _check_finite(value: float, where: str, optimizer) -> None:
             f"Lower the learning rate (lr={lr}), check the inputs, or clip gradients "
             "(gb.clip_grad_norm)"
         )
-
-
-def evaluate(model, x, y, loss: Loss, batch_size: int = 1024) -> dict[str, float]:
-    """Mean loss over all rows (batches weighted by size) and accuracy where defined."""
-    batch_size = check_positive_int("batch_size", batch_size)
-    xd = model.prepare_input(x)
-    if _rows(y) != xd.shape[0]:
-        raise ValueError(f"y has {_rows(y)} rows but x has {xd.shape[0]}")
-    yd = _targets_on(model, loss, y)
-    loss.backend = model.backend
-    n = xd.shape[0]
-    with blas_threads_for(model, min(batch_size, n)):
-        return _evaluate_batches(model, xd, yd, loss, batch_size)
-
-
-def _evaluate_batches(model, xd, yd, loss: Loss, batch_size: int) -> dict[str, float]:
-    n = xd.shape[0]
-    totals = _EpochTotals(isinstance(loss, ACCURACY_LOSSES))
-    for start in range(0, n, batch_size):
-        h = model.run_steps(xd[start : start + batch_size])
-        if start == 0 and isinstance(loss, SoftmaxCrossEntropyLoss) and yd.ndim == 1:
-            check_label_range(model.backend, yd, h.shape[1])
-        target = yd[start : start + batch_size]
-        # MSE/BCE "mean" average over elements, cross-entropy over rows: both weight by rows.
-        value = loss.forward(h, target)
-        totals.add(value, correct_count(model.backend.xp, loss, h, target), h.shape[0])
-    loss_sum, correct = totals.read()
-    metrics = {"loss": loss_sum / n}
-    if correct is not None:
-        metrics["accuracy"] = correct / (n * _per_row(loss, yd))
-    return metrics
 
 
 def _progress_bar(verbose: int, total: int, epoch: int, epochs: int):
@@ -152,8 +70,8 @@ def run_fit(
     graph: bool = False,
     distributed: bool = False,
 ) -> History:
-    epochs = check_positive_int("epochs", epochs)
-    batch_size = check_positive_int("batch_size", batch_size)
+    epochs = check_int("epochs", epochs)
+    batch_size = check_int("batch_size", batch_size)
     if verbose not in (0, 1, 2):
         raise ValueError(f"verbose={verbose!r} is not accepted; expected 0, 1 or 2")
     if graph and distributed:
@@ -168,9 +86,9 @@ def run_fit(
             raise TypeError(f"callbacks[{i}]={callback!r:.80} is not a gpubackprop Callback")
     xd = model.prepare_input(x)
     n = xd.shape[0]
-    if _rows(y) != n:
-        raise ValueError(f"y has {_rows(y)} rows but x has {n}")
-    yd = _targets_on(model, loss, y)
+    if row_count(y) != n:
+        raise ValueError(f"y has {row_count(y)} rows but x has {n}")
+    yd = targets_on(model, loss, y)
     # Integer labels are range-checked once for the whole set, not per batch (a sync each):
     # on the host copy when they came from the host, else once on the device.
     labels_unchecked = isinstance(loss, SoftmaxCrossEntropyLoss) and yd.ndim == 1
@@ -230,9 +148,7 @@ def run_fit(
             )
     except BaseException as error:
         if parallel is not None:
-            from .distributed import guard
-
-            guard(parallel.group, error)
+            dist.guard(parallel.group, error)
         raise
     finally:
         if saved_check is not None:
@@ -253,13 +169,6 @@ def _bar_postfix(
         postfix["acc"] = f"{correct / (seen * per_row):.4f}"
     postfix["samples/s"] = f"{seen / max(elapsed, 1e-9):.0f}"
     bar.set_postfix(postfix, refresh=False)
-
-
-def _per_row(loss: Loss, target) -> int:
-    """Predictions per row that accuracy counts: 1 for cross-entropy, every output for BCE."""
-    if isinstance(loss, SoftmaxCrossEntropyLoss) or target.ndim == 1:
-        return 1
-    return int(np.prod(target.shape[1:]))
 
 
 @dataclass
@@ -286,8 +195,6 @@ def _data_parallel(model, loss, optimizer, n, batch_size, epochs, shuffle, distr
     broadcast), or None."""
     if not distributed:
         return None
-    from . import distributed as dist
-
     group = dist.init()
     try:
         parallel = dist.DataParallel(group, model, loss, optimizer)
@@ -327,7 +234,7 @@ def _epochs(run: _Run, labels_unchecked: bool) -> dict[str, float]:
         order = generator().permutation(n) if shuffle else None
         order_d = model.backend.asarray(order, np.int64) if shuffle else None
         bar = _progress_bar(verbose, n, epoch, epochs)
-        totals = _EpochTotals(isinstance(loss, ACCURACY_LOSSES))
+        totals = EpochTotals(isinstance(loss, ACCURACY_LOSSES))
         start_time = last_read = time.perf_counter()
         for batch_index, start in enumerate(range(0, n, batch_size)):
             stop = min(start + batch_size, n)
@@ -363,7 +270,7 @@ def _epochs(run: _Run, labels_unchecked: bool) -> dict[str, float]:
                 _check_finite(loss_sum, f"at epoch {epoch}, batch {batch_index}", optimizer)
                 if bar is not None:
                     _bar_postfix(
-                        bar, loss_sum, correct, totals.seen, _per_row(loss, yb), now - start_time
+                        bar, loss_sum, correct, totals.seen, per_row(loss, yb), now - start_time
                     )
             if step is None:
                 model.backward(loss.backward(), need_input_grad=False)
@@ -382,7 +289,7 @@ def _epochs(run: _Run, labels_unchecked: bool) -> dict[str, float]:
         _check_finite(loss_sum, f"in epoch {epoch}", optimizer)
         logs = {"loss": loss_sum / n}
         if correct is not None:
-            logs["accuracy"] = correct / (n * _per_row(loss, yd))
+            logs["accuracy"] = correct / (n * per_row(loss, yd))
         logs["samples_per_s"] = n / elapsed
         if validation_data is not None:
             if parallel is None:

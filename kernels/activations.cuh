@@ -8,6 +8,13 @@
 // Codes follow base.ACTIVATIONS (base.ACTIVATION_CODES); keep them in sync.
 // What act_derivative receives as `saved` follows base.SAVES_OUTPUT: y = f(z) for relu,
 // sigmoid and tanh; z for leaky_relu, gelu, gelu_tanh and silu; identity ignores it.
+//
+// NaN and ±Inf (docs/derivation.md, "NaN and infinity"): forward propagates NaN through every
+// activation, so every comparison below is written so that a NaN operand takes the branch that
+// returns it (`z < 0 ? 0 : z`, never `z > 0 ? z : 0`).  act_backward follows PyTorch: ReLU and
+// LeakyReLU select the gradient (relu: 0 where y <= 0, else dout, so a NaN y passes dout on;
+// leaky: dout where z > 0, else α·dout), the smooth activations multiply dout·f'(saved) in IEEE
+// arithmetic (∞·0 = NaN).
 #ifndef GB_ACTIVATIONS_CUH
 #define GB_ACTIVATIONS_CUH
 
@@ -38,8 +45,8 @@ __device__ __forceinline__ real_t gb_sigmoid(real_t z) {
 __device__ __forceinline__ real_t act_forward(int code, real_t z, real_t alpha) {
     const real_t half = (real_t)0.5, one = (real_t)1;
     switch (code) {
-        case ACT_RELU:
-            return z > (real_t)0 ? z : (real_t)0;
+        case ACT_RELU:  // NaN stays NaN
+            return z < (real_t)0 ? (real_t)0 : z;
         case ACT_LEAKY_RELU:
             return z > (real_t)0 ? z : z * alpha;
         case ACT_SIGMOID:
@@ -89,6 +96,18 @@ __device__ __forceinline__ real_t act_derivative(int code, real_t saved, real_t 
         }
         default:  // ACT_IDENTITY
             return one;
+    }
+}
+
+// ∂L/∂z = ∂L/∂y ⊙ f'(z) for one element, with PyTorch's choices at NaN and ±Inf (see the header).
+__device__ __forceinline__ real_t act_backward(int code, real_t dout, real_t saved, real_t alpha) {
+    switch (code) {
+        case ACT_RELU:  // torch threshold_backward: 0 where y <= 0, else dout
+            return saved <= (real_t)0 ? (real_t)0 : dout;
+        case ACT_LEAKY_RELU:  // torch leaky_relu_backward: dout where z > 0, else α·dout
+            return saved > (real_t)0 ? dout : dout * alpha;
+        default:
+            return dout * act_derivative(code, saved, alpha);
     }
 }
 

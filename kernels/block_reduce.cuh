@@ -16,10 +16,16 @@ __device__ __forceinline__ double gb_warp_sum(double v) {
     return v;
 }
 
+// max(a, b) in which a NaN operand wins (NumPy's np.max rule), so that one NaN logit makes its
+// whole row NaN whatever thread or lane holds it.
+__device__ __forceinline__ real_t gb_max_nan(real_t a, real_t b) {
+    return (b > a || b != b) ? b : a;
+}
+
 __device__ __forceinline__ real_t gb_warp_max(real_t v) {
     for (int offset = 16; offset > 0; offset >>= 1) {
         const real_t other = __shfl_xor_sync(GB_FULL_WARP_MASK, v, offset);
-        v = other > v ? other : v;
+        v = gb_max_nan(v, other);
     }
     return v;
 }

@@ -26,7 +26,7 @@ GB_ELEMENTWISE gb_activation_forward_element(const real_t x, const int code, con
 // δ = ∂L/∂y ⊙ f'(z) alike.
 GB_ELEMENTWISE gb_activation_backward_element(const real_t dout, const real_t saved,
                                               const int code, const double alpha, real_t& dinp) {
-    dinp = dout * act_derivative(code, saved, (real_t)alpha);
+    dinp = act_backward(code, dout, saved, (real_t)alpha);
 }
 
 // c = a + b (a residual block's sum).

@@ -36,7 +36,7 @@ __device__ __forceinline__ void softmax_xent_row(const real_t* __restrict__ logi
     real_t* g = grad + row * C;
 
     real_t m = z[0];
-    for (int j = threadIdx.x; j < C; j += blockDim.x) m = z[j] > m ? z[j] : m;
+    for (int j = threadIdx.x; j < C; j += blockDim.x) m = gb_max_nan(m, z[j]);
     m = gb_block_max(m, scratch_max);
 
     double sum_e = 0.0, mass = 0.0, dot = 0.0;
@@ -115,7 +115,7 @@ bce_with_logits_forward_backward(const real_t* __restrict__ logits,
     __shared__ double scratch[32];
     const double total = gb_grid_stride_sum(n, scratch, [&](long long i) {
         const real_t z = logits[i], y = target[i];
-        const real_t positive = z > (real_t)0 ? z : (real_t)0;
+        const real_t positive = z < (real_t)0 ? (real_t)0 : z;  // max(z, 0), NaN stays NaN
         const double loss = (double)(positive - z * y + log1p(exp(-fabs(z))));
         grad[i] = (gb_sigmoid(z) - y) * scale;
         return loss;
@@ -132,11 +132,12 @@ bce_forward_backward(const real_t* __restrict__ probs, const real_t* __restrict_
     const double total = gb_grid_stride_sum(n, scratch, [&](long long i) {
         const real_t p = probs[i], y = target[i];
         real_t log_p = log(p), log_1mp = log(one - p);
-        log_p = log_p > floor_log ? log_p : floor_log;  // torch clamps log at −100
-        log_1mp = log_1mp > floor_log ? log_1mp : floor_log;
+        // torch clamps log at −100; a NaN stays NaN (as torch.clamp and np.maximum keep it)
+        log_p = log_p < floor_log ? floor_log : log_p;
+        log_1mp = log_1mp < floor_log ? floor_log : log_1mp;
         const double loss = -(double)(y * log_p + (one - y) * log_1mp);
         real_t denom = p * (one - p);
-        denom = denom > (real_t)1e-12 ? denom : (real_t)1e-12;
+        denom = denom < (real_t)1e-12 ? (real_t)1e-12 : denom;
         grad[i] = (p - y) / denom * scale;
         return loss;
     });

@@ -16,7 +16,7 @@ import gpubackprop as gb
 from gpubackprop.arrays import dtype_of, shape_of, to_host
 from gpubackprop.backends.numpy_backend import NumpyBackend
 from gpubackprop.emulator.device_arrays import DeviceArray
-from gpubackprop.training import _targets_on
+from gpubackprop.evaluation import targets_on
 
 
 class DeviceBackend(NumpyBackend):
@@ -63,7 +63,7 @@ def test_forward_and_loss_take_device_arrays(rng):
     assert float(loss.forward(out, DeviceArray(labels))) == pytest.approx(
         float(loss.forward(out, labels)), rel=1e-7
     )
-    targets = _targets_on(model, loss, DeviceArray(labels))
+    targets = targets_on(model, loss, DeviceArray(labels))
     assert targets.dtype == np.int64
     np.testing.assert_array_equal(targets, labels)
 

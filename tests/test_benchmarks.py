@@ -368,17 +368,17 @@ def test_tables_explain_their_ratio_columns(tiny_record):
 
 
 def test_tensor_core_gemm_rows_run_checked_on_the_emulator():
-    """The bf16 and tf32 GEMM rows (gemm_mma.cu against cuBLAS at the same precision on a GPU)
-    build, pass their check against the rounded-operand reference and are timed on emu."""
+    """The bf16 and tf32 rows (GEMMs against cuBLAS at the same precision, training steps
+    against PyTorch bf16 autocast on a GPU) build, pass their check against the reference of
+    their precision and are timed on emu."""
     from gpubackprop.emulator import find_compiler
 
     if find_compiler() is None:
         pytest.skip("no C++ compiler for the emulator")
-    record = bench.run_benchmarks(
-        tiny_config(backends=["emu"], only=["gemm.forward.bf16", "gemm.dX+dW.tf32"])
-    )
+    wanted = ["gemm.forward.bf16", "gemm.dX+dW.tf32", "train_step.mlp_12-16-5.bf16"]
+    record = bench.run_benchmarks(tiny_config(backends=["emu"], only=wanted))
     rows = {r["name"]: r for r in record["results"]}
-    assert set(rows) == {"gemm.forward.bf16", "gemm.dX+dW.tf32"}
+    assert set(rows) == set(wanted)
     for row in rows.values():
         assert row["status"] == "ok" and row["max_rel_error"] <= row["rtol"], row
     # numpy and float64 get no tensor-core rows

@@ -499,7 +499,8 @@ def test_oversized_nested_dense_and_other_layer_sizes_are_refused(tmp_path):
 def test_dense_sizes_in_the_config_must_be_positive_integers(tmp_path, value):
     layers = [{"type": "Dense", "in_features": value, "out_features": 2}]
     path = _tiny_file_claiming(tmp_path, layers, {"model.0.weight": np.zeros((2, 2), np.float32)})
-    with pytest.raises(ValueError, match=r"layer 0 \(Dense\) has in_features=.*integer >= 1"):
+    expected = r"layer 0 \(Dense\): in_features=.*an integer >= 1"
+    with pytest.raises(ValueError, match=expected):
         gb.load(path)
 
 

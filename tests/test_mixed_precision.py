@@ -48,13 +48,78 @@ def _train(model: gb.Sequential, steps: int = 3) -> list[float]:
     return values
 
 
-@needs_emulator
+KERNEL_BACKENDS = [
+    pytest.param("emu", id="emu"),
+    pytest.param("cupy", id="cupy", marks=pytest.mark.gpu),
+]
+
+
+def _kernel_backend(name: str, precision: str):
+    """The backend, or a skip saying why it cannot run ``precision`` here."""
+    backend = gb.get_backend(name) if gb.available_backends()[name][0] else None
+    if backend is None:
+        pytest.skip(f"backend {name!r} is unavailable: {gb.available_backends()[name][1]}")
+    if precision not in backend.precisions():
+        with pytest.raises(ValueError, match=r"compute capability"):
+            backend.check_precision(precision)
+        pytest.skip(f"{backend.device_name()} has no {precision} mma.sync (refused, as tested)")
+    return backend
+
+
 @pytest.mark.parametrize("precision", ["bf16", "tf32"])
-def test_emulated_tensor_core_training_matches_the_reference(precision):
-    """Three Adam steps of a model with a residual block: the emulator's gemm_mma.cu kernels
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_dense_ops_match_the_reference_of_their_precision(backend_name, precision):
+    """dense_forward (bias + GELU epilogue) and dense_backward (dW, db, dX) of gemm_mma.cu
+    through the backend API, on odd shapes, against the NumPy model of the precision, within
+    gemm_error_bound (fp32 summation order) and the epilogue's fp32 rounding."""
+    from gpubackprop.precision import gemm_error_bound
+
+    backend = _kernel_backend(backend_name, precision)
+    reference = gb.get_backend("numpy")
+    rng = np.random.default_rng(5)
+    for m, n, k in ((33, 17, 45), (70, 130, 24), (1, 9, 7)):
+        x, w = rng.standard_normal((m, k)), rng.standard_normal((n, k)) / np.sqrt(k)
+        b, dout = rng.standard_normal(n), rng.standard_normal((m, n))
+        x, w, b, dout = (a.astype(np.float32) for a in (x, w, b, dout))
+        args = ("gelu", 0.0)
+        y, _ = backend.dense_forward(*map(backend.asarray, (x, w, b)), *args, precision)
+        y_ref, saved_ref = reference.dense_forward(x, w, b, *args, precision)
+        bound = gemm_error_bound(x, w.T, precision, exact=False) + 2**-22 * (np.abs(y_ref) + 1)
+        np.testing.assert_array_less(np.abs(backend.to_numpy(y) - y_ref), 1.13 * bound + 1e-30)
+        dw, db = backend.empty((n, k), np.float32), backend.empty((n,), np.float32)
+        dx = backend.dense_backward(
+            backend.asarray(dout),
+            backend.asarray(x),
+            backend.asarray(w),
+            backend.asarray(saved_ref),
+            *args,
+            dw,
+            db,
+            True,
+            precision,
+        )
+        dw_ref, db_ref = np.empty((n, k), np.float32), np.empty(n, np.float32)
+        dx_ref = reference.dense_backward(
+            dout, x, w, saved_ref, *args, dw_ref, db_ref, True, precision
+        )
+        delta = dout * 1.2  # |GELU'| <= 1.13: a bound on |δ| for the error bounds
+        for out, ref, (a, c) in (
+            (dw, dw_ref, (delta.T, x)),
+            (dx, dx_ref, (delta, w)),
+        ):
+            tol = gemm_error_bound(np.abs(a), c, precision, exact=False) + 2**-22 * np.abs(ref)
+            np.testing.assert_array_less(np.abs(backend.to_numpy(out) - ref), tol + 1e-30)
+        np.testing.assert_allclose(backend.to_numpy(db), db_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "tf32"])
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_tensor_core_training_matches_the_reference(backend_name, precision):
+    """Three Adam steps of a model with a residual block: gemm_mma.cu (emulated, or on a GPU)
     against the NumPy model of the same precision.  Rounded operands agree bit for bit, so
     the differences are fp32 summation orders: far below the precision's own rounding."""
-    reference, emulated = _model("numpy", precision), _model("emu", precision)
+    _kernel_backend(backend_name, precision)
+    reference, emulated = _model("numpy", precision), _model(backend_name, precision)
     losses = _train(reference), _train(emulated)
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
     for name, value in reference.state_dict().items():

@@ -15,6 +15,7 @@ from .numpy_backend import NumpyBackend
 __all__ = [
     "ACTIVATIONS",
     "BACKEND_NAMES",
+    "DEVICE_BACKENDS",
     "Backend",
     "auto_reason",
     "available_backends",
@@ -22,7 +23,9 @@ __all__ = [
     "get_backend",
 ]
 
-BACKEND_NAMES = ("auto", "numpy", "cupy", "emu")
+# The backends that run the ops; "auto" picks cupy when usable, else numpy.
+DEVICE_BACKENDS = ("numpy", "cupy", "emu")
+BACKEND_NAMES = ("auto", *DEVICE_BACKENDS)
 ENV_VARIABLE = "GPUBACKPROP_BACKEND"
 
 logger = logging.getLogger("gpubackprop")
@@ -120,7 +123,4 @@ def describe_choice(requested: str | None, used: str) -> str:
 
 def available_backends() -> dict[str, tuple[bool, str]]:
     """{name: (available, reason)} for every concrete backend, for `gpubackprop info`."""
-    return {
-        name: (_instance(name).available, _instance(name).reason)
-        for name in ("numpy", "cupy", "emu")
-    }
+    return {name: (_instance(name).available, _instance(name).reason) for name in DEVICE_BACKENDS}

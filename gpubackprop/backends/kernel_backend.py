@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..arrays import to_host
+from ..dtypes import C_TYPES
 from ..kernels import real_type
 from . import operands
 from .base import SAVES_OUTPUT, STEP_SCALARS, Backend, check_activation, check_reduction
@@ -77,6 +78,10 @@ def mma_shared_bytes(kernel: str, precision: str) -> int:
 
     layout_a, layout_b = MMA_LAYOUTS[kernel]
     return MMA_STAGES * (tile(layout_a) + tile(layout_b)) * size
+
+
+# dtype -> C type, looked up per launch (kernels.real_type validates, and costs microseconds).
+_C_TYPE = {np.dtype(name): c_type for name, c_type in C_TYPES.items()}
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -369,7 +374,7 @@ class KernelBackend(Backend):
         dtype = a.dtype
         rows, cols, inner = shape
         dims = self._dims(kernel, shape)
-        plan = self.gemm.plan(kernel, real_type(dtype), rows, cols, inner, self._multiprocessors())
+        plan = self.gemm.plan(kernel, _C_TYPE[dtype], rows, cols, inner, self._multiprocessors())
         launch = plan.launch
         module = self._gemm_module(dtype, plan.variant)
         if plan.splits > 1:
@@ -403,7 +408,7 @@ class KernelBackend(Backend):
         load, db from the dW GEMM): the tiled version, with both GEMMs unsplit; else None."""
         if self.gemm.version != "tiled" or not (n and k):
             return None
-        kind, sms = real_type(dtype), self._multiprocessors()
+        kind, sms = _C_TYPE[dtype], self._multiprocessors()
         weight = self.gemm.plan("dense_backward_weight", kind, n, k, m, sms)
         data = self.gemm.plan("dense_backward_data", kind, m, k, n, sms)
         return (weight, data) if weight.splits == 1 and data.splits == 1 else None

@@ -120,6 +120,16 @@ def activation_derivative(name: str, saved: np.ndarray, alpha: float) -> np.ndar
     raise AssertionError(name)
 
 
+def activation_gradient(name: str, dout: np.ndarray, saved: np.ndarray, alpha: float) -> np.ndarray:
+    """∂L/∂z = ∂L/∂y ⊙ f'(z) with PyTorch's choices at NaN and ±Inf (docs/derivation.md):
+    ReLU and LeakyReLU select the gradient, the smooth activations multiply in IEEE arithmetic."""
+    if name == "relu":  # 0 where y <= 0, else ∂L/∂y: a NaN y passes the gradient on
+        return np.where(saved <= 0, dout.dtype.type(0), dout)
+    if name == "leaky_relu":  # ∂L/∂y where z > 0, else α ∂L/∂y
+        return np.where(saved > 0, dout, dout * dout.dtype.type(alpha))
+    return dout * activation_derivative(name, saved, alpha)
+
+
 class NumpyBackend(Backend):
     """Reference implementation of the backend contract in NumPy (float32 and float64)."""
 
@@ -159,7 +169,7 @@ class NumpyBackend(Backend):
         delta = (
             dout
             if activation == "identity"
-            else dout * activation_derivative(activation, saved, alpha)
+            else activation_gradient(activation, dout, saved, alpha)
         )  # δ = ∂L/∂y ⊙ f'(z)
         if precision == "fp32":
             np.matmul(delta.T, x, out=dweight)  # ∂L/∂W = δᵀ x
@@ -179,7 +189,7 @@ class NumpyBackend(Backend):
     def activation_backward(self, dout, saved, activation, alpha=0.01):
         if activation == "identity":
             return dout
-        return dout * activation_derivative(activation, saved, alpha)
+        return activation_gradient(activation, dout, saved, alpha)
 
     def add(self, a, b):
         return a + b

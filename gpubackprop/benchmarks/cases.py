@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ..ops import OPS
 from .config import LEAKY_ALPHA, BenchConfig, Sizes
 from .timing import CpuTimer, CupyEventTimer, Impl, ThreadTimeTimer, TorchCudaTimer
 
@@ -188,11 +189,30 @@ def cycle(items: list[Any]) -> Callable[[], Any]:
     return itertools.cycle(items).__next__
 
 
+# The op table's variant of dense_backward each GEMM layout times (no bias, identity).
+_GEMM_LAYOUTS = {
+    "forward": ("dense_forward", {"activation": "identity", "bias": False}),
+    "dW": ("dense_backward", {"activation": "identity", "bias": False, "need_dinp": False}),
+    "dX+dW": ("dense_backward", {"activation": "identity", "bias": False, "need_dinp": True}),
+}
+
+
 def _gemm_parts(m: int, n: int, k: int, itemsize: int, layout: str) -> list[Part]:
-    forward = Part(2.0 * m * n * k, itemsize * (m * k + n * k + m * n))  # read X, W; write Y
-    weight = Part(2.0 * m * n * k, itemsize * (m * n + m * k + n * k))  # read dZ, X; write dW
-    data = Part(2.0 * m * n * k, itemsize * (m * n + n * k + m * k))  # read dZ, W; write dX
-    return {"forward": [forward], "dW": [weight], "dX+dW": [weight, data]}[layout]
+    """The op table's cost of the layout, one Part per GEMM (dX+dW is two)."""
+    op, variant = _GEMM_LAYOUTS[layout]
+    gemms = 2 if variant.get("need_dinp") else 1
+    flops, moved = OPS[op].cost((m, k, n), itemsize, variant)
+    return [Part(flops / gemms, moved / gemms) for _ in range(gemms)]
+
+
+def _table_check(backend: Any, op: str, variant: dict, inputs: dict[str, np.ndarray], ours: Any):
+    """(our outputs, the op table's float64 references) of ``op`` on ``inputs`` (host float64
+    arrays, rounded to the benchmark dtype), ``ours`` putting each on the backend."""
+    entry = OPS[op]
+    outputs = entry.run(backend, variant, **{k: ours(v) for k, v in inputs.items()})
+    references = entry.reference(variant, inputs)
+    names = list(references)
+    return [backend.to_numpy(outputs[k]) for k in names], [references[k] for k in names]
 
 
 def gemm_case(
@@ -228,19 +248,12 @@ def gemm_case(
                 return backend.dense_backward(dz, x, w, None, "identity", 0.0, dw, None, need_dinp)
 
         def check():
-            x, w, dz = ctx.ours(x_h), ctx.ours(w_h), ctx.ours(dz_h)
-            if layout == "forward":
-                out = backend.dense_forward(x, w, None, "identity")[0]
-                return [backend.to_numpy(out)], [x_h @ w_h.T]
-            dw = backend.empty((n, k), ctx.dtype)
-            dx = backend.dense_backward(
-                dz, x, w, None, "identity", 0.0, dw, None, layout == "dX+dW"
-            )
-            outs, refs = [backend.to_numpy(dw)], [dz_h.T @ x_h]
-            if layout == "dX+dW":
-                outs.append(backend.to_numpy(dx))
-                refs.append(dz_h @ w_h)
-            return outs, refs
+            op, variant = _GEMM_LAYOUTS[layout]
+            if op == "dense_forward":
+                inputs = {"x": x_h, "weight": w_h}
+            else:
+                inputs = {"dout": dz_h, "x": x_h, "weight": w_h}
+            return _table_check(backend, op, variant, inputs, ctx.ours)
 
         prepared = Prepared(run, check, copies=copies)
         if ctx.cupy is not None:
@@ -425,8 +438,7 @@ def _torch_activation(torch: Any, name: str, alpha: float):
 
 def activation_case(name: str, rows: int, cols: int, direction: str, itemsize: int) -> Case:
     """y = f(x) (reads x, writes y) or dinp = dout ⊙ f'(saved) (reads dout and saved)."""
-    n = rows * cols
-    moved = itemsize * n * (2 if direction == "forward" else 3)
+    _, moved = OPS[f"activation_{direction}"].cost((rows, cols), itemsize, {"activation": name})
     alpha = LEAKY_ALPHA
 
     def build(ctx: Context, copies: int) -> Prepared:
@@ -449,12 +461,13 @@ def activation_case(name: str, rows: int, cols: int, direction: str, itemsize: i
                 return backend.activation_backward(dout, saved, name, alpha)
 
         def check():
-            x = ctx.ours(x_h)
-            y, saved = backend.activation_forward(x, name, alpha)
+            variant = {"activation": name, "alpha": alpha}
             if direction == "forward":
-                return [backend.to_numpy(y)], [ref.activation_forward(x_h, name, alpha)[0]]
-            dinp = backend.activation_backward(ctx.ours(d_h), saved, name, alpha)
-            return [backend.to_numpy(dinp)], [ref.activation_backward(d_h, saved_h, name, alpha)]
+                return _table_check(backend, "activation_forward", variant, {"x": x_h}, ctx.ours)
+            # saved as our forward computed it (the same values to the dtype's rounding)
+            saved = backend.to_numpy(backend.activation_forward(ctx.ours(x_h), name, alpha)[1])
+            inputs = {"dout": d_h, "saved": np.asarray(saved, np.float64)}
+            return _table_check(backend, "activation_backward", variant, inputs, ctx.ours)
 
         prepared = Prepared(run, check, copies=copies)
         if ctx.torch is None:
@@ -546,10 +559,10 @@ def standardize_case(rows: int, cols: int, direction: str, itemsize: int) -> Cas
 
 def loss_case(rows: int, classes: int, itemsize: int) -> Case:
     """Softmax cross-entropy with integer labels: the loss and ∂L/∂logits in one call."""
-    moved = itemsize * 2 * rows * classes + 8 * rows  # read logits and labels, write the gradient
+    _, moved = OPS["softmax_cross_entropy"].cost((rows, classes), itemsize, {"target": "labels"})
 
     def build(ctx: Context, copies: int) -> Prepared:
-        backend, ref = ctx.backend, ctx.reference
+        backend = ctx.backend
         z_h = ctx.host((rows, classes), 3.0)
         labels_h = ctx.rng.integers(0, classes, rows)
         sets = [(ctx.ours(z_h), backend.asarray(labels_h, np.int64)) for _ in range(copies)]
@@ -560,11 +573,12 @@ def loss_case(rows: int, classes: int, itemsize: int) -> Case:
             return backend.softmax_cross_entropy(z, labels)
 
         def check():
-            loss, grad = backend.softmax_cross_entropy(
-                ctx.ours(z_h), backend.asarray(labels_h, np.int64)
-            )
-            ref_loss, ref_grad = ref.softmax_cross_entropy(z_h, labels_h)
-            return ([backend.to_numpy(loss), backend.to_numpy(grad)], [ref_loss, ref_grad])
+            def ours(a):
+                return backend.asarray(a, np.int64) if a.dtype.kind in "iu" else ctx.ours(a)
+
+            inputs = {"logits": z_h, "target": labels_h}
+            variant = {"target": "labels"}
+            return _table_check(backend, "softmax_cross_entropy", variant, inputs, ours)
 
         prepared = Prepared(run, check, copies=copies)
         if ctx.torch is None:
@@ -619,15 +633,22 @@ ADAM_HYPER = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_dec
 
 ADAM_STEP = 10  # a step past the first, so that the bias corrections are not trivial
 
+# The op table's entry and variant each optimizer row times.
+_OPTIMIZER_VARIANTS = {
+    "sgd_momentum": ("sgd_step", {"hyper": SGD_HYPER, "first_step": False}),
+    "adam": ("adam_step", {"hyper": {**ADAM_HYPER, "step": ADAM_STEP}}),
+}
+
 
 def optimizer_case(kind: str, n: int, itemsize: int) -> Case:
     """One update of a flat buffer of n parameters: SGD with momentum reads θ, g, b and writes
     θ, b; Adam reads θ, g, m, v and writes θ, m, v."""
     buffers = 1 if kind == "sgd_momentum" else 2
-    moved = itemsize * n * (2 + buffers + 1 + buffers)
+    op, variant = _OPTIMIZER_VARIANTS[kind]
+    _, moved = OPS[op].cost((n,), itemsize, variant)
 
     def build(ctx: Context, copies: int) -> Prepared:
-        backend, ref = ctx.backend, ctx.reference
+        backend = ctx.backend
         p_h, g_h = ctx.host((n,)), ctx.host((n,), 0.1)
         m_h = ctx.host((n,), 0.1)
         v_h = np.abs(ctx.host((n,), 0.01)).astype(ctx.dtype).astype(np.float64)
@@ -649,12 +670,12 @@ def optimizer_case(kind: str, n: int, itemsize: int) -> Case:
             return step(backend, take())
 
         def check():
-            ours = state(ctx.ours)
-            step(backend, ours)
-            refs = state(lambda a: a.copy())
-            step(ref, refs)
-            keep = [0, 2, 3][: 1 + buffers]  # θ and the state buffers, not the gradient
-            return [backend.to_numpy(ours[i]) for i in keep], [refs[i] for i in keep]
+            inputs = {"param": p_h, "grad": g_h}
+            if kind == "sgd_momentum":
+                inputs["buf"] = m_h
+            else:
+                inputs.update(m=m_h, v=v_h)
+            return _table_check(backend, op, variant, inputs, ctx.ours)
 
         prepared = Prepared(run, check, copies=copies)
         if ctx.torch is None:
@@ -730,12 +751,22 @@ def build_mlp(sizes: Sequence[int]):
     return Sequential(*layers)
 
 
-def train_case(sizes: Sequence[int], batch: int, itemsize: int, graph: bool = False) -> Case:
+def train_case(
+    sizes: Sequence[int],
+    batch: int,
+    itemsize: int,
+    precision: str = "fp32",
+    graph: bool = False,
+) -> Case:
     """One training step through the public API: forward, softmax cross-entropy, backward
-    (no input gradient), SGD with momentum 0.9; with ``graph``, the same step through
-    gb.compile_step (one CUDA graph launch per step on a GPU, eager on numpy)."""
+    (no input gradient), SGD with momentum 0.9.  With ``precision`` "bf16" or "tf32" the model's
+    GEMMs run on the tensor cores (fp32 master weights), checked against the NumPy model of that
+    precision in float32, and PyTorch runs the same step under bf16 autocast (or with TF32
+    matmuls allowed).  With ``graph``, the same step through gb.compile_step (one CUDA graph
+    launch per step on a GPU)."""
     parts = train_parts(sizes, batch, itemsize)
-    label = "-".join(str(s) for s in sizes) + (".graph" if graph else "")
+    label = "-".join(str(s) for s in sizes)
+    suffix = ("" if precision == "fp32" else f".{precision}") + (".graph" if graph else "")
 
     def build(ctx: Context, copies: int) -> Prepared:
         from .. import SGD, SoftmaxCrossEntropyLoss
@@ -747,7 +778,7 @@ def train_case(sizes: Sequence[int], batch: int, itemsize: int, graph: bool = Fa
 
         def make(backend, dtype):
             seed(ctx.config.seed)
-            model = build_mlp(sizes).to(backend, dtype=dtype)
+            model = build_mlp(sizes).to(backend, dtype=dtype, precision=precision)
             loss = SoftmaxCrossEntropyLoss().to(backend)
             opt = SGD(model.parameters(), lr=1e-3, momentum=0.9)
             return model, loss, opt
@@ -775,7 +806,8 @@ def train_case(sizes: Sequence[int], batch: int, itemsize: int, graph: bool = Fa
 
         def check():
             fresh = make(ctx.backend, ctx.dtype)
-            reference = make(ctx.reference, np.float64)
+            # fp32: float64 reference; bf16/tf32: the NumPy model of the precision (float32)
+            reference = make(ctx.reference, np.float64 if precision == "fp32" else np.float32)
             reference[0].load_state_dict(fresh[0].state_dict())
             value = one_step(*fresh, x, labels)
             ref_value = one_step(*reference, x_h, labels_h)
@@ -817,7 +849,22 @@ def train_case(sizes: Sequence[int], batch: int, itemsize: int, graph: bool = Fa
                 opt.step()
                 return value
 
-            return step
+            if precision == "fp32":
+                return step
+            device = "cuda" if ctx.torch_device == "cuda" else "cpu"
+
+            def mixed_step():  # what a PyTorch user writes for the same precision
+                previous = torch.backends.cuda.matmul.allow_tf32
+                torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+                try:
+                    if precision == "bf16":
+                        with torch.autocast(device_type=device, dtype=torch.bfloat16):
+                            return step()
+                    return step()
+                finally:
+                    torch.backends.cuda.matmul.allow_tf32 = previous
+
+            return mixed_step
 
         prepared.baselines["torch"] = ctx.torch_impl(torch_step(*torch_model()))
 
@@ -828,9 +875,40 @@ def train_case(sizes: Sequence[int], batch: int, itemsize: int, graph: bool = Fa
         ctx.add_torch_compile(prepared, "train", compiled_step)
         return prepared
 
-    return Case(
-        f"train_step.mlp_{label}", {"layers": list(sizes), "batch": batch}, parts, 0.0, False, build
-    )
+    shape = {"layers": list(sizes), "batch": batch}
+    return Case(f"train_step.mlp_{label}{suffix}", shape, parts, 0.0, False, build)
+
+
+def table_case(op: str, variant: dict, shape: tuple[int, ...], itemsize: int) -> Case:
+    """A row built from the op table alone: ``op`` run on random inputs of ``shape`` (rotated
+    through copies), checked against its reference, its floor from its cost model.  What a new
+    op gets in the benchmark with no code here."""
+    entry = OPS[op]
+    flops, moved = entry.cost(shape, itemsize, variant)
+    name = f"{entry.case_name(variant)}." + "x".join(map(str, shape))
+
+    def build(ctx: Context, copies: int) -> Prepared:
+        backend = ctx.backend
+        inputs = {
+            k: v if v.dtype.kind in "iu" else v.astype(ctx.dtype).astype(np.float64)
+            for k, v in entry.inputs(ctx.rng, shape, variant).items()
+        }
+
+        def ours(a: np.ndarray) -> Any:
+            return backend.asarray(a, np.int64) if a.dtype.kind in "iu" else ctx.ours(a)
+
+        take = cycle([{k: ours(v) for k, v in inputs.items()} for _ in range(copies)])
+
+        def run():
+            return entry.run(backend, variant, **take())
+
+        prepared = Prepared(
+            run, lambda: _table_check(backend, op, variant, inputs, ours), copies=copies
+        )
+        prepared.skipped["torch"] = "no baseline for a generic op-table row"
+        return prepared
+
+    return Case(name, {"shape": list(shape)}, [Part(flops, moved)], moved, flops == 0.0, build)
 
 
 def cases_for(
@@ -839,18 +917,24 @@ def cases_for(
     only: Sequence[str] = (),
     gemm_versions: Sequence[str] = (),
     precisions: Sequence[str] = (),
+    preset: str = "cpu",
     graph_rows: bool = False,
 ) -> list[Case]:
-    """The rows of one backend; ``precisions`` adds the tensor-core GEMM rows ("bf16", "tf32")
-    for a backend that runs them (gemm_mma.cu on sm_80+ or the emulator); ``graph_rows`` also
-    each training step through gb.compile_step (backends that capture it)."""
+    """The rows of one backend over ``sizes``; ``precisions`` adds the tensor-core GEMM rows
+    ("bf16", "tf32") for a backend that runs them (gemm_mma.cu on sm_80+ or the emulator); then
+    a generic row for each (variant, shape) an op-table entry lists for ``preset``
+    (ops.Op.bench); ``graph_rows`` also each training step through gb.compile_step (backends
+    that capture it)."""
     # Whole training steps first, then the GEMMs: the headline rows, kept by a run that is
     # stopped by a time limit (the JSON record is rewritten after every row).
-    cases: list[Case] = []
-    for layers, batch in sizes.train:
-        cases.append(train_case(layers, batch, itemsize))
-        if graph_rows:
-            cases.append(train_case(layers, batch, itemsize, graph=True))
+    cases: list[Case] = [train_case(layers, batch, itemsize) for layers, batch in sizes.train]
+    cases += [
+        train_case(layers, batch, itemsize, precision)
+        for precision in precisions
+        for layers, batch in sizes.train
+    ]
+    if graph_rows:
+        cases += [train_case(layers, batch, itemsize, graph=True) for layers, batch in sizes.train]
     for m, n, k in sizes.gemm:
         for layout in ("forward", "dW", "dX+dW"):
             cases.append(gemm_case(m, n, k, layout, itemsize))
@@ -870,6 +954,9 @@ def cases_for(
     for n in sizes.optimizer:
         cases.append(optimizer_case("sgd_momentum", n, itemsize))
         cases.append(optimizer_case("adam", n, itemsize))
+    for op in OPS.values():
+        if op.bench is not None:
+            cases += [table_case(op.name, v, shape, itemsize) for v, shape in op.bench(preset)]
     if only:
         cases = [c for c in cases if any(word in c.name for word in only)]
     return cases

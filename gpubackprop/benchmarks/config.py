@@ -11,14 +11,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..backends.base import ACTIVATIONS
+from ..dtypes import DTYPES
+from ..ops import tolerance
 
 SCHEMA = "gpubackprop-bench/1"
 
 
 # Normwise tolerance of the check run before timing: max|out − ref| / max|ref| against
-# float64.  One number for every size (float32 GEMM error grows like √K, K up to 4096 here); the
-# parity suite (parity.py) is the precise check, with a tighter tolerance scaled per case.
-RTOL = {"float32": 1e-4, "float64": 1e-10}
+# float64, the op table's (ops.TOLERANCES, where each number has its reason).
+RTOL = {dtype: tolerance(dtype).normwise for dtype in DTYPES}
 
 
 ACTIVATION_NAMES = tuple(name for name in ACTIVATIONS if name != "identity")

@@ -246,7 +246,7 @@ def _run_backend(
             precisions = tuple(p for p in backend.precisions() if p != "fp32")
         graph_rows = hasattr(getattr(backend, "seam", None), "capture")
         cases = cases_for(
-            SIZES[preset], dtype.itemsize, config.only, versions, precisions, graph_rows
+            SIZES[preset], dtype.itemsize, config.only, versions, precisions, preset, graph_rows
         )
     if not cases:
         return  # --only left this backend no row: no ceilings to measure either

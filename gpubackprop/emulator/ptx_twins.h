@@ -12,10 +12,11 @@
 //   cvt.rn.bf16x2.f32                                     cvt_bf16x2
 //
 // Warp-collective instructions (mma, ldmatrix) run like the shuffles of cuda_emu_runtime.h:
-// every lane publishes a pointer to its operand registers in its warp slot, the warp meets at
-// a barrier (all 32 lanes must exist and arrive: the .aligned forms require the whole warp),
-// every lane reads what it needs from the others, the warp meets again (nobody may change its
-// registers before all have read), then each lane computes its own destination registers.
+// every lane publishes a copy of its operand registers (or its row address) for its warp, the
+// warp meets at a barrier (all 32 lanes must exist and arrive: the .aligned forms require the
+// whole warp), then every lane reads what it needs from the others and computes its own
+// destination registers.  The copies alternate between two buffers (WarpExchange), so one
+// barrier per instruction is enough.
 // Fragment layouts follow the ISA's tables ("Matrix Fragments for mma.m16n8k16 with floating
 // point type", "... mma.m16n8k8 ... .tf32", "ldmatrix"), with
 // groupID = lane >> 2 and threadID_in_group = lane % 4.
@@ -83,9 +84,19 @@ struct ThreadCopies {
     int committed = 0;  // groups committed so far
 };
 
+// What the lanes of a warp publish for a warp-collective instruction: up to 8 words per lane,
+// in two generations used alternately, so that one barrier per instruction suffices: a lane
+// can write generation g again only at the instruction after next, which it reaches only after
+// every lane has arrived at the next one, that is after every lane has finished reading g.
+struct WarpExchange {
+    uint32_t words[2][32][8];
+};
+
 struct BlockState {
     unsigned long long serial = ~0ull;
     std::vector<ThreadCopies> threads;
+    std::vector<WarpExchange> exchange;      // per warp
+    std::vector<unsigned char> generation;  // per thread: the generation it publishes next
     // Copies in flight per 4-byte word of the static section and of the dynamic region.
     std::vector<unsigned short> pending_static, pending_dynamic;
     unsigned char fill = 0xFF;
@@ -103,6 +114,8 @@ static BlockState& state() {
     if (s.serial != g.block_serial) {
         s.serial = g.block_serial;
         s.threads.assign((size_t)g.nthreads, ThreadCopies());
+        s.exchange.resize(g.warps.size());
+        s.generation.assign((size_t)g.nthreads, 0);
         const size_t static_bytes = (size_t)(__stop_gbemu_shared - __start_gbemu_shared);
         s.pending_static.assign(static_bytes / 4 + 1, 0);
         s.pending_dynamic.assign(dynamic_bytes() / 4 + 1, 0);
@@ -197,27 +210,24 @@ static void cp_async_wait(int most_recent_pending, const char* what) {
 
 // ---- warp-collective instructions -------------------------------------------------------
 
-// Publish `mine` for the lanes of this warp and wait for all 32; returns the warp.
-static Warp& publish(const void* mine, const char* what) {
+// Publish `count` words for the lanes of this warp and wait for all 32 (the .aligned forms
+// need the whole warp); returns the 32 lanes' words, valid until this lane's next-but-one
+// collective instruction.
+static const uint32_t (*publish(const uint32_t* mine, int count, const char* what))[8] {
     Fiber& f = current_fiber();
     Warp& w = g.warps[f.warp];
     if (w.exist != 0xffffffffu) {
         trap("%s needs all 32 lanes of a warp; warp %d of this block has only %d threads",
              what, f.warp, __builtin_popcount(w.exist));
     }
-    w.slot[f.lane] = (unsigned long long)(uintptr_t)mine;
+    BlockState& s = state();
+    unsigned char& generation = s.generation[(size_t)thread_index()];
+    uint32_t(*words)[8] = s.exchange[(size_t)f.warp].words[generation];
+    generation ^= 1;
+    memcpy(words[f.lane], mine, sizeof(uint32_t) * (size_t)count);
     warp_barrier(0xffffffffu, what);
-    return w;
+    return words;
 }
-
-template <class T> static inline const T* published(const Warp& w, int lane) {
-    return reinterpret_cast<const T*>((uintptr_t)w.slot[lane]);
-}
-
-struct MmaOperands {
-    const uint32_t* a;
-    const uint32_t* b;
-};
 
 // D (16×8) = A (16×K) · B (K×8) + C, from the fragments of the 32 lanes.  ELEMENTS_PER_REG
 // is 2 for bf16 (two per .b32 register, the lower index in the low half), 1 for tf32.  Lane l
@@ -227,15 +237,15 @@ struct MmaOperands {
 template <int K, int ELEMENTS_PER_REG>
 static void mma_m16n8(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4],
                       const char* what) {
-    MmaOperands mine = {a, b};
-    Warp& w = publish(&mine, what);
+    const uint32_t mine[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+    const uint32_t(*lanes)[8] = publish(mine, 6, what);
     const int lane = current_fiber().lane;
     const int group = lane >> 2, in_group = lane & 3;
     float A[2][K], B[K][2];  // A rows group, group + 8; B columns 2 in_group, 2 in_group + 1
     for (int source_thread = 0; source_thread < 4; ++source_thread) {
-        const MmaOperands* other = published<MmaOperands>(w, 4 * group + source_thread);
+        const uint32_t* other = lanes[4 * group + source_thread];  // a[0..3], b[0..1]
         for (int r = 0; r < 4; ++r) {
-            const uint32_t word = other->a[r];
+            const uint32_t word = other[r];
             const int half = r & 1;  // row group + 8 (r & 1)
             if (ELEMENTS_PER_REG == 2) {  // bf16: a_{2r}, a_{2r+1}
                 const int col = 2 * source_thread + 8 * (r >> 1);
@@ -249,9 +259,9 @@ static void mma_m16n8(float d[4], const uint32_t a[4], const uint32_t b[2], cons
     for (int column = 0; column < 2; ++column) {
         const int source_group = 2 * in_group + column;  // B column n lives in group n
         for (int source_thread = 0; source_thread < 4; ++source_thread) {
-            const MmaOperands* other = published<MmaOperands>(w, 4 * source_group + source_thread);
+            const uint32_t* other = lanes[4 * source_group + source_thread];
             for (int r = 0; r < 2; ++r) {
-                const uint32_t word = other->b[r];
+                const uint32_t word = other[4 + r];
                 if (ELEMENTS_PER_REG == 2) {  // b_{2r}, b_{2r+1}: k = 2 thread + 8 r (+1)
                     const int k = 2 * source_thread + 8 * r;
                     B[k][column] = bf16_value((uint16_t)(word & 0xffffu));
@@ -262,7 +272,6 @@ static void mma_m16n8(float d[4], const uint32_t a[4], const uint32_t b[2], cons
             }
         }
     }
-    warp_barrier(0xffffffffu, what);  // every lane has read what it needs
     float out[4];
     for (int i = 0; i < 4; ++i) {  // c_i: row group + 8 (i / 2), column 2 in_group + i % 2
         float sum = c[i];
@@ -311,27 +320,33 @@ template <bool TRANS>
 static void ldmatrix_x4(uint32_t r[4], const void* row_address) {
     const char* what = TRANS ? "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16"
                              : "ldmatrix.sync.aligned.m8n8.x4.shared.b16";
-    Warp& w = publish(row_address, what);
+    uint32_t mine[2];
+    memcpy(mine, &row_address, sizeof(row_address));
+    const uint32_t(*lanes)[8] = publish(mine, 2, what);
+    auto row_of = [&](int source) {
+        const unsigned char* row;
+        memcpy(&row, lanes[source], sizeof(row));
+        return row;
+    };
     const int lane = current_fiber().lane;
     uint32_t out[4];
     for (int i = 0; i < 4; ++i) {
         if (!TRANS) {
             const int source = 8 * i + lane / 4;
-            const unsigned char* row = published<unsigned char>(w, source);
+            const unsigned char* row = row_of(source);
             check_ldmatrix_read(row, source, 4 * (lane % 4), 4, what);
             memcpy(&out[i], row + 4 * (lane % 4), 4);
         } else {
             uint16_t halves[2];
             for (int j = 0; j < 2; ++j) {
                 const int source = 8 * i + 2 * (lane % 4) + j;
-                const unsigned char* row = published<unsigned char>(w, source);
+                const unsigned char* row = row_of(source);
                 check_ldmatrix_read(row, source, 2 * (lane / 4), 2, what);
                 memcpy(&halves[j], row + 2 * (lane / 4), 2);
             }
             out[i] = (uint32_t)halves[0] | ((uint32_t)halves[1] << 16);
         }
     }
-    warp_barrier(0xffffffffu, what);  // every lane has read every row address
     for (int i = 0; i < 4; ++i) r[i] = out[i];
 }
 

@@ -1,0 +1,79 @@
+"""The kernel launchers' own paths, which the op-parity suite does not reach: argument errors
+(each naming the argument, the value and what is accepted), strided inputs, out-of-range labels,
+operands on another GPU, and a CuPy backend built where CuPy or a GPU is missing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gpubackprop.backends.gemm_config import GEMM_VERSIONS
+
+
+@pytest.fixture(scope="module")
+def emu_backends():
+    """One emulator backend per GEMM version, the library's default first."""
+    from gpubackprop.backends.emu_backend import EmuBackend
+
+    backends = [EmuBackend()] + [EmuBackend(gemm_version=v) for v in GEMM_VERSIONS if v != "tiled"]
+    if not backends[0].available:
+        pytest.skip(f"emulator unavailable: {backends[0].reason}")
+    return backends
+
+
+def test_cupy_backend_construction_never_raises_and_keeps_the_reason():
+    from gpubackprop.backends.cupy_backend import CupyBackend
+
+    backend = CupyBackend()
+    assert backend.name == "cupy"
+    if backend.available:
+        assert backend.reason == "" and "unavailable" not in backend.device_name()
+    else:
+        assert backend.reason
+        assert backend.reason in backend.device_name()
+        with pytest.raises(RuntimeError, match="not available"):
+            backend.with_gemm_version("warptiled")
+
+
+def test_launcher_argument_errors(emu_backends):
+    backend = emu_backends[0]
+    x = np.ones((4, 3), np.float32)
+    w = np.ones((5, 3), np.float32)
+    with pytest.raises(ValueError, match=r"weight\.dtype=float64 differs"):
+        backend.dense_forward(x, w.astype(np.float64), None, "relu")
+    with pytest.raises(ValueError, match=r"weight\.shape=\(5, 2\)"):
+        backend.dense_forward(x, w[:, :2], None, "relu")
+    with pytest.raises(ValueError, match=r"x\.dtype=int64 is not supported"):
+        backend.dense_forward(x.astype(np.int64), w, None, "relu")
+    with pytest.raises(ValueError, match=r"activation='swish'"):
+        backend.dense_forward(x, w, None, "swish")
+    dweight = np.empty((3, 5), np.float32).T  # right shape, not contiguous: must not be written
+    with pytest.raises(ValueError, match=r"dweight is not C-contiguous"):
+        backend.dense_backward(
+            np.ones((4, 5), np.float32), x, w, None, "identity", 0.0, dweight, None, False
+        )
+    with pytest.raises(ValueError, match=r"reduction='avg'"):
+        backend.mse_loss(x, x, "avg")
+
+
+def test_strided_input_is_copied_and_bad_label_gives_nan(emu_backends):
+    backend = emu_backends[0]
+    x = np.arange(12, dtype=np.float64).reshape(3, 4)[:, ::2]  # (3, 2), strided
+    w = np.eye(2)
+    y, _ = backend.dense_forward(x, w, None, "identity")
+    np.testing.assert_array_equal(y, x)
+    loss, grad = backend.softmax_cross_entropy(np.zeros((2, 3)), np.array([0, 3]))
+    assert np.isnan(float(loss)) and np.isnan(grad[1]).all() and np.isfinite(grad[0]).all()
+
+
+def test_cupy_seam_refuses_an_operand_on_another_gpu():
+    """The device check runs without a GPU: a stand-in for CuPy's device objects."""
+    from types import SimpleNamespace
+
+    from gpubackprop.backends.cupy_backend import CupySeam
+
+    fake_cupy = SimpleNamespace(cuda=SimpleNamespace(Device=lambda: SimpleNamespace(id=0)))
+    seam = CupySeam(fake_cupy)
+    seam.check_device("x", SimpleNamespace(device=SimpleNamespace(id=0)))
+    with pytest.raises(ValueError, match="x is on GPU 1 but the kernels run on GPU 0"):
+        seam.check_device("x", SimpleNamespace(device=SimpleNamespace(id=1)))
