@@ -153,7 +153,7 @@ __device__ __forceinline__ void gemm_fetch(const real_t* __restrict__ a, long lo
             gb_load4(valid > 0 ? act.saved + offset : act.saved, valid, vec, saved);
 #pragma unroll
             for (int q = 0; q < 4; ++q)
-                regs[s][q] = regs[s][q] * act_derivative(act.code, saved[q], act.alpha);
+                regs[s][q] = act_backward(act.code, regs[s][q], saved[q], act.alpha);
         }
     }
 }
