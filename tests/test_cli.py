@@ -95,6 +95,18 @@ def test_train_is_reproducible_and_seeded(tmp_path, capsys):
     assert runs[0] != runs[2]
 
 
+def test_train_with_graph_trains_as_without(tmp_path, capsys):
+    """--graph runs each step through gb.compile_step: on numpy the same eager step, so the
+    same losses to the bit."""
+    curves = []
+    for flags in ([], ["--graph"]):
+        path = tmp_path / f"m{len(curves)}.json"
+        assert cli.main(["train", *QUICK, *flags, "--metrics-json", str(path)]) == 0
+        curves.append(json.loads(path.read_text())["history"]["loss"])
+    capsys.readouterr()
+    assert curves[0] == curves[1] and len(curves[0]) >= 1
+
+
 def test_regression_reports_mse(tmp_path, capsys):
     path = tmp_path / "m.json"
     status, out, _ = _run(
