@@ -119,6 +119,7 @@ class KernelBackend(Backend):
         # keys (that cost microseconds per launch).  The seam caches compiles per source text.
         self._kernels: dict[tuple[str, str], Any] = {}
         self._dims_made: dict[tuple, tuple] = {}
+        self._fused_plans: dict[tuple, tuple | None] = {}
 
     @property
     def gemm_version(self) -> str:
@@ -406,12 +407,17 @@ class KernelBackend(Backend):
     def _fused_backward(self, m: int, n: int, k: int, dtype: np.dtype) -> tuple | None:
         """The (dW, dX) plans when the backward runs as gemm.cu's *_act kernels (δ formed on
         load, db from the dW GEMM): the tiled version, with both GEMMs unsplit; else None."""
-        if self.gemm.version != "tiled" or not (n and k):
-            return None
-        kind, sms = _C_TYPE[dtype], self._multiprocessors()
-        weight = self.gemm.plan("dense_backward_weight", kind, n, k, m, sms)
-        data = self.gemm.plan("dense_backward_data", kind, m, k, n, sms)
-        return (weight, data) if weight.splits == 1 and data.splits == 1 else None
+        key = (m, n, k, dtype)
+        if key in self._fused_plans:  # decided once per layer and batch shape
+            return self._fused_plans[key]
+        plans = None
+        if self.gemm.version == "tiled" and n and k:
+            kind, sms = _C_TYPE[dtype], self._multiprocessors()
+            weight = self.gemm.plan("dense_backward_weight", kind, n, k, m, sms)
+            data = self.gemm.plan("dense_backward_data", kind, m, k, n, sms)
+            plans = (weight, data) if weight.splits == 1 and data.splits == 1 else None
+        self._fused_plans[key] = plans
+        return plans
 
     def _dense_backward_act(
         self, plans, dout, x, weight, saved, activation, alpha, dweight, dbias, need_dinp
