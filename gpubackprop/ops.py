@@ -434,6 +434,48 @@ def _scale_run(backend, variant, x):
     return {"x": x}
 
 
+def _step_scalars(backend, step: int, lr: float):
+    """The float64 step scalars [t, lr, 0, 0] an optimizer's update reads, t = step − 1 before
+    step_scalars_advance counts this step."""
+    return backend.asarray(np.array([step - 1.0, lr, 0.0, 0.0]), np.float64)
+
+
+def _sgd_update_run(backend, variant, param, grad, buf):
+    hyper = dict(variant["hyper"])
+    scalars = _step_scalars(backend, 1 if variant["first_step"] else 3, hyper.pop("lr"))
+    backend.step_scalars_advance(scalars, 0.0, 0.0)
+    param, buf = param.copy(), buf.copy()
+    backend.sgd_update(param, grad, buf if hyper["momentum"] else None, scalars, **hyper)
+    return {"param": param, "momentum_buf": buf}
+
+
+def _adam_update_run(backend, variant, param, grad, m, v):
+    hyper = dict(ADAM_HYPER)
+    scalars = _step_scalars(backend, hyper.pop("step"), hyper.pop("lr"))
+    backend.step_scalars_advance(scalars, hyper["beta1"], hyper["beta2"])
+    param, m, v = param.copy(), m.copy(), v.copy()
+    backend.adam_update(param, grad, m, v, scalars, **hyper, decoupled=False)
+    return {"param": param, "exp_avg": m, "exp_avg_sq": v}
+
+
+def _advance_run(backend, variant, x):
+    scalars = _step_scalars(backend, 4, 0.01)
+    backend.step_scalars_advance(scalars, ADAM_HYPER["beta1"], ADAM_HYPER["beta2"])
+    # The scalars are float64 on every backend; compared in the dtype under test.
+    return {"scalars": scalars.astype(x.dtype)}
+
+
+def _clip_run(backend, variant, g):
+    g = g.copy()
+    norm = backend.clip_grad_norm_([g], variant["max_norm"])
+    return {"norm": norm, "grad": g}
+
+
+def _clip_cases(quick):
+    # A max_norm below the norm (the gradients scaled) and one above it (left as they are).
+    return [({"max_norm": m}, size) for size in _flat_sizes(quick) for m in (0.5, 1e6)]
+
+
 def _sizes_only(quick):
     return [({}, size) for size in _flat_sizes(quick)]
 
@@ -567,6 +609,37 @@ _OPS = [
         cases=_sizes_only,
         cost=_bytes_per_element(7),
         nonfinite=("grad",),
+    ),
+    Op(
+        "sgd_update",
+        build=_normal("param", "grad", "buf"),
+        run=_sgd_update_run,
+        cases=_sgd_cases,
+        cost=_sgd_cost,
+        label=lambda v: f"[{v['index']}{'+first' if v['first_step'] else ''}]",
+    ),
+    Op(
+        "adam_update",
+        build=_adam_build,
+        run=_adam_update_run,
+        cases=_sizes_only,
+        cost=_bytes_per_element(7),
+    ),
+    Op(
+        "step_scalars_advance",
+        build=_normal("x"),
+        run=_advance_run,
+        cases=lambda quick: [({}, (1,))],
+        cost=lambda shape, itemsize, variant: (0.0, 64.0),
+    ),
+    Op(
+        "clip_grad_norm_",
+        build=_normal("g"),
+        run=_clip_run,
+        cases=_clip_cases,
+        cost=_bytes_per_element(3),
+        growth=_sum_growth,
+        label=lambda v: f"[max_norm={v['max_norm']:g}]",
     ),
     Op(
         "sum_of_squares",

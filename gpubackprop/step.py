@@ -63,9 +63,8 @@ class CompiledStep:
     the backend can capture (``captures``), eager otherwise."""
 
     def __init__(self, model, loss_fn: Loss, optimizer: Optimizer, max_norm: float | None = None):
-        from .model import Sequential
-
-        if not isinstance(model, Sequential):
+        # Checked by what it offers, not by importing model.py (which imports this module).
+        if not all(hasattr(model, name) for name in ("run_steps", "backward", "parameters")):
             raise TypeError(f"model={model!r:.80} is not a gpubackprop Sequential")
         if not isinstance(loss_fn, Loss):
             raise TypeError(f"loss_fn={loss_fn!r} is not a gpubackprop Loss")
