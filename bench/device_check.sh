@@ -60,12 +60,12 @@ path_step() {  # path_step NAME LIMIT_S FILE...
     fi
     step "$name" "$limit" "${pytest_gpu[@]}" "${files[@]}"
 }
-path_step captured_step 20 tests/test_compiled_step.py tests/test_graph.py tests/test_compile_step.py tests/test_capture.py
+path_step captured_step 20 tests/test_compiled_step.py tests/test_gemm_plan.py
 path_step tensor_cores 25 tests/test_gemm_mma.py tests/test_mixed_precision.py tests/test_ptx_twins.py
 path_step nccl 15 tests/test_distributed.py
 # Every other GPU test (placement, interop, checkpoints, emulator conformance kernels).
 step gpu_tests 40 "${pytest_gpu[@]}" tests --ignore=tests/test_parity.py \
-    --ignore=tests/test_compiled_step.py --ignore=tests/test_graph.py --ignore=tests/test_compile_step.py --ignore=tests/test_capture.py \
+    --ignore=tests/test_compiled_step.py --ignore=tests/test_gemm_plan.py \
     --ignore=tests/test_gemm_mma.py --ignore=tests/test_mixed_precision.py \
     --ignore=tests/test_ptx_twins.py --ignore=tests/test_distributed.py
 # torch.compile is off: its compile time is unbounded.  Rows run training steps first, then the
