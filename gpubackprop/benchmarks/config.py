@@ -22,6 +22,47 @@ SCHEMA = "gpubackprop-bench/1"
 RTOL = {dtype: tolerance(dtype).normwise for dtype in DTYPES}
 
 
+def blank_row(
+    name: str,
+    backend: str,
+    shape: Any,
+    dtype: str,
+    *,
+    flops: float | None = None,
+    bytes_moved: float | None = None,
+    bound: str = "memory",
+    floor_s: float | None = None,
+) -> dict[str, Any]:
+    """A row of the record before it is measured: every field a row has (bench/README.md),
+    the measured ones None, so that every kind of row has the same schema."""
+    return {
+        "name": name,
+        "backend": backend,
+        "shape": shape,
+        "dtype": dtype,
+        "status": "ok",
+        "median_s": None,
+        "q1_s": None,
+        "q3_s": None,
+        "calls": 0,
+        "tflops": None,
+        "gbps": None,
+        "flops": flops,
+        "bytes": bytes_moved,
+        "bound": bound,
+        "floor_s": floor_s,
+        "floor_fraction": None,
+        "max_rel_error": None,
+        "rtol": RTOL[dtype],
+        "input_copies": 1,
+        "launches": None,
+        "vs": {},
+        "baselines": {},
+        "baselines_skipped": {},
+        "reason": "",
+    }
+
+
 ACTIVATION_NAMES = tuple(name for name in ACTIVATIONS if name != "identity")
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from .cases import max_rel_error
-from .config import RTOL
+from .config import blank_row
 from .timing import format_time
 
 ROW_STEP = "data_parallel.step"
@@ -59,33 +59,8 @@ def wanted(only: Any, backend: str, backends: Any) -> list[str]:
 
 
 def _row(name: str, backend: str, dtype: str, shape: dict[str, Any]) -> dict[str, Any]:
-    """A row with the fields every row of the record has (run._new_row's)."""
-    return {
-        "name": name,
-        "backend": backend,
-        "shape": shape,
-        "dtype": dtype,
-        "status": "ok",
-        "median_s": None,
-        "q1_s": None,
-        "q3_s": None,
-        "calls": 0,
-        "tflops": None,
-        "gbps": None,
-        "flops": None,
-        "bytes": None,
-        "bound": "memory",
-        "floor_s": None,
-        "floor_fraction": None,
-        "max_rel_error": None,
-        "rtol": RTOL[dtype],
-        "input_copies": 1,
-        "launches": None,
-        "vs": {},
-        "baselines": {},
-        "baselines_skipped": {},
-        "reason": "",
-    }
+    """A row with the fields every row of the record has."""
+    return blank_row(name, backend, shape, dtype)
 
 
 def _mpiexec() -> str | None:

@@ -17,7 +17,16 @@ import numpy as np
 from . import data_parallel
 from .cases import Case, Context, cases_for, max_rel_error
 from .ceilings import disable_cupy_tf32, measure_ceilings
-from .config import ENV_KEYS, RTOL, SCHEMA, SIZES, TIMING, BenchConfig, TimingSettings
+from .config import (
+    ENV_KEYS,
+    RTOL,
+    SCHEMA,
+    SIZES,
+    TIMING,
+    BenchConfig,
+    TimingSettings,
+    blank_row,
+)
 from .host import host_cases
 from .machine import blas_info, cpu_model, device_info, git_commit, library_versions, numpy_threads
 from .report import shape_text
@@ -84,32 +93,16 @@ def _progress(config: BenchConfig, message: str) -> None:
 
 def _new_row(case: Case, ctx: Context, ceilings: dict[str, Any]) -> dict[str, Any]:
     floor_s, bound = _roofline(case, ceilings)
-    return {
-        "name": case.name,
-        "backend": ctx.backend.name,
-        "shape": case.shape,
-        "dtype": ctx.dtype.name,
-        "status": "ok",
-        "median_s": None,
-        "q1_s": None,
-        "q3_s": None,
-        "calls": 0,
-        "tflops": None,
-        "gbps": None,
-        "flops": case.flops,
-        "bytes": case.bytes,
-        "bound": bound,
-        "floor_s": floor_s,
-        "floor_fraction": None,
-        "max_rel_error": None,
-        "rtol": RTOL[ctx.dtype.name],
-        "input_copies": 1,
-        "launches": None,
-        "vs": {},
-        "baselines": {},
-        "baselines_skipped": {},
-        "reason": "",
-    }
+    return blank_row(
+        case.name,
+        ctx.backend.name,
+        case.shape,
+        ctx.dtype.name,
+        flops=case.flops,
+        bytes_moved=case.bytes,
+        bound=bound,
+        floor_s=floor_s,
+    )
 
 
 def _timing_fields(stats: Stats) -> dict[str, Any]:
