@@ -465,16 +465,16 @@ def test_ranks_with_different_models_fail_naming_the_difference(tmp_path):
 
 
 def test_cli_train_distributed_matches_one_process(tmp_path):
-    """`mpiexec -n 2 gpubackprop train --distributed` optimises as the one-process command
-    does (same global batch), and rank 0 alone prints and writes."""
+    """`mpiexec -n 2 gpubackprop train --distributed --graph` optimises as the one-process
+    command does (same global batch), and rank 0 alone prints and writes.  (--graph: the
+    compiled step, on numpy eager, with the all-reduce between backward and the update.)"""
     from gpubackprop.cli import main
 
     options = ["--hidden", "16", "--epochs", "3", "--no-augment", "--dtype", "float64"]
     options += ["--verbose", "0", "--metrics-json"]
     metrics = tmp_path / "metrics.json"
-    result = _launch(
-        2, ["-m", "gpubackprop", "train", "--distributed", *options, str(metrics)], tmp_path
-    )
+    command = ["-m", "gpubackprop", "train", "--distributed", "--graph", *options, str(metrics)]
+    result = _launch(2, command, tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.count("test accuracy") == 1  # rank 0 alone prints the summary
     distributed = json.loads(metrics.read_text())
