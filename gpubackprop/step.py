@@ -3,7 +3,8 @@
 ``step = gb.compile_step(model, loss_fn, optimizer, max_norm=None)``, then ``loss = step(x, y)``
 runs forward, loss, backward, the optional gradient clipping and the optimizer update: the same
 public calls as written out by hand (``model.forward``, ``loss_fn.forward``, ``model.backward``,
-``gb.clip_grad_norm``, ``optimizer.step``), so the results are bitwise those of that loop on the
+``optimizer.step(max_norm=...)``, which is ``gb.clip_grad_norm`` + ``optimizer.step`` with the
+scale applied inside the update launch), so the results are bitwise those of that loop on the
 same backend.  Nothing in it reads the device: the loss comes back as a 0-d device array.
 
 On a backend whose device seam can capture (cupy: a CUDA graph through CuPy's stream capture;
@@ -30,7 +31,7 @@ import numpy as np
 from .arrays import dtype_of, is_device_array, shape_of
 from .checks import check_number
 from .losses import Loss, SoftmaxCrossEntropyLoss
-from .optim import Optimizer, clip_grad_norm
+from .optim import Optimizer
 
 __all__ = ["CompiledStep", "compile_step"]
 
@@ -104,9 +105,11 @@ class CompiledStep:
         finally:
             _restore(loss_fn, checks)
         model.backward(loss_fn.backward(), need_input_grad=False)
+        # With max_norm: clip_grad_norm's norm and coefficient, the scale applied inside the
+        # update launch (Optimizer.step(max_norm=...): the same bits, one launch fewer).
+        norm = self.optimizer.step(max_norm=self.max_norm)
         if self.max_norm is not None:
-            self.last_norm = clip_grad_norm(self.optimizer.params, self.max_norm)
-        self.optimizer.step()
+            self.last_norm = norm
         self.prediction = pred
         return loss
 
