@@ -31,6 +31,8 @@ def main() -> int:
     failed = 0
     for dtype in DTYPES:
         for case in op_cases(seed=7, quick=True):
+            if not case.runs_in(dtype):
+                continue
             for row in check_case(case, backend, dtype):
                 if not row.passed:
                     failed += 1

@@ -55,6 +55,9 @@ class Tolerance:
     normwise: float
     train: float
     reason: str
+    # A tensor-core precision's rtol for a case whose kernel rounds an operand it computed
+    # itself (Op.computes_operand); None where no such rounding happens.
+    tie_rtol: float | None = None
 
 
 # (dtype, precision) -> tolerance.  "fp32" is full precision in the dtype (float32 or float64
@@ -71,6 +74,36 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
             "k terms add √k·ulp, which the op's growth factor covers.  The benchmark's "
             "normwise 1e-4 covers k up to 4096 and 10^6-element reductions without a factor. "
             "Twenty SGD steps compound the rounding of every step: 1e-3."
+        ),
+    ),
+    # The tensor-core precisions are judged against the NumPy model of the precision
+    # (gpubackprop/precision.py), not against float64: the operands rounded the same way.
+    ("float32", "tf32"): Tolerance(
+        rtol=2e-5,
+        normwise=1e-4,
+        train=1e-3,
+        tie_rtol=2.0**-11 / 4,
+        reason=(
+            "against the NumPy model of TF32 (operands rounded to nearest even, fp32 sums): "
+            "the rounded operands are the same and their products exact in fp32 (11 + 11 "
+            "significant bits), so only the summation order and the fp32 epilogue differ, as "
+            "in fp32: the same rtol, which an unrounded GEMM fails (tests/test_ops.py).  "
+            "tie_rtol: an operand the kernel computes itself (δ = dout·f′(z) of a smooth f, "
+            "with CUDA's expf/erff) can differ from NumPy's by an fp32 ulp and round to the "
+            "neighbouring TF32 value: one term off by u|δx|, u = 2^-11; u/4 with the op's √K "
+            "growth covers such a tie while a wrong index or a missing term still fails."
+        ),
+    ),
+    ("float32", "bf16"): Tolerance(
+        rtol=2e-5,
+        normwise=1e-3,
+        train=1e-2,
+        tie_rtol=2.0**-8 / 4,
+        reason=(
+            "as for TF32 (bf16 products are exact in fp32 too: 8 + 8 significant bits), with "
+            "bf16's unit roundoff u = 2^-8 in tie_rtol = u/4; the normwise and training "
+            "entries scale fp32's by about the ratio of the formats' roundoff, where the "
+            "rounded operands of a model's 20 steps drift apart from the reference's."
         ),
     ),
     ("float64", "fp32"): Tolerance(
@@ -106,6 +139,9 @@ class Op:
     growth: Callable[[Shape], float] = lambda shape: 1.0
     label: Callable[[Variant], str] = lambda variant: ""  # "[relu]" in "dense_forward[relu]"
     strided: tuple[str, ...] = ()  # inputs the parity suite also passes as strided views
+    # Whether, in a variant, the kernel rounds to a tensor-core precision an operand it computed
+    # itself (dense_backward's δ = dout·f′(z) for a smooth f): judged with Tolerance.tie_rtol.
+    computes_operand: Callable[[Variant], bool] = lambda variant: False
     nonfinite: tuple[str, ...] = ()  # inputs that receive NaN, +Inf and −Inf
     # The benchmark's rows for an op that no dedicated builder in benchmarks/cases.py times:
     # preset name ("gpu", "cpu_quick", "emu", ... of benchmarks.config.SIZES) -> the
@@ -156,6 +192,12 @@ def with_nonfinite(a: np.ndarray) -> np.ndarray:
 DENSE_SHAPES = [(1, 1, 1), (7, 33, 5), (33, 7, 129), (129, 65, 33), (1000, 33, 7)]
 DENSE_SHAPES_QUICK = [(1, 1, 1), (7, 33, 5), (129, 65, 33)]
 ALPHA = 0.1  # LeakyReLU's slope in the parity cases
+# The GEMM precisions of the dense ops' cases: "fp32" in every dtype, the tensor-core ones
+# ("tf32", "bf16": float32 arrays only) against the NumPy model of the precision.
+GEMM_PRECISIONS = ("fp32", "tf32", "bf16")
+# Activations whose δ = dout·f′ is the same float32 in a kernel and in NumPy (f′ ∈ {0, 1, α},
+# one correctly rounded product at most), so a tensor-core kernel rounds the same δ.
+EXACT_DERIVATIVES = ("identity", "relu", "leaky_relu")
 
 
 def _dense_shapes(quick: bool) -> list[Shape]:
@@ -172,18 +214,28 @@ def _dense_forward_build(rng, shape, variant):
 
 def _dense_forward_run(backend, variant, x, weight, bias=None):
     alpha = variant.get("alpha", ALPHA)
-    y, _ = backend.dense_forward(x, weight, bias, variant["activation"], alpha)
+    precision = variant.get("precision", "fp32")
+    y, _ = backend.dense_forward(x, weight, bias, variant["activation"], alpha, precision)
     return {"y": y}
 
 
 def _dense_forward_cases(quick):
-    """Every activation at one shape; ReLU and a bias-free identity at every shape."""
+    """Every activation at one shape; ReLU and a bias-free identity at every shape; the same
+    in each tensor-core precision (float32 only)."""
     shapes = _dense_shapes(quick)
-    cases = [({"activation": a}, shapes[1]) for a in ACTIVATIONS]
-    for shape in shapes:
-        cases.append(({"activation": "relu"}, shape))
-        cases.append(({"activation": "identity", "bias": False}, shape))
+    cases = []
+    for precision in GEMM_PRECISIONS:
+        tag = {} if precision == "fp32" else {"precision": precision}
+        cases += [({"activation": a, **tag}, shapes[1]) for a in ACTIVATIONS]
+        for shape in shapes:
+            cases.append(({"activation": "relu", **tag}, shape))
+            cases.append(({"activation": "identity", "bias": False, **tag}, shape))
     return cases
+
+
+def _precision_label(variant):
+    precision = variant.get("precision", "fp32")
+    return "" if precision == "fp32" else f"[{precision}]"
 
 
 def _gemm_cost(shape: Shape, itemsize: int) -> tuple[float, float]:
@@ -221,6 +273,7 @@ def _dense_backward_run(backend, variant, dout, x, weight, saved=None):
         dweight,
         dbias,
         need_dinp,
+        variant.get("precision", "fp32"),
     )
     outputs = {"dweight": dweight}
     if bias:
@@ -232,10 +285,14 @@ def _dense_backward_run(backend, variant, dout, x, weight, saved=None):
 
 def _dense_backward_cases(quick):
     shapes = _dense_shapes(quick)
-    cases = [({"activation": a}, shapes[1]) for a in ACTIVATIONS]
-    for shape in shapes:
-        cases.append(({"activation": "identity"}, shape))
-        cases.append(({"activation": "relu", "need_dinp": False, "bias": False}, shape))
+    cases = []
+    for precision in GEMM_PRECISIONS:
+        tag = {} if precision == "fp32" else {"precision": precision}
+        cases += [({"activation": a, **tag}, shapes[1]) for a in ACTIVATIONS]
+        for shape in shapes:
+            cases.append(({"activation": "identity", **tag}, shape))
+            no_extras = {"activation": "relu", "need_dinp": False, "bias": False, **tag}
+            cases.append((no_extras, shape))
     return cases
 
 
@@ -251,6 +308,7 @@ def _dense_backward_label(variant):
         f"[{variant['activation']}]"
         + ("" if variant.get("need_dinp", True) else "[no dinp]")
         + ("" if variant.get("bias", True) else "[no bias]")
+        + _precision_label(variant)
     )
 
 
@@ -531,7 +589,11 @@ _OPS = [
         cases=_dense_forward_cases,
         cost=lambda shape, itemsize, variant: _gemm_cost(shape, itemsize),
         growth=lambda shape: math.sqrt(shape[1]),
-        label=lambda v: f"[{v['activation']}]" + ("" if v.get("bias", True) else "[no bias]"),
+        label=lambda v: (
+            f"[{v['activation']}]"
+            + ("" if v.get("bias", True) else "[no bias]")
+            + _precision_label(v)
+        ),
         strided=("x",),
         nonfinite=("x",),
     ),
@@ -543,6 +605,9 @@ _OPS = [
         cost=_dense_backward_cost,
         growth=lambda shape: math.sqrt(max(shape)),
         label=_dense_backward_label,
+        computes_operand=lambda v: (
+            v.get("precision", "fp32") != "fp32" and v["activation"] not in EXACT_DERIVATIVES
+        ),
         strided=("dout",),
         nonfinite=("dout",),
     ),

@@ -34,6 +34,14 @@ class OpCase:
     rtol_scale: float = 1.0  # > 1 where float32 rounding grows with a reduction length
     labels: tuple[str, ...] = ()  # inputs that are integer labels, not floats
     noncontiguous: tuple[str, ...] = ()  # inputs passed as strided views
+    # The GEMM precision ("fp32", or a tensor-core "tf32"/"bf16" case, float32 only, judged
+    # against the NumPy model of the precision in float32 instead of float64).
+    precision: str = "fp32"
+    rounds_computed_operand: bool = False  # judged with Tolerance.tie_rtol (ops.Op)
+
+    def runs_in(self, dtype: str) -> bool:
+        """Whether the case applies to arrays of ``dtype`` (tensor-core cases: float32)."""
+        return self.precision == "fp32" or dtype == "float32"
 
 
 @dataclass
@@ -115,6 +123,8 @@ def _case(op: Op, variant: dict, shape: tuple[int, ...], rng, nonfinite: bool) -
         rtol_scale=op.growth(shape),
         labels=tuple(k for k, v in inputs.items() if v.dtype.kind in "iu"),
         noncontiguous=op.strided,
+        precision=variant.get("precision", "fp32"),
+        rounds_computed_operand=op.computes_operand(variant),
     )
 
 
@@ -182,9 +192,13 @@ def _to_backend(backend, name: str, value: np.ndarray, dtype, case: OpCase):
 
 
 def check_case(case: OpCase, backend, dtype: str) -> list[ParityRow]:
+    if not case.runs_in(dtype):
+        raise ValueError(f"{case.op} runs in float32 only; got dtype={dtype!r}")
     reference = NumpyBackend()
+    # float64, or the NumPy model of a tensor-core precision, which rounds float32 operands
+    ref_dtype = np.float64 if case.precision == "fp32" else np.float32
     ref_inputs = {
-        k: (v if k in case.labels else np.asarray(v, np.float64)) for k, v in case.inputs.items()
+        k: (v if k in case.labels else np.asarray(v, ref_dtype)) for k, v in case.inputs.items()
     }
     with np.errstate(all="ignore"):  # NaN/Inf inputs give NaN/Inf as IEEE says, quietly
         expected = case.run(reference, **ref_inputs)
@@ -207,7 +221,9 @@ def check_case(case: OpCase, backend, dtype: str) -> list[ParityRow]:
                 f"{type(error).__name__}: {error}",
             )
         ]
-    rtol = tolerance(dtype).rtol * case.rtol_scale
+    judged_by = tolerance(dtype, case.precision)
+    rtol = judged_by.tie_rtol if case.rounds_computed_operand else judged_by.rtol
+    rtol *= case.rtol_scale
     for tensor, ref in expected.items():
         out = np.asarray(backend.to_numpy(outputs[tensor]))
         dtype_ok = out.dtype == np.dtype(dtype)
@@ -306,7 +322,8 @@ def parity_report(
         backend = get_backend(name)
         for dtype in dtypes:
             for case in op_cases(seed, quick):
-                report.rows += check_case(case, backend, dtype)
+                if case.runs_in(dtype):
+                    report.rows += check_case(case, backend, dtype)
             for activation in ("relu", "gelu") if quick else ACTIVATIONS:
                 for loss_name in MODEL_LOSSES:
                     report.rows += model_rows(backend, dtype, activation, loss_name)

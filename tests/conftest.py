@@ -27,3 +27,22 @@ def pytest_runtest_makereport(item, call):
         reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
         report.outcome = "failed"
         report.longrepr = f"GPUBACKPROP_REQUIRE_GPU is set but this gpu test skipped: {reason}"
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--long",
+        action="store_true",
+        help="also run the long cases (marker 'long', minutes each: e.g. whole 15-epoch jobs on "
+        "the emulator); a full run uses it, CI leaves them out",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Deselect 'long' cases unless --long is given (or -m names them), and say so."""
+    if config.getoption("--long") or "long" in (config.getoption("-m") or ""):
+        return
+    long_items = [item for item in items if item.get_closest_marker("long") is not None]
+    if long_items:
+        items[:] = [item for item in items if item.get_closest_marker("long") is None]
+        config.hook.pytest_deselected(items=long_items)

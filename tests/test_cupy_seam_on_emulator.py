@@ -127,7 +127,8 @@ def _assert_rows(rows):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_every_op_through_the_cupy_seam(backend, dtype):
     for case in op_cases(seed=11, quick=True):
-        _assert_rows(check_case(case, backend, dtype))
+        if case.runs_in(dtype):
+            _assert_rows(check_case(case, backend, dtype))
 
 
 @pytest.mark.parametrize("loss_name", MODEL_LOSSES)

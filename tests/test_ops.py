@@ -16,6 +16,7 @@ from gpubackprop.backends.base import Backend
 from gpubackprop.benchmarks import cases as bench_cases
 from gpubackprop.benchmarks.config import RTOL, SIZES
 from gpubackprop.dtypes import DTYPES
+from gpubackprop.precision import UNIT_ROUNDOFF
 
 # Methods of the contract that are no ops: arrays, synchronisation, what the backend can run.
 NOT_OPS = {
@@ -123,3 +124,40 @@ def test_growth_factors_follow_the_length_of_the_sums():
     assert ops.OPS["dense_forward"].growth((7, 33, 5)) == math.sqrt(33)
     assert ops.OPS["mse_loss"].growth((7, 3)) == math.sqrt(21)
     assert ops.OPS["add"].growth((1000,)) == 1.0
+
+
+class _UnroundedGemms(gb.backends.numpy_backend.NumpyBackend):
+    """The NumPy backend with every tensor-core precision silently run in fp32: what a kernel
+    that forgot to round its operands would return."""
+
+    def dense_forward(self, x, weight, bias, activation, alpha=0.01, precision="fp32"):
+        return super().dense_forward(x, weight, bias, activation, alpha, "fp32")
+
+    def dense_backward(self, *args, **kwargs):
+        return super().dense_backward(*args[:9], "fp32")
+
+
+def test_tensor_core_tolerances_catch_a_gemm_that_does_not_round():
+    """The bf16/tf32 entries judge against the NumPy model of the precision with fp32's rtol,
+    tight enough that unrounded operands fail, except where the kernel rounds a δ it computed
+    itself (a smooth activation's backward): there tie_rtol = u/4 admits one rounding tie."""
+    caught, tie_cases = set(), 0
+    for case in parity.op_cases(seed=5):
+        if case.precision == "fp32" or "[nan,inf]" in case.op or case.shape != "7x33x5":
+            continue
+        rows = parity.check_case(case, _UnroundedGemms(), "float32")
+        if case.rounds_computed_operand:
+            tie_cases += 1
+            tol = ops.tolerance("float32", case.precision)
+            assert tol.rtol < tol.tie_rtol <= UNIT_ROUNDOFF[case.precision] / 4
+        elif not all(row.passed for row in rows):
+            caught.add(case.op)
+    expected = {
+        f"{op}[{activation}]{extra}[{precision}]"
+        for precision in ("tf32", "bf16")
+        for op, extra in (("dense_forward", ""), ("dense_backward", ""))
+        for activation in ("identity", "relu", "leaky_relu", "tanh", "gelu", "silu")
+        if op == "dense_forward" or activation in ops.EXACT_DERIVATIVES
+    }
+    assert expected <= caught, sorted(expected - caught)
+    assert tie_cases == 2 * 5  # sigmoid, tanh, gelu, gelu_tanh, silu in tf32 and bf16
