@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from .arrays import to_host
+from .precision import bf16_bits
 
 # Each parameter starts on a 64-element boundary (256 bytes in float32), so that every
 # view is aligned for 16-byte vector loads like a fresh allocation would be.  The
@@ -81,7 +82,7 @@ class FlatStore:
         if bf16_copy:
             if self.dtype != np.float32:
                 raise ValueError(f"a bf16 copy needs float32 parameters; got {self.dtype}")
-            self.bf16 = backend.to_bf16(self.data)
+            self.bf16 = _bf16_copy(backend, self.data)
         for i, parameter in enumerate(self.parameters):
             shape = parameter.shape
             parameter.data = self.view(self.data, i, shape)
@@ -93,7 +94,7 @@ class FlatStore:
         """Rewrite the bf16 copy from ``data`` in place (one launch; nothing without a copy).
         Whoever writes ``data`` other than through an optimizer calls it."""
         if self.bf16 is not None:
-            self.backend.to_bf16(self.data, out=self.bf16)
+            _bf16_copy(self.backend, self.data, self.bf16)
 
     def view(self, flat, index: int, shape: tuple[int, ...]):
         start = self.offsets[index]
@@ -104,3 +105,15 @@ class FlatStore:
         return len(parameters) == len(self.parameters) and all(
             a is b for a, b in zip(parameters, self.parameters)
         )
+
+
+def _bf16_copy(backend, data, out=None):
+    """bf16(data) bits (round to nearest even) into ``out`` (a new uint16 array when None): the
+    kernel backends' to_bf16 launch, or on the NumPy backend the same rounding on the host."""
+    if hasattr(backend, "to_bf16"):
+        return backend.to_bf16(data, out=out)
+    bits = bf16_bits(data).reshape(data.shape)
+    if out is None:
+        return bits
+    np.copyto(out, bits)
+    return out

@@ -371,7 +371,7 @@ def test_weight_bf16_arguments_are_checked(backend_name):
     backend = gb.get_backend(backend_name)
     x = backend.asarray(np.ones((2, 3), np.float32))
     w = backend.asarray(np.ones((4, 3), np.float32))
-    bits = backend.to_bf16(w)
+    bits = backend.asarray(bf16_bits(np.ones((4, 3), np.float32)), np.uint16)
     with pytest.raises(ValueError, match="weight_bf16 is accepted with precision='bf16' only"):
         backend.dense_forward(x, w, None, "relu", precision="tf32", weight_bf16=bits)
     with pytest.raises(ValueError, match="weight_bf16"):

@@ -213,15 +213,6 @@ class NumpyBackend(Backend):
         return f"CPU ({platform.machine()}, NumPy {np.__version__})"
 
     # -- dense layer ------------------------------------------------------------------
-    def to_bf16(self, a, out=None):
-        """bf16 bits (uint16) of the float32 array ``a``, round to nearest even; into ``out``
-        when given."""
-        bits = bf16_bits(a).reshape(a.shape)
-        if out is None:
-            return bits
-        np.copyto(out, bits)
-        return out
-
     def _bf16_weight(self, weight, weight_bf16, precision):
         """The weight operand: the bf16 copy as float32 (exactly bf16(weight) when the copy is
         current, so the product is the same as rounding ``weight``), or ``weight``."""
