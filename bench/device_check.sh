@@ -62,7 +62,9 @@ path_step() {  # path_step NAME LIMIT_S FILE...
 }
 path_step captured_step 20 tests/test_compiled_step.py tests/test_gemm_plan.py
 path_step tensor_cores 40 tests/test_gemm_mma.py tests/test_mixed_precision.py tests/test_ptx_twins.py
-path_step nccl 15 tests/test_distributed.py
+# nccl: the one-rank all-reduce and broadcast, and the captured data-parallel step (the NCCL
+# all-reduce inside the CUDA graph) against the eager one; a missing NCCL fails with the pip hint.
+path_step nccl 25 tests/test_distributed.py
 # Every other GPU test (placement, interop, checkpoints, emulator conformance kernels).
 step gpu_tests 40 "${pytest_gpu[@]}" tests --ignore=tests/test_parity.py \
     --ignore=tests/test_compiled_step.py --ignore=tests/test_gemm_plan.py \

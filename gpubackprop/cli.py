@@ -288,7 +288,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         default=d["graph"],
         help="train with the whole step captured as one CUDA graph per batch shape "
-        "(gb.compile_step; on numpy the same step runs eagerly)",
+        "(gb.compile_step; on numpy the same step runs eagerly; with --distributed the NCCL "
+        "all-reduce is inside the graph, MPI's runs between two graphs: docs/graphs.md)",
     )
     run.add_argument("--save", metavar="PATH", help="write a checkpoint (model and optimizer)")
     run.add_argument(

@@ -17,7 +17,11 @@ train with ``model.fit(..., distributed=True)``.  What happens in a step (docs/d
 
 Transports: the numpy and emu backends all-reduce the host buffer with MPI (mpi4py); the cupy
 backend all-reduces the device buffer with NCCL (``cupy.cuda.nccl``) on the current stream, one
-GPU per rank chosen from the node-local rank.
+GPU per rank chosen from the node-local rank.  A transport's ``capturable`` says whether its
+all-reduce can sit inside a captured training step (gb.compile_step): NCCL's can (it is a
+kernel enqueued on the capturing stream), MPI's cannot (the host reads and writes the buffer:
+a host synchronisation), so a step over MPI is captured as two graphs with the all-reduce run
+between them (docs/graphs.md).
 """
 
 from __future__ import annotations
@@ -265,9 +269,14 @@ def shard_bounds(start: int, stop: int, rank: int, size: int) -> tuple[int, int]
 
 class MpiTransport:
     """MPI collectives on the host memory of a buffer (numpy: the array itself; emu: the
-    emulated device array's host memory, the memory its kernels write)."""
+    emulated device array's host memory, the memory its kernels write).
+
+    Not capturable: the host calls MPI on memory the device writes, which needs the device's
+    work done first (a host synchronisation) and runs once, now, instead of at every replay of
+    a graph.  Inside an emulator capture it is refused (GraphCaptureError naming the call)."""
 
     name = "mpi"
+    capturable = False  # the all-reduce cannot be recorded into a graph capture
 
     def __init__(self, group: ProcessGroup):
         self.group = group
@@ -285,13 +294,28 @@ class MpiTransport:
     def allreduce_sum_(self, flat) -> None:
         from mpi4py import MPI
 
+        _refuse_host_collective("MPI Allreduce (MpiTransport.allreduce_sum_)")
         self.group.comm.Allreduce(MPI.IN_PLACE, self.host_view(flat), op=MPI.SUM)
 
     def broadcast_(self, flat, root: int = 0) -> None:
+        _refuse_host_collective("MPI Bcast (MpiTransport.broadcast_)")
         self.group.comm.Bcast(self.host_view(flat), root=root)
 
     def synchronize(self) -> None:
         pass
+
+
+def _refuse_host_collective(call: str) -> None:
+    """GraphCaptureError when an emulator capture is in progress: a host collective on device
+    memory is a host synchronisation, which no graph can record."""
+    from .emulator.capture import refuse_during_capture
+
+    refuse_during_capture(
+        call,
+        "a host all-reduce reads and writes the buffer from the host, a host synchronisation "
+        "that a graph cannot record; a step over a transport with capturable=False is captured "
+        "as two graphs with the all-reduce between them (gb.compile_step does so)",
+    )
 
 
 def nccl_install_hint(cuda_major: int | None) -> str:
@@ -326,14 +350,21 @@ class NcclTransport:
     """NCCL collectives on device buffers, in place, on CuPy's current stream.
 
     Rank 0 draws the NCCL unique id and MPI broadcasts it; each rank then joins the NCCL
-    communicator with its MPI rank on its own GPU (the current device, set by init())."""
+    communicator with its MPI rank on its own GPU (the current device, set by init()).
+
+    Capturable: ``ncclAllReduce`` enqueues a kernel on the given stream, and NCCL (2.9 and
+    later) supports that stream being in CUDA graph capture, so a captured training step
+    holds the all-reduce and every replay runs it.  ``cupy`` and ``nccl`` default to the
+    imported modules (CuPy and its NCCL bindings); tests pass stand-ins."""
 
     name = "nccl"
+    capturable = True  # the all-reduce is recorded into a graph captured on the stream
 
-    def __init__(self, group: ProcessGroup):
-        import cupy
-
-        nccl = require_nccl()
+    def __init__(self, group: ProcessGroup, cupy: Any = None, nccl: Any = None):
+        if cupy is None:
+            import cupy
+        if nccl is None:
+            nccl = require_nccl()
         self.group = group
         self.cupy = cupy
         self.nccl = nccl
@@ -452,13 +483,14 @@ class DataParallel:
     0's parameters and shuffling generator, split batches, average the flat gradient buffer,
     reduce metrics."""
 
-    def __init__(self, group: ProcessGroup, model, loss, optimizer):
+    def __init__(self, group: ProcessGroup, model, loss, optimizer, transport: Any = None):
         self.group = group
         self.model = model
         self.loss = loss
         self.optimizer = optimizer
         self._check_device()
-        self.transport = transport_for(group, model.backend)
+        # transport: the backend's (transport_for) unless given (a test's stand-in)
+        self.transport = transport_for(group, model.backend) if transport is None else transport
         self.sum_reduction = getattr(loss, "reduction", "mean") == "sum"
 
     @property
@@ -497,13 +529,21 @@ class DataParallel:
     def average_gradients(self, local_rows: int, global_rows: int) -> None:
         """g = Σ_r w_r g_r in place in the flat gradient buffer, w_r = n_r / B for a mean loss
         (1 for a sum loss): scale, then one all-reduce (sum).  A rank without rows adds 0."""
+        self.weight_gradients(local_rows, global_rows)
+        self.allreduce_gradients()
+
+    def weight_gradients(self, local_rows: int, global_rows: int) -> None:
+        """The first half of average_gradients: g_r ← w_r g_r in place on the device (w_r =
+        n_r / B for a mean loss, 1 for a sum loss; 0 for a rank without rows)."""
         store = self.model.store
-        backend = self.model.backend
         if local_rows == 0:
             store.grad[...] = 0
         elif not self.sum_reduction and local_rows != global_rows:
-            backend.scale_(store.grad, local_rows / global_rows)
-        self.transport.allreduce_sum_(store.grad)
+            self.model.backend.scale_(store.grad, local_rows / global_rows)
+
+    def allreduce_gradients(self) -> None:
+        """The second half: one all-reduce (sum) of the flat gradient buffer, in place."""
+        self.transport.allreduce_sum_(self.model.store.grad)
 
     def reduce_epoch(
         self, loss_sum: float, correct: int | None, seen: int, elapsed: float

@@ -77,11 +77,6 @@ def run_fit(
     batch_size = check_int("batch_size", batch_size)
     if verbose not in (0, 1, 2):
         raise ValueError(f"verbose={verbose!r} is not accepted; expected 0, 1 or 2")
-    if graph and distributed:
-        raise ValueError(
-            "graph=True with distributed=True is not supported: the gradient all-reduce "
-            "between backward and the update is not part of the captured step; drop one"
-        )
     if not isinstance(loss, Loss):
         raise TypeError(f"loss={loss!r} is not a gpubackprop Loss")
     for i, callback in enumerate(callbacks):
@@ -242,7 +237,8 @@ def _epochs(run: _Run, labels_unchecked: bool) -> dict[str, float]:
     if run.graph:
         from .step import compile_step
 
-        step = compile_step(model, loss, optimizer, max_norm=max_norm)
+        # data-parallel: the all-reduce inside the graph (NCCL) or between two graphs (MPI)
+        step = compile_step(model, loss, optimizer, max_norm=max_norm, data_parallel=parallel)
     logs: dict[str, float] = {}
     for epoch in range(1, epochs + 1):
         order = generator().permutation(n) if shuffle else None
@@ -255,8 +251,11 @@ def _epochs(run: _Run, labels_unchecked: bool) -> dict[str, float]:
             # Data-parallel: this rank's share [lo, hi) of the global batch [start, stop).
             lo, hi = (start, stop) if parallel is None else parallel.shard(start, stop)
             if hi == lo:  # fewer rows than ranks: this rank adds a zero gradient
-                parallel.average_gradients(0, stop - start)
-                _update(optimizer, max_norm)
+                if step is not None:
+                    step.skip_batch(stop - start)
+                else:
+                    parallel.average_gradients(0, stop - start)
+                    _update(optimizer, max_norm)
                 if bar is not None:
                     bar.update(stop - start)
                 continue
@@ -270,7 +269,7 @@ def _epochs(run: _Run, labels_unchecked: bool) -> dict[str, float]:
                 loss.check_labels = labels_unchecked = False
             if step is not None:
                 # forward, loss, backward and update in one call (one graph launch on a GPU)
-                value = step(xb, yb)
+                value = step(xb, yb, None if parallel is None else stop - start)
                 pred = step.prediction
             else:
                 pred = model.forward(xb)

@@ -444,3 +444,55 @@ def test_step_with_max_norm_is_clip_grad_norm_then_step_bit_for_bit(
         assert np.array_equal(state_a[key], state_b[key]), key
     with pytest.raises(ValueError, match="max_norm"):
         optimizer.step(max_norm=-1.0)
+
+
+# -- data-parallel steps (compile_step(data_parallel=)); two ranks: tests/test_distributed.py -----
+
+
+def _small_training(backend):
+    gb.seed(0)
+    model = gb.Sequential(gb.Dense(5, 6), gb.ReLU(), gb.Dense(6, 3)).to(backend)
+    loss_fn = gb.SoftmaxCrossEntropyLoss().to(backend)
+    return model, loss_fn, gb.SGD(model.parameters(), lr=0.1)
+
+
+def test_a_planted_host_allreduce_in_the_capture_is_refused(emu, monkeypatch):
+    """MPI's all-reduce on the host is a host synchronisation: a step that put it inside the
+    capture (here by claiming MpiTransport capturable) is refused, naming the call."""
+    pytest.importorskip("mpi4py")
+    from gpubackprop import distributed as dist
+
+    model, loss_fn, optimizer = _small_training(emu)
+    # a one-rank MPI job (MPI's singleton, no mpiexec)
+    parallel = dist.DataParallel(dist.init(), model, loss_fn, optimizer)
+    monkeypatch.setattr(dist.MpiTransport, "capturable", True)
+    step = gb.compile_step(model, loss_fn, optimizer, data_parallel=parallel)
+    assert step.graphs_per_step == 1  # the lie: one graph, the all-reduce inside
+    x, y = _batches(gb.SoftmaxCrossEntropyLoss)[0]
+    with pytest.raises(GraphCaptureError, match=r"MPI Allreduce \(MpiTransport\.allreduce_sum_\)"):
+        step(x, y)
+    assert step.graphs == {}
+    monkeypatch.setattr(dist.MpiTransport, "capturable", False)
+    step = gb.compile_step(model, loss_fn, optimizer, data_parallel=parallel)
+    step(x, y)  # two graphs, the all-reduce between them
+    assert step.graphs_per_step == 2 and len(step.graphs) == 1
+
+
+def test_data_parallel_arguments_are_checked():
+    from gpubackprop import distributed as dist
+
+    model, loss_fn, optimizer = _small_training(get_backend("numpy"))
+    group = dist.ProcessGroup(comm=None, rank=0, size=2, local_rank=0, local_size=1)
+    other_loss = gb.SoftmaxCrossEntropyLoss()
+    parallel = dist.DataParallel(group, model, other_loss, optimizer)
+    with pytest.raises(ValueError, match="built for another loss"):
+        gb.compile_step(model, loss_fn, optimizer, data_parallel=parallel)
+    step = gb.compile_step(model, loss_fn, optimizer)
+    x, y = _batches(gb.SoftmaxCrossEntropyLoss)[0]
+    with pytest.raises(ValueError, match="global_rows=14 is for a data-parallel step"):
+        step(x, y, global_rows=14)
+    with pytest.raises(ValueError, match="skip_batch is for a data-parallel step"):
+        step.skip_batch(14)
+    step = gb.compile_step(model, other_loss, optimizer, data_parallel=parallel)
+    with pytest.raises(ValueError, match="global_rows=3 is less than this rank's 7 rows"):
+        step(x, y, global_rows=3)

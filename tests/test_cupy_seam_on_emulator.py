@@ -15,11 +15,14 @@ the way CuPy builds it.
 
 from __future__ import annotations
 
+import ctypes
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+import gpubackprop as gb
 from gpubackprop import kernels
 from gpubackprop.arrays import to_host
 from gpubackprop.backends import available_backends
@@ -27,6 +30,8 @@ from gpubackprop.backends.base import ACTIVATIONS
 from gpubackprop.backends.kernel_backend import KernelBackend
 from gpubackprop.backends.seam import ElementwiseSpec
 from gpubackprop.emulator import EmuCompileError, EmuSeam
+from gpubackprop.emulator.capture import GraphCaptureError, active_capture, refuse_during_capture
+from gpubackprop.emulator.device import poisoned_empty
 from gpubackprop.emulator.device_arrays import DeviceArray, device_xp
 from gpubackprop.parity import MODEL_LOSSES, check_case, model_rows, op_cases
 
@@ -47,6 +52,7 @@ class _Function:
         for what, value in (("grid", grid), ("block", block)):
             if type(value) is not tuple:
                 raise TypeError(f"{what} must be a tuple, got {type(value).__name__}")
+        _check_launch_stream(f"kernel {self.name!r}")
         self.seam.launch(self.module, self.name, grid, block, tuple(args), shared_mem)
 
 
@@ -82,12 +88,97 @@ class _ElementwiseKernel:
         self.preamble = preamble
 
     def __call__(self, *args, size=-1, block_size=128, stream=None):
+        _check_launch_stream(f"ElementwiseKernel {self.spec.name!r}")
         dtype = next(a.dtype for a in args if isinstance(a, DeviceArray))
         try:  # CuPy compiles at the first call, and raises CompileException then
             kernel = EMULATED_SEAM.elementwise(self.spec, dtype, self.preamble)
         except EmuCompileError as error:
             raise CompileException(str(error), self.preamble, self.spec.name, ()) from None
         return kernel(*args)
+
+
+class _Stream:
+    """cupy.cuda.Stream: ``with stream`` makes it current; begin_capture/end_capture record
+    what is launched meanwhile with the emulator's capture (the rules of a real capture
+    enforced, emulator/capture.py) and end_capture returns the graph.  The emulator runs
+    each launch to completion, so events and waits have nothing to order."""
+
+    _count = 0
+
+    def __init__(self, non_blocking: bool = False, null: bool = False) -> None:
+        _Stream._count += 1
+        self.ptr = 0 if null else 0x5000 + _Stream._count  # cudaStream_t: 0 is the legacy one
+        self._capturing = None
+        self._holder: dict = {}
+
+    def __enter__(self):
+        _CURRENT_STREAMS.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        _CURRENT_STREAMS.pop()
+
+    def record(self):
+        return SimpleNamespace(stream=self)  # a cupy.cuda.Event
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        refuse_during_capture("Stream.synchronize()", "a sync is illegal while capturing")
+
+    @property
+    def is_capturing(self) -> bool:
+        return self._capturing is not None
+
+    def begin_capture(self) -> None:
+        if self.ptr == 0:
+            raise RuntimeError("cudaErrorStreamCaptureUnsupported: the legacy stream")
+        self._capturing = EMULATED_SEAM.capture([], [])
+        self._holder = self._capturing.__enter__()
+
+    def end_capture(self):
+        capturing, self._capturing = self._capturing, None
+        capturing.__exit__(None, None, None)
+        return _Graph(self._holder["graph"])
+
+
+class _Graph:
+    """cupy.cuda.Graph: launch replays the recorded launch list."""
+
+    def __init__(self, graph) -> None:
+        self.graph = graph  # the emulator's EmuGraph
+
+    def launch(self, stream=None) -> None:
+        EMULATED_SEAM.launch_graph(self.graph)
+
+
+_CURRENT_STREAMS = [_Stream(null=True)]
+
+
+def _current_stream() -> _Stream:
+    return _CURRENT_STREAMS[-1]
+
+
+def _check_launch_stream(what: str) -> None:
+    """On a GPU, work queued on another stream than the capturing one during a (global mode)
+    capture is an error; CuPy launches on the current stream, which must be that one."""
+    capture = active_capture()
+    if capture is not None and not _current_stream().is_capturing:
+        raise GraphCaptureError(f"{what} on a stream that is not capturing, during graph capture")
+
+
+class _MemoryPool:
+    """cupy.cuda.MemoryPool: the arrays of the emulated CuPy are host memory, so the pool only
+    has to exist (EmulatedCupy.empty allocates)."""
+
+    def malloc(self, size: int):
+        raise NotImplementedError("the emulated CuPy allocates through EmulatedCupy.empty")
+
+
+@contextmanager
+def _using_allocator(allocator=None):
+    yield
 
 
 class EmulatedCupy:
@@ -97,11 +188,23 @@ class EmulatedCupy:
     ndarray = DeviceArray
     RawModule = _RawModule
     ElementwiseKernel = _ElementwiseKernel
-    # The emulator runs each launch to completion, so the stream has nothing left to wait for.
     cuda = SimpleNamespace(
         Device=lambda: SimpleNamespace(id=0, attributes={"MultiProcessorCount": 132}),
-        get_current_stream=lambda: SimpleNamespace(synchronize=lambda: None),
+        get_current_stream=_current_stream,
+        Stream=_Stream,
+        MemoryPool=_MemoryPool,
+        using_allocator=_using_allocator,
     )
+
+    @staticmethod
+    def empty(shape, dtype=np.float64):
+        """cupy.empty: also during a capture, from the graph's private pool on a GPU."""
+        return DeviceArray(poisoned_empty(tuple(shape), dtype))
+
+    @staticmethod
+    def copyto(dst, src) -> None:
+        refuse_during_capture("cupy.copyto", "CupySeam copies inputs in outside the capture")
+        dst._host[...] = src._host
 
     def __getattr__(self, name):
         return getattr(device_xp, name)
@@ -311,3 +414,145 @@ def test_cli_backend_cupy_without_a_gpu_says_so(monkeypatch, capsys):
     assert status == 1
     assert error.count("\n") == 1 and "no NVIDIA GPU found" in error
     assert "'numpy'" in error and "'emu'" in error
+
+
+# -- the cupy backend's data-parallel step: the NCCL all-reduce inside the captured graph -------
+#
+# The single-graph NCCL path needs GPUs and NCCL.  Its control flow -- the real CupySeam
+# capture, the real compile_step, the real NcclTransport issuing ncclAllReduce on CuPy's
+# current stream -- runs here against the emulated CuPy above and a FAKE NCCL communicator.
+# The fake does what NCCL does with a stream in capture: the all-reduce becomes an operation of
+# the graph (recorded into the emulator's capture, run at each replay), and it is an error on
+# any other stream while a capture is in progress.  Its "world" is two ranks of which the other
+# is a mirror of this one (the same rows, hence the same gradient), so the sum is 2·g, exactly
+# (x + x = 2x in floating point): unlike a one-rank identity, a step that skipped, repeated or
+# misplaced the all-reduce (say after clipping) would give other numbers.  What this cannot
+# show is NCCL's own behaviour on a GPU; test_distributed.py's gpu test runs that.
+
+_NCCL_DTYPES = {7: np.float32, 8: np.float64}  # ncclFloat32, ncclFloat64 (nccl.h)
+
+
+class FakeMirroredNcclCommunicator:
+    """Stands in for cupy.cuda.nccl.NcclCommunicator: ``ndev`` ranks that all hold this
+    rank's buffer, so allReduce(sum) multiplies it by ``ndev``.  Counts what it records into
+    captures and what it runs."""
+
+    def __init__(self, ndev: int, unique_id, rank: int) -> None:
+        self.ndev, self.rank = ndev, rank
+        self.captured = 0  # all-reduces recorded into a graph
+        self.ran = 0  # all-reduces run (eagerly, or by a graph's replay)
+
+    def allReduce(self, sendbuf, recvbuf, count, datatype, op, stream) -> None:
+        assert op == FakeNccl.NCCL_SUM and sendbuf == recvbuf  # in place, as the transport does
+        dtype = np.dtype(_NCCL_DTYPES[datatype])
+        memory = (ctypes.c_char * (count * dtype.itemsize)).from_address(recvbuf)
+        buffer = np.frombuffer(memory, dtype=dtype)  # the device memory behind the pointer
+
+        def run() -> None:
+            self.ran += 1
+            np.multiply(buffer, self.ndev, out=buffer)
+
+        capture = active_capture()
+        if capture is None:
+            run()
+            return
+        current = _current_stream()
+        if stream != current.ptr or not current.is_capturing:
+            raise GraphCaptureError(
+                f"ncclAllReduce on stream {stream:#x} while stream {current.ptr:#x} captures"
+            )
+        capture.record_operation("ncclAllReduce", run)
+        self.captured += 1
+
+
+class FakeNccl:
+    """Stands in for the cupy.cuda.nccl module."""
+
+    available = True
+    NCCL_SUM = 0
+    NCCL_FLOAT32, NCCL_FLOAT64 = 7, 8
+    NcclCommunicator = FakeMirroredNcclCommunicator
+
+    @staticmethod
+    def get_unique_id():
+        return b"fake-nccl-unique-id"
+
+
+def _nccl_data_parallel(backend, rows: int):
+    from gpubackprop import distributed as dist
+
+    gb.seed(4)
+    model = gb.Sequential(gb.Dense(5, 7), gb.Tanh(), gb.Dense(7, 3)).to(backend, dtype="float32")
+    loss_fn = gb.SoftmaxCrossEntropyLoss().to(backend)
+    optimizer = gb.Adam(model.parameters(), lr=1e-2)
+    # two ranks, of which this is rank 0; the fake MPI communicator only passes the NCCL id on
+    fake_mpi = SimpleNamespace(bcast=lambda value, root=0: value)
+    group = dist.ProcessGroup(comm=fake_mpi, rank=0, size=2, local_rank=0, local_size=1)
+    transport = dist.NcclTransport(group, cupy=backend.seam.cupy, nccl=FakeNccl)
+    parallel = dist.DataParallel(group, model, loss_fn, optimizer, transport=transport)
+    return model, loss_fn, optimizer, parallel
+
+
+def test_nccl_allreduce_is_captured_once_per_step_on_the_capture_stream(backend):
+    """compile_step(data_parallel=) on the cupy seam: the warm-up runs the all-reduce, the
+    capture records it once into the one graph (after backward and the n_r / B weighting,
+    before clipping and the update), and each replay runs it once; the parameters are bitwise
+    those of the eager data-parallel loop with the same communicator."""
+    rows, steps, max_norm = 6, 5, 0.05
+    rng = np.random.default_rng(8)
+    batches = [
+        (rng.standard_normal((rows, 5)).astype(np.float32), rng.integers(0, 3, rows))
+        for _ in range(steps)
+    ]
+    model, loss_fn, optimizer, parallel = _nccl_data_parallel(backend, rows)
+    for x, y in batches:  # the eager data-parallel loop (DataParallel.average_gradients)
+        pred = model.forward(x)
+        loss_fn.forward(pred, backend.asarray(y, np.int64))
+        model.backward(loss_fn.backward(), need_input_grad=False)
+        parallel.average_gradients(rows, 2 * rows)
+        gb.clip_grad_norm(model.parameters(), max_norm)
+        optimizer.step()
+    eager = to_host(model.store.data).copy()
+    assert parallel.transport.comm.ran == steps
+
+    model, loss_fn, optimizer, parallel = _nccl_data_parallel(backend, rows)
+    communicator = parallel.transport.comm
+    step = gb.compile_step(model, loss_fn, optimizer, max_norm=max_norm, data_parallel=parallel)
+    assert parallel.transport.capturable and step.graphs_per_step == 1
+    for x, y in batches:
+        step(x, y, global_rows=2 * rows)
+    assert communicator.captured == 1  # one capture, one all-reduce in it
+    assert communicator.ran == steps  # the warm-up's, then one per replay
+    assert np.array_equal(to_host(model.store.data), eager)
+    assert optimizer.step_count == steps
+
+    (entry,) = step.graphs.values()
+    emu_graph = entry.graph.graph.graph  # _CupyGraph -> emulated cupy.cuda.Graph -> EmuGraph
+    assert emu_graph.operations() == ["ncclAllReduce"]
+    names = [e[2] if e[0] == "launch" else e[1] for e in emu_graph.entries]
+    labels = [n if isinstance(n, str) else n.spec.name for n in names]
+    reduce_at = labels.index("ncclAllReduce")
+    assert "gb_scale" in labels[:reduce_at]  # the weight n_r / B = 1/2, before the sum
+    assert any("backward" in n for n in labels[:reduce_at])
+    after = labels[reduce_at + 1 :]
+    assert "clip_coefficient" in after and "adam_update" in after
+    assert not any("backward" in n or n == "gb_scale" for n in after)
+
+
+def test_an_allreduce_off_the_capture_stream_is_refused(backend, monkeypatch):
+    """The fake holds NCCL's rule: an all-reduce queued on the legacy stream while another
+    stream captures is an error (so the test above proves the capture stream was used)."""
+    from gpubackprop import distributed as dist
+
+    model, loss_fn, optimizer, parallel = _nccl_data_parallel(backend, 4)
+    monkeypatch.setattr(
+        dist.NcclTransport,
+        "allreduce_sum_",
+        lambda self, flat: self.comm.allReduce(
+            flat.data.ptr, flat.data.ptr, flat.size, FakeNccl.NCCL_FLOAT32, FakeNccl.NCCL_SUM, 0
+        ),
+    )
+    step = gb.compile_step(model, loss_fn, optimizer, data_parallel=parallel)
+    x = np.zeros((4, 5), np.float32)
+    with pytest.raises(GraphCaptureError, match="ncclAllReduce on stream 0x0"):
+        step(x, np.zeros(4, np.int64))

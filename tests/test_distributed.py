@@ -52,6 +52,9 @@ THREE_RANK_CASE = ("adam", 0.05, 25)
 # The emu backend all-reduces the host memory of its arrays (CuPy-like device arrays in the
 # worker: GPUBACKPROP_EMU_DEVICE_ARRAYS=1); a few steps, the emulator being slow.
 EMU_CASE, EMU_STEPS = ("adam", 0.05, 24), 4
+# gb.compile_step(data_parallel=): on emu two graphs a step around the MPI all-reduce; on numpy
+# eager.  Either way bitwise the eager data-parallel loop of the same case on the same backend.
+COMPILED_NUMPY_CASES = [("adam", 0.05, 24), ("sgd", None, 25)]
 
 
 def _case_name(optimizer: str, max_norm: float | None, batch: int, backend="numpy") -> str:
@@ -88,11 +91,13 @@ def _train_steps(
     backend: str = "numpy",
     steps: int = STEPS,
     summed_mse: bool = False,
+    compiled: dict | None = None,
 ):
     """``steps`` steps on consecutive global batches; returns the flat parameters after each.
     With a group: every rank takes its shard and the gradients are averaged.  The loss is
     cross-entropy (a mean), or with ``summed_mse`` MSELoss(reduction="sum") on one-hot targets
-    (the ranks' gradients add up without weights)."""
+    (the ranks' gradients add up without weights).  With ``compiled`` (a dict, filled with
+    what the step captured) the steps go through gb.compile_step instead of the public calls."""
     rank = 0 if parallel_group is None else parallel_group.rank
     # Ranks other than 0 start from other weights: the broadcast must replace them.
     model, opt = _model_and_optimizer(optimizer, seed=100 * rank, backend=backend)
@@ -106,11 +111,18 @@ def _train_steps(
         parallel = dist.DataParallel(parallel_group, model, loss, opt)
         parallel.start(dist.training_setup(model, opt, loss, len(x), batch))
     after = []
+    compiled_step = None
+    if compiled is not None:
+        compiled_step = gb.compile_step(model, loss, opt, max_norm, data_parallel=parallel)
     for step in range(steps):
         start, stop = step * batch, (step + 1) * batch
         lo, hi = (start, stop) if parallel is None else parallel.shard(start, stop)
-        pred = model.forward(x[lo:hi])
         target = y[lo:hi] if summed_mse else y[lo:hi].astype(np.int64)
+        if compiled_step is not None:
+            compiled_step(x[lo:hi], target, None if parallel is None else stop - start)
+            after.append(np.array(model.backend.to_numpy(model.store.data)))
+            continue
+        pred = model.forward(x[lo:hi])
         loss.forward(pred, model.backend.asarray(target))
         model.backward(loss.backward(), need_input_grad=False)
         if parallel is not None:
@@ -119,6 +131,10 @@ def _train_steps(
             gb.clip_grad_norm(model.parameters(), max_norm)
         opt.step()
         after.append(np.array(model.backend.to_numpy(model.store.data)))
+    if compiled_step is not None:
+        compiled.update(
+            graphs_per_step=compiled_step.graphs_per_step, graphs=len(compiled_step.graphs)
+        )
     return np.stack(after)
 
 
@@ -143,6 +159,26 @@ def _fit_run(distributed: bool, verbose: int = 0, checkpoint: Path | None = None
     return np.array(model.store.data), history.history
 
 
+def _emu_fit(graph: bool):
+    """fit(distributed=True) on emu with shuffling, 17 rows in batches of 8: the last global
+    batch has one row, so on two ranks rank 0 has none (it adds a zero gradient)."""
+    gb.seed(5 + dist.rank())  # the shuffling generator: rank 0's is broadcast
+    model, opt = _model_and_optimizer("adam", seed=100 * dist.rank(), backend="emu")
+    x, y = _data(17)
+    model.fit(
+        x,
+        y,
+        loss=gb.SoftmaxCrossEntropyLoss(),
+        optimizer=opt,
+        epochs=1,
+        batch_size=8,
+        verbose=0,
+        graph=graph,
+        distributed=True,
+    )
+    return np.array(model.backend.to_numpy(model.store.data))
+
+
 # -- the worker: run under mpiexec --------------------------------------------------------------
 
 
@@ -162,6 +198,17 @@ def _worker(scenario: str, out: Path) -> None:
         (out / f"fit.rank{rank}.json").write_text(json.dumps(history))
         params = _train_steps(*SUM_CASE, group, summed_mse=True)
         np.save(out / f"sum.rank{rank}.npy", params)
+        captured: dict = {}
+        for case in COMPILED_NUMPY_CASES:
+            captured[_case_name(*case)] = info = {}
+            params = _train_steps(*case, group, compiled=info)
+            np.save(out / f"{_case_name(*case)}.compiled.rank{rank}.npy", params)
+        captured[_case_name(*EMU_CASE, backend="emu")] = info = {}
+        params = _train_steps(*EMU_CASE, group, backend="emu", steps=EMU_STEPS, compiled=info)
+        np.save(out / f"{_case_name(*EMU_CASE, backend='emu')}.compiled.rank{rank}.npy", params)
+        for graph in (False, True):
+            np.save(out / f"emu_fit.graph{int(graph)}.rank{rank}.npy", _emu_fit(graph))
+        (out / f"captured.rank{rank}.json").write_text(json.dumps(captured))
     elif scenario == "three":
         params = _train_steps(*THREE_RANK_CASE, group)
         np.save(out / f"three.rank{rank}.npy", params)
@@ -308,6 +355,53 @@ def test_emu_ranks_match_one_numpy_process(trained):
     np.testing.assert_allclose(rank0, single, rtol=0, atol=1e-9 * np.max(np.abs(single)))
 
 
+def _emu_or_skip() -> None:
+    available, reason = gb.available_backends()["emu"]
+    if not available:
+        pytest.skip(f"backend 'emu' is unavailable here: {reason}")
+
+
+def test_captured_distributed_step_on_emu_is_bitwise_the_eager_one(trained):
+    """compile_step(data_parallel=) on emu: two graphs a step (forward+loss+backward and the
+    n_r / B weighting; clipping and Adam) with MPI's all-reduce between them; after every step
+    the same bits as the eager data-parallel loop, and the same on both ranks."""
+    _emu_or_skip()
+    out, _ = trained
+    name = _case_name(*EMU_CASE, backend="emu")
+    eager = np.load(out / f"{name}.rank0.npy")
+    for rank in (0, 1):
+        compiled = np.load(out / f"{name}.compiled.rank{rank}.npy")
+        assert compiled.shape == eager.shape
+        for step in range(EMU_STEPS):
+            assert np.array_equal(compiled[step], eager[step]), (rank, step)
+        captured = json.loads((out / f"captured.rank{rank}.json").read_text())[name]
+        assert captured == {"graphs_per_step": 2, "graphs": 1}
+
+
+def test_distributed_graph_fit_on_emu_is_bitwise_the_eager_fit(trained):
+    """fit(graph=True, distributed=True) on emu, with a last global batch of one row (rank 0
+    has none: it adds a zero gradient and applies the same update, eagerly)."""
+    _emu_or_skip()
+    out, _ = trained
+    eager = [np.load(out / f"emu_fit.graph0.rank{rank}.npy") for rank in (0, 1)]
+    graph = [np.load(out / f"emu_fit.graph1.rank{rank}.npy") for rank in (0, 1)]
+    assert np.array_equal(eager[0], eager[1])
+    assert np.array_equal(graph[0], eager[0]) and np.array_equal(graph[1], eager[0])
+    start, _ = _model_and_optimizer("adam", seed=0)
+    assert np.max(np.abs(eager[0] - start.store.data)) > 1e-3  # it trained
+
+
+@pytest.mark.parametrize("case", COMPILED_NUMPY_CASES, ids=lambda c: str(c))
+def test_compiled_distributed_step_on_numpy_is_bitwise_the_eager_one(trained, case):
+    out, _ = trained
+    name = _case_name(*case)
+    eager = np.load(out / f"{name}.rank0.npy")
+    for rank in (0, 1):
+        assert np.array_equal(np.load(out / f"{name}.compiled.rank{rank}.npy"), eager), rank
+        captured = json.loads((out / f"captured.rank{rank}.json").read_text())[name]
+        assert captured == {"graphs_per_step": 0, "graphs": 0}  # numpy: eager
+
+
 def test_clipping_was_active(trained):
     """The clip cases must clip, or they test nothing more than the plain ones."""
     out, _ = trained
@@ -371,16 +465,16 @@ def test_ranks_with_different_models_fail_naming_the_difference(tmp_path):
 
 
 def test_cli_train_distributed_matches_one_process(tmp_path):
-    """`mpiexec -n 2 gpubackprop train --distributed` optimises as the one-process command
-    does (same global batch), and rank 0 alone prints and writes."""
+    """`mpiexec -n 2 gpubackprop train --distributed --graph` optimises as the one-process
+    command does (same global batch), and rank 0 alone prints and writes.  (--graph: the
+    compiled step, on numpy eager, with the all-reduce between backward and the update.)"""
     from gpubackprop.cli import main
 
     options = ["--hidden", "16", "--epochs", "3", "--no-augment", "--dtype", "float64"]
     options += ["--verbose", "0", "--metrics-json"]
     metrics = tmp_path / "metrics.json"
-    result = _launch(
-        2, ["-m", "gpubackprop", "train", "--distributed", *options, str(metrics)], tmp_path
-    )
+    command = ["-m", "gpubackprop", "train", "--distributed", "--graph", *options, str(metrics)]
+    result = _launch(2, command, tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.count("test accuracy") == 1  # rank 0 alone prints the summary
     distributed = json.loads(metrics.read_text())
@@ -577,23 +671,43 @@ def test_one_rank_fit_distributed_equals_fit():
     assert one_history["loss"] == history["loss"]
 
 
+def _cupy_with_nccl() -> None:
+    """Skip without a GPU or NCCL; on the GPU check (GPUBACKPROP_REQUIRE_GPU) fail instead,
+    with the reason (for NCCL: the pip command that brings it) as the whole message."""
+    required = bool(os.environ.get("GPUBACKPROP_REQUIRE_GPU"))
+    available, reason = gb.available_backends()["cupy"]
+    if not available and required:
+        pytest.fail(f"GPUBACKPROP_REQUIRE_GPU is set but cupy is unavailable: {reason}")
+    if not available:
+        pytest.skip(f"backend 'cupy' is unavailable here: {reason}")
+    try:
+        dist.require_nccl()
+    except RuntimeError as error:
+        if required:
+            pytest.fail(f"NCCL is missing on this GPU machine: {error}", pytrace=False)
+        pytest.skip(str(error))
+
+
+class _OneRankComm:
+    """MPI's collectives in a world of one rank (identities), so that a one-rank GPU test
+    needs no MPI: the GPU machine may lack the mpi extra."""
+
+    @staticmethod
+    def allgather(value):
+        return [value]
+
+    @staticmethod
+    def bcast(value, root=0):
+        return value
+
+
 @pytest.mark.gpu
 def test_nccl_one_rank_allreduce_and_broadcast_on_the_gpu():
     """A one-rank NCCL communicator: the all-reduce (sum) of one rank is the buffer itself,
     the broadcast from rank 0 leaves it; both in place on the current stream."""
-    available, reason = gb.available_backends()["cupy"]
-    if not available and os.environ.get("GPUBACKPROP_REQUIRE_GPU"):
-        pytest.fail(f"GPUBACKPROP_REQUIRE_GPU is set but cupy is unavailable: {reason}")
-    if not available:
-        pytest.skip(f"backend 'cupy' is unavailable here: {reason}")
+    _cupy_with_nccl()
     import cupy
 
-    try:
-        dist.require_nccl()
-    except RuntimeError as error:
-        if os.environ.get("GPUBACKPROP_REQUIRE_GPU"):
-            raise
-        pytest.skip(str(error))
     # a one-rank group needs no MPI (the GPU machine may lack the mpi extra)
     group = dist.ProcessGroup(comm=None, rank=0, size=1, local_rank=0, local_size=1)
     transport = dist.NcclTransport(group)
@@ -608,6 +722,23 @@ def test_nccl_one_rank_allreduce_and_broadcast_on_the_gpu():
     model.to("cupy", dtype="float32")
     parallel = dist.DataParallel(group, model, gb.SoftmaxCrossEntropyLoss(), opt)
     assert isinstance(parallel.transport, dist.NcclTransport)
+
+
+@pytest.mark.gpu
+def test_nccl_captured_step_is_bitwise_the_eager_one_on_the_gpu():
+    """One rank on cupy: compile_step(data_parallel=) captures forward, loss, backward, the
+    NCCL all-reduce and clipping + Adam as ONE CUDA graph (NcclTransport is capturable); 5 steps
+    give bitwise the parameters of the eager data-parallel loop."""
+    _cupy_with_nccl()
+    group = dist.ProcessGroup(comm=_OneRankComm(), rank=0, size=1, local_rank=0, local_size=1)
+    steps = 5
+    eager = _train_steps("adam", 0.05, 24, group, backend="cupy", steps=steps)
+    captured: dict = {}
+    compiled = _train_steps("adam", 0.05, 24, group, backend="cupy", steps=steps, compiled=captured)
+    assert captured == {"graphs_per_step": 1, "graphs": 1}
+    for step in range(steps):
+        assert np.array_equal(compiled[step], eager[step]), step
+    assert np.max(np.abs(eager[-1] - eager[0])) > 1e-4  # it trained
 
 
 if __name__ == "__main__":

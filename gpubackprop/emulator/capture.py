@@ -16,7 +16,14 @@ with GraphCaptureError naming the call:
 - a host-to-device copy into memory that is not one of the static buffers named at
   ``begin_capture``;
 - any other computation on device arrays (NumPy on DeviceArrays): it would run once, now,
-  instead of being recorded, so a replay would miss it.
+  instead of being recorded, so a replay would miss it;
+- a host collective on device memory (MPI Allreduce or Bcast through
+  ``distributed.MpiTransport``): a host synchronisation.  A data-parallel step over MPI is
+  captured as two graphs with the all-reduce between them (step.py).
+
+A device-side operation that is not a kernel of kernels/ (on a GPU, an NCCL collective
+enqueued on the capturing stream) is recorded with ``Capture.record_operation`` and run at its
+place by each replay.
 
 The DeviceArray checks need ``device_arrays=True`` (plain NumPy arrays cannot notice being
 read); the seam's own checks (allocation, compile, copies, sync through the backend) hold
@@ -25,6 +32,7 @@ either way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["GraphCaptureError", "active_capture", "refuse_during_capture"]
@@ -44,6 +52,12 @@ class Capture:
         self.pool = list(pool)
         self.served = 0
         self.entries: list[tuple[Any, ...]] = []
+
+    def record_operation(self, label: str, run: Callable[[], None]) -> None:
+        """Record a device-side operation that is not a kernel of kernels/ (on a GPU, a
+        collective such as ncclAllReduce enqueued on the capturing stream): replay calls
+        ``run()`` at its place among the launches.  ``label`` names it in the graph."""
+        self.entries.append(("operation", label, run))
 
 
 _active: Capture | None = None

@@ -179,6 +179,8 @@ class EmuSeam:
                 self.launch(*entry[1:])
             elif entry[0] == "elementwise":
                 entry[1](*entry[2])
+            elif entry[0] == "operation":  # Capture.record_operation: e.g. a collective
+                entry[2]()
             else:  # "copy"
                 self.copy_in(entry[1], entry[2])
 
@@ -324,8 +326,13 @@ class EmuGraph:
 
     @property
     def kernels(self) -> int:
-        """Kernel launches in the graph (copies not counted)."""
+        """Kernel launches in the graph, recorded operations (collectives) included; copies
+        not counted."""
         return sum(1 for entry in self.entries if entry[0] != "copy")
+
+    def operations(self) -> list[str]:
+        """The labels of the recorded operations (Capture.record_operation), in order."""
+        return [entry[1] for entry in self.entries if entry[0] == "operation"]
 
 
 def _refuse_compile(label: str) -> None:

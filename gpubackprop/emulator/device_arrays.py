@@ -55,6 +55,24 @@ class DeviceArray(NDArrayOperatorsMixin):
         _refuse_read("DeviceArray.get()")
         return self._host.copy()
 
+    def set(self, host: Any) -> None:
+        """Copy host data into this array (cupy.ndarray.set): an explicit host-to-device copy,
+        refused during a capture as ``__setitem__`` is."""
+        _capture.refuse_during_capture(
+            "DeviceArray.set (a host-to-device copy)",
+            "it would run once now instead of at every replay; copy inputs into the static "
+            "buffers before launching the graph",
+        )
+        if isinstance(host, DeviceArray):
+            raise TypeError("DeviceArray.set takes host data (a numpy.ndarray), not a device array")
+        source = np.asarray(host)
+        if source.shape != self._host.shape or source.dtype != self._host.dtype:
+            raise ValueError(  # CuPy refuses a shape or a dtype that differs, too
+                f"set: a {source.dtype} array of shape {source.shape} into a {self.dtype} "
+                f"array of shape {self.shape}"
+            )
+        self._host[...] = source
+
     def __dlpack__(self, **kwargs: Any) -> Any:
         """DLPack export, as cupy.ndarray has (``torch.from_dlpack(a)`` shares the memory).  The
         emulated device's memory is host memory, so the capsule says CPU where CuPy's says CUDA;
