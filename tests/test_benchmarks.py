@@ -123,9 +123,9 @@ def test_a_wrong_op_fails_its_row_and_is_not_timed(monkeypatch):
     original = backend.dense_forward
     calls = {"n": 0}
 
-    def wrong_forward(x, weight, bias, activation, alpha=0.01):
+    def wrong_forward(x, weight, bias, activation, alpha=0.01, *args, **kwargs):
         calls["n"] += 1
-        y, saved = original(x, weight, bias, activation, alpha)
+        y, saved = original(x, weight, bias, activation, alpha, *args, **kwargs)
         return y * np.float32(1.01), saved  # 1% off: far outside float32 tolerance
 
     monkeypatch.setattr(backend, "dense_forward", wrong_forward)
