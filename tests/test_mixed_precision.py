@@ -266,9 +266,18 @@ OPTIMIZERS = {
 }
 
 
+COPY_BACKENDS = [
+    "numpy",
+    pytest.param("emu", marks=needs_emulator),
+    pytest.param("cupy", marks=pytest.mark.gpu),
+]
+
+
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
-@pytest.mark.parametrize("backend_name", ["numpy", pytest.param("emu", marks=needs_emulator)])
+@pytest.mark.parametrize("backend_name", COPY_BACKENDS)
 def test_the_optimizer_launch_keeps_the_bf16_copy_current(backend_name, optimizer):
+    if backend_name != "numpy":
+        _kernel_backend(backend_name, "bf16")
     model = _model(backend_name, "bf16")
     _assert_copy_current(model)  # written at placement
     opt = OPTIMIZERS[optimizer](model.parameters())
@@ -301,15 +310,16 @@ def _without_copy(model: gb.Sequential) -> gb.Sequential:
     return model
 
 
-@needs_emulator
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
-def test_training_with_the_copy_is_bitwise_training_without(optimizer):
-    """The copy holds what rounding the weight per call gave: 5 steps on emu agree bit for
-    bit with the per-call path, losses and parameters."""
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_training_with_the_copy_is_bitwise_training_without(backend_name, optimizer):
+    """The copy holds what rounding the weight per call gave: 5 steps on emu (or a GPU)
+    agree bit for bit with the per-call path."""
+    _kernel_backend(backend_name, "bf16")
     max_norm = 0.5 if "clip" in optimizer else None
     results = []
     for keep_copy in (True, False):
-        model = _model("emu", "bf16")
+        model = _model(backend_name, "bf16")
         if not keep_copy:
             _without_copy(model)
         opt = OPTIMIZERS[optimizer](model.parameters())
