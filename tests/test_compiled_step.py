@@ -496,3 +496,38 @@ def test_data_parallel_arguments_are_checked():
     step = gb.compile_step(model, other_loss, optimizer, data_parallel=parallel)
     with pytest.raises(ValueError, match="global_rows=3 is less than this rank's 7 rows"):
         step(x, y, global_rows=3)
+
+
+@pytest.mark.parametrize("max_norm", [None, 0.3])
+def test_a_bf16_captured_step_equals_the_eager_bf16_steps(emu, max_norm):
+    """A model placed in bf16: the captured step (whose update launch writes the weights' bf16
+    copy) trains bit for bit as the public calls, and leaves the copy equal to bf16(θ)."""
+    from gpubackprop.precision import bf16_bits
+
+    config = CONFIGS["gelu_tanh-identity/bce-logits/adamw/clip+schedule"]
+    config = (*config[:4], max_norm, False)
+    batches = _batches(config[2])[:8]
+    results = []
+    for compiled in (False, True):
+        model, loss_fn, optimizer = _build(emu, config)
+        model.to(emu, precision="bf16")
+        optimizer = config[3](model.parameters())
+        if compiled:
+            step = gb.compile_step(model, loss_fn, optimizer, max_norm=max_norm)
+            losses = [np.array(emu.to_numpy(step(x, y))) for x, y in batches]
+            assert len(step.graphs) == 2
+        else:
+            loss_fn.to(emu)
+            losses = []
+            for x, y in batches:
+                value = loss_fn.forward(model.forward(x), emu.asarray(y, np.float32))
+                model.backward(loss_fn.backward(), need_input_grad=False)
+                if max_norm is not None:
+                    gb.clip_grad_norm(model.parameters(), max_norm)
+                optimizer.step()
+                losses.append(np.array(emu.to_numpy(value)))
+        data = np.array(emu.to_numpy(model.store.data))
+        np.testing.assert_array_equal(np.array(emu.to_numpy(model.store.bf16)), bf16_bits(data))
+        results.append((losses, data))
+    np.testing.assert_array_equal(np.array(results[0][0]), np.array(results[1][0]))
+    np.testing.assert_array_equal(results[0][1], results[1][1])
