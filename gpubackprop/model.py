@@ -222,6 +222,7 @@ class Sequential(Container):
         for p, offset in zip(store.parameters, store.offsets):
             flat[offset : offset + p.size] = host[name_of[id(p)]].ravel()
         store.data[...] = self.plan.backend.asarray(flat, self.dtype)
+        store.refresh_bf16()  # precision="bf16": the GEMMs' bf16 copy of the new values
         # the steps hold device copies of the buffers: rebuild them from the new values
         self.plan.steps = build_steps(
             self.layers, self.plan.backend, self.plan.dtype, self.plan.precision
@@ -243,6 +244,7 @@ class Sequential(Container):
         callbacks: list[Callback] | None = None,
         graph: bool = False,
         distributed: bool = False,
+        max_norm: float | None = None,
     ) -> History:
         """Mini-batch training: for each batch, forward, loss, backward, optimizer step.
 
@@ -255,7 +257,10 @@ class Sequential(Container):
         shard per rank (sizes ⌊B/N⌋ or ⌈B/N⌉), and the flat gradient buffer is averaged
         across the ranks in one all-reduce after backward, so the same script optimises the
         same way on any number of ranks.  The metrics are reduced over the ranks; only rank 0
-        prints, shows the bar and runs file-writing callbacks (ModelCheckpoint)."""
+        prints, shows the bar and runs file-writing callbacks (ModelCheckpoint).
+
+        max_norm clips the gradients before each update as gb.clip_grad_norm does
+        (``optimizer.step(max_norm=...)``: the scale inside the update launch)."""
         from .training import run_fit
 
         return run_fit(
@@ -272,6 +277,7 @@ class Sequential(Container):
             callbacks=callbacks or [],
             graph=graph,
             distributed=distributed,
+            max_norm=max_norm,
         )
 
     def to_torch(self, device: Any = None) -> Any:
