@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .layers import Activation, Container, Dense, Layer, Residual, Standardize
-from .parameters import FlatStore, Parameter
+from .parameters import FlatStore, Parameter, _bf16_copy
 
 
 class Step:
@@ -43,7 +43,15 @@ class Step:
 @dataclass(eq=False)
 class DenseStep(Step):
     """y = f(x Wᵀ + b) in one fused launch; f = ``activation`` ("identity" when the Dense is
-    not followed by an activation)."""
+    not followed by an activation).
+
+    In precision "bf16" (``bf16_activations``) the activations are stored in bf16 between
+    layers: the step holds bf16(x), read by its forward GEMM (x Wᵀ) and its dW GEMM (δᵀx).  It
+    takes that copy from ``source``, the DenseStep before it, whose forward epilogue wrote
+    bf16(y) beside the fp32 y (``write_bf16``, set when a bf16 DenseStep follows), or rounds x
+    once per batch where no such step precedes (the first layer, after a Residual, an
+    activation or Standardize).  The same round-to-nearest-even of the same fp32 values as
+    converting x in every GEMM call: the same bits, fewer launches."""
 
     backend: Any = field(repr=False)
     weight: Parameter
@@ -51,12 +59,31 @@ class DenseStep(Step):
     activation: str = "identity"
     alpha: float = 0.0
     precision: str = "fp32"  # of the GEMMs (gpubackprop/precision.py)
+    bf16_activations: bool = False  # build_steps: precision == "bf16"
+    source: DenseStep | None = field(default=None, repr=False)
+    write_bf16: bool = False
+    y_bf16: Any = field(default=None, repr=False)  # bf16(y) of the last forward (write_bf16)
     _x: Any = field(default=None, repr=False)
+    _x_bf16: Any = field(default=None, repr=False)
+    _y: Any = field(default=None, repr=False)
     _saved: Any = field(default=None, repr=False)
 
+    def _input_bf16(self, x):
+        """bf16(x): the source step's copy when x is that step's output, else rounded now."""
+        source = self.source
+        if source is not None and source._y is x and source.y_bf16 is not None:
+            return source.y_bf16
+        return _bf16_copy(self.backend, x)
+
     def forward(self, x):
-        """Keeps x (for ∂L/∂W) and y or z (for f')."""
+        """Keeps x (for ∂L/∂W) and y or z (for f'); in bf16 also bf16(x), and bf16(y) for the
+        next step."""
         bias = self.bias.data if self.bias is not None else None
+        x16 = y16 = None
+        if self.bf16_activations:
+            x16 = self._input_bf16(x)
+            if self.write_bf16:
+                y16 = self.backend.empty((x.shape[0], self.weight.data.shape[0]), np.uint16)
         y, self._saved = self.backend.dense_forward(
             x,
             self.weight.data,
@@ -65,8 +92,11 @@ class DenseStep(Step):
             self.alpha,
             precision=self.precision,
             weight_bf16=self.weight.bf16,  # the optimizer's bf16 copy (None unless "bf16")
+            x_bf16=x16,
+            y_bf16=y16,
         )
-        self._x = x
+        self._x, self._x_bf16 = x, x16
+        self._y, self.y_bf16 = (y, y16) if y16 is not None else (None, None)
         return y
 
     def backward(self, dout, need_dinp: bool = True):
@@ -86,6 +116,7 @@ class DenseStep(Step):
             need_dinp,
             precision=self.precision,
             weight_bf16=self.weight.bf16,
+            x_bf16=self._x_bf16,
         )
 
 
@@ -186,7 +217,15 @@ def _inline_containers(layers: list[Layer]) -> list[Layer]:
 def build_steps(layers: list[Layer], backend, dtype, precision: str = "fp32") -> list[Step]:
     """The steps for ``layers`` on ``backend`` in ``dtype``: a Dense followed by an activation
     becomes one fused DenseStep; containers are walked at every depth.  Every DenseStep runs
-    its GEMMs in ``precision``."""
+    its GEMMs in ``precision``; in "bf16" each DenseStep that takes another's output takes
+    its bf16 copy as well (link_bf16_activations)."""
+    steps = _build_steps(layers, backend, dtype, precision)
+    if precision == "bf16":
+        link_bf16_activations(steps)
+    return steps
+
+
+def _build_steps(layers: list[Layer], backend, dtype, precision: str) -> list[Step]:
     flat = _inline_containers(layers)
     steps: list[Step] = []
     i = 0
@@ -212,7 +251,7 @@ def build_steps(layers: list[Layer], backend, dtype, precision: str = "fp32") ->
             steps.append(ActivationStep(backend, layer.kind, layer.alpha))
         elif isinstance(layer, Residual):
             steps.append(
-                ResidualStep(backend, build_steps(layer.layers, backend, dtype, precision))
+                ResidualStep(backend, _build_steps(layer.layers, backend, dtype, precision))
             )
         elif isinstance(layer, Standardize):
             steps.append(
@@ -224,6 +263,22 @@ def build_steps(layers: list[Layer], backend, dtype, precision: str = "fp32") ->
             steps.append(UnsupportedStep(backend, layer))
         i += 1
     return steps
+
+
+def link_bf16_activations(steps: list[Step], before: Step | None = None) -> None:
+    """Store activations in bf16 between bf16 DenseSteps: each holds bf16(x), and one whose
+    output is the next DenseStep's input (the next in the list, or the first inside a
+    Residual that follows) writes bf16(y) for it (DenseStep).  ``before``: the step whose
+    output ``steps`` take as input."""
+    for step in steps:
+        if isinstance(step, ResidualStep):
+            link_bf16_activations(step.steps, before)  # g(x) starts from the same x
+        elif isinstance(step, DenseStep):
+            step.bf16_activations = step.precision == "bf16"
+            linked = isinstance(before, DenseStep) and before.bf16_activations
+            if linked and step.bf16_activations:
+                before.write_bf16, step.source = True, before
+        before = step  # a Residual's output is x + g(x): no bf16 copy of it
 
 
 @dataclass(eq=False)

@@ -391,3 +391,118 @@ def test_weight_bf16_arguments_are_checked(backend_name):
     y, _ = backend.dense_forward(x, w, None, "relu", precision="bf16", weight_bf16=bits)
     y_ref, _ = backend.dense_forward(x, w, None, "relu", precision="bf16")
     np.testing.assert_array_equal(backend.to_numpy(y), backend.to_numpy(y_ref))
+
+
+def _bf16_model(backend, seed: int = 2) -> gb.Sequential:
+    """Dense → Dense → Residual(Dense) (linked: each reads the bf16 output of the one before;
+    the Residual's output is an add, so the last Dense rounds its input once per batch)."""
+    gb.seed(seed)
+    model = gb.Sequential(
+        gb.Dense(13, 40),
+        gb.GELU(),
+        gb.Dense(40, 24),
+        gb.Sigmoid(),
+        gb.Residual(gb.Dense(24, 24), gb.Tanh()),
+        gb.Dense(24, 5, bias=False),
+    )
+    return model.to(backend, precision="bf16")
+
+
+def _round_per_call(steps) -> None:
+    """Switch a plan's bf16 activations off: every GEMM call rounds its x itself (the path
+    before activations were stored in bf16), the reference of the bitwise test."""
+    from gpubackprop.plan import DenseStep, ResidualStep
+
+    for step in steps:
+        if isinstance(step, DenseStep):
+            step.bf16_activations, step.write_bf16, step.source = False, False, None
+        elif isinstance(step, ResidualStep):
+            _round_per_call(step.steps)
+
+
+def _train_steps(model, steps: int) -> list[float]:
+    rng = np.random.default_rng(4)
+    x = model.backend.asarray(rng.standard_normal((29, 13)).astype(np.float32))
+    y = model.backend.asarray(rng.integers(0, 5, 29))
+    loss = gb.SoftmaxCrossEntropyLoss()
+    opt = gb.Adam(model.parameters(), lr=1e-2)
+    values = []
+    for _ in range(steps):
+        values.append(loss.forward(model.forward(x), y))
+        model.backward(loss.backward())
+        opt.step()
+    return [float(v) for v in values]
+
+
+@needs_emulator
+def test_bf16_activations_between_layers_are_bitwise_the_per_call_rounding():
+    """Five Adam steps of a bf16 model on emu: the layers that store bf16(y) in the forward
+    epilogue for the next layer (and keep bf16(x) for the dW GEMM) give exactly the bits of
+    rounding x in every GEMM call (the same round to nearest even of the same fp32 values);
+    and both follow the NumPy model of bf16 (ml_dtypes rounding) within fp32 summation order."""
+    from gpubackprop.plan import DenseStep
+
+    stored, per_call = _bf16_model("emu"), _bf16_model("emu")
+    _round_per_call(per_call.plan.steps)
+    steps = stored.plan.steps
+    dense = [steps[0], steps[1], steps[2].steps[0], steps[3]]  # the third inside the Residual
+    assert all(isinstance(s, DenseStep) for s in dense)
+    assert [s.write_bf16 for s in dense] == [True, True, False, False]
+    assert [s.source for s in dense] == [None, dense[0], dense[1], None]
+    losses = _train_steps(stored, 5), _train_steps(per_call, 5)
+    assert losses[0] == losses[1]
+    for name, value in per_call.state_dict().items():
+        np.testing.assert_array_equal(stored.state_dict()[name], value, err_msg=name)
+    # The copy the second layer read is bf16 of the first layer's fp32 output.
+    np.testing.assert_array_equal(
+        stored.backend.to_numpy(dense[0].y_bf16), bf16_bits(stored.backend.to_numpy(dense[0]._y))
+    )
+    reference = _bf16_model("numpy")
+    np.testing.assert_allclose(_train_steps(reference, 5), losses[0], rtol=1e-5)
+
+
+def test_a_bf16_training_step_converts_only_inputs_no_layer_before_wrote_in_bf16():
+    """Launches of one bf16 training step (recorded, not run): bf16(x) is made once per batch
+    for the first layer and for the Dense after the Residual, nowhere else (the linked layers
+    read the epilogue output of the one before, the backward GEMMs the copies the forward
+    kept, the weights the optimizer's copy); each dense backward is its two GEMMs."""
+    from gpubackprop.backends.recording import HostBackend
+
+    counts = {}
+    for stored in (True, False):
+        model = _bf16_model(HostBackend())
+        if not stored:
+            _round_per_call(model.plan.steps)
+        x, y = np.zeros((29, 13), np.float32), np.zeros(29, np.int64)
+        loss = gb.SoftmaxCrossEntropyLoss()
+        opt = gb.SGD(model.parameters(), lr=0.1)
+        loss.forward(model.forward(x), y)  # the first step builds the optimizer's state
+        model.backward(loss.backward())
+        opt.step()
+        model.backend.seam.clear()
+        loss.forward(model.forward(x), y)
+        model.backward(loss.backward())
+        opt.step()
+        kernels = [launch.kernel for launch in model.backend.seam.launches]
+        counts[stored] = kernels
+        backward = [k for k in kernels if k.startswith("dense_backward")]
+        assert backward == ["dense_backward_weight_act_bf16", "dense_backward_data_act_bf16"] * 4
+    # Stored: the model's input and the Residual's output.  Per call: x in every forward and
+    # every dW GEMM (dX reads the optimizer's bf16 weights in both).
+    assert counts[True].count("to_bf16") == 2
+    assert counts[False].count("to_bf16") == 2 * 4
+    assert len(counts[False]) - len(counts[True]) == 6
+
+
+def test_bf16_operand_arguments_are_checked():
+    backend = gb.get_backend("numpy")
+    x, w = np.ones((3, 4), np.float32), np.ones((2, 4), np.float32)
+    with pytest.raises(ValueError, match=r"x_bf16 is accepted with precision='bf16' only"):
+        backend.dense_forward(x, w, None, "relu", x_bf16=bf16_bits(x))
+    with pytest.raises(
+        ValueError, match=r"y_bf16.shape=\(3, 3\) is not accepted; expected \(3, 2\)"
+    ):
+        backend.dense_forward(x, w, None, "relu", 0.0, "bf16", y_bf16=np.zeros((3, 3), np.uint16))
+    y16 = np.zeros((3, 2), np.uint16)
+    y, _ = backend.dense_forward(x, w, None, "relu", 0.0, "bf16", y_bf16=y16)
+    np.testing.assert_array_equal(y16, bf16_bits(y))

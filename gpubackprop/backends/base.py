@@ -111,11 +111,16 @@ class Backend:
         alpha: float = 0.01,
         precision: str = "fp32",
         weight_bf16=None,
+        x_bf16=None,
+        y_bf16=None,
     ):
         """z = x Wᵀ + b, y = f(z).  Returns (y, saved), saved y, z or None (SAVES_OUTPUT).
         ``weight_bf16`` (precision "bf16" only): uint16 bf16 bits of ``weight``, the model's
         copy that the optimizer keeps (FlatStore.bf16), used as the GEMM's weight operand
-        instead of rounding ``weight`` again; the same bits when the copy is current."""
+        instead of rounding ``weight`` again; the same bits when the copy is current.
+        ``x_bf16`` likewise bf16(x) (the previous layer's ``y_bf16``); ``y_bf16``, a uint16
+        array of y's shape, receives bf16(y) (round to nearest even), the next layer's x
+        operand, so that activations are stored in bf16 between layers."""
         raise NotImplementedError
 
     def dense_backward(
@@ -131,10 +136,11 @@ class Backend:
         need_dinp: bool,
         precision: str = "fp32",
         weight_bf16=None,
+        x_bf16=None,
     ):
         """δ = dout ⊙ f'(z); writes dweight[...] = δᵀ x and dbias[...] = Σ_rows δ (dbias may be
-        None); returns dinp = δ W, or None when need_dinp is False.  ``weight_bf16`` as in
-        dense_forward."""
+        None); returns dinp = δ W, or None when need_dinp is False.  ``weight_bf16`` and
+        ``x_bf16`` as in dense_forward."""
         raise NotImplementedError
 
     # -- standalone activation -----------------------------------------------------------

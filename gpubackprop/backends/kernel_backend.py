@@ -195,11 +195,22 @@ class KernelBackend(Backend):
 
     # -- dense layer ----------------------------------------------------------------------
     def dense_forward(
-        self, x, weight, bias, activation, alpha=0.01, precision="fp32", weight_bf16=None
+        self,
+        x,
+        weight,
+        bias,
+        activation,
+        alpha=0.01,
+        precision="fp32",
+        weight_bf16=None,
+        x_bf16=None,
+        y_bf16=None,
     ):
         """z = x Wᵀ + b, y = f(z) in one GEMM launch (gemm.cu: dense_forward; gemm_mma.cu:
-        dense_forward_<precision> for "bf16" and "tf32"; ``weight_bf16``: bf16(W) kept by the
-        optimizer, read instead of converting W)."""
+        dense_forward_<precision> for "bf16" and "tf32").  In "bf16": ``weight_bf16`` is bf16(W)
+        kept by the optimizer and ``x_bf16`` bf16(x) (the previous layer's ``y_bf16``), read
+        instead of converting W and x; ``y_bf16``, a uint16 (M, N) array, receives bf16(y)
+        from the same launch's epilogue, the next layer's operand."""
         code = check_activation(activation)
         x = self._float_operand("x", x, ndim=2)
         dtype = x.dtype
@@ -214,7 +225,11 @@ class KernelBackend(Backend):
             bias = self._float_operand("bias", bias, dtype)
             same_shape("bias", bias, (n,))
         if weight_bf16 is not None:
-            self._check_weight_bf16(weight_bf16, weight, precision)
+            self._check_bf16("weight_bf16", weight_bf16, (n, k), precision)
+        if x_bf16 is not None:
+            self._check_bf16("x_bf16", x_bf16, (m, k), precision)
+        if y_bf16 is not None:
+            self._check_bf16("y_bf16", y_bf16, (m, n), precision)
         needs_z = activation != "identity" and activation not in SAVES_OUTPUT
         y = self.empty((m, n), dtype)
         z = self.empty((m, n), dtype) if needs_z else None
@@ -232,7 +247,7 @@ class KernelBackend(Backend):
                 code,
                 alpha,
                 precision,
-                weight_bf16,
+                (weight_bf16, x_bf16, y_bf16),
             )
         elif m and n:
             epilogue = (
@@ -262,6 +277,7 @@ class KernelBackend(Backend):
         need_dinp,
         precision="fp32",
         weight_bf16=None,
+        x_bf16=None,
     ):
         """δ = dout ⊙ f'(saved), dW = δᵀx, db = Σ_rows δ and dX = δW in 2 launches: the dW GEMM
         forms δ as it loads dout and saved and sums db from it in a fixed order, the dX GEMM
@@ -270,7 +286,8 @@ class KernelBackend(Backend):
         the fp32 δ).  3 launches when the GEMM plan splits the inner dimension (split-K: the
         slices' partial dW, db and dX added by one reduction launch).  The naive GEMM version
         and K = 0 take the unfused path: δ elementwise, the GEMMs, reduce.cu's column_sum.
-        ``weight_bf16``: bf16(W) kept by the optimizer, read instead of converting W."""
+        ``weight_bf16`` and ``x_bf16`` (precision "bf16"): bf16(W) kept by the optimizer and
+        bf16(x) kept by the layer since its forward, read instead of converting W and x."""
         check_activation(activation)
         dout = self._float_operand("dout", dout, ndim=2)
         dtype = dout.dtype
@@ -284,7 +301,9 @@ class KernelBackend(Backend):
         check_int32("dout.shape", dout.shape)
         check_int32("x.shape", x.shape)
         if weight_bf16 is not None:
-            self._check_weight_bf16(weight_bf16, weight, precision)
+            self._check_bf16("weight_bf16", weight_bf16, (n, k), precision)
+        if x_bf16 is not None:
+            self._check_bf16("x_bf16", x_bf16, (m, k), precision)
         self._output("dweight", dweight, dtype, (n, k))
         if dbias is not None:
             self._output("dbias", dbias, dtype, (n,))
@@ -308,7 +327,7 @@ class KernelBackend(Backend):
                 dbias,
                 need_dinp,
                 precision,
-                weight_bf16,
+                (weight_bf16, x_bf16),
             )
         plans = self._fused_backward(m, n, k, dtype)
         if plans:
@@ -370,22 +389,31 @@ class KernelBackend(Backend):
             mma_shared_bytes(kernel.replace("_act", ""), precision),
         )
 
-    def _check_weight_bf16(self, weight_bf16, weight, precision: str) -> None:
+    def _check_bf16(self, name: str, a, shape: tuple[int, ...], precision: str) -> None:
+        """``a`` (weight_bf16, x_bf16, y_bf16) is a uint16 array of bf16 bits of ``shape`` on
+        this device, given with precision="bf16" only."""
         if precision != "bf16":
             raise ValueError(
-                f"weight_bf16 is accepted with precision='bf16' only; got precision={precision!r}"
+                f"{name} is accepted with precision='bf16' only; got precision={precision!r}"
             )
-        self._output("weight_bf16", weight_bf16, np.dtype(np.uint16), tuple(weight.shape))
+        self._output(name, a, np.dtype(np.uint16), shape)
 
     def _mma_forward(
-        self, x, weight, bias, y, z, dims, has_bias, write_z, code, alpha, precision, w16=None
+        self, x, weight, bias, y, z, dims, has_bias, write_z, code, alpha, precision, bf16=None
     ):
+        """``bf16``: (bf16(W), bf16(x), bf16(y) output), each None where not given."""
         m, n, k = dims
-        xa = self._mma_operand(x, precision)
+        w16, x16, y16 = bf16 or (None, None, None)
+        xa = self._mma_operand(x, precision) if x16 is None else x16
         wa = self._mma_operand(weight, precision) if w16 is None else w16
-        y16 = (xa, np.int32(0)) if precision == "bf16" else ()  # bf16 Y not requested
-        args = (xa, wa, bias, y, z, *y16[:1], np.int32(m), np.int32(n), np.int32(k))
-        args += (np.int32(has_bias), np.int32(write_z), *y16[1:], np.int32(code), np.float32(alpha))
+        dims = (np.int32(m), np.int32(n), np.int32(k))
+        flags = (np.int32(has_bias), np.int32(write_z))
+        epilogue = (np.int32(code), np.float32(alpha))
+        if precision == "bf16":  # y16 (any valid pointer when not written) and write_y16
+            out16, write16 = (xa, 0) if y16 is None else (y16, 1)
+            args = (xa, wa, bias, y, z, out16, *dims, *flags, np.int32(write16), *epilogue)
+        else:
+            args = (xa, wa, bias, y, z, *dims, *flags, *epilogue)
         self._mma("dense_forward", m, n, args, precision)
 
     def _mma_backward_act(
@@ -400,13 +428,14 @@ class KernelBackend(Backend):
         dbias,
         need_dinp,
         precision,
-        w16=None,
+        bf16=None,
     ):
         """dW = δᵀx with db = Σ_rows δ, then dX = δW, on the tensor cores, δ = dout ⊙ f'(saved)
         formed in fp32 as the GEMMs load it and rounded to the precision for the products, db
         summed from the fp32 δ (gemm_mma.cu: dense_backward_weight_act_<p>,
         dense_backward_data_act_<p>): 2 launches, plus the bf16 copies of x and W that the
-        caller did not pass (``w16``: bf16(W) kept by the optimizer)."""
+        caller did not pass (``bf16``: (bf16(W), bf16(x)), each None where not given)."""
+        w16, x16 = bf16 or (None, None)
         m, n = dout.shape
         k = x.shape[1]
         code = np.int32(check_activation(activation))
@@ -414,7 +443,7 @@ class KernelBackend(Backend):
         dims = (np.int32(m), np.int32(n), np.int32(k))
         act = (code, np.float32(alpha))
         if n and k:
-            xa = self._mma_operand(x, precision)
+            xa = self._mma_operand(x, precision) if x16 is None else x16
             db = dbias if dbias is not None else dweight
             args = (dout, saved, xa, dweight, db, *dims, *act, np.int32(dbias is not None))
             self._mma("dense_backward_weight_act", n, k, args, precision)

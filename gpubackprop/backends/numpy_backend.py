@@ -85,23 +85,21 @@ def _check_param_bf16(param: np.ndarray, param_bf16) -> None:
         )
 
 
-def check_weight_bf16(weight, weight_bf16, precision: str, xp=np) -> None:
-    """``weight_bf16`` (dense_forward / dense_backward) is bf16 bits of ``weight``'s shape, and
-    given with precision="bf16" only; ValueError naming what is wrong otherwise."""
+def check_bf16(name: str, a, shape: tuple[int, ...], precision: str, xp=np) -> None:
+    """``a`` (dense_forward / dense_backward's weight_bf16, x_bf16, y_bf16) is bf16 bits of
+    ``shape``, and given with precision="bf16" only; ValueError naming what is wrong
+    otherwise."""
     if precision != "bf16":
         raise ValueError(
-            f"weight_bf16 is accepted with precision='bf16' only; got precision={precision!r}"
+            f"{name} is accepted with precision='bf16' only; got precision={precision!r}"
         )
-    if not isinstance(weight_bf16, xp.ndarray) or weight_bf16.dtype != np.uint16:
+    if not isinstance(a, xp.ndarray) or a.dtype != np.uint16:
         raise ValueError(
-            f"weight_bf16 is {type(weight_bf16).__name__} {getattr(weight_bf16, 'dtype', '')}; "
+            f"{name} is {type(a).__name__} {getattr(a, 'dtype', '')}; "
             "expected a uint16 array of bf16 bits on this backend"
         )
-    if tuple(weight_bf16.shape) != tuple(weight.shape):
-        raise ValueError(
-            f"weight_bf16.shape={tuple(weight_bf16.shape)} is not accepted; expected "
-            f"weight's {tuple(weight.shape)}"
-        )
+    if tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{name}.shape={tuple(a.shape)} is not accepted; expected {tuple(shape)}")
 
 
 def _matmul(a: np.ndarray, b: np.ndarray, precision: str) -> np.ndarray:
@@ -213,22 +211,36 @@ class NumpyBackend(Backend):
         return f"CPU ({platform.machine()}, NumPy {np.__version__})"
 
     # -- dense layer ------------------------------------------------------------------
-    def _bf16_weight(self, weight, weight_bf16, precision):
-        """The weight operand: the bf16 copy as float32 (exactly bf16(weight) when the copy is
-        current, so the product is the same as rounding ``weight``), or ``weight``."""
-        if weight_bf16 is None:
-            return weight
-        check_weight_bf16(weight, weight_bf16, precision)
-        return bf16_from_bits(weight_bf16).reshape(weight.shape)
+    def _bf16_operand(self, name, a, a_bf16, precision):
+        """A GEMM operand: its bf16 copy ``a_bf16`` as float32 (exactly bf16(a) when the copy is
+        current, so the product is the same as rounding ``a``), or ``a``."""
+        if a_bf16 is None:
+            return a
+        check_bf16(name, a_bf16, a.shape, precision)
+        return bf16_from_bits(a_bf16).reshape(a.shape)
 
     def dense_forward(
-        self, x, weight, bias, activation, alpha=0.01, precision="fp32", weight_bf16=None
+        self,
+        x,
+        weight,
+        bias,
+        activation,
+        alpha=0.01,
+        precision="fp32",
+        weight_bf16=None,
+        x_bf16=None,
+        y_bf16=None,
     ):
-        weight = self._bf16_weight(weight, weight_bf16, precision)
+        weight = self._bf16_operand("weight_bf16", weight, weight_bf16, precision)
+        x = self._bf16_operand("x_bf16", x, x_bf16, precision)
         z = _matmul(x, weight.T, precision)  # z = x Wᵀ + b
         if bias is not None:
             z += bias
-        return self.activation_forward(z, activation, alpha)
+        y, saved = self.activation_forward(z, activation, alpha)
+        if y_bf16 is not None:  # bf16(y), the next layer's operand
+            check_bf16("y_bf16", y_bf16, y.shape, precision)
+            y_bf16[...] = bf16_bits(y).reshape(y.shape)
+        return y, saved
 
     def dense_backward(
         self,
@@ -243,8 +255,10 @@ class NumpyBackend(Backend):
         need_dinp,
         precision="fp32",
         weight_bf16=None,
+        x_bf16=None,
     ):
-        weight = self._bf16_weight(weight, weight_bf16, precision)
+        weight = self._bf16_operand("weight_bf16", weight, weight_bf16, precision)
+        x = self._bf16_operand("x_bf16", x, x_bf16, precision)
         delta = (
             dout
             if activation == "identity"
