@@ -265,8 +265,14 @@ class KernelBackend(Backend):
         precision="fp32",
         weight_bf16=None,
     ):
-        """δ = dout ⊙ f'(saved) (elementwise), dW = δᵀx and dX = δW (gemm.cu, or gemm_mma.cu in
-        "bf16" / "tf32"), db = Σ_rows δ (reduce.cu: column_sum, on the fp32 δ)."""
+        """δ = dout ⊙ f'(saved), dW = δᵀx, db = Σ_rows δ and dX = δW in 2 launches: the dW GEMM
+        forms δ as it loads dout and saved and sums db from it in a fixed order, the dX GEMM
+        forms δ again (gemm.cu's *_act kernels, tiled or warp-tiled; gemm_mma.cu's
+        *_act_<precision> for "bf16" / "tf32", δ rounded to the precision as formed, db from
+        the fp32 δ).  3 launches when the GEMM plan splits the inner dimension (split-K: the
+        slices' partial dW, db and dX added by one reduction launch).  The naive GEMM version
+        and K = 0 take the unfused path: δ elementwise, the GEMMs, reduce.cu's column_sum.
+        ``weight_bf16``: bf16(W) kept by the optimizer, read instead of converting W."""
         check_activation(activation)
         dout = self._float_operand("dout", dout, ndim=2)
         dtype = dout.dtype
@@ -292,7 +298,21 @@ class KernelBackend(Backend):
                 )
             saved = self._float_operand("saved", saved, dtype)
             same_shape("saved", saved, (m, n))
-        plans = self._fused_backward(m, n, k, dtype) if precision == "fp32" else None
+        if precision != "fp32":
+            return self._mma_backward_act(
+                dout,
+                x,
+                weight,
+                saved,
+                activation,
+                alpha,
+                dweight,
+                dbias,
+                need_dinp,
+                precision,
+                weight_bf16,
+            )
+        plans = self._fused_backward(m, n, k, dtype)
         if plans:
             return self._dense_backward_act(
                 plans, dout, x, weight, saved, activation, alpha, dweight, dbias, need_dinp
@@ -301,10 +321,6 @@ class KernelBackend(Backend):
             delta = dout
         else:
             delta = self.activation_backward(dout, saved, activation, alpha)
-        if precision != "fp32":
-            return self._mma_backward(
-                delta, x, weight, dweight, dbias, need_dinp, m, n, k, precision, weight_bf16
-            )
         self._gemm_backward_weight(delta, x, dweight, m, n, k)
         if dbias is not None:
             self._column_sum(delta, dbias)
@@ -353,7 +369,7 @@ class KernelBackend(Backend):
             grid,
             (MMA_THREADS, 1, 1),
             args,
-            mma_shared_bytes(kernel, precision),
+            mma_shared_bytes(kernel.replace("_act", ""), precision),
         )
 
     def _check_weight_bf16(self, weight_bf16, weight, precision: str) -> None:
@@ -374,22 +390,45 @@ class KernelBackend(Backend):
         args += (np.int32(has_bias), np.int32(write_z), *y16[1:], np.int32(code), np.float32(alpha))
         self._mma("dense_forward", m, n, args, precision)
 
-    def _mma_backward(
-        self, delta, x, weight, dweight, dbias, need_dinp, m, n, k, precision, w16=None
+    def _mma_backward_act(
+        self,
+        dout,
+        x,
+        weight,
+        saved,
+        activation,
+        alpha,
+        dweight,
+        dbias,
+        need_dinp,
+        precision,
+        w16=None,
     ):
+        """dW = δᵀx with db = Σ_rows δ, then dX = δW, on the tensor cores, δ = dout ⊙ f'(saved)
+        formed in fp32 as the GEMMs load it and rounded to the precision for the products, db
+        summed from the fp32 δ (gemm_mma.cu: dense_backward_weight_act_<p>,
+        dense_backward_data_act_<p>): 2 launches, plus the bf16 copies of x and W that the
+        caller did not pass (``w16``: bf16(W) kept by the optimizer)."""
+        m, n = dout.shape
+        k = x.shape[1]
+        code = np.int32(check_activation(activation))
+        saved = dout if saved is None else saved  # identity: f' = 1
         dims = (np.int32(m), np.int32(n), np.int32(k))
-        delta_a = self._mma_operand(delta, precision)
+        act = (code, np.float32(alpha))
         if n and k:
             xa = self._mma_operand(x, precision)
-            self._mma("dense_backward_weight", n, k, (delta_a, xa, dweight, *dims), precision)
-        if dbias is not None:
-            self._column_sum(delta, dbias)
+            db = dbias if dbias is not None else dweight
+            args = (dout, saved, xa, dweight, db, *dims, *act, np.int32(dbias is not None))
+            self._mma("dense_backward_weight_act", n, k, args, precision)
+        elif dbias is not None and n:  # K = 0: no dW, db still Σ_rows δ
+            self._column_sum(self.activation_backward(dout, saved, activation, alpha), dbias)
         if not need_dinp:
             return None
         dinp = self.empty((m, k), np.float32)
         if m and k:
             wa = self._mma_operand(weight, precision) if w16 is None else w16
-            self._mma("dense_backward_data", m, k, (delta_a, wa, dinp, *dims), precision)
+            args = (dout, saved, wa, dinp, *dims, *act)
+            self._mma("dense_backward_data_act", m, k, args, precision)
         return dinp
 
     def _gemm(
@@ -441,17 +480,25 @@ class KernelBackend(Backend):
         self._launch(module, launch.kernel, launch.grid, launch.block, args)
 
     def _fused_backward(self, m: int, n: int, k: int, dtype: np.dtype) -> tuple | None:
-        """The (dW, dX) plans when the backward runs as gemm.cu's *_act kernels (δ formed on
-        load, db from the dW GEMM): the tiled version, with both GEMMs unsplit; else None."""
+        """The ((dW plan, kernel), (dX plan, kernel)) of gemm.cu's *_act kernels (δ formed on
+        load, db from the dW GEMM) for the tiled version (each GEMM split or not, on its
+        GemmConfig.plan) and the warp-tiled one; None for the naive version (kept to validate
+        the others, it runs the unfused four launches)."""
         key = (m, n, k, dtype)
         if key in self._fused_plans:  # decided once per layer and batch shape
             return self._fused_plans[key]
         plans = None
-        if self.gemm.version == "tiled" and n and k:
+        if self.gemm.version != "naive" and n and k:
             kind, sms = _C_TYPE[dtype], self._multiprocessors()
-            weight = self.gemm.plan("dense_backward_weight", kind, n, k, m, sms)
-            data = self.gemm.plan("dense_backward_data", kind, m, k, n, sms)
-            plans = (weight, data) if weight.splits == 1 and data.splits == 1 else None
+            plans = []
+            for base, shape in (
+                ("dense_backward_weight", (n, k, m)),
+                ("dense_backward_data", (m, k, n)),
+            ):
+                plan = self.gemm.plan(base, kind, *shape, sms)
+                # dense_backward_weight[_warptiled|_splitk] -> dense_backward_weight_act[...]
+                plans.append((plan, f"{base}_act{plan.launch.kernel[len(base) :]}"))
+            plans = tuple(plans)
         self._fused_plans[key] = plans
         return plans
 
@@ -459,7 +506,11 @@ class KernelBackend(Backend):
         self, plans, dout, x, weight, saved, activation, alpha, dweight, dbias, need_dinp
     ):
         """dW = δᵀx with db = Σ_rows δ in one launch, dX = δW in another, δ = dout ⊙ f'(saved)
-        formed as the GEMMs load it (gemm.cu: dense_backward_weight_act, _data_act)."""
+        formed as the GEMMs load it (gemm.cu: dense_backward_weight_act, _data_act, or their
+        _warptiled forms): 2 launches.  A GEMM the plan splits (split-K) writes its slices'
+        partial products (dW's with its partial db) instead, and one
+        gemm_splitk_reduce_backward after both GEMMs adds the slices in order: 3 launches,
+        the price of filling the GPU with a short output and a long inner dimension."""
         m, n = dout.shape
         k = x.shape[1]
         dtype = dout.dtype
@@ -467,25 +518,56 @@ class KernelBackend(Backend):
         saved = dout if saved is None else saved  # identity: f' = 1, saved unread in effect
         real_alpha = dtype.type(alpha)
         vec_delta = operands.vec4_flag(dout, n) & operands.vec4_flag(saved, n)
-        plan = plans[0]
         dims = self._dims("dense_forward", (m, n, k))
-        args = (dout, saved, x, dweight, dbias if dbias is not None else dweight)
-        args += (*dims, code, real_alpha)
-        args += (np.int32(dbias is not None), vec_delta, operands.vec4_flag(x, k))
+        has_bias = np.int32(dbias is not None)
+        segments: list[tuple] = []  # (partial, splits, count, out) for the reduction
+        (plan, kernel), data = plans
+        launch = plan.launch
+        if plan.splits > 1:
+            partial = self.empty((plan.splits, n, k), dtype)
+            partial_db = self.empty((plan.splits, n), dtype) if dbias is not None else partial
+            args = (dout, saved, x, partial, partial_db, *dims, code, real_alpha, has_bias)
+            args += (np.int32(plan.chunk), vec_delta, operands.vec4_flag(x, k))
+            segments.append((partial, plan.splits, n * k, dweight))
+            reduce_module = self._gemm_module(dtype, plan.variant)
+            if dbias is not None:
+                segments.append((partial_db, plan.splits, n, dbias))
+        else:
+            args = (dout, saved, x, dweight, dbias if dbias is not None else dweight)
+            args += (*dims, code, real_alpha, has_bias, vec_delta, operands.vec4_flag(x, k))
         module = self._gemm_module(dtype, plan.variant)
-        grid, block = plan.launch.grid, plan.launch.block
-        self._launch(module, "dense_backward_weight_act", grid, block, args)
-        if not need_dinp:
-            return None
-        dinp = self.empty((m, k), dtype)
-        if m:
-            plan = plans[1]
-            args = (dout, saved, weight, dinp, *dims, code)
-            args += (real_alpha, vec_delta, operands.vec4_flag(weight, k))
-            module = self._gemm_module(dtype, plan.variant)
-            grid, block = plan.launch.grid, plan.launch.block
-            self._launch(module, "dense_backward_data_act", grid, block, args)
+        self._launch(module, kernel, launch.grid, launch.block, args)
+        dinp = None
+        if need_dinp:
+            dinp = self.empty((m, k), dtype)
+            (plan, kernel), launch = data, data[0].launch
+            if m and plan.splits > 1:
+                partial = self.empty((plan.splits, m, k), dtype)
+                args = (dout, saved, weight, partial, *dims, code, real_alpha)
+                args += (np.int32(plan.chunk), vec_delta, operands.vec4_flag(weight, k))
+                segments.append((partial, plan.splits, m * k, dinp))
+                reduce_module = self._gemm_module(dtype, plan.variant)
+            elif m:
+                args = (dout, saved, weight, dinp, *dims, code)
+                args += (real_alpha, vec_delta, operands.vec4_flag(weight, k))
+            if m:
+                module = self._gemm_module(dtype, plan.variant)
+                self._launch(module, kernel, launch.grid, launch.block, args)
+        if segments:
+            self._splitk_reduce_backward(segments, reduce_module)
         return dinp
+
+    def _splitk_reduce_backward(self, segments: list[tuple], module) -> None:
+        """out = Σ_s partial[s] for up to three (partial, splits, count, out) segments, one
+        launch (gemm.cu: gemm_splitk_reduce_backward, slices added in order)."""
+        total = sum(segment[2] for segment in segments)
+        args: tuple = ()
+        for partial, splits, count, out in segments:
+            args += (partial, np.int32(splits), np.int64(count), out)
+        first = segments[0][0]
+        args += (first, _INT32_ZERO, np.int64(0), first) * (3 - len(segments))
+        grid, block = self._grid_stride(total)
+        self._launch(module, "gemm_splitk_reduce_backward", grid, block, args)
 
     def _dims(self, kernel: str, shape: tuple[int, int, int]) -> tuple:
         """(M, N, K) as the kernel takes them, from the output (rows, cols) and inner size;
