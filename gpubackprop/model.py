@@ -255,7 +255,11 @@ class Sequential(Container):
         shard per rank (sizes ⌊B/N⌋ or ⌈B/N⌉), and the flat gradient buffer is averaged
         across the ranks in one all-reduce after backward, so the same script optimises the
         same way on any number of ranks.  The metrics are reduced over the ranks; only rank 0
-        prints, shows the bar and runs file-writing callbacks (ModelCheckpoint)."""
+        prints, shows the bar and runs file-writing callbacks (ModelCheckpoint).
+
+        graph=True runs each step through ``gb.compile_step`` (one CUDA graph per batch shape
+        on cupy, docs/graphs.md), bitwise the same training; with distributed=True the NCCL
+        all-reduce is inside the graph (cupy), MPI's runs between two graphs (emu)."""
         from .training import run_fit
 
         return run_fit(
