@@ -437,12 +437,15 @@ def load(
     backend: Any = None,
     dtype: Any = None,
     with_optimizer: bool = False,
+    precision: str = "fp32",
 ):
     """Load a checkpoint written by ``save``.
 
     The model is rebuilt from its config and placed on ``backend`` (default: the
-    GPUBACKPROP_BACKEND variable or "auto") in ``dtype`` (default: the saved dtype); its weights
-    are the saved ones bit for bit (converted when ``dtype`` differs).  With
+    GPUBACKPROP_BACKEND variable or "auto") in ``dtype`` (default: the saved dtype) with GEMM
+    ``precision`` (checkpoints hold the fp32 master weights whatever precision trained them;
+    "bf16" rebuilds the bf16 copy from them); its weights are the saved ones bit for bit
+    (converted when ``dtype`` differs).  With
     ``with_optimizer=True`` returns ``(model, optimizer)``, the optimizer rebuilt with its
     hyperparameters, step count and buffers, or None when none was saved.
 
@@ -469,7 +472,7 @@ def load(
 
         model = _build_model(header["config"], where)
         target_dtype = header["dtype"] if dtype is None else dtype
-        model.to(backend, dtype=target_dtype)
+        model.to(backend, dtype=target_dtype, precision=precision)
         parameters = model.named_parameters()
         expected = {f"{MODEL_PREFIX}{name}": p.shape for name, p in parameters.items()}
         # buffers (Standardize's mean and std) are saved beside the parameters

@@ -515,6 +515,7 @@ class DataParallel:
         check_same_setup(self.group, setup)
         store = self.model.store
         self.transport.broadcast_(store.data)
+        store.refresh_bf16()  # the bf16 GEMMs' copy of the parameters (precision="bf16")
         for buffers in self.optimizer._state.values():
             for buffer in buffers:
                 self.transport.broadcast_(buffer)

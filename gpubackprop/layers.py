@@ -92,6 +92,13 @@ class Dense(Layer):
         )
         self.bias = Parameter("bias", np.zeros(self.out_features)) if bool(bias) else None
 
+    @property
+    def weight_bf16(self) -> Any:
+        """bf16(weight) as uint16 bits, shape (out_features, in_features): a view into the flat
+        bf16 copy a model placed with precision="bf16" keeps (parameters.py), which the bf16
+        GEMMs read; None otherwise."""
+        return self.weight.bf16
+
     def named_parameters(self) -> dict[str, Parameter]:
         return {"weight": self.weight, **({"bias": self.bias} if self.bias is not None else {})}
 

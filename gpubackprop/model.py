@@ -222,6 +222,7 @@ class Sequential(Container):
         for p, offset in zip(store.parameters, store.offsets):
             flat[offset : offset + p.size] = host[name_of[id(p)]].ravel()
         store.data[...] = self.plan.backend.asarray(flat, self.dtype)
+        store.refresh_bf16()  # precision="bf16": the GEMMs' bf16 copy of the new values
         # the steps hold device copies of the buffers: rebuild them from the new values
         self.plan.steps = build_steps(
             self.layers, self.plan.backend, self.plan.dtype, self.plan.precision
@@ -243,6 +244,7 @@ class Sequential(Container):
         callbacks: list[Callback] | None = None,
         graph: bool = False,
         distributed: bool = False,
+        max_norm: float | None = None,
     ) -> History:
         """Mini-batch training: for each batch, forward, loss, backward, optimizer step.
 
@@ -259,7 +261,10 @@ class Sequential(Container):
 
         graph=True runs each step through ``gb.compile_step`` (one CUDA graph per batch shape
         on cupy, docs/graphs.md), bitwise the same training; with distributed=True the NCCL
-        all-reduce is inside the graph (cupy), MPI's runs between two graphs (emu)."""
+        all-reduce is inside the graph (cupy), MPI's runs between two graphs (emu).
+
+        max_norm clips the gradients before each update as gb.clip_grad_norm does
+        (``optimizer.step(max_norm=...)``: the scale inside the update launch)."""
         from .training import run_fit
 
         return run_fit(
@@ -276,6 +281,7 @@ class Sequential(Container):
             callbacks=callbacks or [],
             graph=graph,
             distributed=distributed,
+            max_norm=max_norm,
         )
 
     def to_torch(self, device: Any = None) -> Any:

@@ -461,6 +461,16 @@ def _sgd_cases(quick):
     ]
 
 
+def _sgd_update_cases(quick):
+    """_sgd_cases, and each SGD variant once more with the clip inside the update."""
+    clipped = [
+        ({"index": i, "hyper": hyper, "first_step": False, "max_norm": 0.5}, size)
+        for size in _flat_sizes(quick)
+        for i, hyper in enumerate(SGD_VARIANTS)
+    ]
+    return _sgd_cases(quick) + clipped
+
+
 def _sgd_cost(shape, itemsize, variant):
     """Reads θ and g (and b), writes θ (and b)."""
     buffers = 1 if variant["hyper"]["momentum"] else 0
@@ -498,13 +508,24 @@ def _step_scalars(backend, step: int, lr: float):
     return backend.asarray(np.array([step - 1.0, lr, 0.0, 0.0]), np.float64)
 
 
+def _update_clip(backend, variant, grad):
+    """(the gradient the update reads and may scale, the clip coefficient or None): a variant
+    with ``max_norm`` clips inside the update (clip_coefficient's c, applied by the launch)."""
+    grad = grad.copy()
+    max_norm = variant.get("max_norm")
+    if max_norm is None:
+        return grad, None
+    return grad, backend.clip_coefficient([grad], max_norm)[1]
+
+
 def _sgd_update_run(backend, variant, param, grad, buf):
     hyper = dict(variant["hyper"])
     scalars = _step_scalars(backend, 1 if variant["first_step"] else 3, hyper.pop("lr"))
     backend.step_scalars_advance(scalars, 0.0, 0.0)
     param, buf = param.copy(), buf.copy()
-    backend.sgd_update(param, grad, buf if hyper["momentum"] else None, scalars, **hyper)
-    return {"param": param, "momentum_buf": buf}
+    grad, clip = _update_clip(backend, variant, grad)
+    backend.sgd_update(param, grad, buf if hyper["momentum"] else None, scalars, **hyper, clip=clip)
+    return {"param": param, "momentum_buf": buf, "grad": grad}
 
 
 def _adam_update_run(backend, variant, param, grad, m, v):
@@ -512,8 +533,28 @@ def _adam_update_run(backend, variant, param, grad, m, v):
     scalars = _step_scalars(backend, hyper.pop("step"), hyper.pop("lr"))
     backend.step_scalars_advance(scalars, hyper["beta1"], hyper["beta2"])
     param, m, v = param.copy(), m.copy(), v.copy()
-    backend.adam_update(param, grad, m, v, scalars, **hyper, decoupled=False)
-    return {"param": param, "exp_avg": m, "exp_avg_sq": v}
+    grad, clip = _update_clip(backend, variant, grad)
+    backend.adam_update(param, grad, m, v, scalars, **hyper, decoupled=False, clip=clip)
+    return {"param": param, "exp_avg": m, "exp_avg_sq": v, "grad": grad}
+
+
+def _update_cases(quick):
+    # Unclipped, and clipped inside the update with c < 1 (scaled) and c ≥ 1 (left as is).
+    return [
+        (variant, size)
+        for size in _flat_sizes(quick)
+        for variant in ({}, {"max_norm": 0.5}, {"max_norm": 1e6})
+    ]
+
+
+def _clip_label(variant):
+    return f"[max_norm={variant['max_norm']:g}]" if "max_norm" in variant else ""
+
+
+def _clip_coefficient_run(backend, variant, g):
+    norm, coefficient = backend.clip_coefficient([g.copy()], variant["max_norm"])
+    # c is float64 on every backend; compared in the dtype under test, as the norm it comes from.
+    return {"norm": norm, "coefficient": coefficient.astype(g.dtype)}
 
 
 def _advance_run(backend, variant, x):
@@ -679,16 +720,26 @@ _OPS = [
         "sgd_update",
         build=_normal("param", "grad", "buf"),
         run=_sgd_update_run,
-        cases=_sgd_cases,
+        cases=_sgd_update_cases,
         cost=_sgd_cost,
-        label=lambda v: f"[{v['index']}{'+first' if v['first_step'] else ''}]",
+        label=lambda v: f"[{v['index']}{'+first' if v['first_step'] else ''}]" + _clip_label(v),
     ),
     Op(
         "adam_update",
         build=_adam_build,
         run=_adam_update_run,
-        cases=_sizes_only,
+        cases=_update_cases,
         cost=_bytes_per_element(7),
+        label=_clip_label,
+    ),
+    Op(
+        "clip_coefficient",
+        build=_normal("g"),
+        run=_clip_coefficient_run,
+        cases=_clip_cases,
+        cost=_bytes_per_element(1),
+        growth=_sum_growth,
+        label=lambda v: f"[max_norm={v['max_norm']:g}]",
     ),
     Op(
         "step_scalars_advance",

@@ -10,6 +10,14 @@ backends.base.STEP_SCALARS) that each step advances on the device; ``step_count`
 own count of the same steps.  Setting ``lr`` writes the array (between steps), so a schedule
 reaches a captured graph too.  ``clip_grad_norm`` computes the norm and applies the scale on the
 device and returns the norm as a 0-d array.
+
+Clipping inside the update: ``optimizer.step(max_norm=m)`` is ``clip_grad_norm(optimizer.params,
+m)`` followed by ``optimizer.step()``, bit for bit (the gradients after it are the clipped ones
+too), with the scale g ← g·c applied by the update launch itself instead of a launch of its own;
+it returns the norm.  ``compile_step(..., max_norm=m)`` and ``fit(..., max_norm=m)`` use it.
+
+A model placed with precision="bf16" keeps a bf16 copy of its parameters (parameters.py); the
+update launch writes it as it writes θ, so the bf16 GEMMs never convert the weights themselves.
 """
 
 from __future__ import annotations
@@ -91,8 +99,8 @@ class Optimizer:
         store = self.params[0].store
         return store.covers(self.params)
 
-    def _segments(self) -> list[tuple[Any, Any]]:
-        """(data, grad) pairs to update: the flat buffers, or each parameter."""
+    def _segments(self) -> list[tuple[Any, Any, Any]]:
+        """(data, grad, bf16 copy or None) to update: the flat buffers, or each parameter."""
         for p in self.params:
             if p.store is None:
                 raise RuntimeError(
@@ -107,30 +115,43 @@ class Optimizer:
             )
         self._store = store
         if self._flat():
-            return [(store.data, store.grad)]
-        return [(p.data, p.grad) for p in self.params]
+            return [(store.data, store.grad, store.bf16)]
+        return [(p.data, p.grad, p.bf16) for p in self.params]
 
     def _buffers(self, segments) -> list[dict[str, Any]]:
         if not self._state:
             for name in self.buffer_names:
                 self._state[name] = [
-                    self.backend.zeros(tuple(data.shape), data.dtype) for data, _ in segments
+                    self.backend.zeros(tuple(data.shape), data.dtype) for data, *_ in segments
                 ]
         return [
             {name: self._state[name][i] for name in self.buffer_names} for i in range(len(segments))
         ]
 
-    def step(self) -> None:
+    def step(self, max_norm: float | None = None) -> Any:
         """Apply one update to every parameter from its current ``grad``: the step scalars
-        advance on the device (one launch), then one update launch per segment."""
+        advance on the device (one launch), then one update launch per segment.
+
+        With ``max_norm``, first clip as ``clip_grad_norm(self.params, max_norm)`` does, the
+        norm and c = max_norm / (‖g‖ + 1e−6) computed on the device and g ← g·c (where c < 1)
+        applied inside the update launch, the clipped g written back to the gradients: the
+        same bits as the two calls, one launch fewer.  Returns ‖g‖ (before clipping) as a
+        0-d device array then, else None."""
         segments = self._segments()
+        norm = clip = None
+        if max_norm is not None:
+            max_norm = check_number("max_norm", max_norm)
+            norm, clip = self.backend.clip_coefficient([g for _, g, _ in segments], max_norm)
         scalars = self.step_scalars
         self.step_count += 1
         self.backend.step_scalars_advance(scalars, *self._betas())
-        for (data, grad), buffers in zip(segments, self._buffers(segments)):
-            self._update(data, grad, buffers, scalars)
+        for (data, grad, bf16), buffers in zip(segments, self._buffers(segments)):
+            self._update(data, grad, buffers, scalars, clip, bf16)
+        return norm
 
-    def _update(self, data, grad, buffers, scalars) -> None:
+    def _update(self, data, grad, buffers, scalars, clip, bf16) -> None:
+        """One update launch over ``data`` (clip: the device clip coefficient or None; bf16:
+        the bf16 copy of ``data`` to write, or None)."""
         raise NotImplementedError
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -249,7 +270,7 @@ class SGD(Optimizer):
         if momentum == 0:
             self.buffer_names = ()
 
-    def _update(self, data, grad, buffers, scalars) -> None:
+    def _update(self, data, grad, buffers, scalars, clip, bf16) -> None:
         h = self.hyperparams
         self.backend.sgd_update(
             data,
@@ -260,6 +281,8 @@ class SGD(Optimizer):
             dampening=h["dampening"],
             nesterov=h["nesterov"],
             weight_decay=h["weight_decay"],
+            clip=clip,
+            param_bf16=bf16,
         )
 
 
@@ -294,7 +317,7 @@ class Adam(Optimizer):
     def _betas(self) -> tuple[float, float]:
         return self.hyperparams["betas"]
 
-    def _update(self, data, grad, buffers, scalars) -> None:
+    def _update(self, data, grad, buffers, scalars, clip, bf16) -> None:
         h = self.hyperparams
         self.backend.adam_update(
             data,
@@ -307,6 +330,8 @@ class Adam(Optimizer):
             eps=h["eps"],
             weight_decay=h["weight_decay"],
             decoupled=self.decoupled,
+            clip=clip,
+            param_bf16=bf16,
         )
 
 

@@ -58,7 +58,13 @@ class DenseStep(Step):
         """Keeps x (for ∂L/∂W) and y or z (for f')."""
         bias = self.bias.data if self.bias is not None else None
         y, self._saved = self.backend.dense_forward(
-            x, self.weight.data, bias, self.activation, self.alpha, precision=self.precision
+            x,
+            self.weight.data,
+            bias,
+            self.activation,
+            self.alpha,
+            precision=self.precision,
+            weight_bf16=self.weight.bf16,  # the optimizer's bf16 copy (None unless "bf16")
         )
         self._x = x
         return y
@@ -79,6 +85,7 @@ class DenseStep(Step):
             dbias,
             need_dinp,
             precision=self.precision,
+            weight_bf16=self.weight.bf16,
         )
 
 
@@ -238,7 +245,7 @@ class Plan:
         dtype,
         precision: str = "fp32",
     ) -> Plan:
-        store = FlatStore(backend, dtype, parameters)
+        store = FlatStore(backend, dtype, parameters, bf16_copy=precision == "bf16")
         steps = build_steps(layers, backend, dtype, precision)
         return cls(backend, np.dtype(dtype), store, steps, precision)
 

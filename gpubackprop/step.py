@@ -38,7 +38,7 @@ import numpy as np
 from .arrays import dtype_of, is_device_array, shape_of
 from .checks import check_int, check_number
 from .losses import Loss, SoftmaxCrossEntropyLoss
-from .optim import Optimizer, clip_grad_norm
+from .optim import Optimizer
 
 __all__ = ["CompiledStep", "compile_step"]
 
@@ -162,10 +162,12 @@ class CompiledStep:
         return loss
 
     def _update(self) -> None:
-        """Clipping (with max_norm), then the optimizer update."""
+        """Clipping (with max_norm), then the optimizer update: Optimizer.step(max_norm=...),
+        clip_grad_norm's norm and coefficient with the scale applied inside the update launch
+        (the same bits as clip_grad_norm + step, one launch fewer)."""
+        norm = self.optimizer.step(max_norm=self.max_norm)
         if self.max_norm is not None:
-            self.last_norm = clip_grad_norm(self.optimizer.params, self.max_norm)
-        self.optimizer.step()
+            self.last_norm = norm
 
     def skip_batch(self, global_rows: int) -> None:
         """A data-parallel step in which this rank has no rows of the global batch (fewer rows

@@ -13,7 +13,7 @@ import numpy as np
 from . import distributed as dist
 from .backends import get_backend
 from .callbacks import Callback, History
-from .checks import check_int
+from .checks import check_int, check_number
 from .evaluation import (
     ACCURACY_LOSSES,
     EpochTotals,
@@ -69,8 +69,11 @@ def run_fit(
     callbacks: list[Callback],
     graph: bool = False,
     distributed: bool = False,
+    max_norm: float | None = None,
 ) -> History:
     epochs = check_int("epochs", epochs)
+    if max_norm is not None:
+        max_norm = check_number("max_norm", max_norm)
     batch_size = check_int("batch_size", batch_size)
     if verbose not in (0, 1, 2):
         raise ValueError(f"verbose={verbose!r} is not accepted; expected 0, 1 or 2")
@@ -138,6 +141,7 @@ def run_fit(
                     callbacks,
                     graph,
                     parallel,
+                    max_norm,
                 ),
                 labels_unchecked,
             )
@@ -183,6 +187,16 @@ class _Run:
     callbacks: list[Callback]
     graph: bool = False
     parallel: Any = None  # distributed.DataParallel when fit(distributed=True)
+    max_norm: float | None = None  # clip the gradients' norm to it before each update
+
+
+def _update(optimizer, max_norm: float | None) -> None:
+    """optimizer.step(), clipping first when ``max_norm`` is set (gb.clip_grad_norm's result,
+    with the scale applied inside the update launch: Optimizer.step(max_norm=...))."""
+    if max_norm is None:
+        optimizer.step()
+    else:
+        optimizer.step(max_norm=max_norm)
 
 
 def _data_parallel(model, loss, optimizer, n, batch_size, epochs, shuffle, distributed):
@@ -216,7 +230,7 @@ def _epochs(run: _Run, labels_unchecked: bool) -> dict[str, float]:
     model, xd, yd, loss, optimizer = run.model, run.xd, run.yd, run.loss, run.optimizer
     epochs, batch_size, shuffle, verbose = run.epochs, run.batch_size, run.shuffle, run.verbose
     validation_data, callbacks, n = run.validation_data, run.callbacks, run.xd.shape[0]
-    parallel = run.parallel
+    parallel, max_norm = run.parallel, run.max_norm
     xp = model.backend.xp
     read_every_batch = not reading_syncs(model.backend)
     step = None
@@ -224,7 +238,7 @@ def _epochs(run: _Run, labels_unchecked: bool) -> dict[str, float]:
         from .step import compile_step
 
         # data-parallel: the all-reduce inside the graph (NCCL) or between two graphs (MPI)
-        step = compile_step(model, loss, optimizer, data_parallel=parallel)
+        step = compile_step(model, loss, optimizer, max_norm=max_norm, data_parallel=parallel)
     logs: dict[str, float] = {}
     for epoch in range(1, epochs + 1):
         order = generator().permutation(n) if shuffle else None
@@ -241,7 +255,7 @@ def _epochs(run: _Run, labels_unchecked: bool) -> dict[str, float]:
                     step.skip_batch(stop - start)
                 else:
                     parallel.average_gradients(0, stop - start)
-                    optimizer.step()
+                    _update(optimizer, max_norm)
                 if bar is not None:
                     bar.update(stop - start)
                 continue
@@ -275,7 +289,7 @@ def _epochs(run: _Run, labels_unchecked: bool) -> dict[str, float]:
                 model.backward(loss.backward(), need_input_grad=False)
                 if parallel is not None:
                     parallel.average_gradients(hi - lo, stop - start)
-                optimizer.step()
+                _update(optimizer, max_norm)
             if bar is not None:
                 bar.update(stop - start)
         loss_sum, correct = totals.read()

@@ -16,14 +16,19 @@
 //             where the launcher found the operand 16-byte aligned with a leading dimension
 //             that is a multiple of 4 (flags vec_*), guarded scalar loads elsewhere.  Any
 //             M, N, K ≥ 0 (edges zero-filled; K = 0 gives Y = f(b)).
-//   *_act     dense_backward_weight_act / dense_backward_data_act: the tiled backward GEMMs
-//             taking ∂L/∂y and the saved y or z, forming δ = ∂L/∂y ⊙ f' as they load it; the
-//             weight one also gives the bias gradient (the library's dense backward: 2 launches).
+//   *_act     dense_backward_weight_act / dense_backward_data_act, and their forms
+//             dense_backward_weight_act_warptiled / dense_backward_data_act_warptiled and
+//             dense_backward_weight_act_splitk / dense_backward_data_act_splitk: the backward
+//             GEMMs taking ∂L/∂y and the saved y or z, forming δ = ∂L/∂y ⊙ f' as they load it;
+//             the weight one also gives the bias gradient (the library's dense backward: 2
+//             launches, 3 when a GEMM is split, see below).
 //   *_splitk  dense_forward_splitk / dense_backward_data_splitk / dense_backward_weight_splitk:
 //             the tiled version over one slice of the inner dimension per blockIdx.z into a
 //             partial buffer, then gemm_splitk_reduce adds the slices in a fixed order and
 //             applies the epilogue (deterministic; for outputs with few tiles and a long inner
-//             dimension, see gemm_plan in gpubackprop/backends).
+//             dimension, see gemm_plan in gpubackprop/backends).  The backward's split
+//             partials (the *_act_splitk kernels) are added by one
+//             gemm_splitk_reduce_backward for dW, db and dX together.
 //   *_warptiled  dense_forward_warptiled / dense_backward_data_warptiled /
 //             dense_backward_weight_warptiled, same parameters and results: adds a warp level
 //             to the tiled design.  The WT_BM×WT_BN block tile is cut into WT_WM×WT_WN warp
@@ -125,7 +130,16 @@ struct GemmAct {
     real_t alpha;
 };
 
-template <int LAYOUT, int TILE_R, int TILE_P, int THREADS, bool ACT = false>
+// act_backward kept out of line for the warp-tiled version (Shape::ACT_OUT_OF_LINE): inlined
+// into each element a thread loads it doubles that version's compile time, for a few
+// instructions per loaded element beside WT_ROWS·WT_COLS multiply-adds.
+__device__ __noinline__ real_t gemm_act_backward_call(int code, real_t dout, real_t saved,
+                                                      real_t alpha) {
+    return act_backward(code, dout, saved, alpha);
+}
+
+template <int LAYOUT, int TILE_R, int TILE_P, int THREADS, bool ACT = false,
+          bool ACT_OUT_OF_LINE = false>
 __device__ __forceinline__ void gemm_fetch(const real_t* __restrict__ a, long long ld, int rows,
                                            int inner, int r0, int p0, int vec,
                                            real_t regs[][4], GemmAct act = GemmAct{}) {
@@ -153,7 +167,9 @@ __device__ __forceinline__ void gemm_fetch(const real_t* __restrict__ a, long lo
             gb_load4(valid > 0 ? act.saved + offset : act.saved, valid, vec, saved);
 #pragma unroll
             for (int q = 0; q < 4; ++q)
-                regs[s][q] = act_backward(act.code, regs[s][q], saved[q], act.alpha);
+                regs[s][q] = ACT_OUT_OF_LINE
+                                 ? gemm_act_backward_call(act.code, regs[s][q], saved[q], act.alpha)
+                                 : act_backward(act.code, regs[s][q], saved[q], act.alpha);
         }
     }
 }
@@ -210,7 +226,8 @@ __device__ __forceinline__ void gemm_mainloop(const real_t* __restrict__ a, long
 
     real_t regs_a[GemmChunks<BM, BK, THREADS>::per_thread][4];
     real_t regs_b[GemmChunks<BN, BK, THREADS>::per_thread][4];
-    gemm_fetch<LAYOUT_A, BM, BK, THREADS, ACT_A>(a, lda, rows, inner, r0, 0, vec_a, regs_a, act);
+    gemm_fetch<LAYOUT_A, BM, BK, THREADS, ACT_A, Shape::ACT_OUT_OF_LINE>(a, lda, rows, inner, r0,
+                                                                          0, vec_a, regs_a, act);
     gemm_fetch<LAYOUT_B, BN, BK, THREADS>(b, ldb, cols, inner, c0, 0, vec_b, regs_b);
     gemm_stash<LAYOUT_A, BM, BK, THREADS>(smem_a[0], regs_a);
     gemm_stash<LAYOUT_B, BN, BK, THREADS>(smem_b[0], regs_b);
@@ -220,8 +237,8 @@ __device__ __forceinline__ void gemm_mainloop(const real_t* __restrict__ a, long
     for (int p0 = 0; p0 < inner; p0 += BK) {
         const bool more = p0 + BK < inner;
         if (more) {  // in flight while this slice is multiplied
-            gemm_fetch<LAYOUT_A, BM, BK, THREADS, ACT_A>(a, lda, rows, inner, r0, p0 + BK, vec_a,
-                                                         regs_a, act);
+            gemm_fetch<LAYOUT_A, BM, BK, THREADS, ACT_A, Shape::ACT_OUT_OF_LINE>(
+                a, lda, rows, inner, r0, p0 + BK, vec_a, regs_a, act);
             gemm_fetch<LAYOUT_B, BN, BK, THREADS>(b, ldb, cols, inner, c0, p0 + BK, vec_b, regs_b);
         }
         const real_t* sa = smem_a[buffer] + Shape::row_base();
@@ -258,6 +275,7 @@ __device__ __forceinline__ void gemm_mainloop(const real_t* __restrict__ a, long
 struct TiledShape {
     static constexpr int BM = TILE_M, BN = TILE_N, BK = TILE_K, THREADS = GEMM_THREADS;
     static constexpr int ROWS = MICRO_M, COLS = MICRO_N;
+    static constexpr bool ACT_OUT_OF_LINE = false;
     __device__ static int row_base() { return (threadIdx.x / GEMM_THREADS_N) * 4; }
     __device__ static int col_base() { return (threadIdx.x % GEMM_THREADS_N) * 4; }
     __device__ static int row_offset(int i) { return (i / 4) * (TILE_M / (MICRO_M / 4)); }
@@ -445,6 +463,81 @@ extern "C" __global__ void gemm_splitk_reduce(const real_t* __restrict__ partial
     }
 }
 
+// The split-K backward GEMMs with δ = ∂L/∂y ⊙ f'(saved) formed on load (as the *_act kernels):
+// dW's partial products over batch slice blockIdx.z, and with has_bias the slice's bias-gradient
+// partial partial_db[z][n] = Σ_{m in slice} δ[m, n] (summed in m order by the blocks of column
+// tile 0); gemm_splitk_reduce_backward adds the slices in order.
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS)
+dense_backward_weight_act_splitk(const real_t* __restrict__ dout, const real_t* __restrict__ saved,
+                                 const real_t* __restrict__ x, real_t* __restrict__ partial,
+                                 real_t* __restrict__ partial_db, int M, int N, int K,
+                                 int act_code, real_t alpha, int has_bias, int chunk,
+                                 int vec_delta, int vec_x) {
+    const int begin = blockIdx.z * chunk;
+    const int length = min(chunk, M - begin);
+    const long long shift = (long long)begin * N;
+    real_t acc[MICRO_M][MICRO_N];
+    real_t sums[MICRO_M];
+#pragma unroll
+    for (int i = 0; i < MICRO_M; ++i) sums[i] = (real_t)0;
+    const bool want_sums = has_bias && blockIdx.y == 0;
+    gemm_mainloop<LAYOUT_OUTER, LAYOUT_OUTER, TiledShape, true, true>(
+        dout + shift, N, vec_delta, x + (long long)begin * K, K, vec_x, N, K, length, acc,
+        GemmAct{saved + shift, act_code, alpha}, sums, want_sums);
+    gemm_store(partial + (long long)blockIdx.z * N * K, N, K, acc);
+    if (want_sums && TiledShape::col_base() == 0) {
+#pragma unroll
+        for (int i = 0; i < MICRO_M; ++i) {
+            const int r = gemm_row(i);
+            if (r < N) partial_db[(long long)blockIdx.z * N + r] = sums[i];
+        }
+    }
+}
+
+// dX's partial products with δ formed on load, over inner (N) slice blockIdx.z.
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS)
+dense_backward_data_act_splitk(const real_t* __restrict__ dout, const real_t* __restrict__ saved,
+                               const real_t* __restrict__ w, real_t* __restrict__ partial, int M,
+                               int N, int K, int act_code, real_t alpha, int chunk,
+                               int vec_delta, int vec_w) {
+    const int begin = blockIdx.z * chunk;
+    const int length = min(chunk, N - begin);
+    real_t acc[MICRO_M][MICRO_N];
+    gemm_mainloop<LAYOUT_INNER, LAYOUT_OUTER, TiledShape, true>(
+        dout + begin, N, vec_delta, w + (long long)begin * K, K, vec_w, M, K, length, acc,
+        GemmAct{saved + begin, act_code, alpha});
+    gemm_store(partial + (long long)blockIdx.z * M * K, M, K, acc);
+}
+
+// The reduction of a split-K dense backward, one launch for all its outputs: segment q of three
+// (dW, db, dX; count_q = 0 for one not split) is out_q[i] = Σ_{s < splits_q} partial_q[s][i],
+// the slices added in order.  A grid-stride loop over the segments' elements one after another.
+extern "C" __global__ void gemm_splitk_reduce_backward(
+    const real_t* __restrict__ partial0, int splits0, long long count0, real_t* __restrict__ out0,
+    const real_t* __restrict__ partial1, int splits1, long long count1, real_t* __restrict__ out1,
+    const real_t* __restrict__ partial2, int splits2, long long count2,
+    real_t* __restrict__ out2) {
+    const long long total = count0 + count1 + count2;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride) {
+        const real_t* partial = partial0;
+        real_t* out = out0;
+        int splits = splits0;
+        long long count = count0, at = i;
+        if (at >= count0) {
+            at -= count0;
+            partial = partial1, out = out1, splits = splits1, count = count1;
+            if (at >= count1) {
+                at -= count1;
+                partial = partial2, out = out2, splits = splits2, count = count2;
+            }
+        }
+        real_t sum = partial[at];
+        for (int s = 1; s < splits; ++s) sum += partial[(long long)s * count + at];
+        out[at] = sum;
+    }
+}
+
 #endif  // GEMM_TILED
 
 #if GEMM_WARPTILED
@@ -537,6 +630,7 @@ __device__ __forceinline__ int wt_col_in_block(int j) {
 struct WarpTiledShape {
     static constexpr int BM = WT_BM, BN = WT_BN, BK = WT_BK, THREADS = WT_THREADS;
     static constexpr int ROWS = WT_ROWS, COLS = WT_COLS;
+    static constexpr bool ACT_OUT_OF_LINE = true;
     __device__ static int row_base() { return wt_row_in_block(0); }
     __device__ static int col_base() { return wt_col_in_block(0); }
     __device__ static int row_offset(int i) { return wt_row_offset(i); }
@@ -641,6 +735,45 @@ dense_backward_weight_warptiled(const real_t* __restrict__ delta, const real_t* 
     real_t acc[WT_ROWS][WT_COLS];
     gemm_mainloop<LAYOUT_OUTER, LAYOUT_OUTER, WarpTiledShape>(delta, N, vec_delta, x, K, vec_x, N, K, M, acc);
     wt_store(dw, N, K, acc);
+}
+
+// As dense_backward_weight_act, warp-tiled: dW = δᵀ X and, with has_bias, db = Σ_m δ, δ formed
+// on load; the bias sums come from the blocks of column tile 0, each row's from the thread of
+// warp column 0, lane column 0 (it sees every inner index of its rows, in order).
+extern "C" __global__ void __launch_bounds__(WT_THREADS)
+dense_backward_weight_act_warptiled(const real_t* __restrict__ dout,
+                                    const real_t* __restrict__ saved, const real_t* __restrict__ x,
+                                    real_t* __restrict__ dw, real_t* __restrict__ db, int M, int N,
+                                    int K, int act_code, real_t alpha, int has_bias,
+                                    int vec_delta, int vec_x) {
+    real_t acc[WT_ROWS][WT_COLS];
+    real_t sums[WT_ROWS];
+#pragma unroll
+    for (int i = 0; i < WT_ROWS; ++i) sums[i] = (real_t)0;
+    const bool want_sums = has_bias && blockIdx.y == 0;
+    gemm_mainloop<LAYOUT_OUTER, LAYOUT_OUTER, WarpTiledShape, true, true>(
+        dout, N, vec_delta, x, K, vec_x, N, K, M, acc, GemmAct{saved, act_code, alpha}, sums,
+        want_sums);
+    wt_store(dw, N, K, acc);
+    if (want_sums && wt_col_in_block(0) == 0) {
+#pragma unroll
+        for (int i = 0; i < WT_ROWS; ++i) {
+            const int r = blockIdx.x * WT_BM + wt_row_in_block(i);
+            if (r < N) db[r] = sums[i];
+        }
+    }
+}
+
+// As dense_backward_data_act, warp-tiled.
+extern "C" __global__ void __launch_bounds__(WT_THREADS)
+dense_backward_data_act_warptiled(const real_t* __restrict__ dout,
+                                  const real_t* __restrict__ saved, const real_t* __restrict__ w,
+                                  real_t* __restrict__ dx, int M, int N, int K, int act_code,
+                                  real_t alpha, int vec_delta, int vec_w) {
+    real_t acc[WT_ROWS][WT_COLS];
+    gemm_mainloop<LAYOUT_INNER, LAYOUT_OUTER, WarpTiledShape, true>(
+        dout, N, vec_delta, w, K, vec_w, M, K, N, acc, GemmAct{saved, act_code, alpha});
+    wt_store(dx, M, K, acc);
 }
 
 #endif  // GEMM_WARPTILED

@@ -11,6 +11,12 @@
 //         forward can also write Y in bf16 (y16), the next layer's operand.
 //   tf32  operands fp32 in memory, rounded to tf32 (to nearest even, gb_round_tf32) as they go
 //         into the fragments, mma.sync m16n8k8 tf32 × tf32 → fp32.
+// The fused backward (the library's, 2 launches per dense backward) in both precisions:
+//   dense_backward_weight_act_<p>  dW = δᵀ X and db = Σ_m δ    from dout, saved (fp32), X
+//   dense_backward_data_act_<p>    dX = δ W                     from dout, saved (fp32), W
+// (dense_backward_weight_act_bf16, dense_backward_data_act_bf16, dense_backward_weight_act_tf32,
+// dense_backward_data_act_tf32): δ = dout ⊙ f'(saved) formed in fp32 as the A operand is loaded,
+// rounded to the precision for the products, db summed from the fp32 δ in a fixed order.
 // and to_bf16 (fp32 → bf16, round to nearest even), which makes the bf16 operands.
 //
 // Design (one version): a MMA_BM × MMA_BN block tile, 4 warps of 32 × 32 (2 × 4 mma tiles of
@@ -87,6 +93,26 @@ __device__ __forceinline__ int mma_vec_ok(const typename P::elem* a, long long l
     return ld % P::CHUNK == 0 && (reinterpret_cast<unsigned long long>(a) & 15) == 0;
 }
 
+// Where chunk q of the slice at p0 of an operand with `rows` × `inner` logical elements (rows
+// from r0) lies: `valid` elements of it exist (the rest are zero), at `offset` in global memory
+// and at `dst` in its stage tile.
+template <class P, int LAYOUT, int BR>
+__device__ __forceinline__ void mma_chunk(int q, long long ld, int rows, int inner, int r0,
+                                          int p0, int& valid, long long& offset, int& dst) {
+    typedef StageTile<P, LAYOUT, BR> T;
+    if (LAYOUT == LAYOUT_INNER) {  // CHUNK consecutive p of row r
+        const int r = q / (P::BK / P::CHUNK), p = (q % (P::BK / P::CHUNK)) * P::CHUNK;
+        valid = r0 + r < rows ? min(max(inner - (p0 + p), 0), P::CHUNK) : 0;
+        offset = (long long)(r0 + r) * ld + (p0 + p);
+        dst = r * T::STRIDE + p;
+    } else {  // CHUNK consecutive r of inner index p
+        const int p = q / (BR / P::CHUNK), r = (q % (BR / P::CHUNK)) * P::CHUNK;
+        valid = p0 + p < inner ? min(max(rows - (r0 + r), 0), P::CHUNK) : 0;
+        offset = (long long)(p0 + p) * ld + (r0 + r);
+        dst = p * T::STRIDE + r;
+    }
+}
+
 // Global → shared for the slice at p0 of an operand with `rows` × `inner` logical elements,
 // rows from r0: cp.async where `vec`, else guarded loads and stores.  Out-of-range elements are
 // zero (they add nothing to the products).
@@ -98,28 +124,107 @@ __device__ __forceinline__ void mma_load_stage(typename P::elem* tile,
     typedef StageTile<P, LAYOUT, BR> T;
     typedef typename P::elem elem;
     for (int q = threadIdx.x; q < T::CHUNKS; q += MMA_THREADS) {
-        int r, p, valid;
+        int valid, dst_at;
         long long offset;
-        elem* dst;
-        if (LAYOUT == LAYOUT_INNER) {  // CHUNK consecutive p of row r
-            r = q / (P::BK / P::CHUNK);
-            p = (q % (P::BK / P::CHUNK)) * P::CHUNK;
-            valid = r0 + r < rows ? min(max(inner - (p0 + p), 0), P::CHUNK) : 0;
-            offset = (long long)(r0 + r) * ld + (p0 + p);
-            dst = tile + r * T::STRIDE + p;
-        } else {  // CHUNK consecutive r of inner index p
-            p = q / (BR / P::CHUNK);
-            r = (q % (BR / P::CHUNK)) * P::CHUNK;
-            valid = p0 + p < inner ? min(max(rows - (r0 + r), 0), P::CHUNK) : 0;
-            offset = (long long)(p0 + p) * ld + (r0 + r);
-            dst = tile + p * T::STRIDE + r;
-        }
+        mma_chunk<P, LAYOUT, BR>(q, ld, rows, inner, r0, p0, valid, offset, dst_at);
+        elem* dst = tile + dst_at;
         if (vec) {
             gb_cp_async_16(dst, valid > 0 ? a + offset : a, valid * (int)sizeof(elem));
         } else {
 #pragma unroll
             for (int e = 0; e < P::CHUNK; ++e) dst[e] = e < valid ? a[offset + e] : (elem)0;
         }
+    }
+}
+
+// ---- the A operand δ = ∂L/∂y ⊙ f'(saved), formed as it is loaded ----------------------------
+//
+// The backward kernels *_act read ∂L/∂y and the saved y or z in fp32, and form δ (fp32, exactly
+// as the elementwise activation backward does) before it goes to shared memory in the
+// precision's element type: rounded to bf16 there (round to nearest even), or kept fp32 for tf32
+// (rounded as it goes into the fragments).  Each slice's fp32 values are fetched into registers
+// before the previous slice is multiplied and stored after it, so the loads are in flight
+// during the mma's (cp.async cannot transform what it copies).  The bias gradient db = Σ_m δ
+// sums the fp32 δ (not the rounded one): each thread adds its chunks' values slice by slice,
+// then mma_row_sums combines the threads' sums in a fixed order (deterministic).
+struct MmaAct {
+    const float* saved;
+    int code;
+    float alpha;
+};
+
+template <class P, int LAYOUT, int BR>
+struct ActChunks {
+    static constexpr int PER_THREAD = StageTile<P, LAYOUT, BR>::CHUNKS / MMA_THREADS;
+    static_assert(StageTile<P, LAYOUT, BR>::CHUNKS % MMA_THREADS == 0,
+                  "every thread forms the same number of δ chunks");
+};
+
+// CHUNK fp32 values at src[offset...], the first `valid` of them (the rest 0); 16-byte loads
+// where `vec` (base 16-byte aligned, leading dimension a multiple of 4).
+template <int CHUNK>
+__device__ __forceinline__ void mma_load_f32(const float* __restrict__ src, long long offset,
+                                             int valid, int vec, float v[CHUNK]) {
+    if (vec && valid == CHUNK) {
+#pragma unroll
+        for (int e = 0; e < CHUNK; e += 4) {
+            const float4 t = *reinterpret_cast<const float4*>(src + offset + e);
+            v[e] = t.x, v[e + 1] = t.y, v[e + 2] = t.z, v[e + 3] = t.w;
+        }
+    } else {
+#pragma unroll
+        for (int e = 0; e < CHUNK; ++e) v[e] = e < valid ? src[offset + e] : 0.0f;
+    }
+}
+
+// ∂L/∂y and saved of the thread's chunks of the slice at p0, into registers.
+template <class P, int LAYOUT, int BR>
+__device__ __forceinline__ void mma_fetch_act(const float* __restrict__ dout, MmaAct act,
+                                              long long ld, int rows, int inner, int r0, int p0,
+                                              int vec, float d[][P::CHUNK], float f[][P::CHUNK]) {
+#pragma unroll
+    for (int c = 0; c < ActChunks<P, LAYOUT, BR>::PER_THREAD; ++c) {
+        int valid, dst;
+        long long offset;
+        mma_chunk<P, LAYOUT, BR>(threadIdx.x + c * MMA_THREADS, ld, rows, inner, r0, p0, valid,
+                                 offset, dst);
+        mma_load_f32<P::CHUNK>(dout, offset, valid, vec, d[c]);
+        mma_load_f32<P::CHUNK>(act.saved, offset, valid, vec, f[c]);
+    }
+}
+
+__device__ __forceinline__ void mma_put(gb_bf16* dst, const float* v, int n) {
+    for (int e = 0; e < n; e += 2) {
+        const unsigned int pair = gb_cvt_bf16x2(v[e], v[e + 1]);
+        dst[e] = (gb_bf16)(pair & 0xffffu);
+        dst[e + 1] = (gb_bf16)(pair >> 16);
+    }
+}
+
+__device__ __forceinline__ void mma_put(float* dst, const float* v, int n) {
+    for (int e = 0; e < n; ++e) dst[e] = v[e];
+}
+
+// δ of the fetched chunks into the stage tile; with SUMS, sums[e] += δ of element e of each
+// chunk (an OUTER operand: a thread's chunks all cover the same CHUNK rows).  Out-of-range
+// elements were fetched as 0 and give δ = 0 · f'(0) = 0.
+template <class P, int LAYOUT, int BR, bool SUMS>
+__device__ __forceinline__ void mma_stash_act(typename P::elem* tile, MmaAct act,
+                                              float d[][P::CHUNK], float f[][P::CHUNK],
+                                              float sums[P::CHUNK]) {
+#pragma unroll
+    for (int c = 0; c < ActChunks<P, LAYOUT, BR>::PER_THREAD; ++c) {
+        int valid, dst;
+        long long offset;
+        mma_chunk<P, LAYOUT, BR>(threadIdx.x + c * MMA_THREADS, 0, 0, 0, 0, 0, valid, offset, dst);
+        float delta[P::CHUNK];
+#pragma unroll
+        for (int e = 0; e < P::CHUNK; ++e) {
+            delta[e] = (float)act_backward(act.code, (real_t)d[c][e], (real_t)f[c][e],
+                                           (real_t)act.alpha);
+            if (SUMS) sums[e] += delta[e];
+        }
+        mma_put(tile + dst, delta, P::CHUNK);
     }
 }
 
@@ -230,12 +335,21 @@ __device__ __forceinline__ void mma_tile(PrecisionTf32, float acc[4], const unsi
 // acc[i][j][e] = Σ_p A(row, p) B(col, p) for the thread's accumulator elements:
 // row = blockIdx.x·MMA_BM + warp row + 16 i + lane/4 + 8 (e/2), col = blockIdx.y·MMA_BN + warp
 // column + 8 j + 2 (lane%4) + e%2 (the ISA's C fragment).
-template <class P, int LAYOUT_A, int LAYOUT_B>
-__device__ __forceinline__ void mma_mainloop(const typename P::elem* __restrict__ a, long long lda,
+// With ACT_A, `a` is ∂L/∂y (fp32) and the A operand δ = a ⊙ f'(act.saved), formed on load;
+// with ROW_SUMS also sums[e] = Σ_p δ over the thread's chunk rows (see mma_stash_act).
+template <class P, int LAYOUT_A, int LAYOUT_B, bool ACT_A = false, bool ROW_SUMS = false,
+          class AElem = typename P::elem>
+__device__ __forceinline__ void mma_mainloop(const AElem* __restrict__ a, long long lda,
                                              const typename P::elem* __restrict__ b, long long ldb,
                                              int rows, int cols, int inner,
-                                             float acc[MMA_TILES_M][MMA_TILES_N][4]) {
+                                             float acc[MMA_TILES_M][MMA_TILES_N][4],
+                                             MmaAct act = MmaAct{}, float* sums = nullptr) {
     typedef typename P::elem elem;
+    static_assert(!ROW_SUMS || (ACT_A && LAYOUT_A == LAYOUT_OUTER),
+                  "row sums are taken of a δ operand staged [p][r]");
+    constexpr int ACT_PER = ACT_A ? ActChunks<P, LAYOUT_A, MMA_BM>::PER_THREAD : 1;
+    float act_d[ACT_PER][P::CHUNK], act_f[ACT_PER][P::CHUNK];
+    float no_sums[P::CHUNK];
     typedef StageTile<P, LAYOUT_A, MMA_BM> TA;
     typedef StageTile<P, LAYOUT_B, MMA_BN> TB;
     // Dynamic shared memory, MMA_STAGES × (A tile, B tile): mma_shared_bytes() of them, which
@@ -249,7 +363,14 @@ __device__ __forceinline__ void mma_mainloop(const typename P::elem* __restrict_
     const int r0 = blockIdx.x * MMA_BM, c0 = blockIdx.y * MMA_BN;
     const int warp = threadIdx.x / 32;
     const int wr = (warp / 2) * MMA_WARP_M, wc = (warp % 2) * MMA_WARP_N;
-    const int vec_a = mma_vec_ok<P>(a, lda), vec_b = mma_vec_ok<P>(b, ldb);
+    int vec_a;
+    if constexpr (ACT_A) {
+        vec_a = mma_vec_ok<PrecisionTf32>(a, lda) && mma_vec_ok<PrecisionTf32>(act.saved, lda);
+    } else {
+        vec_a = mma_vec_ok<P>(a, lda);
+    }
+    const int vec_b = mma_vec_ok<P>(b, ldb);
+    float* row_sums = ROW_SUMS ? sums : no_sums;
 
 #pragma unroll
     for (int i = 0; i < MMA_TILES_M; ++i)
@@ -262,7 +383,15 @@ __device__ __forceinline__ void mma_mainloop(const typename P::elem* __restrict_
 #pragma unroll
     for (int s = 0; s < MMA_STAGES - 1; ++s) {
         if (s < slices) {
-            mma_load_stage<P, LAYOUT_A, MMA_BM>(smem_a[s], a, lda, rows, inner, r0, s * P::BK, vec_a);
+            if constexpr (ACT_A) {
+                mma_fetch_act<P, LAYOUT_A, MMA_BM>(a, act, lda, rows, inner, r0, s * P::BK, vec_a,
+                                                   act_d, act_f);
+                mma_stash_act<P, LAYOUT_A, MMA_BM, ROW_SUMS>(smem_a[s], act, act_d, act_f,
+                                                             row_sums);
+            } else {
+                mma_load_stage<P, LAYOUT_A, MMA_BM>(smem_a[s], a, lda, rows, inner, r0, s * P::BK,
+                                                    vec_a);
+            }
             mma_load_stage<P, LAYOUT_B, MMA_BN>(smem_b[s], b, ldb, cols, inner, c0, s * P::BK, vec_b);
         }
         gb_cp_async_commit();  // one group per slice, empty past the end
@@ -274,7 +403,13 @@ __device__ __forceinline__ void mma_mainloop(const typename P::elem* __restrict_
         const int next = slice + MMA_STAGES - 1;
         if (next < slices) {
             const int s = next % MMA_STAGES;
-            mma_load_stage<P, LAYOUT_A, MMA_BM>(smem_a[s], a, lda, rows, inner, r0, next * P::BK, vec_a);
+            if constexpr (ACT_A) {  // into registers now, δ into shared memory after the mma's
+                mma_fetch_act<P, LAYOUT_A, MMA_BM>(a, act, lda, rows, inner, r0, next * P::BK,
+                                                   vec_a, act_d, act_f);
+            } else {
+                mma_load_stage<P, LAYOUT_A, MMA_BM>(smem_a[s], a, lda, rows, inner, r0,
+                                                    next * P::BK, vec_a);
+            }
             mma_load_stage<P, LAYOUT_B, MMA_BN>(smem_b[s], b, ldb, cols, inner, c0, next * P::BK, vec_b);
         }
         gb_cp_async_commit();
@@ -289,6 +424,13 @@ __device__ __forceinline__ void mma_mainloop(const typename P::elem* __restrict_
             for (int i = 0; i < MMA_TILES_M; ++i)
 #pragma unroll
                 for (int j = 0; j < MMA_TILES_N; ++j) mma_tile(P(), acc[i][j], fa[i], fb[j]);
+        }
+        if constexpr (ACT_A) {
+            // Stage `next` was last read in the previous iteration, before this one's barrier;
+            // it is read after the next barrier.
+            if (next < slices)
+                mma_stash_act<P, LAYOUT_A, MMA_BM, ROW_SUMS>(smem_a[next % MMA_STAGES], act,
+                                                             act_d, act_f, row_sums);
         }
     }
     gb_cp_async_wait<0>();  // only empty groups remain; nothing is left in flight at exit
@@ -361,6 +503,58 @@ __device__ __forceinline__ void mma_forward_epilogue(const float* __restrict__ b
     }
 }
 
+// db[r0 + r] = Σ over the threads holding rows r of their sums (mma_stash_act), in thread
+// order, for the block's MMA_BM rows: the partial sums go through shared memory (the stages,
+// free once every warp has finished its mma's).  Called by the whole block.
+template <class P>
+__device__ __forceinline__ void mma_row_sums(const float sums[P::CHUNK], float* __restrict__ db,
+                                             int rows, int r0) {
+    constexpr int GROUPS = MMA_BM / P::CHUNK;  // chunks across a stage row; a thread owns one
+    constexpr int PLANES = MMA_THREADS / GROUPS;
+    static_assert(MMA_THREADS % GROUPS == 0 && MMA_BM <= MMA_THREADS, "row sums layout");
+    GB_DYNAMIC_SHARED(unsigned char, mma_smem);
+    float* part = reinterpret_cast<float*>(mma_smem);  // [PLANES][MMA_BM]
+    __syncthreads();
+    const int plane = threadIdx.x / GROUPS, r = (threadIdx.x % GROUPS) * P::CHUNK;
+#pragma unroll
+    for (int e = 0; e < P::CHUNK; ++e) part[plane * MMA_BM + r + e] = sums[e];
+    __syncthreads();
+    if (threadIdx.x < MMA_BM && r0 + (int)threadIdx.x < rows) {
+        float total = 0.0f;
+        for (int q = 0; q < PLANES; ++q) total += part[q * MMA_BM + threadIdx.x];
+        db[r0 + threadIdx.x] = total;
+    }
+}
+
+// The fused backward of one precision P: dW (N,K) = δᵀ X with db (N) = Σ_m δ when has_bias, and
+// dX (M,K) = δ W, δ = ∂L/∂y ⊙ f'(saved) formed on load from fp32 dout and saved.
+template <class P>
+__device__ __forceinline__ void mma_backward_weight_act(
+    const float* __restrict__ dout, const float* __restrict__ saved,
+    const typename P::elem* __restrict__ x, float* __restrict__ dw, float* __restrict__ db, int M,
+    int N, int K, int act_code, float alpha, int has_bias) {
+    float acc[MMA_TILES_M][MMA_TILES_N][4];
+    float sums[P::CHUNK];
+#pragma unroll
+    for (int e = 0; e < P::CHUNK; ++e) sums[e] = 0.0f;
+    mma_mainloop<P, LAYOUT_OUTER, LAYOUT_OUTER, true, true, float>(
+        dout, N, x, K, N, K, M, acc, MmaAct{saved, act_code, alpha}, sums);
+    mma_store(dw, N, K, acc);
+    if (has_bias && blockIdx.y == 0) mma_row_sums<P>(sums, db, N, blockIdx.x * MMA_BM);
+}
+
+template <class P>
+__device__ __forceinline__ void mma_backward_data_act(const float* __restrict__ dout,
+                                                      const float* __restrict__ saved,
+                                                      const typename P::elem* __restrict__ w,
+                                                      float* __restrict__ dx, int M, int N, int K,
+                                                      int act_code, float alpha) {
+    float acc[MMA_TILES_M][MMA_TILES_N][4];
+    mma_mainloop<P, LAYOUT_INNER, LAYOUT_OUTER, true, false, float>(
+        dout, N, w, K, M, K, N, acc, MmaAct{saved, act_code, alpha});
+    mma_store(dx, M, K, acc);
+}
+
 // ---- bf16 ------------------------------------------------------------------------------------
 
 // grid (⌈M/MMA_BM⌉, ⌈N/MMA_BN⌉), block MMA_THREADS.  z is written only when write_z, y16 (Y in
@@ -406,6 +600,33 @@ dense_backward_weight_bf16(const gb_bf16* __restrict__ delta, const gb_bf16* __r
 #endif
 }
 
+// dW (N,K) = δᵀ X and, with has_bias, db (N) = Σ_m δ (fp32), δ = dout ⊙ f'(saved) formed on
+// load and rounded to bf16 for the products.  grid (⌈N/MMA_BM⌉, ⌈K/MMA_BN⌉), K ≥ 1.
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+dense_backward_weight_act_bf16(const float* __restrict__ dout, const float* __restrict__ saved,
+                               const gb_bf16* __restrict__ x, float* __restrict__ dw,
+                               float* __restrict__ db, int M, int N, int K, int act_code,
+                               float alpha, int has_bias) {
+#if GB_HAS_TENSOR_CORES
+    mma_backward_weight_act<PrecisionBf16>(dout, saved, x, dw, db, M, N, K, act_code, alpha,
+                                           has_bias);
+#else
+    __trap();
+#endif
+}
+
+// dX (M,K) = δ W, δ formed on load.  grid (⌈M/MMA_BM⌉, ⌈K/MMA_BN⌉).
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+dense_backward_data_act_bf16(const float* __restrict__ dout, const float* __restrict__ saved,
+                             const gb_bf16* __restrict__ w, float* __restrict__ dx, int M, int N,
+                             int K, int act_code, float alpha) {
+#if GB_HAS_TENSOR_CORES
+    mma_backward_data_act<PrecisionBf16>(dout, saved, w, dx, M, N, K, act_code, alpha);
+#else
+    __trap();
+#endif
+}
+
 // ---- tf32 ------------------------------------------------------------------------------------
 
 extern "C" __global__ void __launch_bounds__(MMA_THREADS)
@@ -440,6 +661,30 @@ dense_backward_weight_tf32(const float* __restrict__ delta, const float* __restr
     float acc[MMA_TILES_M][MMA_TILES_N][4];
     mma_mainloop<PrecisionTf32, LAYOUT_OUTER, LAYOUT_OUTER>(delta, N, x, K, N, K, M, acc);
     mma_store(dw, N, K, acc);
+#else
+    __trap();
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+dense_backward_weight_act_tf32(const float* __restrict__ dout, const float* __restrict__ saved,
+                               const float* __restrict__ x, float* __restrict__ dw,
+                               float* __restrict__ db, int M, int N, int K, int act_code,
+                               float alpha, int has_bias) {
+#if GB_HAS_TENSOR_CORES
+    mma_backward_weight_act<PrecisionTf32>(dout, saved, x, dw, db, M, N, K, act_code, alpha,
+                                           has_bias);
+#else
+    __trap();
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+dense_backward_data_act_tf32(const float* __restrict__ dout, const float* __restrict__ saved,
+                             const float* __restrict__ w, float* __restrict__ dx, int M, int N,
+                             int K, int act_code, float alpha) {
+#if GB_HAS_TENSOR_CORES
+    mma_backward_data_act<PrecisionTf32>(dout, saved, w, dx, M, N, K, act_code, alpha);
 #else
     __trap();
 #endif

@@ -6,7 +6,10 @@
 //   clip_coefficient      ‖g‖ = √(Σ partials), c = max_norm / (‖g‖ + 1e−6)           (one block)
 //   clip_scale            g ← g · c where c < 1 (torch.nn.utils.clip_grad_norm_)    (grid-stride)
 //   sgd_update, adam_update  torch.optim.SGD / Adam / AdamW over a flat buffer, lr and bias
-//                         corrections read from the step scalars                    (grid-stride)
+//                         corrections read from the step scalars; optionally g ← g · c first
+//                         (c from clip_coefficient, as clip_scale does, so clipping costs no
+//                         launch of its own) and a bf16 copy of the new θ (the operands of
+//                         the bf16 GEMMs, written here instead of once per GEMM)  (grid-stride)
 //
 // The step scalars are a double[STEP_SCALARS] array per optimizer (gpubackprop/optim.py):
 //   [STEP_T] steps taken, [STEP_LR] learning rate (the host writes it when a schedule changes
@@ -66,40 +69,85 @@ extern "C" __global__ void clip_scale(real_t* __restrict__ grad, long long n,
 // The optimizer updates with their step-dependent scalars read from device memory; the update
 // of one element is optimizers.cuh's device function, as in the elementwise kernels.
 #include "optimizers.cuh"
+// gb_cvt_bf16x2: the rounding of gemm_mma.cu's to_bf16, for the bf16 copy of θ.
+#include "ptx_twins.cuh"
+
+__device__ __forceinline__ float gb_mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double gb_mul_rn(double a, double b) { return __dmul_rn(a, b); }
+
+// The gradient an update uses: g · factor when clipping is on (written back, so that the
+// gradient after the step is the clipped one, as after clip_scale), else g.  __fmul_rn /
+// __dmul_rn: the product is rounded on its own, never contracted into an FMA with what the
+// update does next, so g is bitwise clip_scale's.
+__device__ __forceinline__ real_t gb_clipped_grad(real_t* grad, long long i, int clip,
+                                                  real_t factor) {
+    real_t g = grad[i];
+    if (clip) {
+        g = gb_mul_rn(g, factor);
+        grad[i] = g;
+    }
+    return g;
+}
+
+// The clip factor (real_t)c and whether to apply it: clip_scale's rule (only when c < 1).
+__device__ __forceinline__ int gb_clip_active(const double* clip, int use_clip, real_t* factor) {
+    if (!use_clip) return 0;
+    const double c = clip[0];
+    *factor = (real_t)c;
+    return c < 1.0;
+}
+
+// θ's bf16 bits (round to nearest even, as to_bf16), for the bf16 GEMMs' weight operand.
+__device__ __forceinline__ void gb_store_bf16(void* out, long long i, real_t value) {
+    ((gb_bf16*)out)[i] = (gb_bf16)(gb_cvt_bf16x2((float)value, 0.0f) & 0xffffu);
+}
 
 // torch.optim.SGD over n elements; lr = scalars[STEP_LR], first step when t = 1.
-// momentum_buf is unused (may alias param) when use_momentum is 0.
-extern "C" __global__ void sgd_update(real_t* __restrict__ param, const real_t* __restrict__ grad,
-                                      real_t* momentum_buf, long long n,
-                                      const double* __restrict__ scalars, double momentum,
-                                      double dampening, int nesterov, double weight_decay,
-                                      int use_momentum) {
+// momentum_buf is unused (may alias param) when use_momentum is 0.  clip: the clip coefficient
+// (clip_coefficient's, may alias scalars when use_clip is 0).  param_bf16: gb_bf16[n] receiving
+// bf16(θ) when write_bf16 is 1 (void* so that param may stand in for it when 0).
+extern "C" __global__ void sgd_update(real_t* __restrict__ param, real_t* __restrict__ grad,
+                                      real_t* momentum_buf, void* param_bf16, long long n,
+                                      const double* __restrict__ scalars, const double* clip,
+                                      double momentum, double dampening, int nesterov,
+                                      double weight_decay, int use_momentum, int use_clip,
+                                      int write_bf16) {
     const double lr = scalars[STEP_LR];
     const int first_step = scalars[STEP_T] == 1.0;
+    real_t factor = (real_t)1;
+    const int clip_on = gb_clip_active(clip, use_clip, &factor);
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const real_t g = gb_clipped_grad(grad, i, clip_on, factor);
         if (use_momentum) {
-            gb_sgd_momentum_element(grad[i], lr, momentum, dampening, nesterov, weight_decay,
+            gb_sgd_momentum_element(g, lr, momentum, dampening, nesterov, weight_decay,
                                     first_step, param[i], momentum_buf[i]);
         } else {
-            gb_sgd_plain_element(grad[i], lr, weight_decay, param[i]);
+            gb_sgd_plain_element(g, lr, weight_decay, param[i]);
         }
+        if (write_bf16) gb_store_bf16(param_bf16, i, param[i]);
     }
 }
 
-// torch.optim.Adam / AdamW over n elements; lr and the bias corrections from scalars.
-extern "C" __global__ void adam_update(real_t* __restrict__ param, const real_t* __restrict__ grad,
+// torch.optim.Adam / AdamW over n elements; lr and the bias corrections from scalars; clip and
+// param_bf16 as in sgd_update.
+extern "C" __global__ void adam_update(real_t* __restrict__ param, real_t* __restrict__ grad,
                                        real_t* __restrict__ exp_avg,
-                                       real_t* __restrict__ exp_avg_sq, long long n,
-                                       const double* __restrict__ scalars, double beta1,
-                                       double beta2, double eps, double weight_decay,
-                                       int decoupled) {
+                                       real_t* __restrict__ exp_avg_sq, void* param_bf16,
+                                       long long n, const double* __restrict__ scalars,
+                                       const double* clip, double beta1, double beta2, double eps,
+                                       double weight_decay, int decoupled, int use_clip,
+                                       int write_bf16) {
     const double lr = scalars[STEP_LR];
     const double bias1 = scalars[STEP_BIAS1];
     const double bias2_sqrt = scalars[STEP_BIAS2_SQRT];
+    real_t factor = (real_t)1;
+    const int clip_on = gb_clip_active(clip, use_clip, &factor);
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        gb_adam_element(grad[i], lr, beta1, beta2, eps, weight_decay, decoupled, bias1,
-                        bias2_sqrt, param[i], exp_avg[i], exp_avg_sq[i]);
+        const real_t g = gb_clipped_grad(grad, i, clip_on, factor);
+        gb_adam_element(g, lr, beta1, beta2, eps, weight_decay, decoupled, bias1, bias2_sqrt,
+                        param[i], exp_avg[i], exp_avg_sq[i]);
+        if (write_bf16) gb_store_bf16(param_bf16, i, param[i]);
     }
 }

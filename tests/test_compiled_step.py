@@ -153,6 +153,12 @@ def _assert_same_training(backend, config):
         model.state_dict().items(), eager_model.state_dict().items(), strict=True
     ):
         assert np.array_equal(ours, theirs), name
+    # The gradients after the last step: the clipped ones in both (the captured step scales
+    # them inside the update launch and writes them back, as clip_grad_norm scales them).
+    assert np.array_equal(
+        np.array(backend.to_numpy(model.store.grad)),
+        np.array(backend.to_numpy(eager_model.store.grad)),
+    )
     ours_state, eager_state = optimizer.state_dict(), eager_opt.state_dict()
     assert ours_state["step"] == eager_state["step"] == STEPS
     for key, value in ours_state["buffers"].items():
@@ -265,7 +271,8 @@ def test_the_seam_refuses_inside_a_capture(emu):
     assert np.array_equal(static.get(), np.arange(4, dtype=np.float32))
 
 
-def test_fit_with_graph_trains_exactly_as_without(emu):
+@pytest.mark.parametrize("max_norm", [None, 0.05])
+def test_fit_with_graph_trains_exactly_as_without(emu, max_norm):
     rng = np.random.default_rng(5)
     x = rng.standard_normal((23, 5)).astype(np.float32)
     y = rng.integers(0, 3, 23)
@@ -283,12 +290,26 @@ def test_fit_with_graph_trains_exactly_as_without(emu):
             batch_size=8,
             verbose=0,
             graph=graph,
+            max_norm=max_norm,
         )
         results.append((model.state_dict(), history.history["loss"], history.history["accuracy"]))
     (state_a, loss_a, acc_a), (state_b, loss_b, acc_b) = results
     assert loss_a == loss_b and acc_a == acc_b
     for name in state_a:
         assert np.array_equal(state_a[name], state_b[name]), name
+    if max_norm is not None:  # the clip did act: unclipped training ends elsewhere
+        gb.seed(1)
+        model = gb.Sequential(gb.Dense(5, 8), gb.Tanh(), gb.Dense(8, 3)).to(emu)
+        model.fit(
+            x,
+            y,
+            loss=gb.SoftmaxCrossEntropyLoss(),
+            optimizer=gb.Adam(model.parameters(), lr=1e-2),
+            epochs=2,
+            batch_size=8,
+            verbose=0,
+        )
+        assert not np.array_equal(model.state_dict()["0.weight"], state_a["0.weight"])
 
 
 def test_bad_arguments_are_named(emu):
@@ -327,6 +348,102 @@ def test_clip_grad_norm_returns_a_device_norm_and_scales_on_the_device(emu):
     # A norm below max_norm leaves the gradients as they are.
     norm = gb.clip_grad_norm(model.parameters(), 100.0)
     assert np.array_equal(emu.to_numpy(model.store.grad), scaled)
+
+
+def _kernels_of_the_public_step(backend, model, loss_fn, optimizer, x, y, max_norm):
+    """The kernels one step written with the public calls launches on the recording seam."""
+    backend.seam.clear()
+    loss_fn.to(backend)
+    loss_fn.check_labels = False
+    pred = model.forward(x)
+    loss_fn.forward(pred, backend.asarray(y, np.int64))
+    model.backward(loss_fn.backward(), need_input_grad=False)
+    if max_norm is not None:
+        gb.clip_grad_norm(model.parameters(), max_norm)
+    optimizer.step()
+    return [launch.kernel for launch in backend.seam.launches]
+
+
+@pytest.mark.parametrize("make_optimizer", [lambda p: gb.SGD(p, lr=0.1, momentum=0.9), gb.Adam])
+def test_a_clipped_captured_step_scales_inside_the_update_launch(make_optimizer):
+    """With max_norm the graph holds one launch fewer than the public calls: no clip_scale,
+    the update launch applies the coefficient (and the unclipped step is the same launches)."""
+    from gpubackprop.backends.recording import HostBackend
+
+    config = CONFIGS["relu-tanh-gelu/xent/sgd-momentum/clip"]
+    x, y = _batches(config[2])[0]
+    for max_norm in (None, 0.5):
+        backend = HostBackend()
+        model, loss_fn, _ = _build(backend, config)
+        optimizer = make_optimizer(model.parameters())
+        public = _kernels_of_the_public_step(backend, model, loss_fn, optimizer, x, y, max_norm)
+        step = gb.compile_step(model, loss_fn, optimizer, max_norm=max_norm)
+        step(x, y)  # warm-up and capture
+        (captured,) = step.graphs.values()
+        kernels = [launch.kernel for launch in captured.graph.launches]
+        assert "clip_scale" not in kernels
+        if max_norm is None:
+            assert kernels == public
+        else:
+            assert public.count("clip_scale") == 1 and "clip_coefficient" in kernels
+            assert len(kernels) == len(public) - 1
+            assert kernels == [k for k in public if k != "clip_scale"]
+
+
+def _optimizers():
+    return [
+        lambda p: gb.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2),
+        lambda p: gb.SGD(p, lr=0.1),
+        lambda p: gb.Adam(p, lr=1e-2, weight_decay=1e-2),
+        lambda p: gb.AdamW(p, lr=1e-2),
+    ]
+
+
+@pytest.mark.parametrize("backend_name", ["emu", "numpy"])
+@pytest.mark.parametrize("index", range(4))
+@pytest.mark.parametrize("subset", [False, True])
+def test_step_with_max_norm_is_clip_grad_norm_then_step_bit_for_bit(
+    emu, backend_name, index, subset
+):
+    """opt.step(max_norm=m) against gb.clip_grad_norm(params, m) + opt.step(): the norm, the
+    parameters, the gradients after the step and the optimizer state, over 4 steps with c < 1
+    and c >= 1, for a flat optimizer and one over a subset of the parameters."""
+    backend = emu if backend_name == "emu" else get_backend("numpy")
+    rng = np.random.default_rng(index)
+    grads = [rng.standard_normal(size) for size in (70, 70, 70, 70)]
+    results = []
+    for fused in (False, True):
+        gb.seed(4)
+        model = gb.Sequential(gb.Dense(5, 7), gb.Tanh(), gb.Dense(7, 3)).to(backend)
+        params = model.parameters()[:2] if subset else model.parameters()
+        optimizer = _optimizers()[index](params)
+        norms = []
+        for step, (g, max_norm) in enumerate(zip(grads, (0.5, 1e3, 0.2, 0.5))):
+            flat = np.zeros(model.store.size, np.float32)
+            flat[: g.size] = g * (step + 1)
+            model.store.grad[...] = backend.asarray(flat, np.float32)
+            if fused:
+                norm = optimizer.step(max_norm=max_norm)
+            else:
+                norm = gb.clip_grad_norm(params, max_norm)
+                assert optimizer.step() is None
+            norms.append(np.array(backend.to_numpy(norm)))
+        results.append(
+            (
+                norms,
+                np.array(backend.to_numpy(model.store.data)),
+                np.array(backend.to_numpy(model.store.grad)),
+                optimizer.state_dict()["buffers"],
+            )
+        )
+    (norms_a, data_a, grad_a, state_a), (norms_b, data_b, grad_b, state_b) = results
+    assert np.array_equal(np.array(norms_a), np.array(norms_b))
+    assert np.array_equal(data_a, data_b)
+    assert np.array_equal(grad_a, grad_b)
+    for key in state_a:
+        assert np.array_equal(state_a[key], state_b[key]), key
+    with pytest.raises(ValueError, match="max_norm"):
+        optimizer.step(max_norm=-1.0)
 
 
 # -- data-parallel steps (compile_step(data_parallel=)); two ranks: tests/test_distributed.py -----
@@ -379,3 +496,38 @@ def test_data_parallel_arguments_are_checked():
     step = gb.compile_step(model, other_loss, optimizer, data_parallel=parallel)
     with pytest.raises(ValueError, match="global_rows=3 is less than this rank's 7 rows"):
         step(x, y, global_rows=3)
+
+
+@pytest.mark.parametrize("max_norm", [None, 0.3])
+def test_a_bf16_captured_step_equals_the_eager_bf16_steps(emu, max_norm):
+    """A model placed in bf16: the captured step (whose update launch writes the weights' bf16
+    copy) trains bit for bit as the public calls, and leaves the copy equal to bf16(θ)."""
+    from gpubackprop.precision import bf16_bits
+
+    config = CONFIGS["gelu_tanh-identity/bce-logits/adamw/clip+schedule"]
+    config = (*config[:4], max_norm, False)
+    batches = _batches(config[2])[:8]
+    results = []
+    for compiled in (False, True):
+        model, loss_fn, optimizer = _build(emu, config)
+        model.to(emu, precision="bf16")
+        optimizer = config[3](model.parameters())
+        if compiled:
+            step = gb.compile_step(model, loss_fn, optimizer, max_norm=max_norm)
+            losses = [np.array(emu.to_numpy(step(x, y))) for x, y in batches]
+            assert len(step.graphs) == 2
+        else:
+            loss_fn.to(emu)
+            losses = []
+            for x, y in batches:
+                value = loss_fn.forward(model.forward(x), emu.asarray(y, np.float32))
+                model.backward(loss_fn.backward(), need_input_grad=False)
+                if max_norm is not None:
+                    gb.clip_grad_norm(model.parameters(), max_norm)
+                optimizer.step()
+                losses.append(np.array(emu.to_numpy(value)))
+        data = np.array(emu.to_numpy(model.store.data))
+        np.testing.assert_array_equal(np.array(emu.to_numpy(model.store.bf16)), bf16_bits(data))
+        results.append((losses, data))
+    np.testing.assert_array_equal(np.array(results[0][0]), np.array(results[1][0]))
+    np.testing.assert_array_equal(results[0][1], results[1][1])

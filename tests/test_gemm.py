@@ -224,4 +224,8 @@ def test_a_backend_compiles_only_the_gemm_version_it_launches(version):
     if version == "tiled":  # and its variants: δ formed on load, split-K and its reduction
         expected |= {"dense_backward_weight_act", "dense_backward_data_act", "gemm_splitk_reduce"}
         expected |= {f"{name}_splitk" for name in layouts}
+        expected |= {"dense_backward_weight_act_splitk", "dense_backward_data_act_splitk"}
+        expected |= {"gemm_splitk_reduce_backward"}
+    if version == "warptiled":
+        expected |= {"dense_backward_weight_act_warptiled", "dense_backward_data_act_warptiled"}
     assert set(module.kernels) == expected

@@ -166,6 +166,58 @@ def test_every_epilogue(seam, module, precision, activation):
             np.testing.assert_array_equal(y16, bf16_bits(y))
 
 
+@pytest.fixture(scope="module")
+def emu_backend():
+    from gpubackprop.backends import get_backend
+
+    return get_backend("emu")
+
+
+@needs_emulator
+@pytest.mark.parametrize("precision", ["bf16", "tf32"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("shape", [(37, 21, 19), (45, 40, 24)], ids=lambda s: "x".join(map(str, s)))
+def test_fused_backward_kernels_match_the_unfused_ones_and_the_reference(
+    emu_backend, precision, activation, shape
+):
+    """dense_backward_weight_act_<p> / dense_backward_data_act_<p>: δ = dout ⊙ f'(saved) formed
+    in fp32 as the A operand is loaded (scalar loads at N = 21, 16-byte ones at N = 40), rounded
+    to the precision, db summed from the fp32 δ.  dW and dX equal, bit for bit, the unfused
+    path (the elementwise δ, to_bf16, the plain kernels); db and both products match float64
+    within the precision's bound (gemm_error_bound, exact) at K and M not multiples of 16."""
+    from gpubackprop.backends.numpy_backend import NumpyBackend
+
+    backend = emu_backend
+    M, N, K = shape
+    rng = np.random.default_rng(ACTIVATION_CODES[activation] * 10 + N)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    w = (rng.standard_normal((N, K)) / np.sqrt(K)).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32)
+    dout = rng.standard_normal((M, N)).astype(np.float32)
+    _, saved = NumpyBackend().dense_forward(x, w, bias, activation, 0.1)
+    saved = dout if saved is None else saved
+    dev = [backend.asarray(a) for a in (dout, x, w, saved)]
+    dw, db = backend.empty((N, K), np.float32), backend.empty((N,), np.float32)
+    dx = backend.dense_backward(*dev, activation, 0.1, dw, db, True, precision)
+    dw, db, dx = (np.asarray(backend.to_numpy(a), np.float64) for a in (dw, db, dx))
+
+    delta = backend.activation_backward(dev[0], dev[3], activation, 0.1)
+    dims = (i32(M), i32(N), i32(K))
+    plain_dw, plain_dx = backend.empty((N, K), np.float32), backend.empty((M, K), np.float32)
+    delta_op, x_op, w_op = (backend._mma_operand(a, precision) for a in (delta, dev[1], dev[2]))
+    backend._mma("dense_backward_weight", N, K, (delta_op, x_op, plain_dw, *dims), precision)
+    backend._mma("dense_backward_data", M, K, (delta_op, w_op, plain_dx, *dims), precision)
+    np.testing.assert_array_equal(dw, backend.to_numpy(plain_dw))
+    np.testing.assert_array_equal(dx, backend.to_numpy(plain_dx))
+
+    delta64 = backend.to_numpy(delta).astype(np.float64)
+    np.testing.assert_allclose(db, delta64.sum(0), rtol=0, atol=M * 2**-23 * np.abs(delta64).max())
+    for out, (a, b) in ((dw, (delta64.T, x)), (dx, (delta64, w))):
+        exact = a @ b.astype(np.float64)
+        bound = gemm_error_bound(a, b, precision, exact=True)
+        assert_within(out, exact, bound, f"{precision} {activation}")
+
+
 @needs_emulator
 def test_to_bf16_rounds_to_nearest_even(seam, module):
     x = np.random.default_rng(0).standard_normal(1001).astype(np.float32) * 1e3
@@ -184,21 +236,32 @@ def test_the_result_does_not_depend_on_thread_order(module):
     rng = np.random.default_rng(9)
     delta = bf16_bits(rng.standard_normal((M, N)))
     x = bf16_bits(rng.standard_normal((M, K)))
+    dout = rng.standard_normal((M, N)).astype(np.float32)
+    saved = rng.standard_normal((M, N)).astype(np.float32)
+    code, alpha = i32(ACTIVATION_CODES["tanh"]), np.float32(0)
     results = []
     for seed in (0, 3, 11):
         shuffled = EmuSeam(shuffle_seed=seed)
+        compiled = shuffled.compile("gemm_mma.cu", {"REAL_T": "float"})
         dw = np.zeros((N, K), np.float32)
         shuffled.launch(
-            shuffled.compile("gemm_mma.cu", {"REAL_T": "float"}),
+            compiled,
             "dense_backward_weight_bf16",
             grid(N, K),
             THREADS,
             (delta, x, dw, i32(M), i32(N), i32(K)),
             SHARED["weight"],
         )
-        results.append(dw)
+        # δ formed on load: stored into a stage after the mma's, db through shared memory.
+        dw_act, db = np.zeros((N, K), np.float32), np.zeros(N, np.float32)
+        args = (dout, saved, x, dw_act, db, i32(M), i32(N), i32(K), code, alpha, i32(1))
+        shuffled.launch(
+            compiled, "dense_backward_weight_act_bf16", grid(N, K), THREADS, args, SHARED["weight"]
+        )
+        results.append((dw, dw_act, db))
     for other in results[1:]:
-        np.testing.assert_array_equal(results[0], other)
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_tolerances_are_derived_from_k_and_the_unit_roundoff():
@@ -221,9 +284,10 @@ try:
 except Exception as error:  # no CuPy or no NVRTC library
     NVRTC_REASON = f"NVRTC cannot load: {type(error).__name__}: {error}"
 
+MMA_LAYOUTS = ("forward", "backward_data", "backward_weight", "backward_data_act")
 MMA_KERNELS = {
     f"dense_{layout}_{precision}"
-    for layout in ("forward", "backward_data", "backward_weight")
+    for layout in (*MMA_LAYOUTS, "backward_weight_act")
     for precision in ("bf16", "tf32")
 }
 

@@ -128,3 +128,104 @@ def test_fused_dense_backward_is_two_launches_and_matches_the_reference(emu, act
         "dense_backward_weight_act",
         "dense_backward_data_act",
     ]
+
+
+# (version, (M, N, K), SM count) of a dense backward, and which of its GEMMs the plan splits:
+# the warp-tiled version, a long batch (dW split), a long output width (dX split), both.
+FUSED_CASES = {
+    "warptiled": ("warptiled", (37, 19, 23), 132, set()),
+    "splitk-dW": ("tiled", (1031, 5, 7), 132, {"dense_backward_weight"}),
+    "splitk-dX": ("tiled", (7, 1031, 5), 132, {"dense_backward_data"}),
+    "splitk-both": ("tiled", (600, 600, 3), 132, {"dense_backward_weight", "dense_backward_data"}),
+}
+
+
+def _dense_backward_results(backend, arrays, activation, fused):
+    """dW, db, dX of one dense_backward, fused (δ formed on load) or through the unfused path
+    (the elementwise δ, the GEMMs and column_sum)."""
+    dout, x, w, saved = arrays
+    if not fused:
+        backend._fused_backward = lambda *shape: None
+    n, k = w.shape
+    dw, db = backend.empty((n, k), np.float32), backend.empty((n,), np.float32)
+    dx = backend.dense_backward(dout, x, w, saved, activation, 0.1, dw, db, True)
+    return [np.asarray(backend.to_numpy(a), np.float64) for a in (dw, db, dx)]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("case", sorted(FUSED_CASES))
+def test_fused_backward_of_every_version_and_split_matches_the_unfused_bits(emu, case, activation):
+    """The warp-tiled *_act kernels and the split-K ones (δ formed on load in each slice, the
+    slices' dW, db and dX added by gemm_splitk_reduce_backward) give the unfused path's dW and
+    dX bit for bit (the same δ, the same products, the same slice order) and db within fp32
+    rounding of Σ_rows δ; all of them match NumPy float64."""
+    from gpubackprop.backends.numpy_backend import NumpyBackend
+
+    version, (m, n, k), sms, split = FUSED_CASES[case]
+    rng = np.random.default_rng(ACTIVATIONS.index(activation))
+    x, w, b = rng.standard_normal((m, k)), rng.standard_normal((n, k)), rng.standard_normal(n)
+    dout = rng.standard_normal((m, n))
+    reference = NumpyBackend()
+    _, saved_ref = reference.dense_forward(x, w, b, activation, 0.1)
+    dw_ref, db_ref = np.empty((n, k)), np.empty(n)
+    dx_ref = reference.dense_backward(dout, x, w, saved_ref, activation, 0.1, dw_ref, db_ref, True)
+
+    f32 = lambda a: emu.asarray(a, np.float32)  # noqa: E731
+    saved = None if saved_ref is None else f32(saved_ref)
+    arrays = (f32(dout), f32(x), f32(w), saved)
+    results = {}
+    for fused in (True, False):
+        backend = emu.with_gemm_version(version)
+        backend._sm_count = sms
+        results[fused] = _dense_backward_results(backend, arrays, activation, fused)
+        if fused:
+            plans = backend._fused_backward(m, n, k, np.dtype(np.float32))
+            assert {
+                plan.launch.kernel.removesuffix("_splitk") for plan, _ in plans if plan.splits > 1
+            } == split
+            assert all(
+                name.startswith(("dense_backward_weight_act", "dense_backward_data_act"))
+                for _, name in plans
+            )
+    (dw, db, dx), (dw_plain, db_plain, dx_plain) = results[True], results[False]
+    assert np.array_equal(dw, dw_plain) and np.array_equal(dx, dx_plain)
+    np.testing.assert_allclose(db, db_plain, rtol=1e-5, atol=1e-5 * np.abs(db_plain).max())
+    for ours, ref in ((dw, dw_ref), (db, db_ref), (dx, dx_ref)):
+        np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+# bf16 and tf32 run gemm_mma.cu whatever the fp32 GEMM version.
+@pytest.mark.parametrize(
+    ("version", "precision"),
+    [("tiled", "fp32"), ("warptiled", "fp32"), ("tiled", "tf32"), ("tiled", "bf16")],
+)
+@pytest.mark.parametrize("shape", [(37, 19, 23), (1031, 5, 7), (7, 1031, 5)], ids=str)
+def test_a_dense_backward_is_two_launches_or_three_when_split(version, precision, shape):
+    """What one dense backward launches (recorded, not run): the dW GEMM with db and the dX
+    GEMM; a split GEMM adds one reduction for every split output."""
+    from gpubackprop.backends.recording import HostBackend
+
+    m, n, k = shape
+    host = HostBackend(gemm_version=version)
+    f = lambda *s: np.zeros(s, np.float32)  # noqa: E731
+    host.dense_backward(
+        f(m, n), f(m, k), f(n, k), f(m, n), "gelu", 0.0, f(n, k), f(n), True, precision
+    )
+    kernels = [launch.kernel for launch in host.seam.launches if launch.kernel != "to_bf16"]
+    if precision != "fp32":
+        assert kernels == [
+            f"dense_backward_weight_act_{precision}",
+            f"dense_backward_data_act_{precision}",
+        ]
+        return
+    split = version == "tiled" and shape != (37, 19, 23)
+    suffix = {"tiled": "", "warptiled": "_warptiled"}[version]
+    expected = ["dense_backward_weight_act", "dense_backward_data_act"]
+    if split:
+        which = 0 if shape[0] > shape[1] else 1
+        expected[which] += "_splitk"
+        expected[1 - which] += suffix
+        expected.append("gemm_splitk_reduce_backward")
+    else:
+        expected = [name + suffix for name in expected]
+    assert kernels == expected

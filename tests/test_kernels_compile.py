@@ -51,6 +51,13 @@ LIBRARY_KERNELS = {
         "dense_forward_warptiled",
         "dense_backward_data_warptiled",
         "dense_backward_weight_warptiled",
+        "dense_backward_weight_act",
+        "dense_backward_data_act",
+        "dense_backward_weight_act_splitk",
+        "dense_backward_data_act_splitk",
+        "gemm_splitk_reduce_backward",
+        "dense_backward_weight_act_warptiled",
+        "dense_backward_data_act_warptiled",
     },
     "reduce.cu": {"sum_squares_partial", "sum_partial", "sum_finalize", "column_sum"},
     "loss.cu": {

@@ -219,3 +219,175 @@ def test_bf16_reaches_the_fp32_accuracy_on_digits(backend_name, tmp_path, capsys
         accuracy[precision] = float(np.mean(runs))
     capsys.readouterr()
     assert abs(accuracy["bf16"] - accuracy["fp32"]) <= 0.01, accuracy
+
+
+# -- the bf16 copy of the parameters, written by the optimizer launch ------------------------
+
+
+def _assert_copy_current(model: gb.Sequential) -> None:
+    """The flat bf16 copy is bf16(θ) bit for bit, and every Dense's weight_bf16 its view."""
+    store, backend = model.store, model.backend
+    data = np.array(backend.to_numpy(store.data))
+    copy = np.array(backend.to_numpy(store.bf16))
+    assert copy.dtype == np.uint16 and copy.shape == data.shape
+    np.testing.assert_array_equal(copy, bf16_bits(data))
+    for layer in _dense_layers(model.layers):
+        view = np.array(backend.to_numpy(layer.weight_bf16))
+        assert view.shape == layer.weight.shape and view.dtype == np.uint16
+        np.testing.assert_array_equal(view, bf16_bits(backend.to_numpy(layer.weight.data)))
+
+
+def _dense_layers(layers):
+    for layer in layers:
+        if isinstance(layer, gb.Dense):
+            yield layer
+        elif hasattr(layer, "layers"):
+            yield from _dense_layers(layer.layers)
+
+
+def _batch(rows: int = 37):
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((rows, 13)).astype(np.float32), rng.integers(0, 5, rows)
+
+
+def _steps(model, optimizer, steps: int, max_norm=None) -> None:
+    x, y = _batch()
+    loss = gb.SoftmaxCrossEntropyLoss()
+    for _ in range(steps):
+        loss.forward(model.forward(x), y)
+        model.backward(loss.backward(), need_input_grad=False)
+        optimizer.step(max_norm=max_norm)
+
+
+OPTIMIZERS = {
+    "sgd-momentum": lambda p: gb.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3),
+    "adam": lambda p: gb.Adam(p, lr=1e-2),
+    "adamw+clip": lambda p: gb.AdamW(p, lr=1e-2),
+}
+
+
+COPY_BACKENDS = [
+    "numpy",
+    pytest.param("emu", marks=needs_emulator),
+    pytest.param("cupy", marks=pytest.mark.gpu),
+]
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("backend_name", COPY_BACKENDS)
+def test_the_optimizer_launch_keeps_the_bf16_copy_current(backend_name, optimizer):
+    if backend_name != "numpy":
+        _kernel_backend(backend_name, "bf16")
+    model = _model(backend_name, "bf16")
+    _assert_copy_current(model)  # written at placement
+    opt = OPTIMIZERS[optimizer](model.parameters())
+    _steps(model, opt, 4, max_norm=0.5 if "clip" in optimizer else None)
+    _assert_copy_current(model)  # and by each update launch
+    # A subset of the parameters (one update per parameter) writes their views.
+    first = model.parameters()[:2]
+    OPTIMIZERS[optimizer](first).step()
+    _assert_copy_current(model)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+def test_only_bf16_keeps_a_copy(precision):
+    model = _model("numpy", precision)
+    assert model.store.bf16 is None
+    assert all(layer.weight_bf16 is None for layer in _dense_layers(model.layers))
+    assert next(_dense_layers(model.layers)).weight_bf16 is None  # also before placement
+    model.to("numpy", precision="bf16")
+    assert model.store.bf16 is not None  # a new placement, a new copy
+    model.to("numpy")
+    assert model.store.bf16 is None and model.parameters()[0].bf16 is None
+
+
+def _without_copy(model: gb.Sequential) -> gb.Sequential:
+    """The same bf16 model with its copy dropped: the GEMMs round the fp32 weights per call,
+    as they did before the optimizer kept a copy."""
+    model.store.bf16 = None
+    for p in model.parameters():
+        p.bf16 = None
+    return model
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_training_with_the_copy_is_bitwise_training_without(backend_name, optimizer):
+    """The copy holds what rounding the weight per call gave: 5 steps on emu (or a GPU)
+    agree bit for bit with the per-call path."""
+    _kernel_backend(backend_name, "bf16")
+    max_norm = 0.5 if "clip" in optimizer else None
+    results = []
+    for keep_copy in (True, False):
+        model = _model(backend_name, "bf16")
+        if not keep_copy:
+            _without_copy(model)
+        opt = OPTIMIZERS[optimizer](model.parameters())
+        _steps(model, opt, 5, max_norm)
+        results.append(model.state_dict())
+    for name, value in results[0].items():
+        np.testing.assert_array_equal(value, results[1][name], err_msg=name)
+
+
+def test_a_bf16_step_launches_no_weight_conversion():
+    """On the recording seam: to_bf16 per step only for the activations and δ; the weights'
+    bf16 operands come from the copy (3 forward GEMMs + 2 dX GEMMs = 5 launches fewer), and
+    the update launch writes the copy (sgd_update's write_bf16 flag)."""
+    from gpubackprop.backends.recording import HostBackend
+
+    counts = {}
+    for keep_copy in (True, False):
+        backend = HostBackend()
+        model = _model(backend, "bf16")
+        if not keep_copy:
+            _without_copy(model)
+        opt = gb.SGD(model.parameters(), lr=0.1)
+        _steps(model, opt, 1)  # the first step builds what later steps reuse
+        backend.seam.clear()
+        _steps(model, opt, 1)
+        launches = backend.seam.launches
+        counts[keep_copy] = [launch.kernel for launch in launches]
+        (update,) = [launch for launch in launches if launch.kernel == "sgd_update"]
+        assert int(update.args[-1]) == int(keep_copy)  # write_bf16
+    assert len(counts[True]) == len(counts[False]) - 5
+    assert counts[False].count("to_bf16") - counts[True].count("to_bf16") == 5
+
+
+@needs_emulator
+def test_save_load_and_continue_in_bf16_refreshes_the_copy(tmp_path):
+    """Checkpoints hold fp32; loading into a bf16 placement rebuilds the copy, and training
+    on from the loaded model and optimizer is bitwise training on from the original."""
+    model = _model("emu", "bf16")
+    opt = gb.Adam(model.parameters(), lr=1e-2)
+    _steps(model, opt, 2)
+    path = tmp_path / "bf16.safetensors"
+    gb.save(path, model, opt)
+    loaded, loaded_opt = gb.load(path, backend="emu", precision="bf16", with_optimizer=True)
+    assert loaded.precision == "bf16"
+    _assert_copy_current(loaded)
+    _steps(model, opt, 2)
+    _steps(loaded, loaded_opt, 2)
+    _assert_copy_current(loaded)
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(loaded.state_dict()[name], value, err_msg=name)
+    # load_state_dict into a placed bf16 model rewrites the copy with the new values.
+    fresh = _model("emu", "bf16", seed=7)
+    fresh.load_state_dict(model.state_dict())
+    _assert_copy_current(fresh)
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", pytest.param("emu", marks=needs_emulator)])
+def test_weight_bf16_arguments_are_checked(backend_name):
+    backend = gb.get_backend(backend_name)
+    x = backend.asarray(np.ones((2, 3), np.float32))
+    w = backend.asarray(np.ones((4, 3), np.float32))
+    bits = backend.asarray(bf16_bits(np.ones((4, 3), np.float32)), np.uint16)
+    with pytest.raises(ValueError, match="weight_bf16 is accepted with precision='bf16' only"):
+        backend.dense_forward(x, w, None, "relu", precision="tf32", weight_bf16=bits)
+    with pytest.raises(ValueError, match="weight_bf16"):
+        backend.dense_forward(x, w, None, "relu", precision="bf16", weight_bf16=bits[:2])
+    with pytest.raises(ValueError, match="weight_bf16"):
+        backend.dense_forward(x, w, None, "relu", precision="bf16", weight_bf16=w)
+    y, _ = backend.dense_forward(x, w, None, "relu", precision="bf16", weight_bf16=bits)
+    y_ref, _ = backend.dense_forward(x, w, None, "relu", precision="bf16")
+    np.testing.assert_array_equal(backend.to_numpy(y), backend.to_numpy(y_ref))

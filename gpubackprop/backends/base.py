@@ -103,9 +103,19 @@ class Backend:
 
     # -- dense layer ---------------------------------------------------------------
     def dense_forward(
-        self, x, weight, bias, activation: str, alpha: float = 0.01, precision: str = "fp32"
+        self,
+        x,
+        weight,
+        bias,
+        activation: str,
+        alpha: float = 0.01,
+        precision: str = "fp32",
+        weight_bf16=None,
     ):
-        """z = x Wᵀ + b, y = f(z).  Returns (y, saved), saved y, z or None (SAVES_OUTPUT)."""
+        """z = x Wᵀ + b, y = f(z).  Returns (y, saved), saved y, z or None (SAVES_OUTPUT).
+        ``weight_bf16`` (precision "bf16" only): uint16 bf16 bits of ``weight``, the model's
+        copy that the optimizer keeps (FlatStore.bf16), used as the GEMM's weight operand
+        instead of rounding ``weight`` again; the same bits when the copy is current."""
         raise NotImplementedError
 
     def dense_backward(
@@ -120,9 +130,11 @@ class Backend:
         dbias,
         need_dinp: bool,
         precision: str = "fp32",
+        weight_bf16=None,
     ):
         """δ = dout ⊙ f'(z); writes dweight[...] = δᵀ x and dbias[...] = Σ_rows δ (dbias may be
-        None); returns dinp = δ W, or None when need_dinp is False."""
+        None); returns dinp = δ W, or None when need_dinp is False.  ``weight_bf16`` as in
+        dense_forward."""
         raise NotImplementedError
 
     # -- standalone activation -----------------------------------------------------------
@@ -210,10 +222,25 @@ class Backend:
         raise NotImplementedError
 
     def sgd_update(
-        self, param, grad, momentum_buf, scalars, *, momentum, dampening, nesterov, weight_decay
+        self,
+        param,
+        grad,
+        momentum_buf,
+        scalars,
+        *,
+        momentum,
+        dampening,
+        nesterov,
+        weight_decay,
+        clip=None,
+        param_bf16=None,
     ) -> None:
         """sgd_step with lr = scalars[STEP_LR] and first_step = (scalars[STEP_T] == 1), read on
-        the device."""
+        the device.  ``clip``: the float64 (1,) coefficient c of clip_coefficient; the update
+        then first does g ← g·(c rounded to g's dtype) where c < 1 and writes that g back to
+        ``grad``, exactly as clip_grad_norm_ would have scaled it.  ``param_bf16``: a uint16
+        array of param's shape (float32 only) that receives bf16(θ) (round to nearest even)
+        of the updated parameters."""
         raise NotImplementedError
 
     def adam_update(
@@ -229,8 +256,17 @@ class Backend:
         eps,
         weight_decay,
         decoupled,
+        clip=None,
+        param_bf16=None,
     ) -> None:
-        """adam_step with lr and the bias corrections read from ``scalars`` on the device."""
+        """adam_step with lr and the bias corrections read from ``scalars`` on the device;
+        ``clip`` and ``param_bf16`` as in sgd_update."""
+        raise NotImplementedError
+
+    def clip_coefficient(self, grads: list, max_norm: float) -> tuple[Any, Any]:
+        """(‖g‖, c): ‖g‖ = √(Σ over every array of Σ g²) as a 0-d array of the gradients'
+        dtype, c = max_norm / (‖g‖ + 1e−6) as a float64 array of shape (1,), both computed on
+        the device and nothing scaled (sgd_update / adam_update apply c with ``clip=c``)."""
         raise NotImplementedError
 
     def clip_grad_norm_(self, grads: list, max_norm: float):

@@ -194,9 +194,12 @@ class KernelBackend(Backend):
         return operands.updated_buffer(self.seam, name, a, dtype, shape)
 
     # -- dense layer ----------------------------------------------------------------------
-    def dense_forward(self, x, weight, bias, activation, alpha=0.01, precision="fp32"):
+    def dense_forward(
+        self, x, weight, bias, activation, alpha=0.01, precision="fp32", weight_bf16=None
+    ):
         """z = x Wᵀ + b, y = f(z) in one GEMM launch (gemm.cu: dense_forward; gemm_mma.cu:
-        dense_forward_<precision> for "bf16" and "tf32")."""
+        dense_forward_<precision> for "bf16" and "tf32"; ``weight_bf16``: bf16(W) kept by the
+        optimizer, read instead of converting W)."""
         code = check_activation(activation)
         x = self._float_operand("x", x, ndim=2)
         dtype = x.dtype
@@ -210,6 +213,8 @@ class KernelBackend(Backend):
         if bias is not None:
             bias = self._float_operand("bias", bias, dtype)
             same_shape("bias", bias, (n,))
+        if weight_bf16 is not None:
+            self._check_weight_bf16(weight_bf16, weight, precision)
         needs_z = activation != "identity" and activation not in SAVES_OUTPUT
         y = self.empty((m, n), dtype)
         z = self.empty((m, n), dtype) if needs_z else None
@@ -227,6 +232,7 @@ class KernelBackend(Backend):
                 code,
                 alpha,
                 precision,
+                weight_bf16,
             )
         elif m and n:
             epilogue = (
@@ -244,10 +250,27 @@ class KernelBackend(Backend):
         return y, (y if activation in SAVES_OUTPUT else z)
 
     def dense_backward(
-        self, dout, x, weight, saved, activation, alpha, dweight, dbias, need_dinp, precision="fp32"
+        self,
+        dout,
+        x,
+        weight,
+        saved,
+        activation,
+        alpha,
+        dweight,
+        dbias,
+        need_dinp,
+        precision="fp32",
+        weight_bf16=None,
     ):
-        """δ = dout ⊙ f'(saved) (elementwise), dW = δᵀx and dX = δW (gemm.cu, or gemm_mma.cu in
-        "bf16" / "tf32"), db = Σ_rows δ (reduce.cu: column_sum, on the fp32 δ)."""
+        """δ = dout ⊙ f'(saved), dW = δᵀx, db = Σ_rows δ and dX = δW in 2 launches: the dW GEMM
+        forms δ as it loads dout and saved and sums db from it in a fixed order, the dX GEMM
+        forms δ again (gemm.cu's *_act kernels, tiled or warp-tiled; gemm_mma.cu's
+        *_act_<precision> for "bf16" / "tf32", δ rounded to the precision as formed, db from
+        the fp32 δ).  3 launches when the GEMM plan splits the inner dimension (split-K: the
+        slices' partial dW, db and dX added by one reduction launch).  The naive GEMM version
+        and K = 0 take the unfused path: δ elementwise, the GEMMs, reduce.cu's column_sum.
+        ``weight_bf16``: bf16(W) kept by the optimizer, read instead of converting W."""
         check_activation(activation)
         dout = self._float_operand("dout", dout, ndim=2)
         dtype = dout.dtype
@@ -260,6 +283,8 @@ class KernelBackend(Backend):
         same_shape("weight", weight, (n, k))
         check_int32("dout.shape", dout.shape)
         check_int32("x.shape", x.shape)
+        if weight_bf16 is not None:
+            self._check_weight_bf16(weight_bf16, weight, precision)
         self._output("dweight", dweight, dtype, (n, k))
         if dbias is not None:
             self._output("dbias", dbias, dtype, (n,))
@@ -271,7 +296,21 @@ class KernelBackend(Backend):
                 )
             saved = self._float_operand("saved", saved, dtype)
             same_shape("saved", saved, (m, n))
-        plans = self._fused_backward(m, n, k, dtype) if precision == "fp32" else None
+        if precision != "fp32":
+            return self._mma_backward_act(
+                dout,
+                x,
+                weight,
+                saved,
+                activation,
+                alpha,
+                dweight,
+                dbias,
+                need_dinp,
+                precision,
+                weight_bf16,
+            )
+        plans = self._fused_backward(m, n, k, dtype)
         if plans:
             return self._dense_backward_act(
                 plans, dout, x, weight, saved, activation, alpha, dweight, dbias, need_dinp
@@ -280,10 +319,6 @@ class KernelBackend(Backend):
             delta = dout
         else:
             delta = self.activation_backward(dout, saved, activation, alpha)
-        if precision != "fp32":
-            return self._mma_backward(
-                delta, x, weight, dweight, dbias, need_dinp, m, n, k, precision
-            )
         self._gemm_backward_weight(delta, x, dweight, m, n, k)
         if dbias is not None:
             self._column_sum(delta, dbias)
@@ -301,10 +336,13 @@ class KernelBackend(Backend):
         if dtype != np.float32:
             raise ValueError(f"precision={precision!r} needs float32 arrays; got {dtype}")
 
-    def to_bf16(self, a):
+    def to_bf16(self, a, out=None):
         """A bf16 copy of the float32 array ``a`` (uint16 bits, round to nearest even;
-        gemm_mma.cu: to_bf16)."""
-        out = self.empty(tuple(a.shape), np.uint16)
+        gemm_mma.cu: to_bf16); written into ``out`` when given."""
+        if out is None:
+            out = self.empty(tuple(a.shape), np.uint16)
+        else:
+            self._output("out", out, np.dtype(np.uint16), tuple(a.shape))
         n = int(np.prod(a.shape))
         if n:
             grid = min(_ceil_div(n, 256), 4096)
@@ -329,31 +367,66 @@ class KernelBackend(Backend):
             grid,
             (MMA_THREADS, 1, 1),
             args,
-            mma_shared_bytes(kernel, precision),
+            mma_shared_bytes(kernel.replace("_act", ""), precision),
         )
 
-    def _mma_forward(self, x, weight, bias, y, z, dims, has_bias, write_z, code, alpha, precision):
+    def _check_weight_bf16(self, weight_bf16, weight, precision: str) -> None:
+        if precision != "bf16":
+            raise ValueError(
+                f"weight_bf16 is accepted with precision='bf16' only; got precision={precision!r}"
+            )
+        self._output("weight_bf16", weight_bf16, np.dtype(np.uint16), tuple(weight.shape))
+
+    def _mma_forward(
+        self, x, weight, bias, y, z, dims, has_bias, write_z, code, alpha, precision, w16=None
+    ):
         m, n, k = dims
-        xa, wa = self._mma_operand(x, precision), self._mma_operand(weight, precision)
+        xa = self._mma_operand(x, precision)
+        wa = self._mma_operand(weight, precision) if w16 is None else w16
         y16 = (xa, np.int32(0)) if precision == "bf16" else ()  # bf16 Y not requested
         args = (xa, wa, bias, y, z, *y16[:1], np.int32(m), np.int32(n), np.int32(k))
         args += (np.int32(has_bias), np.int32(write_z), *y16[1:], np.int32(code), np.float32(alpha))
         self._mma("dense_forward", m, n, args, precision)
 
-    def _mma_backward(self, delta, x, weight, dweight, dbias, need_dinp, m, n, k, precision):
+    def _mma_backward_act(
+        self,
+        dout,
+        x,
+        weight,
+        saved,
+        activation,
+        alpha,
+        dweight,
+        dbias,
+        need_dinp,
+        precision,
+        w16=None,
+    ):
+        """dW = δᵀx with db = Σ_rows δ, then dX = δW, on the tensor cores, δ = dout ⊙ f'(saved)
+        formed in fp32 as the GEMMs load it and rounded to the precision for the products, db
+        summed from the fp32 δ (gemm_mma.cu: dense_backward_weight_act_<p>,
+        dense_backward_data_act_<p>): 2 launches, plus the bf16 copies of x and W that the
+        caller did not pass (``w16``: bf16(W) kept by the optimizer)."""
+        m, n = dout.shape
+        k = x.shape[1]
+        code = np.int32(check_activation(activation))
+        saved = dout if saved is None else saved  # identity: f' = 1
         dims = (np.int32(m), np.int32(n), np.int32(k))
-        delta_a = self._mma_operand(delta, precision)
+        act = (code, np.float32(alpha))
         if n and k:
             xa = self._mma_operand(x, precision)
-            self._mma("dense_backward_weight", n, k, (delta_a, xa, dweight, *dims), precision)
-        if dbias is not None:
-            self._column_sum(delta, dbias)
+            db = dbias if dbias is not None else dweight
+            args = (dout, saved, xa, dweight, db, *dims, *act, np.int32(dbias is not None))
+            self._mma("dense_backward_weight_act", n, k, args, precision)
+        elif dbias is not None and n:  # K = 0: no dW, db still Σ_rows δ
+            self._column_sum(self.activation_backward(dout, saved, activation, alpha), dbias)
         if not need_dinp:
             return None
         dinp = self.empty((m, k), np.float32)
         if m and k:
-            wa = self._mma_operand(weight, precision)
-            self._mma("dense_backward_data", m, k, (delta_a, wa, dinp, *dims), precision)
+            wa = self._mma_operand(weight, precision) if w16 is None else w16
+            args = (dout, saved, wa, dinp, *dims, *act)
+            self._mma("dense_backward_data_act", m, k, args, precision)
         return dinp
 
     def _gemm(
@@ -405,17 +478,25 @@ class KernelBackend(Backend):
         self._launch(module, launch.kernel, launch.grid, launch.block, args)
 
     def _fused_backward(self, m: int, n: int, k: int, dtype: np.dtype) -> tuple | None:
-        """The (dW, dX) plans when the backward runs as gemm.cu's *_act kernels (δ formed on
-        load, db from the dW GEMM): the tiled version, with both GEMMs unsplit; else None."""
+        """The ((dW plan, kernel), (dX plan, kernel)) of gemm.cu's *_act kernels (δ formed on
+        load, db from the dW GEMM) for the tiled version (each GEMM split or not, on its
+        GemmConfig.plan) and the warp-tiled one; None for the naive version (kept to validate
+        the others, it runs the unfused four launches)."""
         key = (m, n, k, dtype)
         if key in self._fused_plans:  # decided once per layer and batch shape
             return self._fused_plans[key]
         plans = None
-        if self.gemm.version == "tiled" and n and k:
+        if self.gemm.version != "naive" and n and k:
             kind, sms = _C_TYPE[dtype], self._multiprocessors()
-            weight = self.gemm.plan("dense_backward_weight", kind, n, k, m, sms)
-            data = self.gemm.plan("dense_backward_data", kind, m, k, n, sms)
-            plans = (weight, data) if weight.splits == 1 and data.splits == 1 else None
+            plans = []
+            for base, shape in (
+                ("dense_backward_weight", (n, k, m)),
+                ("dense_backward_data", (m, k, n)),
+            ):
+                plan = self.gemm.plan(base, kind, *shape, sms)
+                # dense_backward_weight[_warptiled|_splitk] -> dense_backward_weight_act[...]
+                plans.append((plan, f"{base}_act{plan.launch.kernel[len(base) :]}"))
+            plans = tuple(plans)
         self._fused_plans[key] = plans
         return plans
 
@@ -423,7 +504,11 @@ class KernelBackend(Backend):
         self, plans, dout, x, weight, saved, activation, alpha, dweight, dbias, need_dinp
     ):
         """dW = δᵀx with db = Σ_rows δ in one launch, dX = δW in another, δ = dout ⊙ f'(saved)
-        formed as the GEMMs load it (gemm.cu: dense_backward_weight_act, _data_act)."""
+        formed as the GEMMs load it (gemm.cu: dense_backward_weight_act, _data_act, or their
+        _warptiled forms): 2 launches.  A GEMM the plan splits (split-K) writes its slices'
+        partial products (dW's with its partial db) instead, and one
+        gemm_splitk_reduce_backward after both GEMMs adds the slices in order: 3 launches,
+        the price of filling the GPU with a short output and a long inner dimension."""
         m, n = dout.shape
         k = x.shape[1]
         dtype = dout.dtype
@@ -431,25 +516,56 @@ class KernelBackend(Backend):
         saved = dout if saved is None else saved  # identity: f' = 1, saved unread in effect
         real_alpha = dtype.type(alpha)
         vec_delta = operands.vec4_flag(dout, n) & operands.vec4_flag(saved, n)
-        plan = plans[0]
         dims = self._dims("dense_forward", (m, n, k))
-        args = (dout, saved, x, dweight, dbias if dbias is not None else dweight)
-        args += (*dims, code, real_alpha)
-        args += (np.int32(dbias is not None), vec_delta, operands.vec4_flag(x, k))
+        has_bias = np.int32(dbias is not None)
+        segments: list[tuple] = []  # (partial, splits, count, out) for the reduction
+        (plan, kernel), data = plans
+        launch = plan.launch
+        if plan.splits > 1:
+            partial = self.empty((plan.splits, n, k), dtype)
+            partial_db = self.empty((plan.splits, n), dtype) if dbias is not None else partial
+            args = (dout, saved, x, partial, partial_db, *dims, code, real_alpha, has_bias)
+            args += (np.int32(plan.chunk), vec_delta, operands.vec4_flag(x, k))
+            segments.append((partial, plan.splits, n * k, dweight))
+            reduce_module = self._gemm_module(dtype, plan.variant)
+            if dbias is not None:
+                segments.append((partial_db, plan.splits, n, dbias))
+        else:
+            args = (dout, saved, x, dweight, dbias if dbias is not None else dweight)
+            args += (*dims, code, real_alpha, has_bias, vec_delta, operands.vec4_flag(x, k))
         module = self._gemm_module(dtype, plan.variant)
-        grid, block = plan.launch.grid, plan.launch.block
-        self._launch(module, "dense_backward_weight_act", grid, block, args)
-        if not need_dinp:
-            return None
-        dinp = self.empty((m, k), dtype)
-        if m:
-            plan = plans[1]
-            args = (dout, saved, weight, dinp, *dims, code)
-            args += (real_alpha, vec_delta, operands.vec4_flag(weight, k))
-            module = self._gemm_module(dtype, plan.variant)
-            grid, block = plan.launch.grid, plan.launch.block
-            self._launch(module, "dense_backward_data_act", grid, block, args)
+        self._launch(module, kernel, launch.grid, launch.block, args)
+        dinp = None
+        if need_dinp:
+            dinp = self.empty((m, k), dtype)
+            (plan, kernel), launch = data, data[0].launch
+            if m and plan.splits > 1:
+                partial = self.empty((plan.splits, m, k), dtype)
+                args = (dout, saved, weight, partial, *dims, code, real_alpha)
+                args += (np.int32(plan.chunk), vec_delta, operands.vec4_flag(weight, k))
+                segments.append((partial, plan.splits, m * k, dinp))
+                reduce_module = self._gemm_module(dtype, plan.variant)
+            elif m:
+                args = (dout, saved, weight, dinp, *dims, code)
+                args += (real_alpha, vec_delta, operands.vec4_flag(weight, k))
+            if m:
+                module = self._gemm_module(dtype, plan.variant)
+                self._launch(module, kernel, launch.grid, launch.block, args)
+        if segments:
+            self._splitk_reduce_backward(segments, reduce_module)
         return dinp
+
+    def _splitk_reduce_backward(self, segments: list[tuple], module) -> None:
+        """out = Σ_s partial[s] for up to three (partial, splits, count, out) segments, one
+        launch (gemm.cu: gemm_splitk_reduce_backward, slices added in order)."""
+        total = sum(segment[2] for segment in segments)
+        args: tuple = ()
+        for partial, splits, count, out in segments:
+            args += (partial, np.int32(splits), np.int64(count), out)
+        first = segments[0][0]
+        args += (first, _INT32_ZERO, np.int64(0), first) * (3 - len(segments))
+        grid, block = self._grid_stride(total)
+        self._launch(module, "gemm_splitk_reduce_backward", grid, block, args)
 
     def _dims(self, kernel: str, shape: tuple[int, int, int]) -> tuple:
         """(M, N, K) as the kernel takes them, from the output (rows, cols) and inner size;
@@ -875,19 +991,60 @@ class KernelBackend(Backend):
         args = (scalars, np.float64(beta1), np.float64(beta2))
         self._launch(module, "step_scalars_advance", (1, 1, 1), (1, 1, 1), args)
 
-    def sgd_update(
-        self, param, grad, momentum_buf, scalars, *, momentum, dampening, nesterov, weight_decay
-    ):
-        """torch.optim.SGD, one launch over the flat buffers, lr and the first step read from
-        ``scalars`` (train_step.cu: sgd_update)."""
-        param = self._updated_buffer("param", param, None, None)
+    def _update_grad(self, param, grad, clip):
+        """The gradient an update reads: written back when clipped, so never a copy then."""
+        if clip is not None:
+            return self._updated_buffer("grad", grad, param.dtype, tuple(param.shape))
         grad = self._float_operand("grad", grad, param.dtype)
         same_shape("grad", grad, tuple(param.shape))
+        return grad
+
+    def _update_extras(self, param, scalars, clip, param_bf16) -> tuple:
+        """The clip and bf16-copy arguments of sgd_update / adam_update: (param_bf16 or param
+        standing in for it, clip or scalars standing in for it), checked, and their flags."""
+        if clip is not None:
+            self._float_operand("clip", clip, np.dtype(np.float64))
+            same_shape("clip", clip, (1,))
+        if param_bf16 is not None:
+            if param.dtype != np.float32:
+                raise ValueError(
+                    f"param_bf16 is accepted with float32 parameters only; param is {param.dtype}"
+                )
+            self._output("param_bf16", param_bf16, np.dtype(np.uint16), tuple(param.shape))
+        return (
+            param if param_bf16 is None else param_bf16,
+            scalars if clip is None else clip,
+            np.int32(clip is not None),
+            np.int32(param_bf16 is not None),
+        )
+
+    def sgd_update(
+        self,
+        param,
+        grad,
+        momentum_buf,
+        scalars,
+        *,
+        momentum,
+        dampening,
+        nesterov,
+        weight_decay,
+        clip=None,
+        param_bf16=None,
+    ):
+        """torch.optim.SGD, one launch over the flat buffers, lr and the first step read from
+        ``scalars``; with ``clip`` (clip_coefficient's c) g ← g·c first where c < 1, written
+        back; with ``param_bf16`` also bf16(θ) there (train_step.cu: sgd_update)."""
+        param = self._updated_buffer("param", param, None, None)
+        grad = self._update_grad(param, grad, clip)
         self._step_scalars(scalars)
         if momentum != 0:
             if momentum_buf is None:
                 raise ValueError(f"momentum_buf=None is not accepted with momentum={momentum}")
             self._updated_buffer("momentum_buf", momentum_buf, param.dtype, tuple(param.shape))
+        bf16_out, clip_in, use_clip, write_bf16 = self._update_extras(
+            param, scalars, clip, param_bf16
+        )
         if param.size == 0:
             return
         grid, block = self._grid_stride(param.size)
@@ -895,13 +1052,17 @@ class KernelBackend(Backend):
             param,
             grad,
             momentum_buf if momentum != 0 else param,
+            bf16_out,
             np.int64(param.size),
             scalars,
+            clip_in,
             np.float64(momentum),
             np.float64(dampening),
             np.int32(bool(nesterov)),
             np.float64(weight_decay),
             np.int32(momentum != 0),
+            use_clip,
+            write_bf16,
         )
         self._launch(self._module("train_step.cu", param.dtype), "sgd_update", grid, block, args)
 
@@ -918,16 +1079,21 @@ class KernelBackend(Backend):
         eps,
         weight_decay,
         decoupled,
+        clip=None,
+        param_bf16=None,
     ):
         """torch.optim.Adam / AdamW, one launch over the flat buffers, lr and the bias
-        corrections read from ``scalars`` (train_step.cu: adam_update)."""
+        corrections read from ``scalars``; ``clip`` and ``param_bf16`` as in sgd_update
+        (train_step.cu: adam_update)."""
         param = self._updated_buffer("param", param, None, None)
         shape = tuple(param.shape)
-        grad = self._float_operand("grad", grad, param.dtype)
-        same_shape("grad", grad, shape)
+        grad = self._update_grad(param, grad, clip)
         self._updated_buffer("exp_avg", exp_avg, param.dtype, shape)
         self._updated_buffer("exp_avg_sq", exp_avg_sq, param.dtype, shape)
         self._step_scalars(scalars)
+        bf16_out, clip_in, use_clip, write_bf16 = self._update_extras(
+            param, scalars, clip, param_bf16
+        )
         if param.size == 0:
             return
         grid, block = self._grid_stride(param.size)
@@ -936,20 +1102,25 @@ class KernelBackend(Backend):
             grad,
             exp_avg,
             exp_avg_sq,
+            bf16_out,
             np.int64(param.size),
             scalars,
+            clip_in,
             np.float64(beta1),
             np.float64(beta2),
             np.float64(eps),
             np.float64(weight_decay),
             np.int32(bool(decoupled)),
+            use_clip,
+            write_bf16,
         )
         self._launch(self._module("train_step.cu", param.dtype), "adam_update", grid, block, args)
 
-    def clip_grad_norm_(self, grads, max_norm):
+    def clip_coefficient(self, grads, max_norm):
         """Σ g² per block of every gradient (reduce.cu: sum_squares_partial, into one partials
-        buffer), ‖g‖ and c in one block (train_step.cu: clip_coefficient), then g ← c·g where
-        c < 1 (clip_scale), read from device memory: no host synchronisation."""
+        buffer), then ‖g‖ and c = max_norm / (‖g‖ + 1e−6) in one block (train_step.cu:
+        clip_coefficient).  Returns (‖g‖ as a 0-d array of the gradients' dtype, c as a
+        float64 array of shape (1,)), both on the device: no host synchronisation."""
         if not grads:
             raise ValueError("grads=[] is not accepted; expected at least one gradient array")
         dtype = None
@@ -963,7 +1134,6 @@ class KernelBackend(Backend):
         norm = self.empty((1,), dtype)
         coefficient = self.empty((1,), np.dtype(np.float64))
         reduce = self._module("reduce.cu", dtype)
-        step = self._module("train_step.cu", dtype)
         threads = (_REDUCE_THREADS, 1, 1)
         offset = 0
         for g, count in zip(checked, counts):
@@ -972,10 +1142,18 @@ class KernelBackend(Backend):
             self._launch(reduce, "sum_squares_partial", (count, 1, 1), threads, args)
             offset += count
         args = (partials, np.int32(offset), np.float64(max_norm), norm, coefficient)
+        step = self._module("train_step.cu", dtype)
         self._launch(step, "clip_coefficient", (1, 1, 1), threads, args)
-        for g in checked:
+        return norm.reshape(()), coefficient
+
+    def clip_grad_norm_(self, grads, max_norm):
+        """clip_coefficient, then g ← c·g where c < 1 (train_step.cu: clip_scale), c read from
+        device memory: no host synchronisation.  Returns ‖g‖ (0-d)."""
+        norm, coefficient = self.clip_coefficient(grads, max_norm)
+        step = self._module("train_step.cu", norm.dtype)
+        for g in grads:
             if g.size:
                 grid, block = self._grid_stride(g.size)
                 args = (g.reshape(-1), np.int64(g.size), coefficient)
                 self._launch(step, "clip_scale", grid, block, args)
-        return norm.reshape(())
+        return norm

@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from ..precision import check_precision, matmul
+from ..precision import bf16_bits, bf16_from_bits, check_precision, matmul
 from .base import (
     SAVES_OUTPUT,
     STEP_BIAS1,
@@ -58,6 +58,50 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     e = np.exp(-np.abs(z))
     r = 1.0 / (1.0 + e)
     return _select(z >= 0, r, e * r).astype(z.dtype, copy=False)
+
+
+def _check_clip(clip) -> None:
+    if not (isinstance(clip, np.ndarray) and clip.dtype == np.float64 and clip.shape == (1,)):
+        raise ValueError(
+            f"clip={clip!r:.80} is not accepted; expected the float64 array of shape (1,) "
+            "that clip_coefficient returns"
+        )
+
+
+def _check_param_bf16(param: np.ndarray, param_bf16) -> None:
+    if param.dtype != np.float32:
+        raise ValueError(
+            f"param_bf16 is accepted with float32 parameters only; param is {param.dtype}"
+        )
+    if not (
+        isinstance(param_bf16, np.ndarray)
+        and param_bf16.dtype == np.uint16
+        and param_bf16.shape == param.shape
+    ):
+        raise ValueError(
+            f"param_bf16 is {type(param_bf16).__name__} "
+            f"{getattr(param_bf16, 'dtype', '')}{tuple(getattr(param_bf16, 'shape', ()))}; "
+            f"expected a uint16 array of param's shape {param.shape} (bf16 bits)"
+        )
+
+
+def check_weight_bf16(weight, weight_bf16, precision: str, xp=np) -> None:
+    """``weight_bf16`` (dense_forward / dense_backward) is bf16 bits of ``weight``'s shape, and
+    given with precision="bf16" only; ValueError naming what is wrong otherwise."""
+    if precision != "bf16":
+        raise ValueError(
+            f"weight_bf16 is accepted with precision='bf16' only; got precision={precision!r}"
+        )
+    if not isinstance(weight_bf16, xp.ndarray) or weight_bf16.dtype != np.uint16:
+        raise ValueError(
+            f"weight_bf16 is {type(weight_bf16).__name__} {getattr(weight_bf16, 'dtype', '')}; "
+            "expected a uint16 array of bf16 bits on this backend"
+        )
+    if tuple(weight_bf16.shape) != tuple(weight.shape):
+        raise ValueError(
+            f"weight_bf16.shape={tuple(weight_bf16.shape)} is not accepted; expected "
+            f"weight's {tuple(weight.shape)}"
+        )
 
 
 def _matmul(a: np.ndarray, b: np.ndarray, precision: str) -> np.ndarray:
@@ -169,15 +213,38 @@ class NumpyBackend(Backend):
         return f"CPU ({platform.machine()}, NumPy {np.__version__})"
 
     # -- dense layer ------------------------------------------------------------------
-    def dense_forward(self, x, weight, bias, activation, alpha=0.01, precision="fp32"):
+    def _bf16_weight(self, weight, weight_bf16, precision):
+        """The weight operand: the bf16 copy as float32 (exactly bf16(weight) when the copy is
+        current, so the product is the same as rounding ``weight``), or ``weight``."""
+        if weight_bf16 is None:
+            return weight
+        check_weight_bf16(weight, weight_bf16, precision)
+        return bf16_from_bits(weight_bf16).reshape(weight.shape)
+
+    def dense_forward(
+        self, x, weight, bias, activation, alpha=0.01, precision="fp32", weight_bf16=None
+    ):
+        weight = self._bf16_weight(weight, weight_bf16, precision)
         z = _matmul(x, weight.T, precision)  # z = x Wᵀ + b
         if bias is not None:
             z += bias
         return self.activation_forward(z, activation, alpha)
 
     def dense_backward(
-        self, dout, x, weight, saved, activation, alpha, dweight, dbias, need_dinp, precision="fp32"
+        self,
+        dout,
+        x,
+        weight,
+        saved,
+        activation,
+        alpha,
+        dweight,
+        dbias,
+        need_dinp,
+        precision="fp32",
+        weight_bf16=None,
     ):
+        weight = self._bf16_weight(weight, weight_bf16, precision)
         delta = (
             dout
             if activation == "identity"
@@ -343,9 +410,34 @@ class NumpyBackend(Backend):
         scalars[STEP_BIAS1] = 1.0 - beta1**t  # 1 − β₁ᵗ
         scalars[STEP_BIAS2_SQRT] = math.sqrt(1.0 - beta2**t)  # √(1 − β₂ᵗ)
 
+    @staticmethod
+    def _clip_and_copy(param, grad, clip, param_bf16):
+        """The clip and bf16-copy arguments of sgd_update / adam_update, checked; returns a
+        function that writes bf16(θ) after the update (or does nothing)."""
+        if clip is not None:
+            _check_clip(clip)
+            if clip[0] < 1.0:  # g ← g·c, as clip_grad_norm_ scales (the gradient keeps it)
+                grad *= grad.dtype.type(clip[0])
+        if param_bf16 is None:
+            return lambda: None
+        _check_param_bf16(param, param_bf16)
+        return lambda: np.copyto(param_bf16, bf16_bits(param).reshape(param_bf16.shape))
+
     def sgd_update(
-        self, param, grad, momentum_buf, scalars, *, momentum, dampening, nesterov, weight_decay
+        self,
+        param,
+        grad,
+        momentum_buf,
+        scalars,
+        *,
+        momentum,
+        dampening,
+        nesterov,
+        weight_decay,
+        clip=None,
+        param_bf16=None,
     ):
+        write_bf16 = self._clip_and_copy(param, grad, clip, param_bf16)
         self.sgd_step(
             param,
             grad,
@@ -357,6 +449,7 @@ class NumpyBackend(Backend):
             weight_decay=weight_decay,
             first_step=bool(scalars[STEP_T] == 1.0),
         )
+        write_bf16()
 
     def adam_update(
         self,
@@ -371,7 +464,10 @@ class NumpyBackend(Backend):
         eps,
         weight_decay,
         decoupled,
+        clip=None,
+        param_bf16=None,
     ):
+        write_bf16 = self._clip_and_copy(param, grad, clip, param_bf16)
         self.adam_step(
             param,
             grad,
@@ -385,15 +481,22 @@ class NumpyBackend(Backend):
             step=int(scalars[STEP_T]),
             decoupled=decoupled,
         )
+        write_bf16()
+
+    def clip_coefficient(self, grads, max_norm):
+        # ‖g‖ = √Σ g² over every gradient; c = max_norm / (‖g‖ + 1e−6)
+        if not grads:
+            raise ValueError("grads=[] is not accepted; expected at least one gradient array")
+        total = math.sqrt(sum(float(np.dot(g.ravel(), g.ravel())) for g in grads))
+        coefficient = np.array([max_norm / (total + 1e-6)], dtype=np.float64)
+        return np.asarray(total, dtype=grads[0].dtype), coefficient
 
     def clip_grad_norm_(self, grads, max_norm):
-        # ‖g‖ = √Σ g² over every gradient; c = max_norm / (‖g‖ + 1e−6); g ← c·g when c < 1
-        total = math.sqrt(sum(float(np.dot(g.ravel(), g.ravel())) for g in grads))
-        coefficient = max_norm / (total + 1e-6)
-        if coefficient < 1.0:
+        norm, coefficient = self.clip_coefficient(grads, max_norm)
+        if coefficient[0] < 1.0:  # g ← c·g only when that shrinks it
             for g in grads:
-                self.scale_(g, coefficient)
-        return np.asarray(total, dtype=grads[0].dtype)
+                self.scale_(g, coefficient[0])
+        return norm
 
     def sum_of_squares(self, x):
         return np.asarray(np.dot(x.ravel(), x.ravel()), dtype=x.dtype)

@@ -90,38 +90,31 @@ def _parameter_count(sizes: Sequence[int]) -> int:
     return sum(a * b + b for a, b in itertools.pairwise(sizes))
 
 
-def _sgd_step(backend, rng):
-    n = _parameter_count(HOST_MLP)
-    p, g, b = (rng.standard_normal(n).astype(np.float32) for _ in range(3))
-    return lambda: backend.sgd_step(
-        p,
-        g,
-        b,
-        lr=1e-3,
-        momentum=0.9,
-        dampening=0.0,
-        nesterov=False,
-        weight_decay=0.0,
-        first_step=False,
-    )
+def _optimizer_step(make_optimizer, max_norm=None):
+    """``optimizer.step()`` over the flat buffers of the HOST_MLP model, as a training step
+    calls it: the step scalars advanced on the device, then one update launch (with
+    ``max_norm``: the norm's reductions and coefficient first, applied inside the update)."""
+
+    def make(backend, rng):
+        model = build_mlp(HOST_MLP).to(backend, dtype="float32")
+        optimizer = make_optimizer(model.parameters())
+        if max_norm is None:
+            return optimizer.step
+        return lambda: optimizer.step(max_norm=max_norm)
+
+    return make
 
 
-def _adam_step(backend, rng):
-    n = _parameter_count(HOST_MLP)
-    p, g, m, v = (np.abs(rng.standard_normal(n)).astype(np.float32) for _ in range(4))
-    return lambda: backend.adam_step(
-        p,
-        g,
-        m,
-        v,
-        lr=1e-3,
-        beta1=0.9,
-        beta2=0.999,
-        eps=1e-8,
-        weight_decay=0.0,
-        step=10,
-        decoupled=False,
-    )
+def _sgd_momentum(params):
+    from .. import SGD
+
+    return SGD(params, lr=1e-3, momentum=0.9)
+
+
+def _adam(params):
+    from .. import Adam
+
+    return Adam(params, lr=1e-3)
 
 
 def _train_case(sizes: Sequence[int], batch: int, graph: bool = False) -> Case:
@@ -191,8 +184,9 @@ def host_cases(only: Sequence[str] = ()) -> list[Case]:
         _op_case(
             "softmax_cross_entropy", {"rows": HOST_BATCH, "classes": 10}, _softmax_cross_entropy
         ),
-        _op_case("sgd_momentum.step", {"n": n}, _sgd_step),
-        _op_case("adam.step", {"n": n}, _adam_step),
+        _op_case("sgd_momentum.step", {"n": n}, _optimizer_step(_sgd_momentum)),
+        _op_case("adam.step", {"n": n}, _optimizer_step(_adam)),
+        _op_case("adam.clipped.step", {"n": n}, _optimizer_step(_adam, 1.0)),
         _train_case(HOST_MLP, HOST_BATCH),
         _train_case(HOST_MLP, HOST_BATCH, graph=True),
     ]
