@@ -150,6 +150,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "verbose": 1,
     "graph": False,
     "distributed": False,
+    "max_norm": None,
 }
 OPTIMIZER_DEFAULTS = {
     "sgd": {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.0},
@@ -236,6 +237,13 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         type=non_negative_float,
         default=d["weight_decay"],
         help="L2 penalty (sgd, adam) or decoupled decay (adamw; default 1e-2); default 0",
+    )
+    optimization.add_argument(
+        "--max-norm",
+        type=positive_float,
+        default=d["max_norm"],
+        help="clip the gradients' global L2 norm to this before each update (gb.clip_grad_norm "
+        "semantics, applied inside the optimizer launch); default: no clipping",
     )
     optimization.add_argument(
         "--epochs", type=positive_int, default=d["epochs"], help=f"(default {d['epochs']})"
@@ -540,6 +548,7 @@ def _train_metrics(
                 "type": type(optimizer).__name__,
                 **optimizer_options,
                 "schedule": args.schedule,
+                "max_norm": args.max_norm,
             },
             "batch_size": args.batch_size,
             "augment": augment,
@@ -645,6 +654,7 @@ def train(args: argparse.Namespace) -> int:
         callbacks=callbacks,
         graph=args.graph,
         distributed=args.distributed,
+        max_norm=args.max_norm,
     )
     train_time = time.perf_counter() - train_started
     test = model.evaluate(dataset.x_test, dataset.y_test, loss)

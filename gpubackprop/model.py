@@ -259,6 +259,10 @@ class Sequential(Container):
         same way on any number of ranks.  The metrics are reduced over the ranks; only rank 0
         prints, shows the bar and runs file-writing callbacks (ModelCheckpoint).
 
+        graph=True runs each step through ``gb.compile_step`` (one CUDA graph per batch shape
+        on cupy, docs/graphs.md), bitwise the same training; with distributed=True the NCCL
+        all-reduce is inside the graph (cupy), MPI's runs between two graphs (emu).
+
         max_norm clips the gradients before each update as gb.clip_grad_norm does
         (``optimizer.step(max_norm=...)``: the scale inside the update launch)."""
         from .training import run_fit

@@ -107,6 +107,22 @@ def test_train_with_graph_trains_as_without(tmp_path, capsys):
     assert curves[0] == curves[1] and len(curves[0]) >= 1
 
 
+def test_train_max_norm_clips_inside_the_update(tmp_path, capsys):
+    """--max-norm clips every step (fit(max_norm=...)): recorded in the metrics, the same
+    losses with and without --graph, and other losses than unclipped training."""
+    curves = []
+    for flags in (["--max-norm", "0.05"], ["--max-norm", "0.05", "--graph"], []):
+        path = tmp_path / f"m{len(curves)}.json"
+        assert cli.main(["train", *QUICK, *flags, "--metrics-json", str(path)]) == 0
+        metrics = json.loads(path.read_text())
+        assert metrics["optimizer"]["max_norm"] == (0.05 if flags else None)
+        curves.append(metrics["history"]["loss"])
+    assert curves[0] == curves[1] and curves[0] != curves[2]
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--max-norm", "0"])
+    assert "--max-norm" in capsys.readouterr().err
+
+
 def test_regression_reports_mse(tmp_path, capsys):
     path = tmp_path / "m.json"
     status, out, _ = _run(
@@ -161,6 +177,7 @@ def test_config_file_with_command_line_override(tmp_path, capsys):
         "momentum": 0.5,
         "weight_decay": 0.0,
         "schedule": "cosine",
+        "max_norm": None,
     }
     widths = [
         layer["out_features"] for layer in metrics["model"]["layers"] if layer["type"] == "Dense"

@@ -160,8 +160,9 @@ def _fit_run(distributed: bool, verbose: int = 0, checkpoint: Path | None = None
 
 
 def _emu_fit(graph: bool):
-    """fit(distributed=True) on emu with shuffling, 17 rows in batches of 8: the last global
-    batch has one row, so on two ranks rank 0 has none (it adds a zero gradient)."""
+    """fit(distributed=True, max_norm=0.05) on emu with shuffling, 17 rows in batches of 8:
+    the last global batch has one row, so on two ranks rank 0 has none (it adds a zero
+    gradient, then clips and updates as the other rank does)."""
     gb.seed(5 + dist.rank())  # the shuffling generator: rank 0's is broadcast
     model, opt = _model_and_optimizer("adam", seed=100 * dist.rank(), backend="emu")
     x, y = _data(17)
@@ -175,6 +176,7 @@ def _emu_fit(graph: bool):
         verbose=0,
         graph=graph,
         distributed=True,
+        max_norm=0.05,
     )
     return np.array(model.backend.to_numpy(model.store.data))
 

@@ -51,6 +51,8 @@ KERNEL_DEFINES: dict[str, dict[str, int]] = {
 _INT32_ZERO = np.int32(0)
 _GRID_STRIDE_THREADS = 256  # grid-stride kernels of train_step.cu: threads per block
 _MAX_GRID_STRIDE_BLOCKS = 1024  # and blocks at most (then several elements per thread)
+# The on/off int flags of the update launches (made once: a NumPy scalar costs ~0.2 us a call).
+_FLAG_OFF, _FLAG_ON = np.int32(0), np.int32(1)
 
 
 # gemm_mma.cu (tensor cores, precision "bf16" / "tf32"): block tile MMA_BM = MMA_BN = 64,
@@ -1031,6 +1033,8 @@ class KernelBackend(Backend):
     def _update_extras(self, param, scalars, clip, param_bf16) -> tuple:
         """The clip and bf16-copy arguments of sgd_update / adam_update: (param_bf16 or param
         standing in for it, clip or scalars standing in for it), checked, and their flags."""
+        if clip is None and param_bf16 is None:  # the plain update: nothing to check
+            return param, scalars, _FLAG_OFF, _FLAG_OFF
         if clip is not None:
             self._float_operand("clip", clip, np.dtype(np.float64))
             same_shape("clip", clip, (1,))
@@ -1043,8 +1047,8 @@ class KernelBackend(Backend):
         return (
             param if param_bf16 is None else param_bf16,
             scalars if clip is None else clip,
-            np.int32(clip is not None),
-            np.int32(param_bf16 is not None),
+            _FLAG_ON if clip is not None else _FLAG_OFF,
+            _FLAG_ON if param_bf16 is not None else _FLAG_OFF,
         )
 
     def sgd_update(
