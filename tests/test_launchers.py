@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from gpubackprop.backends.gemm_config import GEMM_VERSIONS
+from gpubackprop.precision import bf16_bits
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +55,49 @@ def test_launcher_argument_errors(emu_backends):
         )
     with pytest.raises(ValueError, match=r"reduction='avg'"):
         backend.mse_loss(x, x, "avg")
+
+
+@pytest.mark.parametrize("name", ["emu", "numpy"])
+def test_update_clip_and_bf16_copy_arguments_are_checked(emu_backends, name):
+    """sgd_update / adam_update's ``clip`` (clip_coefficient's float64 (1,) array) and
+    ``param_bf16`` (uint16 bits of param's shape, float32 parameters only) are refused by name,
+    before anything is written."""
+    from gpubackprop.backends import get_backend
+
+    backend = emu_backends[0] if name == "emu" else get_backend("numpy")
+    param = np.ones(10, np.float32)
+    grad = np.full(10, 3.0, np.float32)
+    scalars = np.array([0.0, 0.1, 0.0, 0.0])
+    hyper = {"momentum": 0.0, "dampening": 0.0, "nesterov": False, "weight_decay": 0.0}
+    bad = [
+        ({"clip": np.array([0.5], np.float32)}, "clip"),
+        ({"clip": np.array([0.5, 0.5])}, "clip"),
+        ({"param_bf16": np.zeros(9, np.uint16)}, "param_bf16"),
+        ({"param_bf16": np.zeros(10, np.int32)}, "param_bf16"),
+        ({"clip": np.array([0.5]), "param_bf16": np.zeros(9, np.uint16)}, "param_bf16"),
+    ]
+    for extra, named in bad:
+        with pytest.raises(ValueError, match=named):
+            backend.sgd_update(param, grad, None, scalars, **hyper, **extra)
+    with pytest.raises(ValueError, match="param_bf16 is accepted with float32 parameters only"):
+        backend.adam_update(
+            *(np.ones(10) for _ in range(4)),
+            scalars,
+            beta1=0.9,
+            beta2=0.99,
+            eps=1e-8,
+            weight_decay=0.0,
+            decoupled=False,
+            param_bf16=np.zeros(10, np.uint16),
+        )
+    assert np.all(param == 1.0) and np.all(grad == 3.0)
+    # Accepted: c = 0.5 scales g (written back) and the copy receives bf16(θ).
+    copy = np.zeros(10, np.uint16)
+    clip = np.array([0.5])
+    backend.sgd_update(param, grad, None, scalars, **hyper, clip=clip, param_bf16=copy)
+    np.testing.assert_array_equal(grad, np.full(10, 1.5, np.float32))
+    np.testing.assert_array_equal(param, np.full(10, np.float32(1.0) - np.float32(0.1) * 1.5))
+    np.testing.assert_array_equal(copy, bf16_bits(param))
 
 
 def test_strided_input_is_copied_and_bad_label_gives_nan(emu_backends):

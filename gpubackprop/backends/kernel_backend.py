@@ -1044,6 +1044,7 @@ class KernelBackend(Backend):
                     f"param_bf16 is accepted with float32 parameters only; param is {param.dtype}"
                 )
             self._output("param_bf16", param_bf16, np.dtype(np.uint16), tuple(param.shape))
+            self.check_precision("bf16")  # the conversion is sm_80's cvt.rn.bf16x2 (a trap below)
         return (
             param if param_bf16 is None else param_bf16,
             scalars if clip is None else clip,

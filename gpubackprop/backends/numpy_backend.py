@@ -428,13 +428,14 @@ class NumpyBackend(Backend):
     def _clip_and_copy(param, grad, clip, param_bf16):
         """The clip and bf16-copy arguments of sgd_update / adam_update, checked; returns a
         function that writes bf16(θ) after the update (or does nothing)."""
+        if param_bf16 is not None:
+            _check_param_bf16(param, param_bf16)
         if clip is not None:
             _check_clip(clip)
             if clip[0] < 1.0:  # g ← g·c, as clip_grad_norm_ scales (the gradient keeps it)
                 grad *= grad.dtype.type(clip[0])
         if param_bf16 is None:
             return lambda: None
-        _check_param_bf16(param, param_bf16)
         return lambda: np.copyto(param_bf16, bf16_bits(param).reshape(param_bf16.shape))
 
     def sgd_update(
