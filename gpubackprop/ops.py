@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .backends.base import ACTIVATIONS
+from .backends.base import ACTIVATIONS, STEP_LR, STEP_SCALARS, STEP_T
 from .backends.numpy_backend import NumpyBackend
 
 __all__ = [
@@ -503,9 +503,11 @@ def _scale_run(backend, variant, x):
 
 
 def _step_scalars(backend, step: int, lr: float):
-    """The float64 step scalars [t, lr, 0, 0] an optimizer's update reads, t = step − 1 before
-    step_scalars_advance counts this step."""
-    return backend.asarray(np.array([step - 1.0, lr, 0.0, 0.0]), np.float64)
+    """The float64 step scalars [t, lr, 0, 0, 0] an optimizer's update reads, t = step − 1:
+    the update takes step t + 1 and counts it there."""
+    host = np.zeros(len(STEP_SCALARS))
+    host[STEP_T], host[STEP_LR] = step - 1.0, lr
+    return backend.asarray(host, np.float64)
 
 
 def _update_clip(backend, variant, grad):
@@ -521,21 +523,31 @@ def _update_clip(backend, variant, grad):
 def _sgd_update_run(backend, variant, param, grad, buf):
     hyper = dict(variant["hyper"])
     scalars = _step_scalars(backend, 1 if variant["first_step"] else 3, hyper.pop("lr"))
-    backend.step_scalars_advance(scalars, 0.0, 0.0)
     param, buf = param.copy(), buf.copy()
     grad, clip = _update_clip(backend, variant, grad)
     backend.sgd_update(param, grad, buf if hyper["momentum"] else None, scalars, **hyper, clip=clip)
-    return {"param": param, "momentum_buf": buf, "grad": grad}
+    # The scalars the launch advanced are float64 on every backend; compared in param's dtype.
+    return {"param": param, "momentum_buf": buf, "grad": grad, "scalars": _as(scalars, param)}
 
 
 def _adam_update_run(backend, variant, param, grad, m, v):
     hyper = dict(ADAM_HYPER)
     scalars = _step_scalars(backend, hyper.pop("step"), hyper.pop("lr"))
-    backend.step_scalars_advance(scalars, hyper["beta1"], hyper["beta2"])
     param, m, v = param.copy(), m.copy(), v.copy()
     grad, clip = _update_clip(backend, variant, grad)
     backend.adam_update(param, grad, m, v, scalars, **hyper, decoupled=False, clip=clip)
-    return {"param": param, "exp_avg": m, "exp_avg_sq": v, "grad": grad}
+    return {
+        "param": param,
+        "exp_avg": m,
+        "exp_avg_sq": v,
+        "grad": grad,
+        "scalars": _as(scalars, param),
+    }
+
+
+def _as(scalars, like):
+    """The float64 step scalars in the dtype of ``like`` (the dtype the parity suite compares)."""
+    return scalars.astype(like.dtype)
 
 
 def _update_cases(quick):
@@ -555,13 +567,6 @@ def _clip_coefficient_run(backend, variant, g):
     norm, coefficient = backend.clip_coefficient([g.copy()], variant["max_norm"])
     # c is float64 on every backend; compared in the dtype under test, as the norm it comes from.
     return {"norm": norm, "coefficient": coefficient.astype(g.dtype)}
-
-
-def _advance_run(backend, variant, x):
-    scalars = _step_scalars(backend, 4, 0.01)
-    backend.step_scalars_advance(scalars, ADAM_HYPER["beta1"], ADAM_HYPER["beta2"])
-    # The scalars are float64 on every backend; compared in the dtype under test.
-    return {"scalars": scalars.astype(x.dtype)}
 
 
 def _clip_run(backend, variant, g):
@@ -740,13 +745,6 @@ _OPS = [
         cost=_bytes_per_element(1),
         growth=_sum_growth,
         label=lambda v: f"[max_norm={v['max_norm']:g}]",
-    ),
-    Op(
-        "step_scalars_advance",
-        build=_normal("x"),
-        run=_advance_run,
-        cases=lambda quick: [({}, (1,))],
-        cost=lambda shape, itemsize, variant: (0.0, 64.0),
     ),
     Op(
         "clip_grad_norm_",

@@ -6,10 +6,10 @@ with the same op.  State buffers match the buffers they update in shape.
 
 Nothing in a step reads the device: the step count, the learning rate and Adam's bias
 corrections live in a small float64 device array per optimizer (``step_scalars``, layout
-backends.base.STEP_SCALARS) that each step advances on the device; ``step_count`` is the host's
-own count of the same steps.  Setting ``lr`` writes the array (between steps), so a schedule
-reaches a captured graph too.  ``clip_grad_norm`` computes the norm and applies the scale on the
-device and returns the norm as a 0-d array.
+backends.base.STEP_SCALARS) that each step's update launch advances on the device;
+``step_count`` is the host's own count of the same steps.  Setting ``lr`` writes the array
+(between steps), so a schedule reaches a captured graph too.  ``clip_grad_norm`` computes the
+norm and applies the scale on the device and returns the norm as a 0-d array.
 
 Clipping inside the update: ``optimizer.step(max_norm=m)`` is ``clip_grad_norm(optimizer.params,
 m)`` followed by ``optimizer.step()``, bit for bit (the gradients after it are the clipped ones
@@ -70,8 +70,9 @@ class Optimizer:
 
     @property
     def step_scalars(self):
-        """The float64 device array [t, lr, 1 − β₁ᵗ, √(1 − β₂ᵗ)] the updates read (made once,
-        then only written in place, so that a captured graph keeps seeing it)."""
+        """The float64 device array [t, lr, 1 − β₁ᵗ, √(1 − β₂ᵗ), 0] the updates read and
+        advance (made once, then only written in place, so that a captured graph keeps seeing
+        it; the last slot is the update launch's count of finished blocks, 0 between steps)."""
         if self._scalars is None:
             host = np.zeros(len(STEP_SCALARS), dtype=np.float64)
             host[STEP_T] = self.step_count
@@ -86,10 +87,6 @@ class Optimizer:
             host[STEP_T] = self.step_count
             host[STEP_LR] = self.hyperparams["lr"]
             self._scalars[...] = self.backend.asarray(host, np.float64)
-
-    # β₁, β₂ of the bias corrections the step scalars carry (Adam's; 0 for SGD, which has none).
-    def _betas(self) -> tuple[float, float]:
-        return 0.0, 0.0
 
     @property
     def backend(self):
@@ -129,8 +126,10 @@ class Optimizer:
         ]
 
     def step(self, max_norm: float | None = None) -> Any:
-        """Apply one update to every parameter from its current ``grad``: the step scalars
-        advance on the device (one launch), then one update launch per segment.
+        """Apply one update to every parameter from its current ``grad``: one update launch
+        per segment (one for a model's flat buffers), each taking step t = (steps taken) + 1
+        from the step scalars; the last launch also counts the step there (its last block
+        stores t and the bias corrections), so a step of the flat buffers is one launch.
 
         With ``max_norm``, first clip as ``clip_grad_norm(self.params, max_norm)`` does, the
         norm and c = max_norm / (‖g‖ + 1e−6) computed on the device and g ← g·c (where c < 1)
@@ -144,14 +143,15 @@ class Optimizer:
             norm, clip = self.backend.clip_coefficient([g for _, g, _ in segments], max_norm)
         scalars = self.step_scalars
         self.step_count += 1
-        self.backend.step_scalars_advance(scalars, *self._betas())
-        for (data, grad, bf16), buffers in zip(segments, self._buffers(segments)):
-            self._update(data, grad, buffers, scalars, clip, bf16)
+        last = len(segments) - 1
+        for i, ((data, grad, bf16), buffers) in enumerate(zip(segments, self._buffers(segments))):
+            self._update(data, grad, buffers, scalars, clip, bf16, advance=i == last)
         return norm
 
-    def _update(self, data, grad, buffers, scalars, clip, bf16) -> None:
+    def _update(self, data, grad, buffers, scalars, clip, bf16, advance) -> None:
         """One update launch over ``data`` (clip: the device clip coefficient or None; bf16:
-        the bf16 copy of ``data`` to write, or None)."""
+        the bf16 copy of ``data`` to write, or None; advance: count the step in ``scalars``,
+        which the segment updated last does, after the others have read the step number)."""
         raise NotImplementedError
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -270,7 +270,7 @@ class SGD(Optimizer):
         if momentum == 0:
             self.buffer_names = ()
 
-    def _update(self, data, grad, buffers, scalars, clip, bf16) -> None:
+    def _update(self, data, grad, buffers, scalars, clip, bf16, advance) -> None:
         h = self.hyperparams
         self.backend.sgd_update(
             data,
@@ -283,6 +283,7 @@ class SGD(Optimizer):
             weight_decay=h["weight_decay"],
             clip=clip,
             param_bf16=bf16,
+            advance=advance,
         )
 
 
@@ -314,10 +315,7 @@ class Adam(Optimizer):
             weight_decay=float(weight_decay),
         )
 
-    def _betas(self) -> tuple[float, float]:
-        return self.hyperparams["betas"]
-
-    def _update(self, data, grad, buffers, scalars, clip, bf16) -> None:
+    def _update(self, data, grad, buffers, scalars, clip, bf16, advance) -> None:
         h = self.hyperparams
         self.backend.adam_update(
             data,
@@ -332,6 +330,7 @@ class Adam(Optimizer):
             decoupled=self.decoupled,
             clip=clip,
             param_bf16=bf16,
+            advance=advance,
         )
 
 

@@ -67,6 +67,7 @@ LIBRARY_KERNELS = {
         "bce_with_logits_forward_backward",
         "bce_forward_backward",
     },
+    "train_step.cu": {"clip_coefficient", "clip_scale", "sgd_update", "adam_update"},
 }
 
 LIBRARY_DEFINES = {

@@ -67,7 +67,7 @@ def test_update_clip_and_bf16_copy_arguments_are_checked(emu_backends, name):
     backend = emu_backends[0] if name == "emu" else get_backend("numpy")
     param = np.ones(10, np.float32)
     grad = np.full(10, 3.0, np.float32)
-    scalars = np.array([0.0, 0.1, 0.0, 0.0])
+    scalars = np.array([0.0, 0.1, 0.0, 0.0, 0.0])  # layout STEP_SCALARS: t, lr, ...
     hyper = {"momentum": 0.0, "dampening": 0.0, "nesterov": False, "weight_decay": 0.0}
     bad = [
         ({"clip": np.array([0.5], np.float32)}, "clip"),

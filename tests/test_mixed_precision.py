@@ -348,7 +348,7 @@ def test_a_bf16_step_launches_no_weight_conversion():
         launches = backend.seam.launches
         counts[keep_copy] = [launch.kernel for launch in launches]
         (update,) = [launch for launch in launches if launch.kernel == "sgd_update"]
-        assert int(update.args[-1]) == int(keep_copy)  # write_bf16
+        assert int(update.args[-2]) == int(keep_copy)  # write_bf16 (then advance)
     assert len(counts[True]) == len(counts[False]) - 5
     assert counts[False].count("to_bf16") - counts[True].count("to_bf16") == 5
 

@@ -34,8 +34,10 @@ REDUCTIONS = ("mean", "sum")
 # An optimizer's step scalars: a float64 device array of this layout (kernels/train_step.cu's
 # STEP_* indices), so that a step reads its learning rate and step count from device memory
 # and a captured graph, whose kernel arguments are frozen, still sees them change.
-STEP_SCALARS = ("step", "lr", "bias_correction1", "bias_correction2_sqrt")
-STEP_T, STEP_LR, STEP_BIAS1, STEP_BIAS2_SQRT = range(len(STEP_SCALARS))
+# "blocks_done" counts the finished blocks of a running update launch (0 between launches):
+# its last block counts the step (train_step.cu: gb_finish_step).
+STEP_SCALARS = ("step", "lr", "bias_correction1", "bias_correction2_sqrt", "blocks_done")
+STEP_T, STEP_LR, STEP_BIAS1, STEP_BIAS2_SQRT, STEP_BLOCKS_DONE = range(len(STEP_SCALARS))
 
 
 def check_activation(activation: str) -> int:
@@ -222,11 +224,6 @@ class Backend:
         raise NotImplementedError
 
     # -- the same updates with step-dependent scalars in device memory (graph-safe) ---------
-    def step_scalars_advance(self, scalars, beta1: float, beta2: float) -> None:
-        """On the device: t ← t + 1, then scalars' bias corrections 1 − β₁ᵗ and √(1 − β₂ᵗ)
-        (``scalars``: float64, layout STEP_SCALARS; the learning rate is left as it is)."""
-        raise NotImplementedError
-
     def sgd_update(
         self,
         param,
@@ -240,13 +237,18 @@ class Backend:
         weight_decay,
         clip=None,
         param_bf16=None,
+        advance: bool = True,
     ) -> None:
-        """sgd_step with lr = scalars[STEP_LR] and first_step = (scalars[STEP_T] == 1), read on
-        the device.  ``clip``: the float64 (1,) coefficient c of clip_coefficient; the update
-        then first does g ← g·(c rounded to g's dtype) where c < 1 and writes that g back to
-        ``grad``, exactly as clip_grad_norm_ would have scaled it.  ``param_bf16``: a uint16
-        array of param's shape (float32 only) that receives bf16(θ) (round to nearest even)
-        of the updated parameters."""
+        """sgd_step of step t = scalars[STEP_T] + 1 (the steps taken before it, plus one), with
+        lr = scalars[STEP_LR] and first_step = (t == 1), read on the device.  With ``advance``
+        the same launch counts the step: scalars[STEP_T] ← t and the bias corrections of step t
+        (1 and 1: SGD has none), after every part of the update has read the old values; an
+        optimizer updating several buffers in one step advances with the last.  ``clip``: the
+        float64 (1,) coefficient c of clip_coefficient; the update then first does
+        g ← g·(c rounded to g's dtype) where c < 1 and writes that g back to ``grad``, exactly
+        as clip_grad_norm_ would have scaled it.  ``param_bf16``: a uint16 array of param's
+        shape (float32 only) that receives bf16(θ) (round to nearest even) of the updated
+        parameters."""
         raise NotImplementedError
 
     def adam_update(
@@ -264,9 +266,11 @@ class Backend:
         decoupled,
         clip=None,
         param_bf16=None,
+        advance: bool = True,
     ) -> None:
-        """adam_step with lr and the bias corrections read from ``scalars`` on the device;
-        ``clip`` and ``param_bf16`` as in sgd_update."""
+        """adam_step of step t = scalars[STEP_T] + 1 with lr = scalars[STEP_LR], both read on
+        the device, and the bias corrections 1 − β₁ᵗ, √(1 − β₂ᵗ) computed there; ``advance``
+        (which also stores those corrections), ``clip`` and ``param_bf16`` as in sgd_update."""
         raise NotImplementedError
 
     def clip_coefficient(self, grads: list, max_norm: float) -> tuple[Any, Any]:

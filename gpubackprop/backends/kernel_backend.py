@@ -1015,13 +1015,6 @@ class KernelBackend(Backend):
         blocks = max(1, min(_MAX_GRID_STRIDE_BLOCKS, _ceil_div(n, _GRID_STRIDE_THREADS)))
         return (blocks, 1, 1), (_GRID_STRIDE_THREADS, 1, 1)
 
-    def step_scalars_advance(self, scalars, beta1, beta2):
-        """t ← t + 1 and the bias corrections, one thread (train_step.cu)."""
-        self._step_scalars(scalars)
-        module = self._module("train_step.cu", np.dtype(np.float64))
-        args = (scalars, np.float64(beta1), np.float64(beta2))
-        self._launch(module, "step_scalars_advance", (1, 1, 1), (1, 1, 1), args)
-
     def _update_grad(self, param, grad, clip):
         """The gradient an update reads: written back when clipped, so never a copy then."""
         if clip is not None:
@@ -1065,9 +1058,11 @@ class KernelBackend(Backend):
         weight_decay,
         clip=None,
         param_bf16=None,
+        advance=True,
     ):
-        """torch.optim.SGD, one launch over the flat buffers, lr and the first step read from
-        ``scalars``; with ``clip`` (clip_coefficient's c) g ← g·c first where c < 1, written
+        """torch.optim.SGD, one launch over the flat buffers: step t = scalars[STEP_T] + 1 and
+        lr read from ``scalars``, the step counted there by the launch's last block when
+        ``advance``; with ``clip`` (clip_coefficient's c) g ← g·c first where c < 1, written
         back; with ``param_bf16`` also bf16(θ) there (train_step.cu: sgd_update)."""
         param = self._updated_buffer("param", param, None, None)
         grad = self._update_grad(param, grad, clip)
@@ -1079,8 +1074,8 @@ class KernelBackend(Backend):
         bf16_out, clip_in, use_clip, write_bf16 = self._update_extras(
             param, scalars, clip, param_bf16
         )
-        if param.size == 0:
-            return
+        if param.size == 0 and not advance:
+            return  # nothing to update and no step to count (an empty buffer still counts)
         grid, block = self._grid_stride(param.size)
         args = (
             param,
@@ -1097,6 +1092,7 @@ class KernelBackend(Backend):
             np.int32(momentum != 0),
             use_clip,
             write_bf16,
+            _FLAG_ON if advance else _FLAG_OFF,
         )
         self._launch(self._module("train_step.cu", param.dtype), "sgd_update", grid, block, args)
 
@@ -1115,10 +1111,11 @@ class KernelBackend(Backend):
         decoupled,
         clip=None,
         param_bf16=None,
+        advance=True,
     ):
-        """torch.optim.Adam / AdamW, one launch over the flat buffers, lr and the bias
-        corrections read from ``scalars``; ``clip`` and ``param_bf16`` as in sgd_update
-        (train_step.cu: adam_update)."""
+        """torch.optim.Adam / AdamW, one launch over the flat buffers: step t and lr read from
+        ``scalars``, the bias corrections of step t computed in the launch; ``clip``,
+        ``param_bf16`` and ``advance`` as in sgd_update (train_step.cu: adam_update)."""
         param = self._updated_buffer("param", param, None, None)
         shape = tuple(param.shape)
         grad = self._update_grad(param, grad, clip)
@@ -1128,8 +1125,8 @@ class KernelBackend(Backend):
         bf16_out, clip_in, use_clip, write_bf16 = self._update_extras(
             param, scalars, clip, param_bf16
         )
-        if param.size == 0:
-            return
+        if param.size == 0 and not advance:
+            return  # nothing to update and no step to count (an empty buffer still counts)
         grid, block = self._grid_stride(param.size)
         args = (
             param,
@@ -1147,6 +1144,7 @@ class KernelBackend(Backend):
             np.int32(bool(decoupled)),
             use_clip,
             write_bf16,
+            _FLAG_ON if advance else _FLAG_OFF,
         )
         self._launch(self._module("train_step.cu", param.dtype), "adam_update", grid, block, args)
 

@@ -418,11 +418,16 @@ class NumpyBackend(Backend):
         step_buffer *= lr / bias_correction1
         param -= step_buffer
 
-    def step_scalars_advance(self, scalars, beta1, beta2):
-        t = scalars[STEP_T] + 1.0
-        scalars[STEP_T] = t
-        scalars[STEP_BIAS1] = 1.0 - beta1**t  # 1 − β₁ᵗ
-        scalars[STEP_BIAS2_SQRT] = math.sqrt(1.0 - beta2**t)  # √(1 − β₂ᵗ)
+    @staticmethod
+    def _count_step(scalars, advance, beta1, beta2) -> float:
+        """The step t = scalars[STEP_T] + 1 an update takes; with ``advance`` t and its bias
+        corrections 1 − β₁ᵗ, √(1 − β₂ᵗ) are stored (the kernels' last block does so)."""
+        t = float(scalars[STEP_T]) + 1.0
+        if advance:
+            scalars[STEP_T] = t
+            scalars[STEP_BIAS1] = 1.0 - beta1**t
+            scalars[STEP_BIAS2_SQRT] = math.sqrt(1.0 - beta2**t)
+        return t
 
     @staticmethod
     def _clip_and_copy(param, grad, clip, param_bf16):
@@ -451,18 +456,21 @@ class NumpyBackend(Backend):
         weight_decay,
         clip=None,
         param_bf16=None,
+        advance=True,
     ):
         write_bf16 = self._clip_and_copy(param, grad, clip, param_bf16)
+        lr = float(scalars[STEP_LR])
+        t = self._count_step(scalars, advance, 0.0, 0.0)
         self.sgd_step(
             param,
             grad,
             momentum_buf,
-            lr=float(scalars[STEP_LR]),
+            lr=lr,
             momentum=momentum,
             dampening=dampening,
             nesterov=nesterov,
             weight_decay=weight_decay,
-            first_step=bool(scalars[STEP_T] == 1.0),
+            first_step=t == 1.0,
         )
         write_bf16()
 
@@ -481,19 +489,22 @@ class NumpyBackend(Backend):
         decoupled,
         clip=None,
         param_bf16=None,
+        advance=True,
     ):
         write_bf16 = self._clip_and_copy(param, grad, clip, param_bf16)
+        lr = float(scalars[STEP_LR])
+        t = self._count_step(scalars, advance, beta1, beta2)
         self.adam_step(
             param,
             grad,
             exp_avg,
             exp_avg_sq,
-            lr=float(scalars[STEP_LR]),
+            lr=lr,
             beta1=beta1,
             beta2=beta2,
             eps=eps,
             weight_decay=weight_decay,
-            step=int(scalars[STEP_T]),
+            step=int(t),
             decoupled=decoupled,
         )
         write_bf16()
