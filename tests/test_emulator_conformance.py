@@ -907,3 +907,54 @@ def test_16bit_scalars_by_value(seam):
         assert ((y.view(np.uint16) == separate) | (y.view(np.uint16) == fused)).all()
     u64 = (u.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
     np.testing.assert_array_equal(v, _bf16_model(u64 * 3.0, "rn"))
+
+
+# ---- blocks in no promised order (last_block.cu) ---------------------------------------------
+
+
+def _last_block_args(seam, x, blocks):
+    count = np.zeros(1, np.uint32)
+    partials = seam.empty((blocks,), np.float32)
+    tickets, total = seam.empty((blocks,), np.uint32), seam.empty((1,), np.float32)
+    return (x, np.int32(x.size), partials, count, tickets, total), count, tickets, total
+
+
+@needs_compiler
+def test_the_last_block_pattern_sums_in_any_block_order(seam, monkeypatch):
+    """atomicAdd tickets and __threadfence: the block drawing the last ticket sees every other
+    block's partial sum, and resets the counter; with the emulator's shuffle mode the blocks
+    run in other orders (the tickets say which), and the pattern holds in each."""
+    blocks, block = 7, 128
+    x = np.random.default_rng(30).integers(-50, 50, blocks * block - 37).astype(np.float32)
+    mod = module(seam, "last_block.cu")
+    orders = set()
+    for seed in (0, *SHUFFLE_SEEDS) if seam.name == "emu" else (0,):
+        monkeypatch.setenv("GPUBACKPROP_EMU_SHUFFLE", str(seed))
+        args, count, tickets, total = _last_block_args(seam, x, blocks)
+        seam.launch(mod, "sum_by_last_block", (blocks, 1, 1), (block, 1, 1), args)
+        assert total[0] == x.sum(dtype=np.float64)  # integers: exact in any order
+        assert count[0] == 0
+        assert sorted(tickets.tolist()) == list(range(blocks))
+        orders.add(tuple(tickets.tolist()))
+        if seam.name == "emu" and seed == 0:  # unshuffled: blocks in blockIdx order
+            assert tickets.tolist() == list(range(blocks))
+    if seam.name == "emu":
+        assert len(orders) > 1, "the shuffle mode ran the blocks in blockIdx order only"
+
+
+@needs_compiler
+def test_assuming_the_highest_block_finishes_last_is_caught_by_the_shuffle_mode(emu, monkeypatch):
+    blocks, block = 7, 128
+    x = np.random.default_rng(31).integers(-50, 50, blocks * block).astype(np.float32)
+    mod = module(emu, "last_block.cu")
+    caught = 0
+    for seed in (0, 1, 2, 3, 4, 5):
+        monkeypatch.setenv("GPUBACKPROP_EMU_SHUFFLE", str(seed))
+        args, _, tickets, total = _last_block_args(emu, x, blocks)
+        emu.launch(mod, "sum_by_highest_block", (blocks, 1, 1), (block, 1, 1), args)
+        ran_last = tickets[blocks - 1] == blocks - 1
+        # Right exactly when the highest block happened to run last (always, unshuffled).
+        assert (total[0] == x.sum(dtype=np.float64)) == ran_last, (seed, tickets)
+        assert ran_last or seed != 0
+        caught += not ran_last
+    assert caught

@@ -88,6 +88,9 @@ def test_adam_counts_its_steps_over_several_blocks(name, emu, n, max_blocks, mon
     backend = _backend(name, emu)
     if max_blocks is not None:
         monkeypatch.setattr(kernel_backend, "_MAX_GRID_STRIDE_BLOCKS", max_blocks)
+    # On the emulator the blocks run in a shuffled order, as a GPU may run them: the last block
+    # to finish is then not the one with the highest index.
+    monkeypatch.setenv("GPUBACKPROP_EMU_SHUFFLE", "5")
     rng = np.random.default_rng(n)
     param, exp_avg, exp_avg_sq = _arrays(backend, rng, n, 3)
     exp_avg_sq = backend.asarray(np.abs(_host(backend, exp_avg_sq)), np.float32)  # v ≥ 0
@@ -117,6 +120,9 @@ def test_sgd_first_step_is_the_launch_own_t(name, emu, n, max_blocks, monkeypatc
     backend = _backend(name, emu)
     if max_blocks is not None:
         monkeypatch.setattr(kernel_backend, "_MAX_GRID_STRIDE_BLOCKS", max_blocks)
+    # On the emulator the blocks run in a shuffled order, as a GPU may run them: the last block
+    # to finish is then not the one with the highest index.
+    monkeypatch.setenv("GPUBACKPROP_EMU_SHUFFLE", "5")
     rng = np.random.default_rng(n + 1)
     param, buf = _arrays(backend, rng, n, 2)
     ref_param, ref_buf = param.copy(), buf.copy()

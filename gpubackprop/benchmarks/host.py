@@ -92,8 +92,9 @@ def _parameter_count(sizes: Sequence[int]) -> int:
 
 def _optimizer_step(make_optimizer, max_norm=None):
     """``optimizer.step()`` over the flat buffers of the HOST_MLP model, as a training step
-    calls it: the step scalars advanced on the device, then one update launch (with
-    ``max_norm``: the norm's reductions and coefficient first, applied inside the update)."""
+    calls it: one update launch, which also counts the step in the device's step scalars
+    (with ``max_norm``: the norm's reduction and coefficient first, applied inside the
+    update)."""
 
     def make(backend, rng):
         model = build_mlp(HOST_MLP).to(backend, dtype="float32")

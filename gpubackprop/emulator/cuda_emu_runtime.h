@@ -1,6 +1,8 @@
 // cuda_emu_runtime.h: the block/fiber scheduler behind cuda_emu.h.
 //
-// A launch runs the blocks of the grid one after another.  The threads of a block are fibers on
+// A launch runs the blocks of the grid one after another (in blockIdx order, or with a shuffle
+// seed in a random order: a GPU promises none, and a kernel that assumes one, e.g. that the
+// highest blockIdx finishes last, shows it).  The threads of a block are fibers on
 // the calling OS thread, each with its own stack; a fiber runs until it reaches a barrier, then
 // switches back to the scheduler, which resumes the next runnable fiber (in thread order, or in
 // a shuffled order per pass when a shuffle seed is given, to expose races between barriers).
@@ -116,6 +118,7 @@ struct State {
     std::vector<Fiber> fibers;
     std::vector<Warp> warps;
     std::vector<int> order;
+    std::vector<unsigned long long> block_order;  // linear block numbers, when shuffled
     char* stacks = nullptr;
     size_t stack_count = 0;
     size_t stack_stride = 0;
@@ -747,63 +750,75 @@ __attribute__((noinline)) static int run_blocks(const long long* dims, long long
     blockDim = dim3(block_x, block_y, block_z);
     unsigned long long random_state = seed;
     const int fill = shared_fill_byte();
-    for (unsigned int bz = 0; bz < grid_z; ++bz)
-        for (unsigned int by = 0; by < grid_y; ++by)
-            for (unsigned int bx = 0; bx < grid_x; ++bx) {
-                blockIdx = make_uint3(bx, by, bz);
-                ++g.block_serial;
-                // Shared memory is uninitialised on a GPU: NaN bytes make a read-before-write
-                // visible in the result (and the guard-check run's 0x7F bytes one that fmaxf
-                // would hide).
-                // The bytes past the launch's dynamic shared memory are filled too: a write
-                // there is reported after the block, a read shows up like any unwritten byte.
-                memset(g.dynamic_shared, fill, (size_t)shared_bytes + GBEMU_SHARED_GUARD);
-                if (+__start_gbemu_shared != +__stop_gbemu_shared) {
-                    memset(__start_gbemu_shared, fill,
-                           (size_t)(__stop_gbemu_shared - __start_gbemu_shared));
-                }
-                for (int i = 0; i < nthreads; ++i) init_fiber(i);
-                for (int w = 0; w < nwarps; ++w) g.warps[w].arrived = 0;
-                g.done = 0;
-                g.block_arrived = 0;
-                while (g.done < nthreads) {
-                    if (seed != 0) {
-                        for (int i = nthreads - 1; i > 0; --i) {
-                            int j = (int)(next_random(random_state) % (unsigned long long)(i + 1));
-                            std::swap(g.order[i], g.order[j]);
-                        }
-                    }
-                    bool ran = false;
-                    for (int k = 0; k < nthreads && !g.failed; ++k) {
-                        int i = g.order[k];
-                        if (g.fibers[i].state != RUNNABLE) continue;
-                        resume(i);
-                        ran = true;
-                    }
-                    if (g.failed) {
-                        snprintf(error, error_size, "block (%u,%u,%u) %s", bx, by, bz,
-                                 g.message);
-                        return 1;
-                    }
-                    if (!ran) {
-                        char text[1536];
-                        describe_deadlock(text, sizeof(text));
-                        snprintf(error, error_size, "block (%u,%u,%u): %s", bx, by, bz, text);
-                        return 1;
-                    }
-                }
-                const unsigned char* guard = g.dynamic_shared + shared_bytes;
-                for (int b = 0; b < GBEMU_SHARED_GUARD; ++b) {
-                    if (guard[b] != (unsigned char)fill) {
-                        snprintf(error, error_size,
-                                 "block (%u,%u,%u) wrote past the end of its dynamic shared "
-                                 "memory (shared_mem=%lld bytes; first byte written: %lld); on "
-                                 "a GPU: an illegal address, or another block's data",
-                                 bx, by, bz, shared_bytes, shared_bytes + b);
-                        return 1;
-                    }
+    // The order the blocks run in: linear block numbers (x fastest), shuffled when a seed is
+    // given (the permutation is only stored then).
+    const unsigned long long nblocks = (unsigned long long)grid_x * grid_y * grid_z;
+    if (seed != 0) {
+        g.block_order.resize(nblocks);
+        for (unsigned long long b = 0; b < nblocks; ++b) g.block_order[b] = b;
+        for (unsigned long long b = nblocks; b > 1; --b) {
+            std::swap(g.block_order[b - 1], g.block_order[next_random(random_state) % b]);
+        }
+    }
+    for (unsigned long long serial = 0; serial < nblocks; ++serial) {
+        const unsigned long long linear = seed != 0 ? g.block_order[serial] : serial;
+        const unsigned int bx = (unsigned int)(linear % grid_x),
+                           by = (unsigned int)(linear / grid_x % grid_y),
+                           bz = (unsigned int)(linear / grid_x / grid_y);
+        blockIdx = make_uint3(bx, by, bz);
+        ++g.block_serial;
+        // Shared memory is uninitialised on a GPU: NaN bytes make a read-before-write
+        // visible in the result (and the guard-check run's 0x7F bytes one that fmaxf
+        // would hide).
+        // The bytes past the launch's dynamic shared memory are filled too: a write
+        // there is reported after the block, a read shows up like any unwritten byte.
+        memset(g.dynamic_shared, fill, (size_t)shared_bytes + GBEMU_SHARED_GUARD);
+        if (+__start_gbemu_shared != +__stop_gbemu_shared) {
+            memset(__start_gbemu_shared, fill,
+                   (size_t)(__stop_gbemu_shared - __start_gbemu_shared));
+        }
+        for (int i = 0; i < nthreads; ++i) init_fiber(i);
+        for (int w = 0; w < nwarps; ++w) g.warps[w].arrived = 0;
+        g.done = 0;
+        g.block_arrived = 0;
+        while (g.done < nthreads) {
+            if (seed != 0) {
+                for (int i = nthreads - 1; i > 0; --i) {
+                    int j = (int)(next_random(random_state) % (unsigned long long)(i + 1));
+                    std::swap(g.order[i], g.order[j]);
                 }
             }
+            bool ran = false;
+            for (int k = 0; k < nthreads && !g.failed; ++k) {
+                int i = g.order[k];
+                if (g.fibers[i].state != RUNNABLE) continue;
+                resume(i);
+                ran = true;
+            }
+            if (g.failed) {
+                snprintf(error, error_size, "block (%u,%u,%u) %s", bx, by, bz,
+                         g.message);
+                return 1;
+            }
+            if (!ran) {
+                char text[1536];
+                describe_deadlock(text, sizeof(text));
+                snprintf(error, error_size, "block (%u,%u,%u): %s", bx, by, bz, text);
+                return 1;
+            }
+        }
+        const unsigned char* guard = g.dynamic_shared + shared_bytes;
+        for (int b = 0; b < GBEMU_SHARED_GUARD; ++b) {
+            if (guard[b] != (unsigned char)fill) {
+                snprintf(error, error_size,
+                         "block (%u,%u,%u) wrote past the end of its dynamic shared "
+                         "memory (shared_mem=%lld bytes; first byte written: %lld); on "
+                         "a GPU: an illegal address, or another block's data",
+                         bx, by, bz, shared_bytes, shared_bytes + b);
+                return 1;
+            }
+        }
+    }
     return 0;
 }
 

@@ -194,8 +194,9 @@ def poison_count(data: np.ndarray, itemsize: int) -> tuple[int, int]:
 
 
 def shuffle_seed_from_env() -> int:
-    """GPUBACKPROP_EMU_SHUFFLE=<seed>: run the threads of a block in a shuffled order between
-    barriers (a different order per block and per pass), to expose races."""
+    """GPUBACKPROP_EMU_SHUFFLE=<seed>: run the blocks of the grid in a shuffled order, and the
+    threads of a block in a shuffled order between barriers (a different order per block and
+    per pass), to expose races."""
     value = os.environ.get("GPUBACKPROP_EMU_SHUFFLE", "").strip()
     if not value or value == "0":
         return 0
