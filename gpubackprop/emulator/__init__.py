@@ -8,8 +8,9 @@ writes, unwritten outputs, divergent barriers, argument types, faults and misali
 accesses in kernel code, reported as EmuLaunchError instead of killing the process).
 Environment variables:
 
-- GPUBACKPROP_EMU_SHUFFLE=<seed>  run the threads of a block in a shuffled order between
-  barriers, to expose races (0 or unset: thread order).
+- GPUBACKPROP_EMU_SHUFFLE=<seed>  run the blocks of a grid in a shuffled order, and the
+  threads of a block in a shuffled order between barriers, to expose races (0 or unset:
+  blockIdx and thread order).
 - GPUBACKPROP_EMU_DEBUG=1         build with -O0 -g, for gdb.
 - GPUBACKPROP_EMU_UCONTEXT=1      use the portable ucontext fiber switch instead of the
   x86-64 assembly one.
