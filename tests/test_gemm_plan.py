@@ -233,3 +233,19 @@ def test_a_dense_backward_is_two_launches_or_three_when_split(version, precision
     else:
         expected = [name + suffix for name in expected]
     assert kernels == expected
+
+
+def test_the_naive_version_keeps_the_unfused_backward():
+    """The naive GEMMs validate the others: their dense backward stays the four launches of the
+    unfused path (elementwise δ, dW, column_sum, dX), the documented exception."""
+    from gpubackprop.backends.recording import HostBackend
+
+    host = HostBackend(gemm_version="naive")
+    f = lambda *s: np.zeros(s, np.float32)  # noqa: E731
+    host.dense_backward(f(9, 5), f(9, 7), f(5, 7), f(9, 5), "tanh", 0.0, f(5, 7), f(5), True)
+    assert [launch.kernel for launch in host.seam.launches] == [
+        "gb_activation_backward",
+        "dense_backward_weight_naive",
+        "column_sum",
+        "dense_backward_data_naive",
+    ]
