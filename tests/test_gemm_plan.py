@@ -194,6 +194,29 @@ def test_fused_backward_of_every_version_and_split_matches_the_unfused_bits(emu,
         np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("case", ["warptiled", "splitk-both"])
+def test_fused_backward_in_float64_matches_the_reference(emu, case):
+    """The same kernels compiled for double (the warp-tiled version with its double tiles)."""
+    from gpubackprop.backends.numpy_backend import NumpyBackend
+
+    version, (m, n, k), sms, _ = FUSED_CASES[case]
+    rng = np.random.default_rng(11)
+    x, w, b = rng.standard_normal((m, k)), rng.standard_normal((n, k)), rng.standard_normal(n)
+    dout = rng.standard_normal((m, n))
+    reference = NumpyBackend()
+    _, saved = reference.dense_forward(x, w, b, "silu", 0.1)
+    dw_ref, db_ref = np.empty((n, k)), np.empty(n)
+    dx_ref = reference.dense_backward(dout, x, w, saved, "silu", 0.1, dw_ref, db_ref, True)
+    backend = emu.with_gemm_version(version)
+    backend._sm_count = sms
+    arrays = [backend.asarray(a, np.float64) for a in (dout, x, w, saved)]
+    dw, db = backend.empty((n, k), np.float64), backend.empty((n,), np.float64)
+    dx = backend.dense_backward(*arrays, "silu", 0.1, dw, db, True)
+    for ours, ref in ((dw, dw_ref), (db, db_ref), (dx, dx_ref)):
+        ours = backend.to_numpy(ours)
+        np.testing.assert_allclose(ours, ref, rtol=1e-12, atol=1e-12 * np.abs(ref).max())
+
+
 # bf16 and tf32 run gemm_mma.cu whatever the fp32 GEMM version.
 @pytest.mark.parametrize(
     ("version", "precision"),
