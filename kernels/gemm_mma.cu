@@ -17,7 +17,8 @@
 // (dense_backward_weight_act_bf16, dense_backward_data_act_bf16, dense_backward_weight_act_tf32,
 // dense_backward_data_act_tf32): δ = dout ⊙ f'(saved) formed in fp32 as the A operand is loaded,
 // rounded to the precision for the products, db summed from the fp32 δ in a fixed order.
-// and to_bf16 (fp32 → bf16, round to nearest even), which makes the bf16 operands.
+// and to_bf16 (fp32 → bf16, round to nearest even), which makes the bf16 operands, and add_bf16
+// (a residual sum c = a + b with its bf16 copy).
 //
 // Design (one version): a MMA_BM × MMA_BN block tile, 4 warps of 32 × 32 (2 × 4 mma tiles of
 // 16 × 8), MMA_STAGES-deep pipeline of BK-deep slices copied global → shared with cp.async
@@ -699,6 +700,22 @@ extern "C" __global__ void to_bf16(const float* __restrict__ x, gb_bf16* __restr
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         out[i] = (gb_bf16)(gb_cvt_bf16x2(x[i], 0.0f) & 0xffffu);
+    }
+#else
+    __trap();
+#endif
+}
+
+// c = a + b (a residual block's sum) and c16 = bf16(c) (round to nearest even), the next
+// layer's operand, in one pass; any grid (grid-stride loop over n elements).
+extern "C" __global__ void add_bf16(const float* __restrict__ a, const float* __restrict__ b,
+                                    float* __restrict__ c, gb_bf16* __restrict__ c16, long long n) {
+#if GB_HAS_TENSOR_CORES
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const float sum = a[i] + b[i];
+        c[i] = sum;
+        c16[i] = (gb_bf16)(gb_cvt_bf16x2(sum, 0.0f) & 0xffffu);
     }
 #else
     __trap();

@@ -719,12 +719,22 @@ class KernelBackend(Backend):
             )
         return dinp
 
-    def add(self, a, b):
+    def add(self, a, b, out_bf16=None):
+        """a + b (elementwise.cuh: gb_add); with ``out_bf16`` (precision "bf16") also bf16(a + b)
+        there, from the same launch (gemm_mma.cu: add_bf16)."""
         a = self._float_operand("a", a)
         b = self._float_operand("b", b, a.dtype)
         same_shape("b", b, tuple(a.shape))
         out = self.empty(a.shape, a.dtype)
-        if a.size:
+        if out_bf16 is not None:
+            self._check_gemm_precision("bf16", a.dtype)
+            self._check_bf16("out_bf16", out_bf16, tuple(a.shape), "bf16")
+            if a.size:
+                grid = min(_ceil_div(a.size, 256), 4096)
+                args = (a, b, out, out_bf16, np.int64(a.size))
+                module = self._module(MMA_FILE, np.dtype(np.float32))
+                self._launch(module, "add_bf16", (grid, 1, 1), (256, 1, 1), args)
+        elif a.size:
             self._elementwise("gb_add", a.dtype)(a, b, out)
         return out
 
