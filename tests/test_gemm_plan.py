@@ -194,6 +194,37 @@ def test_fused_backward_of_every_version_and_split_matches_the_unfused_bits(emu,
         np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", sorted(FUSED_CASES))
+def test_fused_backward_of_every_version_and_split_on_the_gpu(case):
+    """The same kernels compiled by NVRTC and run on a GPU (its SM count replaced by the case's,
+    so that the plan splits as on the emulator), against NumPy float64."""
+    import gpubackprop as gb
+    from gpubackprop.backends.numpy_backend import NumpyBackend
+
+    available, reason = gb.available_backends()["cupy"]
+    if not available:
+        pytest.skip(f"backend 'cupy' is unavailable: {reason}")
+    version, (m, n, k), sms, split = FUSED_CASES[case]
+    backend = get_backend("cupy").with_gemm_version(version)
+    backend._sm_count = sms
+    rng = np.random.default_rng(12)
+    x, w, b = rng.standard_normal((m, k)), rng.standard_normal((n, k)), rng.standard_normal(n)
+    dout = rng.standard_normal((m, n))
+    reference = NumpyBackend()
+    _, saved = reference.dense_forward(x, w, b, "gelu", 0.1)
+    dw_ref, db_ref = np.empty((n, k)), np.empty(n)
+    dx_ref = reference.dense_backward(dout, x, w, saved, "gelu", 0.1, dw_ref, db_ref, True)
+    arrays = [backend.asarray(a, np.float32) for a in (dout, x, w, saved)]
+    dw, db = backend.empty((n, k), np.float32), backend.empty((n,), np.float32)
+    dx = backend.dense_backward(*arrays, "gelu", 0.1, dw, db, True)
+    plans = backend._fused_backward(m, n, k, np.dtype(np.float32))
+    assert {p.launch.kernel.removesuffix("_splitk") for p, _ in plans if p.splits > 1} == split
+    for ours, ref in ((dw, dw_ref), (db, db_ref), (dx, dx_ref)):
+        ours = np.asarray(backend.to_numpy(ours), np.float64)
+        np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
 @pytest.mark.parametrize("case", ["warptiled", "splitk-both"])
 def test_fused_backward_in_float64_matches_the_reference(emu, case):
     """The same kernels compiled for double (the warp-tiled version with its double tiles)."""
