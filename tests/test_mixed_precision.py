@@ -488,7 +488,7 @@ def test_a_bf16_training_step_converts_only_inputs_no_layer_before_wrote_in_bf16
         kernels = [launch.kernel for launch in model.backend.seam.launches]
         counts[stored] = kernels
         backward = [k for k in kernels if k.startswith("dense_backward")]
-        assert backward == ["dense_backward_weight_act_bf16", "dense_backward_data_act_bf16"] * 4
+        assert backward == ["dense_backward_weight_act_bf16", "dense_backward_data_bf16"] * 4
     # Stored: the model's input.  Per call: x in every forward and every dW GEMM (dX reads the
     # optimizer's bf16 weights in both).  The Residual's sum is one launch either way.
     assert counts[True].count("to_bf16") == 1
