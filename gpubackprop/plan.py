@@ -47,11 +47,12 @@ class DenseStep(Step):
 
     In precision "bf16" (``bf16_activations``) the activations are stored in bf16 between
     layers: the step holds bf16(x), read by its forward GEMM (x Wᵀ) and its dW GEMM (δᵀx).  It
-    takes that copy from ``source``, the DenseStep before it, whose forward epilogue wrote
-    bf16(y) beside the fp32 y (``write_bf16``, set when a bf16 DenseStep follows), or rounds x
-    once per batch where no such step precedes (the first layer, after a Residual, an
-    activation or Standardize).  The same round-to-nearest-even of the same fp32 values as
-    converting x in every GEMM call: the same bits, fewer launches."""
+    takes that copy from ``source``, the step whose output it takes: a DenseStep, whose forward
+    epilogue wrote bf16(y) beside the fp32 y (``write_bf16``, set when a bf16 DenseStep takes
+    its output), or a ResidualStep, whose add wrote it; it rounds x once per batch where no
+    such step precedes (the first layer, after an activation or Standardize step).  The same
+    round-to-nearest-even of the same fp32 values as converting x in every GEMM call: the same
+    bits, fewer launches (link_bf16_activations sets the links)."""
 
     backend: Any = field(repr=False)
     weight: Parameter
@@ -60,7 +61,7 @@ class DenseStep(Step):
     alpha: float = 0.0
     precision: str = "fp32"  # of the GEMMs (gpubackprop/precision.py)
     bf16_activations: bool = False  # build_steps: precision == "bf16"
-    source: DenseStep | None = field(default=None, repr=False)
+    source: Step | None = field(default=None, repr=False)
     write_bf16: bool = False
     y_bf16: Any = field(default=None, repr=False)  # bf16(y) of the last forward (write_bf16)
     _x: Any = field(default=None, repr=False)
@@ -69,7 +70,8 @@ class DenseStep(Step):
     _saved: Any = field(default=None, repr=False)
 
     def _input_bf16(self, x):
-        """bf16(x): the source step's copy when x is that step's output, else rounded now."""
+        """bf16(x): the source step's copy (a DenseStep's or a ResidualStep's) when x is that
+        step's output, else rounded now."""
         source = self.source
         if source is not None and source._y is x and source.y_bf16 is not None:
             return source.y_bf16
@@ -139,10 +141,14 @@ class ActivationStep(Step):
 
 @dataclass(eq=False)
 class ResidualStep(Step):
-    """y = x + g(x); ∂L/∂x = ∂L/∂y + g'ᵀ ∂L/∂y (the identity path passes the gradient on)."""
+    """y = x + g(x); ∂L/∂x = ∂L/∂y + g'ᵀ ∂L/∂y (the identity path passes the gradient on).
+    ``write_bf16``: also bf16(y) from the same launch, for the bf16 DenseStep after it."""
 
     backend: Any = field(repr=False)
     steps: list[Step]
+    write_bf16: bool = False
+    y_bf16: Any = field(default=None, repr=False)
+    _y: Any = field(default=None, repr=False)
 
     def forward(self, x):
         h = x
@@ -153,7 +159,11 @@ class ResidualStep(Step):
                 f"Residual: f(x) has shape {tuple(h.shape)} but x has {tuple(x.shape)}; "
                 "y = x + f(x) needs f to keep the shape"
             )
-        return self.backend.add(x, h)
+        if not self.write_bf16:
+            return self.backend.add(x, h)
+        self.y_bf16 = self.backend.empty(tuple(x.shape), np.uint16)
+        self._y = self.backend.add(x, h, out_bf16=self.y_bf16)
+        return self._y
 
     def backward(self, dout, need_dinp: bool = True):
         grad = dout
@@ -266,19 +276,22 @@ def _build_steps(layers: list[Layer], backend, dtype, precision: str) -> list[St
 
 
 def link_bf16_activations(steps: list[Step], before: Step | None = None) -> None:
-    """Store activations in bf16 between bf16 DenseSteps: each holds bf16(x), and one whose
-    output is the next DenseStep's input (the next in the list, or the first inside a
-    Residual that follows) writes bf16(y) for it (DenseStep).  ``before``: the step whose
-    output ``steps`` take as input."""
+    """Store activations in bf16 between the steps of a bf16 plan: each DenseStep holds
+    bf16(x), and the step whose output it takes (a DenseStep, from its GEMM's epilogue, or a
+    ResidualStep, from its add) writes bf16(y) for it: the step before it in its list, or,
+    for the first step inside a Residual, the step before the Residual.  ``before``: the step
+    whose output ``steps`` take as input."""
     for step in steps:
         if isinstance(step, ResidualStep):
             link_bf16_activations(step.steps, before)  # g(x) starts from the same x
         elif isinstance(step, DenseStep):
             step.bf16_activations = step.precision == "bf16"
-            linked = isinstance(before, DenseStep) and before.bf16_activations
-            if linked and step.bf16_activations:
+            writes = isinstance(before, ResidualStep) or (
+                isinstance(before, DenseStep) and before.bf16_activations
+            )
+            if writes and step.bf16_activations:
                 before.write_bf16, step.source = True, before
-        before = step  # a Residual's output is x + g(x): no bf16 copy of it
+        before = step
 
 
 @dataclass(eq=False)

@@ -11,13 +11,14 @@
 //         forward can also write Y in bf16 (y16), the next layer's operand.
 //   tf32  operands fp32 in memory, rounded to tf32 (to nearest even, gb_round_tf32) as they go
 //         into the fragments, mma.sync m16n8k8 tf32 × tf32 → fp32.
-// The fused backward (the library's, 2 launches per dense backward) in both precisions:
-//   dense_backward_weight_act_<p>  dW = δᵀ X and db = Σ_m δ    from dout, saved (fp32), X
-//   dense_backward_data_act_<p>    dX = δ W                     from dout, saved (fp32), W
-// (dense_backward_weight_act_bf16, dense_backward_data_act_bf16, dense_backward_weight_act_tf32,
-// dense_backward_data_act_tf32): δ = dout ⊙ f'(saved) formed in fp32 as the A operand is loaded,
-// rounded to the precision for the products, db summed from the fp32 δ in a fixed order.
-// and to_bf16 (fp32 → bf16, round to nearest even), which makes the bf16 operands.
+// The fused dW of the library's dense backward (2 launches: this one, then
+// dense_backward_data_<p> on the δ it stored), in both precisions:
+//   dense_backward_weight_act_<p>  dW = δᵀ X, db = Σ_m δ and δ   from dout, saved (fp32), X
+// (dense_backward_weight_act_bf16, dense_backward_weight_act_tf32): δ = dout ⊙ f'(saved) formed
+// in fp32 as the A operand is loaded, rounded to the precision for the products and the stored
+// copy, db summed from the fp32 δ in a fixed order.
+// Conversions: to_bf16 (fp32 → bf16, round to nearest even), which makes the bf16 operands, and
+// add_bf16 (a residual sum c = a + b with its bf16 copy).
 //
 // Design (one version): a MMA_BM × MMA_BN block tile, 4 warps of 32 × 32 (2 × 4 mma tiles of
 // 16 × 8), MMA_STAGES-deep pipeline of BK-deep slices copied global → shared with cp.async
@@ -151,6 +152,8 @@ struct MmaAct {
     const float* saved;
     int code;
     float alpha;
+    void* delta_out;  // δ in the precision's element type, where the block writes it (else null)
+    int vec_out;      // delta_out allows 16-byte stores
 };
 
 template <class P, int LAYOUT, int BR>
@@ -193,30 +196,58 @@ __device__ __forceinline__ void mma_fetch_act(const float* __restrict__ dout, Mm
     }
 }
 
-__device__ __forceinline__ void mma_put(gb_bf16* dst, const float* v, int n) {
-    for (int e = 0; e < n; e += 2) {
-        const unsigned int pair = gb_cvt_bf16x2(v[e], v[e + 1]);
-        dst[e] = (gb_bf16)(pair & 0xffffu);
-        dst[e + 1] = (gb_bf16)(pair >> 16);
+// The δ chunk as stored (bf16: pairs packed low half first; tf32: the fp32 values), into the
+// stage tile and, with act.delta_out, into global memory (16-byte stores where allowed).
+__device__ __forceinline__ void mma_put(gb_bf16* tile, const float v[8], MmaAct act,
+                                        long long offset, int valid) {
+    unsigned int w[4];
+#pragma unroll
+    for (int h = 0; h < 4; ++h) {
+        w[h] = gb_cvt_bf16x2(v[2 * h], v[2 * h + 1]);
+        tile[2 * h] = (gb_bf16)(w[h] & 0xffffu);
+        tile[2 * h + 1] = (gb_bf16)(w[h] >> 16);
+    }
+    if (act.delta_out == nullptr || valid <= 0) return;
+    gb_bf16* out = reinterpret_cast<gb_bf16*>(act.delta_out) + offset;
+    if (act.vec_out && valid == 8) {
+        *reinterpret_cast<uint4*>(out) = make_uint4(w[0], w[1], w[2], w[3]);
+    } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e)  // constant indices: w stays in registers
+            if (e < valid) out[e] = (gb_bf16)((w[e / 2] >> (16 * (e % 2))) & 0xffffu);
     }
 }
 
-__device__ __forceinline__ void mma_put(float* dst, const float* v, int n) {
-    for (int e = 0; e < n; ++e) dst[e] = v[e];
+__device__ __forceinline__ void mma_put(float* tile, const float v[4], MmaAct act,
+                                        long long offset, int valid) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) tile[e] = v[e];
+    if (act.delta_out == nullptr || valid <= 0) return;
+    float* out = reinterpret_cast<float*>(act.delta_out) + offset;
+    if (act.vec_out && valid == 4) {
+        *reinterpret_cast<float4*>(out) = make_float4(v[0], v[1], v[2], v[3]);
+    } else {
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+            if (e < valid) out[e] = v[e];
+    }
 }
 
-// δ of the fetched chunks into the stage tile; with SUMS, sums[e] += δ of element e of each
-// chunk (an OUTER operand: a thread's chunks all cover the same CHUNK rows).  Out-of-range
-// elements were fetched as 0 and give δ = 0 · f'(0) = 0.
+// δ of the fetched chunks (of the slice at p0) into the stage tile, and into act.delta_out
+// where given; with SUMS, sums[e] += δ of element e of each chunk (an OUTER operand: a
+// thread's chunks all cover the same CHUNK rows).  Out-of-range elements were fetched as 0 and
+// give δ = 0 · f'(0) = 0 (and are not stored).
 template <class P, int LAYOUT, int BR, bool SUMS>
-__device__ __forceinline__ void mma_stash_act(typename P::elem* tile, MmaAct act,
+__device__ __forceinline__ void mma_stash_act(typename P::elem* tile, MmaAct act, long long ld,
+                                              int rows, int inner, int r0, int p0,
                                               float d[][P::CHUNK], float f[][P::CHUNK],
                                               float sums[P::CHUNK]) {
 #pragma unroll
     for (int c = 0; c < ActChunks<P, LAYOUT, BR>::PER_THREAD; ++c) {
         int valid, dst;
         long long offset;
-        mma_chunk<P, LAYOUT, BR>(threadIdx.x + c * MMA_THREADS, 0, 0, 0, 0, 0, valid, offset, dst);
+        mma_chunk<P, LAYOUT, BR>(threadIdx.x + c * MMA_THREADS, ld, rows, inner, r0, p0, valid,
+                                 offset, dst);
         float delta[P::CHUNK];
 #pragma unroll
         for (int e = 0; e < P::CHUNK; ++e) {
@@ -224,7 +255,7 @@ __device__ __forceinline__ void mma_stash_act(typename P::elem* tile, MmaAct act
                                            (real_t)act.alpha);
             if (SUMS) sums[e] += delta[e];
         }
-        mma_put(tile + dst, delta, P::CHUNK);
+        mma_put(tile + dst, delta, act, offset, valid);
     }
 }
 
@@ -386,8 +417,8 @@ __device__ __forceinline__ void mma_mainloop(const AElem* __restrict__ a, long l
             if constexpr (ACT_A) {
                 mma_fetch_act<P, LAYOUT_A, MMA_BM>(a, act, lda, rows, inner, r0, s * P::BK, vec_a,
                                                    act_d, act_f);
-                mma_stash_act<P, LAYOUT_A, MMA_BM, ROW_SUMS>(smem_a[s], act, act_d, act_f,
-                                                             row_sums);
+                mma_stash_act<P, LAYOUT_A, MMA_BM, ROW_SUMS>(
+                    smem_a[s], act, lda, rows, inner, r0, s * P::BK, act_d, act_f, row_sums);
             } else {
                 mma_load_stage<P, LAYOUT_A, MMA_BM>(smem_a[s], a, lda, rows, inner, r0, s * P::BK,
                                                     vec_a);
@@ -429,8 +460,9 @@ __device__ __forceinline__ void mma_mainloop(const AElem* __restrict__ a, long l
             // Stage `next` was last read in the previous iteration, before this one's barrier;
             // it is read after the next barrier.
             if (next < slices)
-                mma_stash_act<P, LAYOUT_A, MMA_BM, ROW_SUMS>(smem_a[next % MMA_STAGES], act,
-                                                             act_d, act_f, row_sums);
+                mma_stash_act<P, LAYOUT_A, MMA_BM, ROW_SUMS>(smem_a[next % MMA_STAGES], act, lda,
+                                                             rows, inner, r0, next * P::BK, act_d,
+                                                             act_f, row_sums);
         }
     }
     gb_cp_async_wait<0>();  // only empty groups remain; nothing is left in flight at exit
@@ -526,33 +558,27 @@ __device__ __forceinline__ void mma_row_sums(const float sums[P::CHUNK], float* 
     }
 }
 
-// The fused backward of one precision P: dW (N,K) = δᵀ X with db (N) = Σ_m δ when has_bias, and
-// dX (M,K) = δ W, δ = ∂L/∂y ⊙ f'(saved) formed on load from fp32 dout and saved.
+// The fused dW of one precision P: dW (N,K) = δᵀ X with db (N) = Σ_m δ when has_bias, δ = ∂L/∂y
+// ⊙ f'(saved) formed on load from fp32 dout and saved; with write_delta the blocks of column
+// tile 0 (they load every δ once) also store δ in P's element type (delta_out, (M,N)), the
+// operand of the dX GEMM that follows.
 template <class P>
 __device__ __forceinline__ void mma_backward_weight_act(
     const float* __restrict__ dout, const float* __restrict__ saved,
-    const typename P::elem* __restrict__ x, float* __restrict__ dw, float* __restrict__ db, int M,
-    int N, int K, int act_code, float alpha, int has_bias) {
+    const typename P::elem* __restrict__ x, float* __restrict__ dw, float* __restrict__ db,
+    typename P::elem* __restrict__ delta_out, int M, int N, int K, int act_code, float alpha,
+    int has_bias, int write_delta) {
     float acc[MMA_TILES_M][MMA_TILES_N][4];
     float sums[P::CHUNK];
 #pragma unroll
     for (int e = 0; e < P::CHUNK; ++e) sums[e] = 0.0f;
-    mma_mainloop<P, LAYOUT_OUTER, LAYOUT_OUTER, true, true, float>(
-        dout, N, x, K, N, K, M, acc, MmaAct{saved, act_code, alpha}, sums);
+    const bool store = write_delta && blockIdx.y == 0;
+    const MmaAct act{saved, act_code, alpha, store ? delta_out : nullptr,
+                     store && mma_vec_ok<P>(delta_out, N)};
+    mma_mainloop<P, LAYOUT_OUTER, LAYOUT_OUTER, true, true, float>(dout, N, x, K, N, K, M, acc,
+                                                                   act, sums);
     mma_store(dw, N, K, acc);
     if (has_bias && blockIdx.y == 0) mma_row_sums<P>(sums, db, N, blockIdx.x * MMA_BM);
-}
-
-template <class P>
-__device__ __forceinline__ void mma_backward_data_act(const float* __restrict__ dout,
-                                                      const float* __restrict__ saved,
-                                                      const typename P::elem* __restrict__ w,
-                                                      float* __restrict__ dx, int M, int N, int K,
-                                                      int act_code, float alpha) {
-    float acc[MMA_TILES_M][MMA_TILES_N][4];
-    mma_mainloop<P, LAYOUT_INNER, LAYOUT_OUTER, true, false, float>(
-        dout, N, w, K, M, K, N, acc, MmaAct{saved, act_code, alpha});
-    mma_store(dx, M, K, acc);
 }
 
 // ---- bf16 ------------------------------------------------------------------------------------
@@ -601,27 +627,16 @@ dense_backward_weight_bf16(const gb_bf16* __restrict__ delta, const gb_bf16* __r
 }
 
 // dW (N,K) = δᵀ X and, with has_bias, db (N) = Σ_m δ (fp32), δ = dout ⊙ f'(saved) formed on
-// load and rounded to bf16 for the products.  grid (⌈N/MMA_BM⌉, ⌈K/MMA_BN⌉), K ≥ 1.
+// load and rounded to bf16 for the products; with write_delta also bf16(δ) into delta16 (M,N),
+// dense_backward_data_bf16's operand.  grid (⌈N/MMA_BM⌉, ⌈K/MMA_BN⌉), K ≥ 1.
 extern "C" __global__ void __launch_bounds__(MMA_THREADS)
 dense_backward_weight_act_bf16(const float* __restrict__ dout, const float* __restrict__ saved,
                                const gb_bf16* __restrict__ x, float* __restrict__ dw,
-                               float* __restrict__ db, int M, int N, int K, int act_code,
-                               float alpha, int has_bias) {
+                               float* __restrict__ db, gb_bf16* __restrict__ delta16, int M, int N,
+                               int K, int act_code, float alpha, int has_bias, int write_delta) {
 #if GB_HAS_TENSOR_CORES
-    mma_backward_weight_act<PrecisionBf16>(dout, saved, x, dw, db, M, N, K, act_code, alpha,
-                                           has_bias);
-#else
-    __trap();
-#endif
-}
-
-// dX (M,K) = δ W, δ formed on load.  grid (⌈M/MMA_BM⌉, ⌈K/MMA_BN⌉).
-extern "C" __global__ void __launch_bounds__(MMA_THREADS)
-dense_backward_data_act_bf16(const float* __restrict__ dout, const float* __restrict__ saved,
-                             const gb_bf16* __restrict__ w, float* __restrict__ dx, int M, int N,
-                             int K, int act_code, float alpha) {
-#if GB_HAS_TENSOR_CORES
-    mma_backward_data_act<PrecisionBf16>(dout, saved, w, dx, M, N, K, act_code, alpha);
+    mma_backward_weight_act<PrecisionBf16>(dout, saved, x, dw, db, delta16, M, N, K, act_code,
+                                           alpha, has_bias, write_delta);
 #else
     __trap();
 #endif
@@ -666,25 +681,16 @@ dense_backward_weight_tf32(const float* __restrict__ delta, const float* __restr
 #endif
 }
 
+// As dense_backward_weight_act_bf16, δ kept fp32 (rounded to tf32 in the fragments); with
+// write_delta δ (fp32) into delta (M,N), dense_backward_data_tf32's operand.
 extern "C" __global__ void __launch_bounds__(MMA_THREADS)
 dense_backward_weight_act_tf32(const float* __restrict__ dout, const float* __restrict__ saved,
                                const float* __restrict__ x, float* __restrict__ dw,
-                               float* __restrict__ db, int M, int N, int K, int act_code,
-                               float alpha, int has_bias) {
+                               float* __restrict__ db, float* __restrict__ delta, int M, int N,
+                               int K, int act_code, float alpha, int has_bias, int write_delta) {
 #if GB_HAS_TENSOR_CORES
-    mma_backward_weight_act<PrecisionTf32>(dout, saved, x, dw, db, M, N, K, act_code, alpha,
-                                           has_bias);
-#else
-    __trap();
-#endif
-}
-
-extern "C" __global__ void __launch_bounds__(MMA_THREADS)
-dense_backward_data_act_tf32(const float* __restrict__ dout, const float* __restrict__ saved,
-                             const float* __restrict__ w, float* __restrict__ dx, int M, int N,
-                             int K, int act_code, float alpha) {
-#if GB_HAS_TENSOR_CORES
-    mma_backward_data_act<PrecisionTf32>(dout, saved, w, dx, M, N, K, act_code, alpha);
+    mma_backward_weight_act<PrecisionTf32>(dout, saved, x, dw, db, delta, M, N, K, act_code,
+                                           alpha, has_bias, write_delta);
 #else
     __trap();
 #endif
@@ -699,6 +705,22 @@ extern "C" __global__ void to_bf16(const float* __restrict__ x, gb_bf16* __restr
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         out[i] = (gb_bf16)(gb_cvt_bf16x2(x[i], 0.0f) & 0xffffu);
+    }
+#else
+    __trap();
+#endif
+}
+
+// c = a + b (a residual block's sum) and c16 = bf16(c) (round to nearest even), the next
+// layer's operand, in one pass; any grid (grid-stride loop over n elements).
+extern "C" __global__ void add_bf16(const float* __restrict__ a, const float* __restrict__ b,
+                                    float* __restrict__ c, gb_bf16* __restrict__ c16, long long n) {
+#if GB_HAS_TENSOR_CORES
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const float sum = a[i] + b[i];
+        c[i] = sum;
+        c16[i] = (gb_bf16)(gb_cvt_bf16x2(sum, 0.0f) & 0xffffu);
     }
 #else
     __trap();

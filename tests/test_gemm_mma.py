@@ -180,11 +180,12 @@ def emu_backend():
 def test_fused_backward_kernels_match_the_unfused_ones_and_the_reference(
     emu_backend, precision, activation, shape
 ):
-    """dense_backward_weight_act_<p> / dense_backward_data_act_<p>: δ = dout ⊙ f'(saved) formed
-    in fp32 as the A operand is loaded (scalar loads at N = 21, 16-byte ones at N = 40), rounded
-    to the precision, db summed from the fp32 δ.  dW and dX equal, bit for bit, the unfused
-    path (the elementwise δ, to_bf16, the plain kernels); db and both products match float64
-    within the precision's bound (gemm_error_bound, exact) at K and M not multiples of 16."""
+    """dense_backward_weight_act_<p>: δ = dout ⊙ f'(saved) formed in fp32 as the A operand is
+    loaded (scalar loads and stores at N = 21, 16-byte ones at N = 40), rounded to the
+    precision, db summed from the fp32 δ, the rounded δ stored for dense_backward_data_<p>.
+    dW, dX and the stored δ equal, bit for bit, the unfused path (the elementwise δ, to_bf16,
+    the plain kernels); db and both products match float64 within the precision's bound
+    (gemm_error_bound, exact) at K and M not multiples of 16."""
     from gpubackprop.backends.numpy_backend import NumpyBackend
 
     backend = emu_backend
@@ -209,6 +210,12 @@ def test_fused_backward_kernels_match_the_unfused_ones_and_the_reference(
     backend._mma("dense_backward_data", M, K, (delta_op, w_op, plain_dx, *dims), precision)
     np.testing.assert_array_equal(dw, backend.to_numpy(plain_dw))
     np.testing.assert_array_equal(dx, backend.to_numpy(plain_dx))
+    # The δ the dW kernel stores for dX: every element once, by the blocks of column tile 0.
+    stored = backend.empty((M, N), np.uint16 if precision == "bf16" else np.float32)
+    args = (dev[0], dev[3], x_op, plain_dw, plain_dw, stored, *dims)  # no db: has_bias = 0
+    args += (i32(ACTIVATION_CODES[activation]), np.float32(0.1), i32(0), i32(1))
+    backend._mma("dense_backward_weight_act", N, K, args, precision)
+    np.testing.assert_array_equal(backend.to_numpy(stored), backend.to_numpy(delta_op))
 
     delta64 = backend.to_numpy(delta).astype(np.float64)
     np.testing.assert_allclose(db, delta64.sum(0), rtol=0, atol=M * 2**-23 * np.abs(delta64).max())
@@ -254,11 +261,13 @@ def test_the_result_does_not_depend_on_thread_order(module):
         )
         # δ formed on load: stored into a stage after the mma's, db through shared memory.
         dw_act, db = np.zeros((N, K), np.float32), np.zeros(N, np.float32)
-        args = (dout, saved, x, dw_act, db, i32(M), i32(N), i32(K), code, alpha, i32(1))
+        delta16 = np.zeros((M, N), np.uint16)
+        args = (dout, saved, x, dw_act, db, delta16, i32(M), i32(N), i32(K), code, alpha)
+        args += (i32(1), i32(1))
         shuffled.launch(
             compiled, "dense_backward_weight_act_bf16", grid(N, K), THREADS, args, SHARED["weight"]
         )
-        results.append((dw, dw_act, db))
+        results.append((dw, dw_act, db, delta16))
     for other in results[1:]:
         for a, b in zip(results[0], other):
             np.testing.assert_array_equal(a, b)
@@ -284,7 +293,7 @@ try:
 except Exception as error:  # no CuPy or no NVRTC library
     NVRTC_REASON = f"NVRTC cannot load: {type(error).__name__}: {error}"
 
-MMA_LAYOUTS = ("forward", "backward_data", "backward_weight", "backward_data_act")
+MMA_LAYOUTS = ("forward", "backward_data", "backward_weight")
 MMA_KERNELS = {
     f"dense_{layout}_{precision}"
     for layout in (*MMA_LAYOUTS, "backward_weight_act")

@@ -194,6 +194,60 @@ def test_fused_backward_of_every_version_and_split_matches_the_unfused_bits(emu,
         np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", sorted(FUSED_CASES))
+def test_fused_backward_of_every_version_and_split_on_the_gpu(case):
+    """The same kernels compiled by NVRTC and run on a GPU (its SM count replaced by the case's,
+    so that the plan splits as on the emulator), against NumPy float64."""
+    import gpubackprop as gb
+    from gpubackprop.backends.numpy_backend import NumpyBackend
+
+    available, reason = gb.available_backends()["cupy"]
+    if not available:
+        pytest.skip(f"backend 'cupy' is unavailable: {reason}")
+    version, (m, n, k), sms, split = FUSED_CASES[case]
+    backend = get_backend("cupy").with_gemm_version(version)
+    backend._sm_count = sms
+    rng = np.random.default_rng(12)
+    x, w, b = rng.standard_normal((m, k)), rng.standard_normal((n, k)), rng.standard_normal(n)
+    dout = rng.standard_normal((m, n))
+    reference = NumpyBackend()
+    _, saved = reference.dense_forward(x, w, b, "gelu", 0.1)
+    dw_ref, db_ref = np.empty((n, k)), np.empty(n)
+    dx_ref = reference.dense_backward(dout, x, w, saved, "gelu", 0.1, dw_ref, db_ref, True)
+    arrays = [backend.asarray(a, np.float32) for a in (dout, x, w, saved)]
+    dw, db = backend.empty((n, k), np.float32), backend.empty((n,), np.float32)
+    dx = backend.dense_backward(*arrays, "gelu", 0.1, dw, db, True)
+    plans = backend._fused_backward(m, n, k, np.dtype(np.float32))
+    assert {p.launch.kernel.removesuffix("_splitk") for p, _ in plans if p.splits > 1} == split
+    for ours, ref in ((dw, dw_ref), (db, db_ref), (dx, dx_ref)):
+        ours = np.asarray(backend.to_numpy(ours), np.float64)
+        np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("case", ["warptiled", "splitk-both"])
+def test_fused_backward_in_float64_matches_the_reference(emu, case):
+    """The same kernels compiled for double (the warp-tiled version with its double tiles)."""
+    from gpubackprop.backends.numpy_backend import NumpyBackend
+
+    version, (m, n, k), sms, _ = FUSED_CASES[case]
+    rng = np.random.default_rng(11)
+    x, w, b = rng.standard_normal((m, k)), rng.standard_normal((n, k)), rng.standard_normal(n)
+    dout = rng.standard_normal((m, n))
+    reference = NumpyBackend()
+    _, saved = reference.dense_forward(x, w, b, "silu", 0.1)
+    dw_ref, db_ref = np.empty((n, k)), np.empty(n)
+    dx_ref = reference.dense_backward(dout, x, w, saved, "silu", 0.1, dw_ref, db_ref, True)
+    backend = emu.with_gemm_version(version)
+    backend._sm_count = sms
+    arrays = [backend.asarray(a, np.float64) for a in (dout, x, w, saved)]
+    dw, db = backend.empty((n, k), np.float64), backend.empty((n,), np.float64)
+    dx = backend.dense_backward(*arrays, "silu", 0.1, dw, db, True)
+    for ours, ref in ((dw, dw_ref), (db, db_ref), (dx, dx_ref)):
+        ours = backend.to_numpy(ours)
+        np.testing.assert_allclose(ours, ref, rtol=1e-12, atol=1e-12 * np.abs(ref).max())
+
+
 # bf16 and tf32 run gemm_mma.cu whatever the fp32 GEMM version.
 @pytest.mark.parametrize(
     ("version", "precision"),
@@ -217,9 +271,10 @@ def test_a_dense_backward_is_two_launches_or_three_when_split(version, precision
     )
     kernels = [launch.kernel for launch in host.seam.launches]
     if precision != "fp32":
+        # dX reads the δ the dW kernel stored (bf16 bits, or fp32 for tf32)
         assert kernels == [
             f"dense_backward_weight_act_{precision}",
-            f"dense_backward_data_act_{precision}",
+            f"dense_backward_data_{precision}",
         ]
         return
     split = version == "tiled" and shape != (37, 19, 23)
@@ -233,3 +288,19 @@ def test_a_dense_backward_is_two_launches_or_three_when_split(version, precision
     else:
         expected = [name + suffix for name in expected]
     assert kernels == expected
+
+
+def test_the_naive_version_keeps_the_unfused_backward():
+    """The naive GEMMs validate the others: their dense backward stays the four launches of the
+    unfused path (elementwise δ, dW, column_sum, dX), the documented exception."""
+    from gpubackprop.backends.recording import HostBackend
+
+    host = HostBackend(gemm_version="naive")
+    f = lambda *s: np.zeros(s, np.float32)  # noqa: E731
+    host.dense_backward(f(9, 5), f(9, 7), f(5, 7), f(9, 5), "tanh", 0.0, f(5, 7), f(5), True)
+    assert [launch.kernel for launch in host.seam.launches] == [
+        "gb_activation_backward",
+        "dense_backward_weight_naive",
+        "column_sum",
+        "dense_backward_data_naive",
+    ]

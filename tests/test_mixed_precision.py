@@ -394,8 +394,8 @@ def test_weight_bf16_arguments_are_checked(backend_name):
 
 
 def _bf16_model(backend, seed: int = 2) -> gb.Sequential:
-    """Dense → Dense → Residual(Dense) (linked: each reads the bf16 output of the one before;
-    the Residual's output is an add, so the last Dense rounds its input once per batch)."""
+    """Dense → Dense → Residual(Dense) → Dense, linked: each Dense reads the bf16 output of the
+    step before it (the Residual's add writes one for the last Dense)."""
     gb.seed(seed)
     model = gb.Sequential(
         gb.Dense(13, 40),
@@ -417,6 +417,7 @@ def _round_per_call(steps) -> None:
         if isinstance(step, DenseStep):
             step.bf16_activations, step.write_bf16, step.source = False, False, None
         elif isinstance(step, ResidualStep):
+            step.write_bf16 = False
             _round_per_call(step.steps)
 
 
@@ -448,24 +449,25 @@ def test_bf16_activations_between_layers_are_bitwise_the_per_call_rounding():
     dense = [steps[0], steps[1], steps[2].steps[0], steps[3]]  # the third inside the Residual
     assert all(isinstance(s, DenseStep) for s in dense)
     assert [s.write_bf16 for s in dense] == [True, True, False, False]
-    assert [s.source for s in dense] == [None, dense[0], dense[1], None]
+    assert [s.source for s in dense] == [None, dense[0], dense[1], steps[2]]
+    assert steps[2].write_bf16
     losses = _train_steps(stored, 5), _train_steps(per_call, 5)
     assert losses[0] == losses[1]
     for name, value in per_call.state_dict().items():
         np.testing.assert_array_equal(stored.state_dict()[name], value, err_msg=name)
-    # The copy the second layer read is bf16 of the first layer's fp32 output.
-    np.testing.assert_array_equal(
-        stored.backend.to_numpy(dense[0].y_bf16), bf16_bits(stored.backend.to_numpy(dense[0]._y))
-    )
+    # The copies the layers read are bf16 of the fp32 outputs (a Dense's, the Residual's sum).
+    for source in (dense[0], steps[2]):
+        as_host = stored.backend.to_numpy
+        np.testing.assert_array_equal(as_host(source.y_bf16), bf16_bits(as_host(source._y)))
     reference = _bf16_model("numpy")
     np.testing.assert_allclose(_train_steps(reference, 5), losses[0], rtol=1e-5)
 
 
 def test_a_bf16_training_step_converts_only_inputs_no_layer_before_wrote_in_bf16():
     """Launches of one bf16 training step (recorded, not run): bf16(x) is made once per batch
-    for the first layer and for the Dense after the Residual, nowhere else (the linked layers
-    read the epilogue output of the one before, the backward GEMMs the copies the forward
-    kept, the weights the optimizer's copy); each dense backward is its two GEMMs."""
+    for the model's input, nowhere else (the layers read the epilogue output of the Dense
+    before them or the Residual's add_bf16, the backward GEMMs the copies the forward kept,
+    the weights the optimizer's copy); each dense backward is its two GEMMs."""
     from gpubackprop.backends.recording import HostBackend
 
     counts = {}
@@ -486,12 +488,14 @@ def test_a_bf16_training_step_converts_only_inputs_no_layer_before_wrote_in_bf16
         kernels = [launch.kernel for launch in model.backend.seam.launches]
         counts[stored] = kernels
         backward = [k for k in kernels if k.startswith("dense_backward")]
-        assert backward == ["dense_backward_weight_act_bf16", "dense_backward_data_act_bf16"] * 4
-    # Stored: the model's input and the Residual's output.  Per call: x in every forward and
-    # every dW GEMM (dX reads the optimizer's bf16 weights in both).
-    assert counts[True].count("to_bf16") == 2
+        assert backward == ["dense_backward_weight_act_bf16", "dense_backward_data_bf16"] * 4
+    # Stored: the model's input.  Per call: x in every forward and every dW GEMM (dX reads the
+    # optimizer's bf16 weights in both).  The Residual's sum is one launch either way.
+    assert counts[True].count("to_bf16") == 1
     assert counts[False].count("to_bf16") == 2 * 4
-    assert len(counts[False]) - len(counts[True]) == 6
+    assert counts[True].count("add_bf16") == 1  # the forward's sum; the backward's is fp32
+    assert counts[True].count("gb_add") == 1 and counts[False].count("gb_add") == 2
+    assert len(counts[False]) - len(counts[True]) == 7
 
 
 def test_bf16_operand_arguments_are_checked():
@@ -506,3 +510,20 @@ def test_bf16_operand_arguments_are_checked():
     y16 = np.zeros((3, 2), np.uint16)
     y, _ = backend.dense_forward(x, w, None, "relu", 0.0, "bf16", y_bf16=y16)
     np.testing.assert_array_equal(y16, bf16_bits(y))
+    with pytest.raises(ValueError, match=r"out_bf16 is ndarray float32; expected a uint16 array"):
+        backend.add(x, x, out_bf16=x)
+
+
+@needs_emulator
+def test_add_bf16_is_the_sum_and_its_bf16_copy():
+    """gemm_mma.cu's add_bf16 (a Residual's sum in a bf16 model): the sum bitwise the plain
+    add's, the copy bf16 of it (round to nearest even), at a size no block divides."""
+    emu = gb.get_backend("emu")
+    rng = np.random.default_rng(6)
+    a, b = (rng.standard_normal((37, 53)).astype(np.float32) * 300 for _ in range(2))
+    out16 = emu.empty((37, 53), np.uint16)
+    total = emu.add(emu.asarray(a), emu.asarray(b), out_bf16=out16)
+    np.testing.assert_array_equal(emu.to_numpy(total), emu.to_numpy(emu.add(a, b)))
+    np.testing.assert_array_equal(emu.to_numpy(out16), bf16_bits(a + b))
+    with pytest.raises(ValueError, match=r"out_bf16"):
+        emu.add(emu.asarray(a), emu.asarray(b), out_bf16=emu.empty((37, 52), np.uint16))

@@ -154,8 +154,9 @@ class Backend:
         """dinp = dout ⊙ f'(z), f' computed from ``saved``."""
         raise NotImplementedError
 
-    def add(self, a, b):
-        """a + b (residual connections)."""
+    def add(self, a, b, out_bf16=None):
+        """a + b (residual connections); ``out_bf16`` (a uint16 array of a's shape, float32
+        operands) also receives bf16(a + b), the next layer's operand in a bf16 model."""
         raise NotImplementedError
 
     # -- input standardisation (gb.Standardize) ----------------------------------------------

@@ -432,32 +432,40 @@ class KernelBackend(Backend):
         precision,
         bf16=None,
     ):
-        """dW = δᵀx with db = Σ_rows δ, then dX = δW, on the tensor cores, δ = dout ⊙ f'(saved)
-        formed in fp32 as the GEMMs load it and rounded to the precision for the products, db
-        summed from the fp32 δ (gemm_mma.cu: dense_backward_weight_act_<p>,
-        dense_backward_data_act_<p>): 2 launches, plus the bf16 copies of x and W that the
-        caller did not pass (``bf16``: (bf16(W), bf16(x)), each None where not given)."""
+        """dW = δᵀx with db = Σ_rows δ, then dX = δW, on the tensor cores: the dW GEMM forms
+        δ = dout ⊙ f'(saved) in fp32 as it loads it, rounds it to the precision for the
+        products, sums db from the fp32 δ and, when dX is wanted, stores the rounded δ (bf16
+        bits, or fp32 for tf32) that the dX GEMM then reads as is (gemm_mma.cu:
+        dense_backward_weight_act_<p>, dense_backward_data_<p>): 2 launches, plus the bf16
+        copies of x and W that the caller did not pass (``bf16``: (bf16(W), bf16(x)), each None
+        where not given)."""
         w16, x16 = bf16 or (None, None)
         m, n = dout.shape
         k = x.shape[1]
         code = np.int32(check_activation(activation))
         saved = dout if saved is None else saved  # identity: f' = 1
         dims = (np.int32(m), np.int32(n), np.int32(k))
-        act = (code, np.float32(alpha))
-        if n and k:
-            xa = self._mma_operand(x, precision) if x16 is None else x16
-            db = dbias if dbias is not None else dweight
-            args = (dout, saved, xa, dweight, db, *dims, *act, np.int32(dbias is not None))
-            self._mma("dense_backward_weight_act", n, k, args, precision)
-        elif dbias is not None and n:  # K = 0: no dW, db still Σ_rows δ
-            self._column_sum(self.activation_backward(dout, saved, activation, alpha), dbias)
-        if not need_dinp:
-            return None
-        dinp = self.empty((m, k), np.float32)
-        if m and k:
+        dinp = self.empty((m, k), np.float32) if need_dinp else None
+        if not (n and k):  # no product to form δ in: db (if any) from the elementwise δ
+            if dbias is not None and n:
+                self._column_sum(self.activation_backward(dout, saved, activation, alpha), dbias)
+            if dinp is not None and m and k:  # N = 0: dX = 0
+                dinp.fill(0)
+            return dinp
+        write_delta = bool(need_dinp and m)
+        delta = None
+        if write_delta:
+            delta = self.empty((m, n), np.uint16 if precision == "bf16" else np.float32)
+        xa = self._mma_operand(x, precision) if x16 is None else x16
+        args = (dout, saved, xa, dweight, dbias if dbias is not None else dweight)
+        if delta is None:  # not written: any array of the element type (xa is)
+            delta = xa
+        args += (delta, *dims, code, np.float32(alpha))
+        args += (np.int32(dbias is not None), np.int32(write_delta))
+        self._mma("dense_backward_weight_act", n, k, args, precision)
+        if write_delta:
             wa = self._mma_operand(weight, precision) if w16 is None else w16
-            args = (dout, saved, wa, dinp, *dims, *act)
-            self._mma("dense_backward_data_act", m, k, args, precision)
+            self._mma("dense_backward_data", m, k, (delta, wa, dinp, *dims), precision)
         return dinp
 
     def _gemm(
@@ -719,12 +727,22 @@ class KernelBackend(Backend):
             )
         return dinp
 
-    def add(self, a, b):
+    def add(self, a, b, out_bf16=None):
+        """a + b (elementwise.cuh: gb_add); with ``out_bf16`` (precision "bf16") also bf16(a + b)
+        there, from the same launch (gemm_mma.cu: add_bf16)."""
         a = self._float_operand("a", a)
         b = self._float_operand("b", b, a.dtype)
         same_shape("b", b, tuple(a.shape))
         out = self.empty(a.shape, a.dtype)
-        if a.size:
+        if out_bf16 is not None:
+            self._check_gemm_precision("bf16", a.dtype)
+            self._check_bf16("out_bf16", out_bf16, tuple(a.shape), "bf16")
+            if a.size:
+                grid = min(_ceil_div(a.size, 256), 4096)
+                args = (a, b, out, out_bf16, np.int64(a.size))
+                module = self._module(MMA_FILE, np.dtype(np.float32))
+                self._launch(module, "add_bf16", (grid, 1, 1), (256, 1, 1), args)
+        elif a.size:
             self._elementwise("gb_add", a.dtype)(a, b, out)
         return out
 

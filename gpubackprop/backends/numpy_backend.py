@@ -284,8 +284,12 @@ class NumpyBackend(Backend):
             return dout
         return activation_gradient(activation, dout, saved, alpha)
 
-    def add(self, a, b):
-        return a + b
+    def add(self, a, b, out_bf16=None):
+        out = a + b
+        if out_bf16 is not None:  # bf16(a + b), the next layer's operand
+            check_bf16("out_bf16", out_bf16, out.shape, "bf16")
+            out_bf16[...] = bf16_bits(out).reshape(out.shape)
+        return out
 
     # -- input standardisation ------------------------------------------------------------
     def standardize_forward(self, x, mean, std):
