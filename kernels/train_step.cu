@@ -6,10 +6,10 @@
 //   clip_scale            g ← g · c where c < 1 (torch.nn.utils.clip_grad_norm_)    (grid-stride)
 //   sgd_update, adam_update  torch.optim.SGD / Adam / AdamW over a flat buffer: the whole
 //                         optimizer step in one launch.  Each thread takes t = (steps taken) + 1
-//                         and lr from the step scalars and computes the bias corrections
-//                         1 − β₁ᵗ and √(1 − β₂ᵗ) itself; the last block to finish stores t and
-//                         them back (the "last block" ticket below), so the next launch sees
-//                         the step counted.  Optionally g ← g · c first (c from
+//                         and lr from the step scalars, each block computes the bias
+//                         corrections 1 − β₁ᵗ and √(1 − β₂ᵗ) itself; the last block to finish
+//                         stores t and them back (the "last block" ticket below), so the next
+//                         launch sees the step counted.  Optionally g ← g · c first (c from
 //                         clip_coefficient, as clip_scale does, so clipping costs no launch of
 //                         its own) and a bf16 copy of the new θ (the operands of the bf16
 //                         GEMMs, written here instead of once per GEMM)           (grid-stride)
@@ -103,12 +103,20 @@ __device__ __forceinline__ double gb_step_number(const double* scalars) {
     return scalars[STEP_T] + 1.0;
 }
 
-// The bias corrections of step t, in double, as torch.optim.Adam computes them.
-__device__ __forceinline__ double gb_bias_correction1(double beta1, double t) {
-    return 1.0 - pow(beta1, t);
-}
-__device__ __forceinline__ double gb_bias_correction2_sqrt(double beta2, double t) {
-    return sqrt(1.0 - pow(beta2, t));
+// The bias corrections of step t, 1 − β₁ᵗ and √(1 − β₂ᵗ), in double as torch.optim.Adam
+// computes them: by thread 0 of each block, shared with the others through ``shared`` (two
+// double pows per thread would cost a GPU of slow double arithmetic more than the update's own
+// memory traffic).  Every thread calls it (it holds a barrier).
+__device__ __forceinline__ void gb_bias_corrections(double beta1, double beta2, double t,
+                                                    double* shared, double* bias1,
+                                                    double* bias2_sqrt) {
+    if (threadIdx.x == 0) {
+        shared[0] = 1.0 - pow(beta1, t);
+        shared[1] = sqrt(1.0 - pow(beta2, t));
+    }
+    __syncthreads();
+    *bias1 = shared[0];
+    *bias2_sqrt = shared[1];
 }
 
 // Counts the step: the last block of the launch to finish stores t and the bias corrections
@@ -168,7 +176,7 @@ extern "C" __global__ void sgd_update(real_t* __restrict__ param, real_t* __rest
 }
 
 // torch.optim.Adam / AdamW over n elements; lr from scalars, the bias corrections of step t
-// computed by each thread; clip, param_bf16, advance and the launch as in sgd_update.
+// computed once per block; clip, param_bf16, advance and the launch as in sgd_update.
 extern "C" __global__ void adam_update(real_t* __restrict__ param, real_t* __restrict__ grad,
                                        real_t* __restrict__ exp_avg,
                                        real_t* __restrict__ exp_avg_sq, void* param_bf16,
@@ -176,10 +184,11 @@ extern "C" __global__ void adam_update(real_t* __restrict__ param, real_t* __res
                                        double beta1, double beta2, double eps,
                                        double weight_decay, int decoupled, int use_clip,
                                        int write_bf16, int advance) {
+    __shared__ double corrections[2];
     const double t = gb_step_number(scalars);
     const double lr = scalars[STEP_LR];
-    const double bias1 = gb_bias_correction1(beta1, t);
-    const double bias2_sqrt = gb_bias_correction2_sqrt(beta2, t);
+    double bias1, bias2_sqrt;
+    gb_bias_corrections(beta1, beta2, t, corrections, &bias1, &bias2_sqrt);
     real_t factor = (real_t)1;
     const int clip_on = gb_clip_active(clip, use_clip, &factor);
     const long long stride = (long long)gridDim.x * blockDim.x;
