@@ -44,6 +44,9 @@ step() {  # step NAME LIMIT_S COMMAND...: run within min(LIMIT_S, what is left o
 
 nvidia-smi >"$logs/nvidia-smi.log" 2>&1
 step info 10 python3 -m gpubackprop.cli info
+# Every kernels/ module compiled once, in parallel processes, into CuPy's disk cache: the steps
+# after it load them instead of compiling one after another inside their own time limits.
+step warm 40 python3 -m gpubackprop.backends.warm --backend cupy
 # GPUBACKPROP_REQUIRE_GPU turns a skipped gpu test (cupy unavailable) into a failure.
 # --maxfail rather than -x: on a first run one failure must not hide which others fail.
 pytest_gpu=(env GPUBACKPROP_REQUIRE_GPU=1 COLUMNS=240 python3 -m pytest -q -rfE -m gpu --maxfail=25 -p no:cacheprovider)

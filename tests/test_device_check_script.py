@@ -66,6 +66,7 @@ def test_device_check_runs_every_step_and_returns_its_files(tmp_path):
     # Ordered by the value of what they prove; every step recorded.
     assert list(steps) == [
         "info",
+        "warm",
         "parity",
         "captured_step",
         "tensor_cores",
@@ -82,7 +83,7 @@ def test_device_check_runs_every_step_and_returns_its_files(tmp_path):
         assert "Device not supported" in steps[tool]["last_lines"][-1]
     # Without a GPU: the GPU tests fail (cupy required, a skip is a failure), the sweep and the
     # bench measure nothing and say so with a non-zero exit; none of them hangs.
-    for name in ("parity", "gpu_tests", "gemm_sweep", "bench"):
+    for name in ("warm", "parity", "gpu_tests", "gemm_sweep", "bench"):
         assert steps[name]["status"] == "failed", (name, steps[name])
     # The newer paths' steps run their gpu tests where there are some, and say so where not.
     for name in ("captured_step", "tensor_cores", "nccl"):

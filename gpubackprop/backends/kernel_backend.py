@@ -48,6 +48,20 @@ KERNEL_DEFINES: dict[str, dict[str, int]] = {
     "train_step.cu": {"REDUCE_THREADS": _REDUCE_THREADS},
     "standardize.cu": {"STANDARDIZE_COLS": _STANDARDIZE[0], "STANDARDIZE_ROWS": _STANDARDIZE[1]},
 }
+
+
+def module_defines(file: str, kind: str, gemm: GemmConfig, variant: str = "") -> dict[str, str]:
+    """The #defines kernels/<file> is compiled with for scalar type ``kind`` ("float" or
+    "double"): REAL_T, the launch geometry of KERNEL_DEFINES, for gemm.cu the GEMM config's
+    tiles (``variant``: a SMALL_TILES key, "" the configured tiles).  One function for the
+    launchers and the warm-up (warm.py), so both name the same compiled source."""
+    if file == "gemm.cu":
+        values = gemm.variant_defines(kind, variant)
+    else:
+        values = KERNEL_DEFINES.get(file, {})
+    return {"REAL_T": kind, **{k: str(v) for k, v in values.items()}}
+
+
 _INT32_ZERO = np.int32(0)
 _GRID_STRIDE_THREADS = 256  # grid-stride kernels of train_step.cu: threads per block
 _MAX_GRID_STRIDE_BLOCKS = 1024  # and blocks at most (then several elements per thread)
@@ -166,9 +180,7 @@ class KernelBackend(Backend):
         key = (file, dtype.str)
         module = self._kernels.get(key)
         if module is None:
-            kind = real_type(dtype)
-            values = self.gemm.defines(kind) if file == "gemm.cu" else KERNEL_DEFINES.get(file, {})
-            defines = {"REAL_T": kind, **{k: str(v) for k, v in values.items()}}
+            defines = module_defines(file, real_type(dtype), self.gemm)
             module = self._kernels[key] = self.seam.compile(file, defines)
         return module
 
@@ -639,9 +651,7 @@ class KernelBackend(Backend):
         key = (f"gemm.cu:{variant}", dtype.str)
         module = self._kernels.get(key)
         if module is None:
-            kind = real_type(dtype)
-            values = self.gemm.variant_defines(kind, variant)
-            defines = {"REAL_T": kind, **{k: str(v) for k, v in values.items()}}
+            defines = module_defines("gemm.cu", real_type(dtype), self.gemm, variant)
             module = self._kernels[key] = self.seam.compile("gemm.cu", defines)
         return module
 
