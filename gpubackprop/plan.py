@@ -96,6 +96,7 @@ class DenseStep(Step):
             weight_bf16=self.weight.bf16,  # the optimizer's bf16 copy (None unless "bf16")
             x_bf16=x16,
             y_bf16=y16,
+            params_checked=True,  # the store's own views, checked when it was placed
         )
         self._x, self._x_bf16 = x, x16
         self._y, self.y_bf16 = (y, y16) if y16 is not None else (None, None)
@@ -119,6 +120,7 @@ class DenseStep(Step):
             precision=self.precision,
             weight_bf16=self.weight.bf16,
             x_bf16=self._x_bf16,
+            params_checked=True,
         )
 
 

@@ -121,3 +121,28 @@ def test_cupy_seam_refuses_an_operand_on_another_gpu():
     seam.check_device("x", SimpleNamespace(device=SimpleNamespace(id=0)))
     with pytest.raises(ValueError, match="x is on GPU 1 but the kernels run on GPU 0"):
         seam.check_device("x", SimpleNamespace(device=SimpleNamespace(id=1)))
+
+
+def test_params_checked_skips_only_the_model_buffers_checks():
+    """With params_checked (what a placed model's plan passes), the launches are the same as
+    with every operand checked, and x is still checked against the weight."""
+    from gpubackprop.backends.recording import HostBackend
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, 12)).astype(np.float32)
+    w = rng.standard_normal((7, 12)).astype(np.float32)
+    b = rng.standard_normal(7).astype(np.float32)
+    runs = []
+    for checked in (False, True):
+        backend = HostBackend()
+        y, saved = backend.dense_forward(x, w, b, "gelu", 0.0, params_checked=checked)
+        dw, db = np.empty_like(w), np.empty_like(b)
+        backend.dense_backward(y, x, w, saved, "gelu", 0.0, dw, db, True, params_checked=checked)
+        runs.append([(r.kernel, r.grid, r.block, len(r.args)) for r in backend.seam.launches])
+    assert runs[0] == runs[1] and len(runs[0]) == 3
+    with pytest.raises(ValueError, match=r"x \(shape \(5, 11\).*weight \(shape \(7, 12\)"):
+        HostBackend().dense_forward(x[:, :11].copy(), w, b, "relu", params_checked=True)
+    with pytest.raises(ValueError, match=r"x\.dtype=float64 differs"):
+        HostBackend().dense_backward(
+            y, x.astype(np.float64), w, saved, "gelu", 0.0, dw, db, True, params_checked=True
+        )

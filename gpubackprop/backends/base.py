@@ -115,6 +115,8 @@ class Backend:
         weight_bf16=None,
         x_bf16=None,
         y_bf16=None,
+        *,
+        params_checked: bool = False,
     ):
         """z = x Wᵀ + b, y = f(z).  Returns (y, saved), saved y, z or None (SAVES_OUTPUT).
         ``weight_bf16`` (precision "bf16" only): uint16 bf16 bits of ``weight``, the model's
@@ -122,7 +124,9 @@ class Backend:
         instead of rounding ``weight`` again; the same bits when the copy is current.
         ``x_bf16`` likewise bf16(x) (the previous layer's ``y_bf16``); ``y_bf16``, a uint16
         array of y's shape, receives bf16(y) (round to nearest even), the next layer's x
-        operand, so that activations are stored in bf16 between layers."""
+        operand, so that activations are stored in bf16 between layers.  ``params_checked``:
+        weight, bias and weight_bf16 are a placed model's own buffers, checked when it was
+        placed; a backend may then skip their checks on every call (only x varies)."""
         raise NotImplementedError
 
     def dense_backward(
@@ -139,10 +143,13 @@ class Backend:
         precision: str = "fp32",
         weight_bf16=None,
         x_bf16=None,
+        *,
+        params_checked: bool = False,
     ):
         """δ = dout ⊙ f'(z); writes dweight[...] = δᵀ x and dbias[...] = Σ_rows δ (dbias may be
         None); returns dinp = δ W, or None when need_dinp is False.  ``weight_bf16`` and
-        ``x_bf16`` as in dense_forward."""
+        ``x_bf16`` and ``params_checked`` (weight, dweight, dbias, weight_bf16) as in
+        dense_forward."""
         raise NotImplementedError
 
     # -- standalone activation -----------------------------------------------------------

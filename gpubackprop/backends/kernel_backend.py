@@ -219,27 +219,39 @@ class KernelBackend(Backend):
         weight_bf16=None,
         x_bf16=None,
         y_bf16=None,
+        *,
+        params_checked: bool = False,
     ):
         """z = x Wᵀ + b, y = f(z) in one GEMM launch (gemm.cu: dense_forward; gemm_mma.cu:
         dense_forward_<precision> for "bf16" and "tf32").  In "bf16": ``weight_bf16`` is bf16(W)
         kept by the optimizer and ``x_bf16`` bf16(x) (the previous layer's ``y_bf16``), read
         instead of converting W and x; ``y_bf16``, a uint16 (M, N) array, receives bf16(y)
-        from the same launch's epilogue, the next layer's operand."""
+        from the same launch's epilogue, the next layer's operand.  ``params_checked``: W, b
+        and bf16(W) are a placed model's own views of its flat buffers, checked when the model
+        was placed (plan.py), so only x is checked here."""
         code = check_activation(activation)
         x = self._float_operand("x", x, ndim=2)
         dtype = x.dtype
         self._check_gemm_precision(precision, dtype)
-        weight = self._float_operand("weight", weight, dtype, ndim=2)
         m, k = x.shape
-        n = weight.shape[0]
-        same_shape("weight", weight, (n, k))
         check_int32("x.shape", x.shape)
-        check_int32("weight.shape", weight.shape)
-        if bias is not None:
-            bias = self._float_operand("bias", bias, dtype)
-            same_shape("bias", bias, (n,))
-        if weight_bf16 is not None:
-            self._check_bf16("weight_bf16", weight_bf16, (n, k), precision)
+        if params_checked:
+            n = weight.shape[0]
+            if weight.dtype != dtype or weight.shape[1] != k:
+                raise ValueError(
+                    f"x (shape {tuple(x.shape)}, {dtype}) does not fit the layer's weight "
+                    f"(shape {tuple(weight.shape)}, {weight.dtype})"
+                )
+        else:
+            weight = self._float_operand("weight", weight, dtype, ndim=2)
+            n = weight.shape[0]
+            same_shape("weight", weight, (n, k))
+            check_int32("weight.shape", weight.shape)
+            if bias is not None:
+                bias = self._float_operand("bias", bias, dtype)
+                same_shape("bias", bias, (n,))
+            if weight_bf16 is not None:
+                self._check_bf16("weight_bf16", weight_bf16, (n, k), precision)
         if x_bf16 is not None:
             self._check_bf16("x_bf16", x_bf16, (m, k), precision)
         if y_bf16 is not None:
@@ -292,6 +304,8 @@ class KernelBackend(Backend):
         precision="fp32",
         weight_bf16=None,
         x_bf16=None,
+        *,
+        params_checked: bool = False,
     ):
         """δ = dout ⊙ f'(saved), dW = δᵀx, db = Σ_rows δ and dX = δW in 2 launches: the dW GEMM
         forms δ as it loads dout and saved and sums db from it in a fixed order, the dX GEMM
@@ -301,26 +315,31 @@ class KernelBackend(Backend):
         slices' partial dW, db and dX added by one reduction launch).  The naive GEMM version
         and K = 0 take the unfused path: δ elementwise, the GEMMs, reduce.cu's column_sum.
         ``weight_bf16`` and ``x_bf16`` (precision "bf16"): bf16(W) kept by the optimizer and
-        bf16(x) kept by the layer since its forward, read instead of converting W and x."""
+        bf16(x) kept by the layer since its forward, read instead of converting W and x.
+        ``params_checked``: W, dW, db and bf16(W) are a placed model's own views of its flat
+        buffers, checked when the model was placed (plan.py); dout, x and saved are checked."""
         check_activation(activation)
         dout = self._float_operand("dout", dout, ndim=2)
         dtype = dout.dtype
         self._check_gemm_precision(precision, dtype)
         x = self._float_operand("x", x, dtype, ndim=2)
-        weight = self._float_operand("weight", weight, dtype, ndim=2)
         m, n = dout.shape
         k = x.shape[1]
         same_shape("x", x, (m, k))
-        same_shape("weight", weight, (n, k))
         check_int32("dout.shape", dout.shape)
         check_int32("x.shape", x.shape)
-        if weight_bf16 is not None:
-            self._check_bf16("weight_bf16", weight_bf16, (n, k), precision)
+        if params_checked:
+            same_shape("weight", weight, (n, k))
+        else:
+            weight = self._float_operand("weight", weight, dtype, ndim=2)
+            same_shape("weight", weight, (n, k))
+            if weight_bf16 is not None:
+                self._check_bf16("weight_bf16", weight_bf16, (n, k), precision)
+            self._output("dweight", dweight, dtype, (n, k))
+            if dbias is not None:
+                self._output("dbias", dbias, dtype, (n,))
         if x_bf16 is not None:
             self._check_bf16("x_bf16", x_bf16, (m, k), precision)
-        self._output("dweight", dweight, dtype, (n, k))
-        if dbias is not None:
-            self._output("dbias", dbias, dtype, (n,))
         if activation != "identity":
             if saved is None:
                 raise ValueError(

@@ -230,6 +230,8 @@ class NumpyBackend(Backend):
         weight_bf16=None,
         x_bf16=None,
         y_bf16=None,
+        *,
+        params_checked=False,  # NumPy checks nothing per call that this would save
     ):
         weight = self._bf16_operand("weight_bf16", weight, weight_bf16, precision)
         x = self._bf16_operand("x_bf16", x, x_bf16, precision)
@@ -256,6 +258,8 @@ class NumpyBackend(Backend):
         precision="fp32",
         weight_bf16=None,
         x_bf16=None,
+        *,
+        params_checked=False,
     ):
         weight = self._bf16_operand("weight_bf16", weight, weight_bf16, precision)
         x = self._bf16_operand("x_bf16", x, x_bf16, precision)
