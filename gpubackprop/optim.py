@@ -47,6 +47,7 @@ class Optimizer:
                     f"params[{i}] is {type(p).__name__}, expected a gpubackprop Parameter"
                 )
         self.hyperparams = hyperparams
+        self._segments_made: tuple | None = None  # (the parameters' stores, their segments)
         self.step_count = 0
         self._store = None
         self._state: dict[str, list] = {}
@@ -97,7 +98,17 @@ class Optimizer:
         return store.covers(self.params)
 
     def _segments(self) -> list[tuple[Any, Any, Any]]:
-        """(data, grad, bf16 copy or None) to update: the flat buffers, or each parameter."""
+        """(data, grad, bf16 copy or None) to update: the flat buffers, or each parameter;
+        worked out again only when a parameter's store changed (model.to())."""
+        stores = tuple(p.store for p in self.params)
+        cached = self._segments_made
+        if cached is not None and cached[0] == stores:
+            return cached[1]
+        segments = self._make_segments()
+        self._segments_made = (stores, segments)
+        return segments
+
+    def _make_segments(self) -> list[tuple[Any, Any, Any]]:
         for p in self.params:
             if p.store is None:
                 raise RuntimeError(
