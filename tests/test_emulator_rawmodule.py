@@ -189,3 +189,36 @@ def test_the_same_code_gives_the_same_result_through_cupy_on_a_gpu():
         np.testing.assert_array_equal(y, np.float32(-2.0) * x)
         expected = reversed_x.reshape(-1)[:n].astype(np.float64) * 3 + arch
         np.testing.assert_allclose(z, expected, rtol=1e-6)  # a GPU may fuse the * and +
+
+
+UNWRITTEN_SHARED = r"""
+template <typename T>
+__device__ T stage(T value) {
+    __shared__ T staged[4];  // a template's static local: g++ drops its section attribute
+    if (threadIdx.x == 0 && blockIdx.x == 0) staged[1] = value;
+    __syncthreads();
+    return staged[threadIdx.x];
+}
+
+template <typename T>
+__global__ void read_staged(T* out) {
+    out[blockIdx.x * blockDim.x + threadIdx.x] = stage<T>((T)5);
+}
+"""
+
+
+def test_a_templates_static_shared_memory_is_uninitialised_in_every_block(monkeypatch):
+    """Shared memory is uninitialised on a GPU, so the emulator fills it with NaN bytes before
+    every block; a template's static __shared__ (which g++ keeps out of the filled section)
+    must be filled too: block 0 sees only what it wrote, block 1 none of block 0's writes;
+    and the guard check (a second run with 0x7F bytes) names the read of unwritten memory."""
+    monkeypatch.delenv("GPUBACKPROP_EMU_GUARD_CHECK", raising=False)
+    module = RawModule(code=UNWRITTEN_SHARED, name_expressions=["read_staged<float>"])
+    out = np.zeros(8, np.float32)
+    module.get_function("read_staged<float>")((2,), (4,), (out,))
+    assert out[1] == 5.0, out
+    unwritten = np.delete(out, 1)
+    assert np.isnan(unwritten).all(), out  # not 0 (zeroed .bss) nor 5 (block 0's write)
+    monkeypatch.setenv("GPUBACKPROP_EMU_GUARD_CHECK", "1")
+    with pytest.raises(EmuLaunchError, match="shared memory nobody wrote"):
+        module.get_function("read_staged<float>")((2,), (4,), (np.zeros(8, np.float32),))

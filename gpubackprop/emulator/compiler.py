@@ -287,6 +287,67 @@ def rewrite_extern_shared(text: str, label: str) -> str:
     return rewritten
 
 
+# `__shared__ T name[...];` at function scope: g++ drops the section attribute (cuda_emu.h) of a
+# template's static locals, so each such declaration is followed by GBEMU_FILL_SHARED(name),
+# which fills the variable with the shared-memory pattern once per block (cuda_emu_runtime.h:
+# fill_static_shared).  Declarations at file or namespace scope stay in the section.
+_STATIC_SHARED = re.compile(r"\b__shared__\b(?P<declaration>[^;{}]*);")
+_SCOPE_OPENER = re.compile(r"\b(?:namespace|struct|class|union|enum)\b[^;{}()]*$")
+_DECLARATOR_NAME = re.compile(r"(?P<name>[A-Za-z_]\w*)\s*(?:\[[^\[\]]*\]\s*)*$")
+
+
+def _top_level_parts(text: str) -> list[str]:
+    """``text`` split at the commas outside (), [], <> and {}."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        if char in "([<{":
+            depth += 1
+        elif char in ")]>}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [*parts, text[start:]]
+
+
+def _in_function(code: str, position: int) -> bool:
+    """Whether ``position`` lies inside a function body: the innermost unclosed '{' before it
+    is not a namespace's, struct's or class's."""
+    depth = 0
+    for i in range(position - 1, -1, -1):
+        char = code[i]
+        if char == "}":
+            depth += 1
+        elif char == "{":
+            if depth == 0:
+                return not _SCOPE_OPENER.search(code[max(0, i - 200) : i])
+            depth -= 1
+    return False
+
+
+def mark_static_shared(text: str) -> str:
+    """``text`` with GBEMU_FILL_SHARED(name); after each function-scope static ``__shared__``
+    declaration (each declarator of it), on the same line, so that g++'s lines stay the
+    source's."""
+    code = strip_comments(text, keep_strings=False)
+    pieces, last = [], 0
+    for match in _STATIC_SHARED.finditer(code):
+        if _in_directive(code, match.start()) or not _in_function(code, match.start()):
+            continue
+        declaration = _ALIGN.sub(" ", match.group("declaration"))
+        names = []
+        for part in _top_level_parts(declaration):
+            found = _DECLARATOR_NAME.search(part.strip())
+            if found:
+                names.append(found.group("name"))
+        if not names:
+            continue
+        fills = "".join(f" GBEMU_FILL_SHARED({name});" for name in names)
+        pieces += [text[last : match.end()], fills]
+        last = match.end()
+    return "".join(pieces) + text[last:] if pieces else text
+
+
 _KERNEL = re.compile(
     r'extern\s+"C"\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?__global__\s+'
     r"(?:__launch_bounds__\s*\([^)]*\)\s*)?void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?"
@@ -418,7 +479,7 @@ def build(
     """
     check_supported(text, label)
     name_expressions = tuple(name_expressions)
-    text = rewrite_extern_shared(text, label)
+    text = mark_static_shared(rewrite_extern_shared(text, label))
     cxx = find_compiler()
     if cxx is None:
         raise EmuCompileError(

@@ -360,6 +360,8 @@ static inline void __brkpt() { gbemu::trap("the kernel called __brkpt()"); }
 
 // `extern __shared__ T name[];` as written in CUDA, rewritten by compiler.py into this: a
 // constant pointer to the launch's dynamic shared memory (at file or function scope).
+// After a function-scope `__shared__` declaration (compiler.py adds it): see fill_static_shared.
+#define GBEMU_FILL_SHARED(name) ::gbemu::fill_static_shared((void*)&(name), sizeof(name))
 #define GBEMU_EXTERN_SHARED(type, name) \
     static type* const name = reinterpret_cast<type*>(gbemu::dynamic_shared_base())
 

@@ -402,6 +402,35 @@ static int shared_fill_byte() {
     return (int)(strtol(text, nullptr, 16) & 0xFF);
 }
 
+// A function-scope static __shared__ variable outside the gbemu_shared section: g++ drops the
+// section attribute of a template's static locals (they become unique symbols in .bss), so
+// the per-block refill of the section misses them.  compiler.py puts GBEMU_FILL_SHARED(name)
+// after each function-scope declaration: the first thread of a block to reach it fills the
+// variable like the section (later threads of the block, which may already have written it,
+// leave it alone), so a template's shared memory is as uninitialised as any other's.
+static void fill_static_shared(void* address, size_t bytes) {
+    unsigned char* p = (unsigned char*)address;
+    if (+__start_gbemu_shared != +__stop_gbemu_shared && p >= __start_gbemu_shared &&
+        p < __stop_gbemu_shared) {
+        return;  // in the section: refilled before every block already
+    }
+    struct Filled {
+        void* address;
+        unsigned long long block;
+    };
+    static std::vector<Filled> filled;  // one entry per such variable (a handful)
+    for (Filled& f : filled) {
+        if (f.address == address) {
+            if (f.block == g.block_serial) return;
+            f.block = g.block_serial;
+            memset(p, shared_fill_byte(), bytes);
+            return;
+        }
+    }
+    filled.push_back({address, g.block_serial});
+    memset(p, shared_fill_byte(), bytes);
+}
+
 // $GPUBACKPROP_EMU_STACK_KIB, else GBEMU_STACK_KIB; 0 if the variable is not a number in
 // [16, 1048576] (launch.py checks it first and names it).
 static size_t stack_kib_setting() {
