@@ -27,6 +27,12 @@ def probe_source() -> str:
     return f'#line 1 "ptx_twins.cuh"\n{twins}\n#line 1 "ptx_probe.cu"\n{PROBES.read_text()}'
 
 
+def test_the_probes_are_cuda_that_nvrtc_compiles():
+    """What the emulator runs here is CUDA as a GPU takes it (sm_80: the tensor-core twins)."""
+    cubin, _ = kernels.nvrtc_compile(probe_source(), "sm_80")
+    assert cubin
+
+
 @pytest.fixture(scope="module")
 def seam() -> EmuSeam:
     return EmuSeam(shuffle_seed=0)
@@ -222,8 +228,11 @@ def test_ldmatrix_refuses_misaligned_and_global_addresses(seam, probes):
 # ---- cp.async ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("kernel", ["probe_cp_async", "probe_cp_async_template"])
 @pytest.mark.parametrize("src_bytes", [16, 8, 0])
-def test_cp_async_lands_at_the_wait_of_its_group(seam, probes, src_bytes, monkeypatch):
+def test_cp_async_lands_at_the_wait_of_its_group(seam, probes, src_bytes, kernel, monkeypatch):
+    """The buffer a kernel's static __shared__, or a template's (kept out of the emulator's
+    shared section by g++, filled and tracked all the same)."""
     src = np.random.default_rng(5).standard_normal(3 * 128).astype(np.float32)
     early = np.zeros((32, 3, 4), np.float32)
     out = np.zeros((32, 3, 4), np.float32)
@@ -232,10 +241,10 @@ def test_cp_async_lands_at_the_wait_of_its_group(seam, probes, src_bytes, monkey
     # shared memory holds other bytes) reports that read ...
     monkeypatch.setenv("GPUBACKPROP_EMU_GUARD_CHECK", "1")
     with pytest.raises(EmuLaunchError, match=r"'early' .* changed when .* shared memory"):
-        seam.launch(probes, "probe_cp_async", 1, 32, args)
+        seam.launch(probes, kernel, 1, 32, args)
     # ... and a single run shows what it read.
     monkeypatch.setenv("GPUBACKPROP_EMU_GUARD_CHECK", "0")
-    seam.launch(probes, "probe_cp_async", 1, 32, args)
+    seam.launch(probes, kernel, 1, 32, args)
     groups = src.reshape(3, 32, 4).transpose(1, 0, 2).copy()
     groups[:, 2, src_bytes // 4 :] = 0.0  # the bytes past src-size are zero-filled
     # After wait_group 1 the two oldest groups have landed; the newest reads as uninitialised

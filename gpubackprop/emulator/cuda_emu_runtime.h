@@ -408,26 +408,33 @@ static int shared_fill_byte() {
 // after each function-scope declaration: the first thread of a block to reach it fills the
 // variable like the section (later threads of the block, which may already have written it,
 // leave it alone), so a template's shared memory is as uninitialised as any other's.
+// The variables outside the section that fill_static_shared has seen (a handful): shared
+// memory too, for the cp.async twins' tracking of copies in flight (ptx_twins.h).
+struct OutsideShared {
+    unsigned char* begin;
+    size_t bytes;
+    unsigned long long block;  // the block_serial of its last fill
+};
+static std::vector<OutsideShared>& outside_shared() {
+    static std::vector<OutsideShared> variables;
+    return variables;
+}
+
 static void fill_static_shared(void* address, size_t bytes) {
     unsigned char* p = (unsigned char*)address;
     if (+__start_gbemu_shared != +__stop_gbemu_shared && p >= __start_gbemu_shared &&
         p < __stop_gbemu_shared) {
         return;  // in the section: refilled before every block already
     }
-    struct Filled {
-        void* address;
-        unsigned long long block;
-    };
-    static std::vector<Filled> filled;  // one entry per such variable (a handful)
-    for (Filled& f : filled) {
-        if (f.address == address) {
-            if (f.block == g.block_serial) return;
-            f.block = g.block_serial;
+    for (OutsideShared& v : outside_shared()) {
+        if (v.begin == p) {
+            if (v.block == g.block_serial) return;
+            v.block = g.block_serial;
             memset(p, shared_fill_byte(), bytes);
             return;
         }
     }
-    filled.push_back({address, g.block_serial});
+    outside_shared().push_back({p, bytes, g.block_serial});
     memset(p, shared_fill_byte(), bytes);
 }
 

@@ -99,6 +99,8 @@ struct BlockState {
     std::vector<unsigned char> generation;  // per thread: the generation it publishes next
     // Copies in flight per 4-byte word of the static section and of the dynamic region.
     std::vector<unsigned short> pending_static, pending_dynamic;
+    // ... and of each static __shared__ variable outside the section (outside_shared()).
+    std::vector<std::vector<unsigned short>> pending_outside;
     unsigned char fill = 0xFF;
 };
 static BlockState block_state;
@@ -119,6 +121,7 @@ static BlockState& state() {
         const size_t static_bytes = (size_t)(__stop_gbemu_shared - __start_gbemu_shared);
         s.pending_static.assign(static_bytes / 4 + 1, 0);
         s.pending_dynamic.assign(dynamic_bytes() / 4 + 1, 0);
+        s.pending_outside.clear();
         s.fill = (unsigned char)shared_fill_byte();
     }
     return s;
@@ -135,6 +138,17 @@ static unsigned short* pending_word(const void* p) {
     }
     if (g.dynamic_shared && byte >= g.dynamic_shared && byte < g.dynamic_shared + dynamic_bytes()) {
         return &s.pending_dynamic[(size_t)(byte - g.dynamic_shared) / 4];
+    }
+    // A template's static __shared__ variable (g++ keeps it out of the section).
+    const std::vector<OutsideShared>& outside = outside_shared();
+    for (size_t i = 0; i < outside.size(); ++i) {
+        const OutsideShared& v = outside[i];
+        if (byte >= v.begin && byte < v.begin + v.bytes) {
+            if (s.pending_outside.size() < outside.size()) s.pending_outside.resize(outside.size());
+            std::vector<unsigned short>& words = s.pending_outside[i];
+            if (words.empty()) words.assign(v.bytes / 4 + 1, 0);
+            return &words[(size_t)(byte - v.begin) / 4];
+        }
     }
     return nullptr;
 }

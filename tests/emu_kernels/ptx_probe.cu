@@ -52,9 +52,9 @@ extern "C" __global__ void probe_ldmatrix_global(const unsigned short* src, unsi
 // is what the thread reads of its own destinations after wait_group 1 (groups 0 and 1 have
 // landed, group 2 may not have); `out` what it reads of its neighbour's after wait_group 0 and
 // a barrier.
-extern "C" __global__ void probe_cp_async(const float* src, int src_bytes, float* early,
-                                          float* out) {
-    __shared__ __align__(16) float buffer[3][128];
+// The copies and reads of probe_cp_async on a given buffer[3][128].
+__device__ __forceinline__ void cp_async_probe(float (*buffer)[128], const float* src,
+                                               int src_bytes, float* early, float* out) {
     const int t = threadIdx.x;
     for (int group = 0; group < 3; ++group) {
         gb_cp_async_16(&buffer[group][4 * t], src + group * 128 + 4 * t,
@@ -69,6 +69,25 @@ extern "C" __global__ void probe_cp_async(const float* src, int src_bytes, float
     const int next = (t + 1) % 32;
     for (int group = 0; group < 3; ++group)
         for (int j = 0; j < 4; ++j) out[12 * t + 4 * group + j] = buffer[group][4 * next + j];
+}
+
+extern "C" __global__ void probe_cp_async(const float* src, int src_bytes, float* early,
+                                          float* out) {
+    __shared__ __align__(16) float buffer[3][128];
+    cp_async_probe(buffer, src, src_bytes, early, out);
+}
+
+// The same with the buffer a template's static __shared__ (which the emulator keeps apart).
+template <int GROUPS>
+__device__ void cp_async_probe_in_template(const float* src, int src_bytes, float* early,
+                                           float* out) {
+    __shared__ __align__(16) float buffer[GROUPS][128];
+    cp_async_probe(buffer, src, src_bytes, early, out);
+}
+
+extern "C" __global__ void probe_cp_async_template(const float* src, int src_bytes,
+                                                   float* early, float* out) {
+    cp_async_probe_in_template<3>(src, src_bytes, early, out);
 }
 
 // ldmatrix of data whose cp.async has not been waited for: a race the emulator must report.
