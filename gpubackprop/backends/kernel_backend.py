@@ -67,6 +67,11 @@ _GRID_STRIDE_THREADS = 256  # grid-stride kernels of train_step.cu: threads per 
 _MAX_GRID_STRIDE_BLOCKS = 1024  # and blocks at most (then several elements per thread)
 # The on/off int flags of the update launches (made once: a NumPy scalar costs ~0.2 us a call).
 _FLAG_OFF, _FLAG_ON = np.int32(0), np.int32(1)
+# The C types of the update launches' unchanging scalars (KernelBackend._c_scalars): the
+# element count, then sgd_update's momentum, dampening, nesterov, weight_decay, use_momentum
+# and adam_update's beta1, beta2, eps, weight_decay, decoupled.
+_SGD_SCALARS = (np.int64, np.float64, np.float64, np.int32, np.float64, np.int32)
+_ADAM_SCALARS = (np.int64, np.float64, np.float64, np.float64, np.float64, np.int32)
 
 
 # gemm_mma.cu (tensor cores, precision "bf16" / "tf32"): block tile MMA_BM = MMA_BN = 64,
@@ -136,7 +141,7 @@ class KernelBackend(Backend):
         self._kernels: dict[tuple[str, str], Any] = {}
         self._dims_made: dict[tuple, tuple] = {}
         self._fused_plans: dict[tuple, tuple | None] = {}
-        self._constants: dict[tuple, tuple] = {}  # _update_constants
+        self._constants: dict[tuple, tuple] = {}  # _c_scalars
 
     @property
     def gemm_version(self) -> str:
@@ -280,10 +285,10 @@ class KernelBackend(Backend):
             epilogue = (
                 bias if bias is not None else x,
                 z if needs_z else y,
-                np.int32(bias is not None),
-                np.int32(needs_z),
-                np.int32(code),
-                dtype.type(alpha),
+                *self._c_scalars(
+                    (np.int32, np.int32, np.int32, dtype.type),
+                    (bias is not None, needs_z, code, alpha),
+                ),
             )
             flags = (operands.vec4_flag(x, k), operands.vec4_flag(weight, k))
             self._gemm("dense_forward", (m, n, k), x, weight, y, flags, epilogue)
@@ -583,12 +588,13 @@ class KernelBackend(Backend):
         m, n = dout.shape
         k = x.shape[1]
         dtype = dout.dtype
-        code = np.int32(check_activation(activation))
+        code, real_alpha, has_bias = self._c_scalars(
+            (np.int32, dtype.type, np.int32),
+            (check_activation(activation), alpha, dbias is not None),
+        )
         saved = dout if saved is None else saved  # identity: f' = 1, saved unread in effect
-        real_alpha = dtype.type(alpha)
         vec_delta = operands.vec4_flag(dout, n) & operands.vec4_flag(saved, n)
         dims = self._dims("dense_forward", (m, n, k))
-        has_bias = np.int32(dbias is not None)
         segments: list[tuple] = []  # (partial, splits, count, out) for the reduction
         (plan, kernel), data = plans
         launch = plan.launch
@@ -1063,29 +1069,16 @@ class KernelBackend(Backend):
         blocks = max(1, min(_MAX_GRID_STRIDE_BLOCKS, _ceil_div(n, _GRID_STRIDE_THREADS)))
         return (blocks, 1, 1), (_GRID_STRIDE_THREADS, 1, 1)
 
-    def _update_constants(self, key: tuple) -> tuple:
-        """The C scalars of an update launch that stay the same from step to step: the element
-        count and the hyper-parameters (key: the update's name, the count, then its
-        hyper-parameters in the kernel's order), made once per distinct key (a NumPy scalar
-        costs about 0.2 µs to build, six of them a noticeable part of a one-launch step)."""
+    def _c_scalars(self, types: tuple, values: tuple) -> tuple:
+        """``values`` as the C scalars ``types`` (np.int32, np.float64, a dtype's type, ...),
+        made once per distinct (types, values): the arguments a layer or an update passes
+        unchanged step after step (a NumPy scalar costs about 0.2 µs to build)."""
+        key = (types, values)
         made = self._constants.get(key)
         if made is None:
-            if len(self._constants) >= 256:  # a sweep over hyper-parameters: start again
+            if len(self._constants) >= 256:  # a sweep over shapes or hyper-parameters
                 self._constants.clear()
-            name, size, *hyper = key
-            if name == "sgd":  # momentum, dampening, nesterov, weight_decay, use_momentum
-                momentum, dampening, nesterov, weight_decay = hyper
-                c_hyper = (
-                    np.float64(momentum),
-                    np.float64(dampening),
-                    np.int32(nesterov),
-                    np.float64(weight_decay),
-                    np.int32(momentum != 0),
-                )
-            else:  # adam: beta1, beta2, eps, weight_decay, decoupled
-                *floats, decoupled = hyper
-                c_hyper = (*map(np.float64, floats), np.int32(decoupled))
-            made = self._constants[key] = (np.int64(size), *c_hyper)
+            made = self._constants[key] = tuple(t(v) for t, v in zip(types, values))
         return made
 
     def _update_grad(self, param, grad, clip):
@@ -1150,8 +1143,10 @@ class KernelBackend(Backend):
         if param.size == 0 and not advance:
             return  # nothing to update and no step to count (an empty buffer still counts)
         grid, block = self._grid_stride(param.size)
-        key = ("sgd", param.size, momentum, dampening, bool(nesterov), weight_decay)
-        size, *hyper = self._update_constants(key)
+        size, *hyper = self._c_scalars(
+            _SGD_SCALARS,
+            (param.size, momentum, dampening, bool(nesterov), weight_decay, momentum != 0),
+        )
         args = (
             param,
             grad,
@@ -1199,8 +1194,9 @@ class KernelBackend(Backend):
         if param.size == 0 and not advance:
             return  # nothing to update and no step to count (an empty buffer still counts)
         grid, block = self._grid_stride(param.size)
-        key = ("adam", param.size, beta1, beta2, eps, weight_decay, bool(decoupled))
-        size, *hyper = self._update_constants(key)
+        size, *hyper = self._c_scalars(
+            _ADAM_SCALARS, (param.size, beta1, beta2, eps, weight_decay, bool(decoupled))
+        )
         args = (
             param,
             grad,
