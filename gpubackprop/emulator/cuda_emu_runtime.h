@@ -138,6 +138,7 @@ struct State {
     void (*body)(void*) = nullptr;
     void* body_context = nullptr;
     unsigned long long block_serial = 0;  // counts blocks run, for per-block state (ptx_twins.h)
+    int shared_fill = 0xFF;  // the byte uninitialised shared memory holds in this launch
 #if GBEMU_ASM_SWITCH
     void* scheduler_sp = nullptr;
 #else
@@ -430,12 +431,12 @@ static void fill_static_shared(void* address, size_t bytes) {
         if (v.begin == p) {
             if (v.block == g.block_serial) return;
             v.block = g.block_serial;
-            memset(p, shared_fill_byte(), bytes);
+            memset(p, g.shared_fill, bytes);
             return;
         }
     }
     outside_shared().push_back({p, bytes, g.block_serial});
-    memset(p, shared_fill_byte(), bytes);
+    memset(p, g.shared_fill, bytes);
 }
 
 // $GPUBACKPROP_EMU_STACK_KIB, else GBEMU_STACK_KIB; 0 if the variable is not a number in
@@ -785,7 +786,7 @@ __attribute__((noinline)) static int run_blocks(const long long* dims, long long
     gridDim = dim3(grid_x, grid_y, grid_z);
     blockDim = dim3(block_x, block_y, block_z);
     unsigned long long random_state = seed;
-    const int fill = shared_fill_byte();
+    const int fill = g.shared_fill = shared_fill_byte();
     // The order the blocks run in: linear block numbers (x fastest), shuffled when a seed is
     // given (the permutation is only stored then).
     const unsigned long long nblocks = (unsigned long long)grid_x * grid_y * grid_z;

@@ -122,7 +122,7 @@ static BlockState& state() {
         s.pending_static.assign(static_bytes / 4 + 1, 0);
         s.pending_dynamic.assign(dynamic_bytes() / 4 + 1, 0);
         s.pending_outside.clear();
-        s.fill = (unsigned char)shared_fill_byte();
+        s.fill = (unsigned char)g.shared_fill;
     }
     return s;
 }
