@@ -10,7 +10,20 @@ import os
 
 import pytest
 
+from gpubackprop.backends.gemm_config import GEMM_VERSIONS
+
 os.environ.setdefault("GPUBACKPROP_EMU_GUARD_CHECK", "1")
+
+
+@pytest.fixture(scope="module")
+def emu_backends():
+    """One emulator backend per GEMM version, the library's default first."""
+    from gpubackprop.backends.emu_backend import EmuBackend
+
+    backends = [EmuBackend()] + [EmuBackend(gemm_version=v) for v in GEMM_VERSIONS if v != "tiled"]
+    if not backends[0].available:
+        pytest.skip(f"emulator unavailable: {backends[0].reason}")
+    return backends
 
 
 @pytest.hookimpl(hookwrapper=True)

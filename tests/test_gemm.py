@@ -15,17 +15,6 @@ import pytest
 from gpubackprop.backends.gemm_config import GEMM_TILES, GEMM_TILES_WARPTILED, GEMM_VERSIONS
 
 
-@pytest.fixture(scope="module")
-def emu_backends():
-    """One emulator backend per GEMM version, the library's default first."""
-    from gpubackprop.backends.emu_backend import EmuBackend
-
-    backends = [EmuBackend()] + [EmuBackend(gemm_version=v) for v in GEMM_VERSIONS if v != "tiled"]
-    if not backends[0].available:
-        pytest.skip(f"emulator unavailable: {backends[0].reason}")
-    return backends
-
-
 @pytest.mark.parametrize("dtype", (np.float32, np.float64))
 @pytest.mark.parametrize("offset", (0, 1, 2))  # 1, 2: views that defeat the 16-byte loads
 @pytest.mark.parametrize("shape", ((130, 36, 136), (3, 260, 5), (1, 4, 1)))

@@ -90,37 +90,47 @@ def test_each_plan_matches_float64_at_odd_shapes(emu, name):
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu")
 
 
+def _dense_reference(m, n, k, activation, seed):
+    """Fresh float64 operands of a dense layer and NumPy's forward and backward of them:
+    (dout, x, w, b, saved, (dw, db, dx))."""
+    from gpubackprop.backends.numpy_backend import NumpyBackend
+
+    rng = np.random.default_rng(seed)
+    x, w, b = rng.standard_normal((m, k)), rng.standard_normal((n, k)), rng.standard_normal(n)
+    dout = rng.standard_normal((m, n))
+    reference = NumpyBackend()
+    _, saved = reference.dense_forward(x, w, b, activation, 0.1)
+    dw, db = np.empty((n, k)), np.empty(n)
+    dx = reference.dense_backward(dout, x, w, saved, activation, 0.1, dw, db, True)
+    return dout, x, w, b, saved, (dw, db, dx)
+
+
+def _assert_fused_matches(results, expected):
+    """The fused dW and dX bit for bit the unfused ones, db within fp32 rounding of theirs, and
+    all three within float32 rounding of NumPy float64's."""
+    (dw, db, dx), (dw_plain, db_plain, dx_plain) = results[True], results[False]
+    assert np.array_equal(dw, dw_plain) and np.array_equal(dx, dx_plain)
+    np.testing.assert_allclose(db, db_plain, rtol=1e-5, atol=1e-5 * np.abs(db_plain).max())
+    for ours, ref in zip((dw, db, dx), expected):
+        np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_fused_dense_backward_is_two_launches_and_matches_the_reference(emu, activation):
     """δ = ∂L/∂y ⊙ f' formed as the GEMMs load it and db from the dW GEMM: dW and dX equal the
     unfused path's bits (the same δ, the same GEMM), db matches Σ_rows δ in float64."""
-    from gpubackprop.backends.numpy_backend import NumpyBackend
     from gpubackprop.backends.recording import HostBackend
 
-    m, n, k = 37, 19, 23
-    rng = np.random.default_rng(3)
-    x, w, b = rng.standard_normal((m, k)), rng.standard_normal((n, k)), rng.standard_normal(n)
-    dout = rng.standard_normal((m, n))
-    reference = NumpyBackend()
-    _, saved_ref = reference.dense_forward(x, w, b, activation, 0.1)
-    dw_ref, db_ref = np.empty((n, k)), np.empty(n)
-    dx_ref = reference.dense_backward(dout, x, w, saved_ref, activation, 0.1, dw_ref, db_ref, True)
-
+    dout, x, w, b, _, expected = _dense_reference(37, 19, 23, activation, seed=3)
     f32 = lambda a: emu.asarray(a, np.float32)  # noqa: E731
     _, saved = emu.dense_forward(f32(x), f32(w), f32(b), activation, 0.1)
-    results = {}
-    for fused in (True, False):
-        backend = emu.with_gemm_version("tiled")
-        if not fused:
-            backend._fused_backward = lambda *shape: False
-        dw, db = backend.empty((n, k), np.float32), backend.empty((n,), np.float32)
-        dx = backend.dense_backward(f32(dout), f32(x), f32(w), saved, activation, 0.1, dw, db, True)
-        results[fused] = [np.asarray(backend.to_numpy(a), np.float64) for a in (dw, db, dx)]
-    (dw, db, dx), (dw_plain, db_plain, dx_plain) = results[True], results[False]
-    assert np.array_equal(dw, dw_plain) and np.array_equal(dx, dx_plain)
-    np.testing.assert_allclose(db, db_plain, rtol=1e-5, atol=1e-5 * np.abs(db_plain).max())
-    for ours, ref in ((dw, dw_ref), (db, db_ref), (dx, dx_ref)):
-        np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    arrays = (f32(dout), f32(x), f32(w), saved)
+    results = {
+        fused: _dense_backward_results(emu.with_gemm_version("tiled"), arrays, activation, fused)
+        for fused in (True, False)
+    }
+    _assert_fused_matches(results, expected)
+    dw, db = results[True][:2]
     host = HostBackend()
     f = lambda a: np.asarray(a, np.float32)  # noqa: E731
     host.dense_backward(f(dout), f(x), f(w), f(dout), activation, 0.1, f(dw), f(db), True)
@@ -159,16 +169,9 @@ def test_fused_backward_of_every_version_and_split_matches_the_unfused_bits(emu,
     slices' dW, db and dX added by gemm_splitk_reduce_backward) give the unfused path's dW and
     dX bit for bit (the same δ, the same products, the same slice order) and db within fp32
     rounding of Σ_rows δ; all of them match NumPy float64."""
-    from gpubackprop.backends.numpy_backend import NumpyBackend
-
     version, (m, n, k), sms, split = FUSED_CASES[case]
-    rng = np.random.default_rng(ACTIVATIONS.index(activation))
-    x, w, b = rng.standard_normal((m, k)), rng.standard_normal((n, k)), rng.standard_normal(n)
-    dout = rng.standard_normal((m, n))
-    reference = NumpyBackend()
-    _, saved_ref = reference.dense_forward(x, w, b, activation, 0.1)
-    dw_ref, db_ref = np.empty((n, k)), np.empty(n)
-    dx_ref = reference.dense_backward(dout, x, w, saved_ref, activation, 0.1, dw_ref, db_ref, True)
+    seed = ACTIVATIONS.index(activation)
+    dout, x, w, _, saved_ref, expected = _dense_reference(m, n, k, activation, seed)
 
     f32 = lambda a: emu.asarray(a, np.float32)  # noqa: E731
     saved = None if saved_ref is None else f32(saved_ref)
@@ -187,11 +190,7 @@ def test_fused_backward_of_every_version_and_split_matches_the_unfused_bits(emu,
                 name.startswith(("dense_backward_weight_act", "dense_backward_data_act"))
                 for _, name in plans
             )
-    (dw, db, dx), (dw_plain, db_plain, dx_plain) = results[True], results[False]
-    assert np.array_equal(dw, dw_plain) and np.array_equal(dx, dx_plain)
-    np.testing.assert_allclose(db, db_plain, rtol=1e-5, atol=1e-5 * np.abs(db_plain).max())
-    for ours, ref in ((dw, dw_ref), (db, db_ref), (dx, dx_ref)):
-        np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    _assert_fused_matches(results, expected)
 
 
 @pytest.mark.gpu
@@ -200,7 +199,6 @@ def test_fused_backward_of_every_version_and_split_on_the_gpu(case):
     """The same kernels compiled by NVRTC and run on a GPU (its SM count replaced by the case's,
     so that the plan splits as on the emulator), against NumPy float64."""
     import gpubackprop as gb
-    from gpubackprop.backends.numpy_backend import NumpyBackend
 
     available, reason = gb.available_backends()["cupy"]
     if not available:
@@ -208,19 +206,13 @@ def test_fused_backward_of_every_version_and_split_on_the_gpu(case):
     version, (m, n, k), sms, split = FUSED_CASES[case]
     backend = get_backend("cupy").with_gemm_version(version)
     backend._sm_count = sms
-    rng = np.random.default_rng(12)
-    x, w, b = rng.standard_normal((m, k)), rng.standard_normal((n, k)), rng.standard_normal(n)
-    dout = rng.standard_normal((m, n))
-    reference = NumpyBackend()
-    _, saved = reference.dense_forward(x, w, b, "gelu", 0.1)
-    dw_ref, db_ref = np.empty((n, k)), np.empty(n)
-    dx_ref = reference.dense_backward(dout, x, w, saved, "gelu", 0.1, dw_ref, db_ref, True)
+    dout, x, w, _, saved, expected = _dense_reference(m, n, k, "gelu", seed=12)
     arrays = [backend.asarray(a, np.float32) for a in (dout, x, w, saved)]
     dw, db = backend.empty((n, k), np.float32), backend.empty((n,), np.float32)
     dx = backend.dense_backward(*arrays, "gelu", 0.1, dw, db, True)
     plans = backend._fused_backward(m, n, k, np.dtype(np.float32))
     assert {p.launch.kernel.removesuffix("_splitk") for p, _ in plans if p.splits > 1} == split
-    for ours, ref in ((dw, dw_ref), (db, db_ref), (dx, dx_ref)):
+    for ours, ref in zip((dw, db, dx), expected):
         ours = np.asarray(backend.to_numpy(ours), np.float64)
         np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
@@ -228,22 +220,14 @@ def test_fused_backward_of_every_version_and_split_on_the_gpu(case):
 @pytest.mark.parametrize("case", ["warptiled", "splitk-both"])
 def test_fused_backward_in_float64_matches_the_reference(emu, case):
     """The same kernels compiled for double (the warp-tiled version with its double tiles)."""
-    from gpubackprop.backends.numpy_backend import NumpyBackend
-
     version, (m, n, k), sms, _ = FUSED_CASES[case]
-    rng = np.random.default_rng(11)
-    x, w, b = rng.standard_normal((m, k)), rng.standard_normal((n, k)), rng.standard_normal(n)
-    dout = rng.standard_normal((m, n))
-    reference = NumpyBackend()
-    _, saved = reference.dense_forward(x, w, b, "silu", 0.1)
-    dw_ref, db_ref = np.empty((n, k)), np.empty(n)
-    dx_ref = reference.dense_backward(dout, x, w, saved, "silu", 0.1, dw_ref, db_ref, True)
+    dout, x, w, _, saved, expected = _dense_reference(m, n, k, "silu", seed=11)
     backend = emu.with_gemm_version(version)
     backend._sm_count = sms
     arrays = [backend.asarray(a, np.float64) for a in (dout, x, w, saved)]
     dw, db = backend.empty((n, k), np.float64), backend.empty((n,), np.float64)
     dx = backend.dense_backward(*arrays, "silu", 0.1, dw, db, True)
-    for ours, ref in ((dw, dw_ref), (db, db_ref), (dx, dx_ref)):
+    for ours, ref in zip((dw, db, dx), expected):
         ours = backend.to_numpy(ours)
         np.testing.assert_allclose(ours, ref, rtol=1e-12, atol=1e-12 * np.abs(ref).max())
 

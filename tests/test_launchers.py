@@ -7,19 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpubackprop.backends.gemm_config import GEMM_VERSIONS
 from gpubackprop.precision import bf16_bits
-
-
-@pytest.fixture(scope="module")
-def emu_backends():
-    """One emulator backend per GEMM version, the library's default first."""
-    from gpubackprop.backends.emu_backend import EmuBackend
-
-    backends = [EmuBackend()] + [EmuBackend(gemm_version=v) for v in GEMM_VERSIONS if v != "tiled"]
-    if not backends[0].available:
-        pytest.skip(f"emulator unavailable: {backends[0].reason}")
-    return backends
 
 
 def test_cupy_backend_construction_never_raises_and_keeps_the_reason():
